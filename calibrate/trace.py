@@ -1,0 +1,450 @@
+"""`ftplan estimate --trace`: run the real training step on fake tensors and record what CUDA would allocate.
+
+The model is the real transformers model, the method the real peft code, the step the recipe's own
+(`trainer.recipe`): only the tensors are fake (`torch._subclasses.FakeTensorMode`), so nothing is allocated and
+any size (70B included) traces on a CPU in seconds. A `TorchDispatchMode` keeps the set of live storages, each
+rounded up to the CUDA caching allocator's 512-byte block, and its running peak: that is the predicted
+`torch.cuda.max_memory_allocated()`.
+
+The fake tensors live on the CPU device (a CPU build of torch cannot fake CUDA through autograd), so where CUDA
+and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
+
+- sdpa: the flash / cuDNN kernels CUDA picks for bf16 without a mask save q, k, v, the output and an fp32
+  logsumexp (B, H, S), and support GQA natively; with a mask (prefix tuning) the mem-efficient kernel also keeps the
+  additive bias (B, 1, S, KV padded to 16). The CPU kernels differ (math fallback for GQA), so they are replaced.
+- dropout: CUDA's fused `native_dropout` keeps a 1-byte mask; the CPU path keeps a noise tensor of the input dtype.
+- AdamW / SGD: `foreach=True`, CUDA's default.
+- bitsandbytes 4-bit (QLoRA): packed NF4 weights and double-quantized constants as bitsandbytes stores them, and
+  the dequantize-then-matmul path bitsandbytes 0.50 takes on CUDA for more than 1536 tokens (a transient bf16
+  copy of each weight in forward and backward).
+- bitsandbytes 8-bit optimizers: their state buffers (uint8 x 2 + fp32 absmax per 256; fp32 below 4096 elements);
+  paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
+
+What the trace cannot follow: CUDA library workspaces (cuBLAS: 32 MiB per handle on Hopper, added as a constant),
+fused or custom kernels' internal scratch, caching-allocator fragmentation (reserved memory), multi-GPU
+sharding and communication buffers (single device only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from planner.config import TrainConfig
+from trainer import recipe
+
+BLOCK_BYTES = 512  # CUDA caching allocator: every block is a multiple of 512 bytes (kMinBlockSize)
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: paged only from 1e5 elements
+MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer2State: smaller tensors keep fp32 state
+
+
+def _round_block(n: int) -> int:
+    return 0 if n == 0 else -(-n // BLOCK_BYTES) * BLOCK_BYTES
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live device bytes of every storage an op creates, by tag, with the running peak and its composition."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[int, object, str]] = {}
+        self.current = 0
+        self.peak = 0
+        self.by_tag: dict[str, int] = {}
+        self.peak_by_tag: dict[str, int] = {}
+        self.phase = "load"
+        self.peak_phase = "load"
+        self.phase_peaks: dict[str, int] = {}
+        self.default_tag = "activations"
+        self.excluded: dict[int, int] = {}  # storages outside max_memory_allocated (paged): id -> bytes
+
+    def track(self, t, tag: str | None = None) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(st)
+        if key in self.live:
+            if tag is not None:
+                self.retag(key, tag)
+            return
+        n = _round_block(st.nbytes())
+        tag = tag or self.default_tag
+
+        def release(_ref, key=key):
+            entry = self.live.pop(key, None)
+            if entry is not None:
+                self.current -= entry[0]
+                self.by_tag[entry[2]] -= entry[0]
+
+        self.live[key] = (n, weakref.ref(st, release), tag)
+        self.current += n
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        if self.current > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = self.current
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_phase = self.phase
+            self.peak_by_tag = dict(self.by_tag)
+
+    def retag(self, key_or_tensor, tag: str) -> None:
+        key = key_or_tensor if isinstance(key_or_tensor, int) else id(key_or_tensor.untyped_storage())
+        entry = self.live.get(key)
+        if entry is None or entry[2] == tag:
+            return
+        n, ref, old = entry
+        self.by_tag[old] -= n
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        self.live[key] = (n, ref, tag)
+
+    def untrack(self, t) -> int:
+        """Remove a storage from the allocated count (CUDA managed memory); returns its bytes."""
+        key = id(t.untyped_storage())
+        entry = self.live.pop(key, None)
+        if entry is None:
+            return 0
+        self.current -= entry[0]
+        self.by_tag[entry[2]] -= entry[0]
+        self.excluded[key] = entry[0]
+        return entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self.track(t)
+        return out
+
+
+# -- CUDA behaviour on fake CPU tensors --------------------------------------------------------------------------
+
+
+class _AttentionCUDA(torch.autograd.Function):
+    """Allocations of CUDA's fused sdpa kernels: out (B, S, H, D layout), fp32 logsumexp (B, H, S); saved for
+    backward with q, k, v (and the mask bias when one is given); backward returns dq, dk, dv plus the flash
+    kernel's fp32 workspaces (softmax_d, dq_accum), freed at once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        b, h, s, _ = q.shape
+        out = torch.empty(b, s, h, v.shape[-1], dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(b, h, s, dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, _out, _lse, _bias = ctx.saved_tensors
+        b, h, s, d = q.shape
+        s_round = -(-s // 128) * 128
+        softmax_d = torch.empty(b, h, s_round, dtype=torch.float32)
+        dq_accum = torch.empty(b, s_round, h, d, dtype=torch.float32)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        del softmax_d, dq_accum
+        return dq, dk, dv, None
+
+
+def _sdpa_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if torch.is_autocast_enabled("cpu"):
+        dt = torch.get_autocast_dtype("cpu")
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    bias = None
+    if attn_mask is not None:
+        # the mem-efficient kernel turns a bool mask into an additive bias of q's dtype, last dim padded to 16
+        kv = attn_mask.shape[-1]
+        padded = -(-kv // 16) * 16
+        bias = torch.empty(*attn_mask.shape[:-1], padded, dtype=query.dtype)[..., :kv]
+    return _AttentionCUDA.apply(query, key, value, bias)
+
+
+_F_DROPOUT = F.dropout
+
+
+def _dropout_cuda(input, p=0.5, training=True, inplace=False):
+    if training and 0.0 < p < 1.0 and not inplace:
+        return torch.native_dropout(input, p, True)[0]
+    return _F_DROPOUT(input, p, training, inplace)
+
+
+class _Matmul4bitCUDA(torch.autograd.Function):
+    """bitsandbytes 0.50 on CUDA for M > 1536 tokens: dequantize the nested absmax (fp32, + offset), the NF4 weight
+    to bf16 (N, K), then F.linear; backward dequantizes again for grad_input. Nothing large is saved."""
+
+    @staticmethod
+    def forward(ctx, x, n_out, n_in, n_blocks, bias):
+        w = _dequantized(n_out, n_in, n_blocks, x.dtype)
+        out = F.linear(x, w, bias)
+        ctx.shape = (n_out, n_in, n_blocks)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n_out, n_in, n_blocks = ctx.shape
+        w = _dequantized(n_out, n_in, n_blocks, grad_out.dtype)
+        return torch.matmul(grad_out, w), None, None, None, None
+
+
+def _dequantized(n_out, n_in, n_blocks, dtype):
+    absmax = torch.empty(n_blocks, dtype=torch.float32)
+    absmax = absmax + torch.empty((), dtype=torch.float32)  # absmax_dq + offset: a second fp32 buffer
+    return torch.empty(n_out, n_in, dtype=dtype)
+
+
+def _linear4bit_forward(self, x):
+    """Stand-in for `bnb.nn.Linear4bit.forward` (cast to compute dtype, 4-bit matmul, cast back)."""
+    n_out, n_in, n_blocks = self._ftplan_4bit
+    inp_dtype = x.dtype
+    x = x.to(torch.bfloat16)
+    bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+    return _Matmul4bitCUDA.apply(x, n_out, n_in, n_blocks, bias).to(inp_dtype)
+
+
+class Emulated8bitOptimizer(torch.optim.Optimizer):
+    """State buffers of bitsandbytes `AdamW8bit` / `PagedAdamW8bit` (Optimizer2State.init_state); the update itself
+    runs in place in a CUDA kernel and allocates nothing."""
+
+    def __init__(self, params, lr, paged: bool, tracker: LiveBytes):
+        super().__init__(params, dict(lr=lr))
+        self.paged = paged
+        self.tracker = tracker
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or self.state[p]:
+                    continue
+                st = self.state[p]
+                n = p.numel()
+                dtype = torch.float32 if n < MIN_8BIT_SIZE else torch.uint8
+                st["state1"] = torch.zeros_like(p, dtype=dtype)
+                st["state2"] = torch.zeros_like(p, dtype=dtype)
+                if dtype == torch.uint8:
+                    blocks = -(-n // 256)
+                    st["absmax1"] = torch.zeros(blocks, dtype=torch.float32)
+                    st["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
+                if self.paged and n >= PAGED_MIN_NUMEL:
+                    self.tracker.untrack(st["state1"])
+                    self.tracker.untrack(st["state2"])
+
+
+@contextlib.contextmanager
+def cuda_behaviour():
+    """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace."""
+    saved = (F.scaled_dot_product_attention, F.dropout)
+    F.scaled_dot_product_attention = _sdpa_cuda
+    F.dropout = _dropout_cuda
+    linear4bit = None
+    try:
+        import bitsandbytes as bnb
+
+        linear4bit = (bnb.nn.Linear4bit, bnb.nn.Linear4bit.forward)
+        bnb.nn.Linear4bit.forward = _linear4bit_forward
+    except ImportError:  # pragma: no cover - bitsandbytes is in the train extra
+        pass
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention, F.dropout = saved
+        if linear4bit is not None:
+            linear4bit[0].forward = linear4bit[1]
+
+
+# -- building the model on meta, then fake ---------------------------------------------------------------------
+
+
+def _quantize_on_meta(model) -> None:
+    """Replace linear layers by bitsandbytes Linear4bit exactly as transformers' bnb quantizer selects them."""
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    qc = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model), quantization_config=qc)
+    model.is_loaded_in_4bit = True
+
+
+def _materialize(model, fake_mode, tracker: LiveBytes) -> None:
+    """Swap every meta parameter and buffer for a fake CPU tensor (tied tensors stay one tensor); 4-bit weights
+    become their packed bytes and double-quantized constants."""
+    import bitsandbytes as bnb
+
+    memo: dict[int, torch.Tensor] = {}
+
+    def fake(shape, dtype, stride=None):
+        with fake_mode:
+            if stride is None:
+                return torch.empty(shape, dtype=dtype)
+            return torch.empty_strided(shape, stride, dtype=dtype)
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            n_out, n_in = mod.out_features, mod.in_features
+            numel = n_out * n_in
+            n_blocks = -(-numel // 64)  # NF4 blocksize 64
+            mod._ftplan_4bit = (n_out, n_in, n_blocks)
+            mod._ftplan_quant = [
+                fake(((numel + 1) // 2, 1), torch.uint8),  # packed 4-bit weight
+                fake((n_blocks,), torch.uint8),  # absmax, 8-bit (double quantization)
+                fake((-(-n_blocks // 256),), torch.float32),  # second-level absmax, block 256
+                fake((256,), torch.float32),  # second-level code
+                fake((), torch.float32),  # offset
+                fake((16,), torch.float32),  # NF4 code
+            ]
+            tracker.track(mod._ftplan_quant[0], "weights")
+            for t in mod._ftplan_quant[1:]:
+                tracker.track(t, "quant_constants")
+            w = mod._parameters.get("weight")
+            mod._parameters["weight"] = torch.nn.Parameter(fake((0,), torch.uint8), requires_grad=False)
+            del w
+        for name, p in list(mod._parameters.items()):
+            if p is None or (isinstance(mod, bnb.nn.Linear4bit) and name == "weight"):
+                continue
+            if id(p) not in memo:
+                memo[id(p)] = torch.nn.Parameter(fake(p.shape, p.dtype, p.stride()), requires_grad=p.requires_grad)
+            mod._parameters[name] = memo[id(p)]
+        for name, b in list(mod._buffers.items()):
+            if b is None:
+                continue
+            if id(b) not in memo:
+                memo[id(b)] = fake(b.shape, b.dtype, b.stride())
+            mod._buffers[name] = memo[id(b)]
+
+
+def build_traced_model(config: dict, tc: TrainConfig, fake_mode, tracker: LiveBytes):
+    """The recipe's model and method on the meta device, then swapped for fake tensors."""
+    with torch.device("meta"):
+        if tc.method == "qlora":
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16, attn_implementation="sdpa")
+            _quantize_on_meta(model)
+        else:
+            model = recipe.build_model(config, tc, device="meta")
+        model = recipe.apply_method(model, tc)
+    _materialize(model, fake_mode, tracker)
+    return model
+
+
+# -- the trace -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TraceResult:
+    """What the trace saw. Bytes are per device, rounded to 512-byte blocks as the CUDA allocator counts them."""
+
+    peak_allocated_bytes: int
+    peak_phase: str
+    peak_by_tag: dict
+    phase_peaks: dict
+    paged_bytes: int
+    trainable_params: int
+    total_params: int
+    seconds: float
+    steps: int
+    cuda_workspace_bytes: int = 0
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_phase": self.peak_phase,
+            "peak_by_tag": dict(self.peak_by_tag),
+            "phase_peaks": dict(self.phase_peaks),
+            "paged_bytes": self.paged_bytes,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "cuda_workspace_bytes": self.cuda_workspace_bytes,
+            "seconds": round(self.seconds, 3),
+            "steps": self.steps,
+            "notes": list(self.notes),
+        }
+
+
+def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_bytes: int = 0) -> TraceResult:
+    """Trace `steps` training steps (the second one has optimizer state) of the recipe on fake tensors.
+
+    `config`: Hugging Face config.json fields. `cuda_workspace_bytes`: library workspace added to the peak
+    (see `planner.memory.cuda_workspace_bytes`). Multi-GPU strategies are not traced: the result is one device
+    holding everything (num_gpus must be 1)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if tc.num_gpus != 1:
+        raise ValueError("the trace follows one device; set num_gpus=1 (sharding is modelled analytically)")
+    t0 = time.perf_counter()
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    tracker = LiveBytes()
+    notes = []
+    with cuda_behaviour():
+        model = build_traced_model(config, tc, fake_mode, tracker)
+        params = recipe.trainable_parameters(model)
+        n_trainable = sum(p.numel() for p in params)
+        n_total = _count_params(model)
+        with fake_mode, tracker:
+            for p in model.parameters():
+                tracker.track(p, "weights")
+            for b in model.buffers():
+                tracker.track(b, "weights")
+            for p in params:
+                tracker.retag(p, "trainable")
+                p.register_post_accumulate_grad_hook(lambda q: tracker.track(q.grad, "gradients"))
+            if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
+                opt = Emulated8bitOptimizer(params, recipe.DEFAULT_LR, tc.optimizer == "paged_adamw8bit", tracker)
+                notes.append("8-bit optimizer: bitsandbytes state layout emulated")
+            else:
+                opt = recipe.make_optimizer(params, tc, foreach=True if tc.optimizer in ("adamw", "sgd") else None)
+            if tc.method == "qlora":
+                notes.append("4-bit weights: bitsandbytes NF4 storage and dequantize+matmul path emulated")
+            vocab = int(config["vocab_size"])
+            for step in range(steps):
+                batch = recipe.synthetic_batch(vocab, tc, device="cpu")
+                tracker.phase, tracker.default_tag = f"forward{step}", "activations"
+                with recipe.autocast_context(tc, "cpu"):
+                    outputs = model(**batch)
+                tracker.phase, tracker.default_tag = f"backward{step}", "temporaries"
+                outputs.loss.backward()
+                del outputs, batch
+                tracker.phase, tracker.default_tag = f"optimizer{step}", "optimizer_state"
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    peak_by_tag = {k: v for k, v in tracker.peak_by_tag.items() if v}
+    if cuda_workspace_bytes:
+        peak_by_tag["cuda_workspace"] = cuda_workspace_bytes
+    return TraceResult(
+        peak_allocated_bytes=tracker.peak + cuda_workspace_bytes,
+        peak_phase=tracker.peak_phase,
+        peak_by_tag=peak_by_tag,
+        phase_peaks=tracker.phase_peaks,
+        paged_bytes=sum(tracker.excluded.values()),
+        trainable_params=n_trainable,
+        total_params=n_total,
+        seconds=time.perf_counter() - t0,
+        steps=steps,
+        cuda_workspace_bytes=cuda_workspace_bytes,
+        notes=notes,
+    )
+
+
+def _count_params(model) -> int:
+    """Parameters as the unquantized model has them (a 4-bit weight counts its N x K elements)."""
+    n = 0
+    seen = set()
+    for mod in model.modules():
+        shape = getattr(mod, "_ftplan_4bit", None)
+        for name, p in mod._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            n += shape[0] * shape[1] if (shape is not None and name == "weight") else p.numel()
+    return n

@@ -1,0 +1,1 @@
+"""ftplan planner: placeholder"""

@@ -1,0 +1,288 @@
+"""`ModelArch`: the shapes of a decoder-only causal LM, read from a Hugging Face `config.json` (or a profile).
+
+Only the fields that decide memory and FLOPs are kept. The linear layers of one decoder layer are listed by
+their module names (`q_proj`, ..., `down_proj`; Phi-3 fuses `qkv_proj` and `gate_up_proj`), because LoRA
+targets modules by name and peft's trainable-parameter count follows from their shapes.
+
+Families: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3. Sources: `modeling_<family>.py` in transformers 5.17.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+
+# transformers' config defaults for keys a config.json may omit, per family (configuration_<family>.py).
+_FAMILY_DEFAULTS = {
+    "llama": dict(hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False, vocab_size=32000,
+                  hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  max_position_embeddings=2048),
+    "mistral": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=32000, hidden_size=4096,
+                    intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=4096 * 32),
+    "qwen2": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=151936, hidden_size=4096,
+                  intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  max_position_embeddings=32768),
+    "qwen3": dict(hidden_act="silu", attention_bias=False, tie_word_embeddings=False, vocab_size=151936,
+                  hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, head_dim=128, max_position_embeddings=32768),
+    "gemma": dict(hidden_act="gelu_pytorch_tanh", attention_bias=False, tie_word_embeddings=True, vocab_size=256000,
+                  hidden_size=3072, intermediate_size=24576, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=16, head_dim=256, max_position_embeddings=8192),
+    "gemma2": dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False, tie_word_embeddings=True,
+                   vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=4096),
+    "phi3": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=32064, hidden_size=3072,
+                 intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=4096),
+}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One `nn.Linear` of a decoder layer: `name` as peft sees it, shapes, and whether it has a bias."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Shapes of a decoder-only causal LM.
+
+    Args:
+        name: catalog name or the path it was read from.
+        model_type: transformers `model_type` (one of SUPPORTED_MODEL_TYPES).
+        hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size, vocab_size: config fields.
+        tie_word_embeddings: lm_head shares the embedding matrix (one tensor, one gradient).
+        linears: the linear layers of one decoder layer, in forward order.
+        norms_per_layer: RMSNorms per decoder layer (2; Gemma-2 has 4).
+        qk_norm: Qwen3's per-head RMSNorm on q and k.
+        hf_id: Hugging Face repository id where known.
+    """
+
+    name: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    linears: tuple[Linear, ...]
+    norms_per_layer: int = 2
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    final_logit_softcapping: float | None = None
+    max_position_embeddings: int = 0
+    hf_id: str | None = None
+    aliases: tuple[str, ...] = ()
+    source: str = ""
+    config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # -- families ---------------------------------------------------------------------------------
+    @property
+    def gemma_norm(self) -> bool:
+        """Gemma's RMSNorm computes `x.float() * rsqrt(...) * (1 + w.float())` then casts (modeling_gemma.py)."""
+        return self.model_type in ("gemma", "gemma2")
+
+    @property
+    def scales_embeddings(self) -> bool:
+        """Gemma multiplies the embeddings by sqrt(hidden_size) (a new activation tensor)."""
+        return self.model_type in ("gemma", "gemma2")
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.model_type == "phi3"
+
+    # -- parameter counts -------------------------------------------------------------------------
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """0 when tied: the output projection reuses the embedding matrix."""
+        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(lin.params for lin in self.linears)
+
+    @property
+    def layer_norm_params(self) -> int:
+        return self.norms_per_layer * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+
+    @property
+    def layer_params(self) -> int:
+        return self.layer_linear_params + self.layer_norm_params
+
+    @property
+    def total_params(self) -> int:
+        """Equals `sum(p.numel() for p in model.parameters())` of the transformers model (tied counted once)."""
+        return (
+            self.embedding_params
+            + self.lm_head_params
+            + self.num_layers * self.layer_params
+            + self.hidden_size  # final norm
+        )
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        return tuple(lin.name for lin in self.linears)
+
+    def linear(self, name: str) -> Linear:
+        for lin in self.linears:
+            if lin.name == name:
+                return lin
+        raise KeyError(name)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "hf_id": self.hf_id,
+            "model_type": self.model_type,
+            "total_params": self.total_params,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "linear_modules": list(self.linear_names),
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+
+
+class ArchError(ValueError):
+    """A config that ftplan cannot model (not a causal LM, unsupported family, missing fields)."""
+
+
+def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, aliases=(), source: str = "") -> ModelArch:
+    """Build a `ModelArch` from the fields of a Hugging Face `config.json`.
+
+    Raises ArchError naming the problem (not a causal LM, unsupported `model_type`, missing or invalid fields).
+    """
+    if not isinstance(config, dict):
+        raise ArchError("config must be a JSON object")
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type is None:
+        raise ArchError("config has no 'model_type'; is this a Hugging Face config.json?")
+    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+        raise ArchError(
+            f"{name or 'config'}: architectures {archs} has no *ForCausalLM; ftplan plans causal-LM fine-tuning"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ArchError(
+            f"{name or 'config'}: model_type {model_type!r} is not a supported causal LM; "
+            f"valid: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    c = dict(_FAMILY_DEFAULTS[model_type])
+    c.update({k: v for k, v in config.items() if v is not None})
+
+    def get_int(key: str) -> int:
+        v = c.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ArchError(f"{name or 'config'}: '{key}' must be a positive integer, got {v!r}")
+        return v
+
+    h = get_int("hidden_size")
+    n_layers = get_int("num_hidden_layers")
+    n_heads = get_int("num_attention_heads")
+    n_kv = c.get("num_key_value_heads") or n_heads
+    if not isinstance(n_kv, int) or n_kv <= 0 or n_heads % n_kv:
+        raise ArchError(f"{name or 'config'}: num_key_value_heads {n_kv!r} must divide num_attention_heads {n_heads}")
+    head_dim = c.get("head_dim") or h // n_heads
+    inter = get_int("intermediate_size")
+    vocab = get_int("vocab_size")
+    tie = bool(c.get("tie_word_embeddings", False))
+    act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    if model_type in ("llama", "qwen3"):
+        qkv_bias = o_bias = bool(c.get("attention_bias", False))
+    elif model_type == "qwen2":
+        qkv_bias, o_bias = True, False  # Qwen2Attention: q/k/v with bias, o_proj without
+    else:  # mistral, gemma, gemma2, phi3
+        qkv_bias = o_bias = bool(c.get("attention_bias", False))
+    mlp_bias = bool(c.get("mlp_bias", False))
+
+    if model_type == "phi3":
+        linears = (
+            Linear("qkv_proj", h, q + 2 * kv, False),
+            Linear("o_proj", q, h, False),
+            Linear("gate_up_proj", h, 2 * inter, False),
+            Linear("down_proj", inter, h, False),
+        )
+    else:
+        linears = (
+            Linear("q_proj", h, q, qkv_bias),
+            Linear("k_proj", h, kv, qkv_bias),
+            Linear("v_proj", h, kv, qkv_bias),
+            Linear("o_proj", q, h, o_bias),
+            Linear("gate_proj", h, inter, mlp_bias),
+            Linear("up_proj", h, inter, mlp_bias),
+            Linear("down_proj", inter, h, mlp_bias),
+        )
+    return ModelArch(
+        name=name or c.get("_name_or_path") or model_type,
+        model_type=model_type,
+        hidden_size=h,
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+        linears=linears,
+        norms_per_layer=4 if model_type == "gemma2" else 2,
+        qk_norm=model_type == "qwen3",
+        hidden_act=act,
+        final_logit_softcapping=c.get("final_logit_softcapping") if model_type == "gemma2" else None,
+        max_position_embeddings=int(c.get("max_position_embeddings") or 0),
+        hf_id=hf_id,
+        aliases=tuple(aliases),
+        source=source,
+        config=dict(config),
+    )
+
+
+def arch_from_path(path: str | Path) -> ModelArch:
+    """Read a `config.json` file, or a folder holding one (a local checkpoint)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ArchError(f"no config.json at {path}")
+    try:
+        config = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ArchError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return arch_from_config(config, name=str(path), source=str(p))

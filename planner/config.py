@@ -1,0 +1,167 @@
+"""`TrainConfig`: one fine-tuning configuration, the unit that estimate, recommend, run and calibrate share.
+
+It describes *how* a model is trained, not which model or GPU (see `planner.arch.ModelArch` and
+`planner.profiles.GPUProfile`). The defaults are what a user of peft and the transformers `Trainer` expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+METHODS = ("full", "lora", "qlora", "prefix", "prompt", "ia3")
+PRECISIONS = ("bf16", "mixed", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+
+# Methods whose base weights are frozen and whose trainable parameters are a small adapter.
+PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training configuration (per device).
+
+    Args:
+        method: full | lora | qlora | prefix | prompt | ia3.
+        precision: bf16 (weights, grads and optimizer state in bf16), mixed (fp32 master weights, grads and
+            state, forward/backward under bf16 autocast) or fp32. QLoRA computes in bf16 over 4-bit weights.
+        rank: LoRA/QLoRA rank r.  # higher increases quality and memory
+        lora_alpha: LoRA scaling numerator; None means 2 x rank.
+        lora_dropout: dropout on the LoRA input; > 0 stores a mask and a copy of each adapted input.
+        target_modules: module names to adapt (e.g. ("q_proj", "v_proj")) or ("all-linear",).
+        num_virtual_tokens: prefix / prompt tuning length.
+        seq_len: tokens per sequence (every sequence full length).
+        batch_size: sequences per device per micro-step.
+        grad_accum: micro-steps per optimizer step (memory-neutral, multiplies the effective batch).
+        grad_ckpt: gradient checkpointing (non-reentrant) of every decoder layer.  # True reduces memory
+        optimizer: adamw | adamw8bit | paged_adamw8bit | sgd | adafactor.
+        num_gpus: data-parallel devices.
+        strategy: ddp | fsdp (full shard) | zero2 | zero3 when num_gpus > 1.
+        cpu_offload: offload optimizer state (zero2/zero3/fsdp) and, for zero3/fsdp, parameters to CPU.
+    """
+
+    method: str = "lora"
+    precision: str = "bf16"
+    rank: int = 16
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    num_virtual_tokens: int = 20
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1
+    grad_ckpt: bool = False
+    optimizer: str = "adamw"
+    num_gpus: int = 1
+    strategy: str = "ddp"
+    cpu_offload: bool = False
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        for name in ("seq_len", "batch_size", "grad_accum", "num_gpus"):
+            _positive(name, getattr(self, name))
+        if self.method in ("lora", "qlora"):
+            _positive("rank", self.rank)
+            if self.lora_alpha is not None and self.lora_alpha <= 0:
+                raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            if not self.target_modules:
+                raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+        if self.method in ("prefix", "prompt"):
+            _positive("num_virtual_tokens", self.num_virtual_tokens)
+        if self.method == "qlora" and self.precision != "bf16":
+            raise ValueError(
+                f"precision {self.precision!r} is not valid with qlora: QLoRA computes in bf16 over 4-bit weights "
+                "(valid: bf16)"
+            )
+        if self.num_gpus == 1 and self.strategy != "ddp":
+            object.__setattr__(self, "strategy", "ddp")
+        if self.cpu_offload and self.strategy == "ddp":
+            raise ValueError("cpu_offload needs strategy zero2, zero3 or fsdp (valid with offload: fsdp, zero2, zero3)")
+
+    # -- derived ----------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.rank
+
+    @property
+    def tokens_per_micro_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step over all devices."""
+        return self.seq_len * self.batch_size * self.grad_accum * self.num_gpus
+
+    @property
+    def is_peft(self) -> bool:
+        return self.method in PEFT_METHODS
+
+    @property
+    def all_linear(self) -> bool:
+        return tuple(self.target_modules) == (ALL_LINEAR,)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d.pop("extra", None)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a plain dict (a plan file, a record); unknown keys are an error naming the valid keys."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        d = dict(d)
+        if "target_modules" in d and d["target_modules"] is not None:
+            d["target_modules"] = parse_target_modules(d["target_modules"])
+        return cls(**{k: v for k, v in d.items() if v is not None})
+
+    def describe(self) -> str:
+        """Short human label: `QLoRA r16 all-linear, bf16, b4 x s2048, ckpt, adamw`."""
+        from .methods import method_label
+
+        parts = [method_label(self)]
+        if self.method != "qlora":
+            parts.append(self.precision)
+        parts.append(f"b{self.batch_size}x{self.seq_len}" + (f" ga{self.grad_accum}" if self.grad_accum > 1 else ""))
+        if self.grad_ckpt:
+            parts.append("ckpt")
+        parts.append(self.optimizer)
+        if self.num_gpus > 1:
+            parts.append(f"{self.num_gpus}x {self.strategy}" + ("+offload" if self.cpu_offload else ""))
+        return ", ".join(parts)
+
+
+def parse_target_modules(value) -> tuple[str, ...]:
+    """`'q_proj,v_proj'` or `['q_proj', 'v_proj']` -> `('q_proj', 'v_proj')`; `'all-linear'` -> `('all-linear',)`."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    else:
+        items = [str(v).strip() for v in value]
+    items = tuple(v for v in items if v)
+    if ALL_LINEAR in items and len(items) > 1:
+        raise ValueError("target_modules: 'all-linear' cannot be combined with module names")
+    return items
+
+
+def _choice(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

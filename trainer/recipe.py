@@ -1,0 +1,175 @@
+"""The reference training recipe: one code path for `ftplan run`, `ftplan calibrate` and `ftplan estimate --trace`.
+
+What `ftplan estimate` predicts is exactly what this module does (see README "Memory-model assumptions"):
+
+- model built with `attn_implementation="sdpa"` (the transformers default) in the precision's dtype;
+- QLoRA: 4-bit NF4 with double quantization, bf16 compute (`BitsAndBytesConfig`), then
+  `peft.prepare_model_for_kbit_training` (non-quantized parameters cast to fp32), then LoRA;
+- LoRA: `LoraConfig(r, lora_alpha=2r, lora_dropout=0.05, target_modules=...)`; prefix / prompt / IA3 with peft defaults;
+- gradient checkpointing, where on: `gradient_checkpointing_enable(use_reentrant=False)`;
+- each micro-step: `outputs = model(**batch)` (under bf16 autocast for `mixed`), `outputs.loss.backward()` with the
+  outputs (and so the logits) alive until backward ends, then `clip_grad_norm_(..., 1.0)`, `optimizer.step()`,
+  `optimizer.zero_grad(set_to_none=True)`;
+- optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
+  transformers `Adafactor` as the `Trainer` configures it.
+
+torch, transformers and peft are imported here, never by `planner`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from planner.config import ALL_LINEAR, TrainConfig
+
+DEFAULT_LR = 1e-5
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """Dtype the model is built in: bf16 for `bf16` (and QLoRA's non-quantized part before k-bit preparation), fp32
+    for `mixed` (master weights) and `fp32`."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def hf_config(config: dict):
+    """A transformers `PretrainedConfig` from config.json fields (every other field at its default)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "transformers_version")}
+    return AutoConfig.for_model(config["model_type"], **fields)
+
+
+def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None, device: str | torch.device = "cpu"):
+    """Build the base model: from `path` (a local checkpoint, real weights) or from `config` (random weights,
+    built directly on `device`). QLoRA needs `path` (bitsandbytes quantizes while loading)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(tc.precision)
+    if tc.method == "qlora":
+        if path is None:
+            raise ValueError("qlora needs a checkpoint path to load and quantize (save the bf16 model first)")
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=bnb, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": device}
+        )
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map={"": device})
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, attn_implementation="sdpa")
+
+
+def peft_config(tc: TrainConfig):
+    """The peft config of `tc.method` (None for full fine-tuning)."""
+    import peft
+
+    if tc.method in ("lora", "qlora"):
+        targets = ALL_LINEAR if tc.all_linear else list(tc.target_modules)
+        return peft.LoraConfig(
+            r=tc.rank,
+            lora_alpha=tc.alpha,
+            lora_dropout=tc.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+    if tc.method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
+    if tc.method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
+    if tc.method == "ia3":
+        return peft.IA3Config(task_type="CAUSAL_LM")
+    return None
+
+
+def apply_method(model, tc: TrainConfig):
+    """Apply the method through peft (and k-bit preparation for QLoRA) and gradient checkpointing."""
+    import peft
+
+    gc_kwargs = {"use_reentrant": False}
+    if tc.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=tc.grad_ckpt, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif tc.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    pc = peft_config(tc)
+    if pc is not None:
+        model = peft.get_peft_model(model, pc)
+    model.train()
+    return model
+
+
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, tc: TrainConfig, lr: float = DEFAULT_LR, *, foreach: bool | None = None):
+    """The optimizer of `tc.optimizer`, configured as the transformers `Trainer` does.
+
+    `foreach=None` keeps torch's default (foreach on CUDA); the trace passes True to behave as on CUDA."""
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, foreach=foreach)
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, foreach=foreach)
+    if tc.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    import bitsandbytes as bnb
+
+    if tc.optimizer == "adamw8bit":
+        return bnb.optim.AdamW8bit(params, lr=lr)
+    if tc.optimizer == "paged_adamw8bit":
+        return bnb.optim.PagedAdamW8bit(params, lr=lr)
+    raise ValueError(f"unknown optimizer {tc.optimizer!r}")
+
+
+def autocast_context(tc: TrainConfig, device_type: str):
+    """bf16 autocast for `mixed`; nothing otherwise."""
+    if tc.precision == "mixed":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class StepResult:
+    loss: float | None
+    stepped: bool
+
+
+def micro_step(model, batch: dict, tc: TrainConfig, device_type: str, *, scale: float = 1.0):
+    """Forward and backward of one micro-batch. The outputs stay alive until backward returns, as in a plain
+    training loop (`outputs = model(**batch); outputs.loss.backward()`), so the logits count at the backward peak.
+    Returns the detached loss tensor (no host sync)."""
+    with autocast_context(tc, device_type):
+        outputs = model(**batch)
+    loss = outputs.loss if scale == 1.0 else outputs.loss * scale
+    loss.backward()
+    detached = outputs.loss.detach()
+    del outputs, loss
+    return detached
+
+
+def optimizer_step(params, optimizer, max_grad_norm: float = 1.0, scheduler=None):
+    """Clip, step, zero_grad(set_to_none=True). Returns the pre-clip gradient norm (a tensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def synthetic_batch(vocab_size: int, tc: TrainConfig, device, generator: torch.Generator | None = None) -> dict:
+    """Random token ids, every sequence full length, labels = input_ids (the calibration workload)."""
+    ids = torch.randint(0, vocab_size, (tc.batch_size, tc.seq_len), device=device, generator=generator)
+    return {"input_ids": ids, "labels": ids}
