@@ -118,6 +118,18 @@ class LiveBytes(TorchDispatchMode):
         return entry[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (
+            func is torch.ops.aten.add.Tensor
+            and self.phase.startswith("backward")
+            and not torch.is_grad_enabled()
+            and not kwargs
+            and isinstance(args[1], torch.Tensor)
+            and args[0].shape == args[1].shape
+            and args[0].dtype == args[1].dtype
+        ):
+            # autograd sums a second gradient into the first in place (InputBuffer::accumulate) for plain tensors,
+            # but out of place for tensor subclasses such as FakeTensor; do what CUDA does.
+            return torch.ops.aten.add_.Tensor(args[0], args[1])
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             self.track(t)
@@ -406,18 +418,19 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
             if tc.method == "qlora":
                 notes.append("4-bit weights: bitsandbytes NF4 storage and dequantize+matmul path emulated")
             vocab = int(config["vocab_size"])
+            outputs = None
             for step in range(steps):
                 batch = recipe.synthetic_batch(vocab, tc, device="cpu")
                 tracker.phase, tracker.default_tag = f"forward{step}", "activations"
-                with recipe.autocast_context(tc, "cpu"):
-                    outputs = model(**batch)
+                # a plain loop: the previous step's outputs (logits) live until this forward returns
+                outputs = recipe.forward(model, batch, tc, "cpu")
                 tracker.phase, tracker.default_tag = f"backward{step}", "temporaries"
                 outputs.loss.backward()
-                del outputs, batch
                 tracker.phase, tracker.default_tag = f"optimizer{step}", "optimizer_state"
                 torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            del outputs
     peak_by_tag = {k: v for k, v in tracker.peak_by_tag.items() if v}
     if cuda_workspace_bytes:
         peak_by_tag["cuda_workspace"] = cuda_workspace_bytes

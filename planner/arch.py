@@ -20,7 +20,7 @@ _FAMILY_DEFAULTS = {
     "llama": dict(hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False, vocab_size=32000,
                   hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   max_position_embeddings=2048),
-    "mistral": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=32000, hidden_size=4096,
+    "mistral": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=32000, hidden_size=4096, sliding_window=4096,
                     intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     max_position_embeddings=4096 * 32),
     "qwen2": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=151936, hidden_size=4096,
@@ -85,6 +85,8 @@ class ModelArch:
     qk_norm: bool = False
     hidden_act: str = "silu"
     final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    sliding_every: int = 1  # 1: every layer uses the window; 2: every other layer (Gemma-2's layer_types)
     max_position_embeddings: int = 0
     hf_id: str | None = None
     aliases: tuple[str, ...] = ()
@@ -101,6 +103,14 @@ class ModelArch:
     def scales_embeddings(self) -> bool:
         """Gemma multiplies the embeddings by sqrt(hidden_size) (a new activation tensor)."""
         return self.model_type in ("gemma", "gemma2")
+
+    def masked_layers(self, kv_seq: int) -> int:
+        """How many layers attend through a materialized mask at this key length: transformers skips the mask
+        (and sdpa runs causal with native GQA) unless a sliding window is shorter than or equal to the keys
+        (`masking_utils._ignore_causal_mask_sdpa`: kv_length >= local_attention_size keeps it)."""
+        if self.sliding_window is None or kv_seq < self.sliding_window:
+            return 0
+        return -(-self.num_layers // self.sliding_every)
 
     @property
     def fused_qkv(self) -> bool:
@@ -204,7 +214,7 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
             f"valid: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     c = dict(_FAMILY_DEFAULTS[model_type])
-    c.update({k: v for k, v in config.items() if v is not None})
+    c.update(config)  # an explicit null (e.g. Mistral v0.3 sliding_window) overrides the family default
 
     def get_int(key: str) -> int:
         v = c.get(key)
@@ -266,12 +276,26 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
         qk_norm=model_type == "qwen3",
         hidden_act=act,
         final_logit_softcapping=c.get("final_logit_softcapping") if model_type == "gemma2" else None,
+        sliding_window=_sliding_window(model_type, c),
+        sliding_every=2 if model_type == "gemma2" else 1,
         max_position_embeddings=int(c.get("max_position_embeddings") or 0),
         hf_id=hf_id,
         aliases=tuple(aliases),
         source=source,
         config=dict(config),
     )
+
+
+def _sliding_window(model_type: str, c: dict) -> int | None:
+    """The attention window where the family applies one (Mistral v0.1, Phi-3, Gemma-2 sliding layers; Qwen2 only
+    with use_sliding_window); None when every layer sees all keys."""
+    if model_type in ("mistral", "phi3", "gemma2"):
+        w = c.get("sliding_window")
+    elif model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+        w = c.get("sliding_window")
+    else:
+        w = None
+    return int(w) if w else None
 
 
 def arch_from_path(path: str | Path) -> ModelArch:

@@ -76,6 +76,11 @@ class TrainConfig:
                 raise ValueError("target_modules must name at least one module, or be 'all-linear'")
         if self.method in ("prefix", "prompt"):
             _positive("num_virtual_tokens", self.num_virtual_tokens)
+        if self.method == "prefix" and self.grad_ckpt:
+            raise ValueError(
+                "grad_ckpt: prefix tuning does not work with gradient checkpointing (peft refuses it: the prefix "
+                "key/values enter every layer as a cache); use --no-grad-ckpt or another method"
+            )
         if self.method == "qlora" and self.precision != "bf16":
             raise ValueError(
                 f"precision {self.precision!r} is not valid with qlora: QLoRA computes in bf16 over 4-bit weights "

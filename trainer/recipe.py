@@ -7,9 +7,9 @@ What `ftplan estimate` predicts is exactly what this module does (see README "Me
   `peft.prepare_model_for_kbit_training` (non-quantized parameters cast to fp32), then LoRA;
 - LoRA: `LoraConfig(r, lora_alpha=2r, lora_dropout=0.05, target_modules=...)`; prefix / prompt / IA3 with peft defaults;
 - gradient checkpointing, where on: `gradient_checkpointing_enable(use_reentrant=False)`;
-- each micro-step: `outputs = model(**batch)` (under bf16 autocast for `mixed`), `outputs.loss.backward()` with the
-  outputs (and so the logits) alive until backward ends, then `clip_grad_norm_(..., 1.0)`, `optimizer.step()`,
-  `optimizer.zero_grad(set_to_none=True)`;
+- each micro-step, a plain loop: `outputs = model(**batch)` (under bf16 autocast for `mixed`), then
+  `outputs.loss.backward()`, `clip_grad_norm_(..., 1.0)`, `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`;
+  the outputs (and so the logits) stay referenced until the next forward returns;
 - optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
   transformers `Adafactor` as the `Trainer` configures it.
 
@@ -68,8 +68,9 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
         return AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, attn_implementation="sdpa")
 
 
-def peft_config(tc: TrainConfig):
-    """The peft config of `tc.method` (None for full fine-tuning)."""
+def peft_config(tc: TrainConfig, model_type: str | None = None):
+    """The peft config of `tc.method` (None for full fine-tuning). IA3 gets its targets from ftplan's table
+    (peft's defaults where peft has them), so that the planner's count and the run agree for every family."""
     import peft
 
     if tc.method in ("lora", "qlora"):
@@ -86,6 +87,11 @@ def peft_config(tc: TrainConfig):
     if tc.method == "prompt":
         return peft.PromptTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
     if tc.method == "ia3":
+        from planner.methods import IA3_TARGETS
+
+        if model_type in IA3_TARGETS:
+            targets, ff = IA3_TARGETS[model_type]
+            return peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
         return peft.IA3Config(task_type="CAUSAL_LM")
     return None
 
@@ -101,7 +107,7 @@ def apply_method(model, tc: TrainConfig):
         )
     elif tc.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    pc = peft_config(tc)
+    pc = peft_config(tc, getattr(getattr(model, "config", None), "model_type", None))
     if pc is not None:
         model = peft.get_peft_model(model, pc)
     model.train()
@@ -140,23 +146,12 @@ def autocast_context(tc: TrainConfig, device_type: str):
     return contextlib.nullcontext()
 
 
-@dataclass
-class StepResult:
-    loss: float | None
-    stepped: bool
-
-
-def micro_step(model, batch: dict, tc: TrainConfig, device_type: str, *, scale: float = 1.0):
-    """Forward and backward of one micro-batch. The outputs stay alive until backward returns, as in a plain
-    training loop (`outputs = model(**batch); outputs.loss.backward()`), so the logits count at the backward peak.
-    Returns the detached loss tensor (no host sync)."""
+def forward(model, batch: dict, tc: TrainConfig, device_type: str):
+    """The forward pass of one micro-batch (bf16 autocast for `mixed`). The caller keeps the returned outputs, so
+    the logits stay alive through backward and the optimizer step until the next forward returns, exactly as in a
+    plain `out = model(**batch); out.loss.backward(); opt.step()` loop; the estimate counts them there."""
     with autocast_context(tc, device_type):
-        outputs = model(**batch)
-    loss = outputs.loss if scale == 1.0 else outputs.loss * scale
-    loss.backward()
-    detached = outputs.loss.detach()
-    del outputs, loss
-    return detached
+        return model(**batch)
 
 
 def optimizer_step(params, optimizer, max_grad_norm: float = 1.0, scheduler=None):

@@ -1,0 +1,294 @@
+"""A symbolic replay of autograd's memory: which tensors a piece of the model allocates, keeps and frees.
+
+The memory model describes one decoder layer (and the embedding, and the loss) as a list of ops with the
+tensors they create, the tensors autograd saves for backward, and their transient scratch. `simulate`
+replays forward and backward the way PyTorch's autograd engine does and records live bytes:
+
+- forward: an op allocates its outputs (plus transient scratch); a tensor is freed after its last forward
+  use unless an op saved it for backward or it is held (model outputs, a KV cache, a checkpoint input);
+- backward, in reverse creation order (the engine runs the most recently created ready node first): an op
+  allocates the gradients of its inputs that require grad (a gradient that reaches a tensor a second time
+  is summed in place, so the new copy is transient), its parameter gradients, and its scratch; then it frees
+  the gradients of its outputs and the tensors that only it saved. Ops such as `add` and views hand their
+  output gradient to an input without a copy (`grad_alias`).
+
+Sizes have two channels: bytes proportional to the micro-batch (activations) and fixed bytes (parameter
+gradients, weight copies). A live total is the line `per_batch * B + fixed`, so one replay serves every
+batch size: the peak at B is the maximum over the recorded points, kept as their upper envelope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Size = tuple  # (per_batch_bytes, fixed_bytes)
+ZERO: Size = (0, 0)
+
+
+@dataclass
+class _Tensor:
+    size: Size
+    rg: bool
+    kind: str
+    held: str | bool = False  # False, "step" or "piece"
+    external: bool = False
+    savers: list = field(default_factory=list)
+    last_use: int = -1
+
+
+@dataclass
+class _Node:
+    name: str
+    inputs: tuple
+    outputs: tuple
+    saved: tuple
+    param_grad: Size
+    fwd_temp: Size
+    bwd_temp: Size
+    grad_alias: tuple
+
+
+class Graph:
+    """Builder of one piece of the model: `t = g.tensor(...)`, then `g.op(...)` in forward order."""
+
+    def __init__(self) -> None:
+        self.tensors: list[_Tensor] = []
+        self.nodes: list[_Node] = []
+
+    def tensor(self, size: Size, rg: bool = False, kind: str = "activations", held: bool = False,
+               external: bool = False) -> int:
+        self.tensors.append(_Tensor(tuple(size), rg, kind, "step" if held is True else held, external))
+        return len(self.tensors) - 1
+
+    def rg(self, t: int) -> bool:
+        return self.tensors[t].rg
+
+    def size(self, t: int) -> Size:
+        return self.tensors[t].size
+
+    def op(self, name: str, inputs=(), outputs=(), saved=(), param_grad: Size = ZERO, fwd_temp: Size = ZERO,
+           bwd_temp: Size = ZERO, grad_alias=()) -> None:
+        """Record an op. `saved` lists what autograd keeps given the inputs' requires_grad (the builders
+        decide). An op whose outputs receive no gradient never runs in backward."""
+        idx = len(self.nodes)
+        for t in inputs:
+            self.tensors[t].last_use = idx
+        for t in saved:
+            self.tensors[t].savers.append(idx)
+        self.nodes.append(_Node(name, tuple(inputs), tuple(outputs), tuple(saved), tuple(param_grad),
+                                tuple(fwd_temp), tuple(bwd_temp), tuple(grad_alias)))
+
+    def hold(self, t: int, scope: str = "step") -> None:
+        """Keep `t` alive past its last use: `scope="step"` to the end of the training step (outputs, caches),
+        `scope="piece"` to the end of this piece's backward (a checkpoint's input)."""
+        self.tensors[t].held = scope
+
+
+@dataclass(frozen=True)
+class Point:
+    """Live bytes at one instant, relative to the start of the piece: total and by kind, each (per_batch, fixed)."""
+
+    total: Size
+    kinds: tuple  # ((kind, (per_batch, fixed)), ...)
+
+    def at(self, batch: int) -> int:
+        return self.total[0] * batch + self.total[1]
+
+    def kinds_at(self, batch: int) -> dict:
+        return {k: s[0] * batch + s[1] for k, s in self.kinds if s[0] * batch + s[1]}
+
+
+def _envelope(points: list) -> tuple:
+    """Points not dominated in both channels: the only candidates for the maximum at any batch size."""
+    best: dict = {}
+    for p in points:
+        best.setdefault(p.total, p)
+    out, top_fixed = [], None
+    for total in sorted(best, key=lambda s: (-s[0], -s[1])):
+        if top_fixed is None or total[1] > top_fixed:
+            out.append(best[total])
+            top_fixed = total[1]
+    return tuple(out) or (Point(ZERO, ()),)
+
+
+def peak_point(points: tuple, batch: int) -> Point:
+    return max(points, key=lambda p: p.at(batch))
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What `simulate` recorded, relative to the bytes live when the piece starts (its external inputs)."""
+
+    forward: tuple  # envelope of Points during forward
+    backward: tuple  # envelope of Points during backward
+    kept: Size  # after forward: bytes this piece keeps until its backward (saved + held), outputs excluded
+    outputs: Size  # after forward: bytes of its outputs (handed to the next piece)
+    param_grads: Size  # parameter gradients it leaves after backward
+    grad_inputs: Size  # gradients of its external inputs it leaves after backward
+    held: Size  # bytes held to the end (outputs object, caches)
+
+
+def forward_without_saving(g: Graph, outputs=()) -> tuple:
+    """Forward points of `g` when autograd keeps nothing (a checkpointed layer's first forward: the checkpoint's
+    pack hook drops every saved tensor, so each dies after its last use)."""
+    import copy
+
+    g2 = copy.copy(g)
+    g2.tensors = [copy.copy(t) for t in g.tensors]
+    for t in g2.tensors:
+        t.savers = []
+    g2.nodes = [copy.copy(n) for n in g.nodes]
+    for n in g2.nodes:
+        n.saved = ()
+    return simulate(g2, outputs=outputs).forward
+
+
+def simulate(g: Graph, outputs=(), incoming_grads=()) -> Timeline:
+    """Replay forward then backward of `g`.
+
+    External tensors (the piece's inputs) are live at the start and owned by the caller; they count in the
+    piece only from the moment it saves them. `outputs`: tensors handed to the next piece (stay live after
+    forward). `incoming_grads`: tensors whose gradient arrives before this piece's backward starts."""
+    live = [0, 0]
+    by_kind: dict[str, list] = {}
+
+    def alloc(size: Size, kind: str) -> None:
+        live[0] += size[0]
+        live[1] += size[1]
+        k = by_kind.setdefault(kind, [0, 0])
+        k[0] += size[0]
+        k[1] += size[1]
+
+    def free(size: Size, kind: str) -> None:
+        alloc((-size[0], -size[1]), kind)
+
+    def snap(points: list) -> None:
+        points.append(Point((live[0], live[1]), tuple((k, (v[0], v[1])) for k, v in by_kind.items() if v != [0, 0])))
+
+    alive = [False] * len(g.tensors)
+    keep = set(outputs)
+    for i, t in enumerate(g.tensors):
+        if t.external:  # the piece's inputs: live from the start, freed after their last use unless kept
+            alive[i] = True
+            alloc(t.size, t.kind)
+    fwd: list = []
+    for idx, n in enumerate(g.nodes):
+        for t in n.outputs:
+            alive[t] = True
+            alloc(g.tensors[t].size, g.tensors[t].kind)
+        if n.fwd_temp != ZERO:
+            alloc(n.fwd_temp, "temporaries")
+            snap(fwd)
+            free(n.fwd_temp, "temporaries")
+        snap(fwd)
+        for t in set(n.inputs) | set(n.outputs):
+            tt = g.tensors[t]
+            if not alive[t] or tt.held or tt.savers or t in keep:
+                continue
+            if tt.last_use <= idx:
+                alive[t] = False
+                free(tt.size, tt.kind)
+    for i, t in enumerate(g.tensors):  # unconsumed external inputs are freed by their owner after this piece
+        if alive[i] and t.external and not t.savers and not t.held and i not in keep:
+            alive[i] = False
+            free(t.size, t.kind)
+    kept = [0, 0]
+    held = [0, 0]
+    out_bytes = [0, 0]
+    for i, t in enumerate(g.tensors):
+        if not alive[i]:
+            continue
+        if i in keep and not t.savers and not t.held:
+            out_bytes[0] += t.size[0]
+            out_bytes[1] += t.size[1]
+            alive[i] = False  # handed to the next piece, which owns it from here
+            free(t.size, t.kind)
+        else:
+            kept[0] += t.size[0]
+            kept[1] += t.size[1]
+        if t.held == "step":
+            held[0] += t.size[0]
+            held[1] += t.size[1]
+
+    # -- backward -----------------------------------------------------------------------------------------------
+    # gradient storages: sid -> [size, refs]; grad_of: tensor -> sid
+    storages: dict[int, list] = {}
+    grad_of: dict[int, int] = {}
+    next_sid = [0]
+
+    def new_storage(size: Size) -> int:
+        sid = next_sid[0]
+        next_sid[0] += 1
+        storages[sid] = [size, 1]
+        alloc(size, "temporaries")
+        return sid
+
+    def decref(sid: int) -> None:
+        st = storages[sid]
+        st[1] -= 1
+        if st[1] == 0:
+            free(st[0], "temporaries")
+            del storages[sid]
+
+    for t in incoming_grads:
+        grad_of[t] = new_storage(g.tensors[t].size)
+    bwd: list = []
+    param_grads = [0, 0]
+    for idx in range(len(g.nodes) - 1, -1, -1):
+        n = g.nodes[idx]
+        out_sid = next((grad_of[t] for t in n.outputs if t in grad_of), None)
+        if out_sid is None:
+            continue
+        transients = []
+        for t in n.inputs:
+            tt = g.tensors[t]
+            if not tt.rg:
+                continue
+            aliased = t in n.grad_alias and storages[out_sid][0] == tt.size
+            if t in grad_of:
+                if not aliased:  # summed in place into the existing gradient; the new one is transient
+                    alloc(tt.size, "temporaries")
+                    transients.append(tt.size)
+            elif aliased:
+                storages[out_sid][1] += 1
+                grad_of[t] = out_sid
+            else:
+                grad_of[t] = new_storage(tt.size)
+        if n.param_grad != ZERO:
+            alloc(n.param_grad, "gradients")
+            param_grads[0] += n.param_grad[0]
+            param_grads[1] += n.param_grad[1]
+        if n.bwd_temp != ZERO:
+            alloc(n.bwd_temp, "temporaries")
+        snap(bwd)
+        if n.bwd_temp != ZERO:
+            free(n.bwd_temp, "temporaries")
+        for size in transients:
+            free(size, "temporaries")
+        for t in n.outputs:
+            sid = grad_of.pop(t, None)
+            if sid is not None:
+                decref(sid)
+        for t in n.saved:
+            tt = g.tensors[t]
+            if alive[t] and min(tt.savers) == idx and not tt.held:
+                alive[t] = False
+                free(tt.size, tt.kind)
+    for i, t in enumerate(g.tensors):  # the checkpoint releases its inputs when the piece's backward is done
+        if alive[i] and t.held == "piece":
+            alive[i] = False
+            free(t.size, t.kind)
+    grad_inputs = [0, 0]
+    for t, sid in grad_of.items():
+        if g.tensors[t].external:
+            grad_inputs[0] += storages[sid][0][0]
+            grad_inputs[1] += storages[sid][0][1]
+    return Timeline(
+        forward=_envelope(fwd),
+        backward=_envelope(bwd),
+        kept=tuple(kept),
+        outputs=tuple(out_bytes),
+        param_grads=tuple(param_grads),
+        grad_inputs=tuple(grad_inputs),
+        held=tuple(held),
+    )

@@ -1,0 +1,540 @@
+"""The ops of one training step, piece by piece, as `planner.graph` ops: what each allocates and saves.
+
+Each builder mirrors the forward code it models (transformers 5.17 `modeling_llama.py` / `modeling_qwen2.py` /
+`modeling_gemma2.py` / `modeling_phi3.py` / `loss_utils.py`, peft 0.21 `tuners/lora/layer.py` and `ia3/layer.py`,
+bitsandbytes 0.50 `Linear4bit`) and autograd's saved tensors for each op (`derivatives.yaml`: an input is saved only
+when the gradient that needs it is required). Sizes are per sequence of the micro-batch (the `per_batch` channel)
+or fixed (weight copies, parameter gradients); widths are elements per token.
+
+Dtypes follow the precision (see `Regime`): bf16 keeps everything in bf16; `mixed` keeps the residual stream
+and norms in fp32 (fp32 embeddings and weights) while autocast runs linears and sdpa in bf16; fp32 is fp32
+throughout; QLoRA's residual stream, norms, embeddings and lm_head are fp32 after
+`prepare_model_for_kbit_training`, and `Linear4bit` computes in bf16 but returns its input's dtype (fp32).
+peft adapters (LoRA A/B, IA3 vectors, prompt encoders) are fp32 in every case (peft `autocast_adapter_dtype`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .arch import ModelArch
+from .config import TrainConfig
+from .graph import ZERO, Graph
+from .methods import ia3_targets, lora_targets
+from .units import round_up
+
+FP32, BF16, BOOL = 4, 2, 1
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Bytes per element of each kind of tensor under a precision."""
+
+    name: str
+    act: int  # residual stream, embeddings, rotary cos/sin
+    lin: int  # output of a linear layer
+    attn: int  # sdpa operands and output
+    logits: int  # lm_head output
+    weight: int  # unquantized base weights (and full-FT trainable weights)
+    autocast: bool  # linears and sdpa run under bf16 autocast
+    quantized: bool  # linear weights of the decoder are 4-bit (QLoRA)
+
+
+def regime(tc: TrainConfig) -> Regime:
+    if tc.method == "qlora":
+        return Regime("qlora", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=True)
+    if tc.precision == "mixed":
+        return Regime("mixed", act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
+    if tc.precision == "fp32":
+        return Regime("fp32", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=False)
+    return Regime("bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False, quantized=False)
+
+
+def param_bytes(numel: int, dtype_bytes: int) -> int:
+    """A parameter-like tensor as the CUDA caching allocator counts it: rounded up to 512-byte blocks."""
+    return round_up(numel * dtype_bytes, 512)
+
+
+class Builder:
+    """Builds one piece (a decoder layer, the embedding, the loss) for an architecture and a configuration.
+
+    `seq`: tokens per sequence seen by the layers (prompt tuning adds its virtual tokens);
+    `kv_seq`: keys per sequence (prefix tuning adds its virtual tokens)."""
+
+    def __init__(self, arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, checkpointed: bool = False,
+                 masked: bool = False):
+        self.arch, self.tc, self.seq, self.kv_seq = arch, tc, seq, kv_seq
+        self.masked = masked  # this layer attends through a materialized (sliding-window) mask
+        # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
+        self.use_cache = bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
+        self.R = regime(tc)
+        self.g = Graph()
+        self.dtype: dict[int, int] = {}
+        self.full = tc.method == "full"
+        self.lora = {lin.name for lin in lora_targets(arch, tc)} if tc.method in ("lora", "qlora") else set()
+        if tc.method == "ia3":
+            ia3, ff = ia3_targets(arch)
+            self.ia3 = {lin.name for lin in ia3}
+            self.ia3_ff = set(ff)
+        else:
+            self.ia3, self.ia3_ff = set(), set()
+
+    # -- primitives ---------------------------------------------------------------------------------------------
+    def new(self, width: int, dtype: int, rg: bool, kind: str = "activations", seq: int | None = None) -> int:
+        """A tensor of `width` elements per token, `seq` tokens per sequence."""
+        t = self.g.tensor(((seq or self.seq) * width * dtype, 0), rg=rg, kind=kind)
+        self.dtype[t] = dtype
+        return t
+
+    def fixed(self, nbytes: int, rg: bool, kind: str, dtype: int) -> int:
+        t = self.g.tensor((0, nbytes), rg=rg, kind=kind)
+        self.dtype[t] = dtype
+        return t
+
+    def input(self, width: int, dtype: int, rg: bool) -> int:
+        t = self.g.tensor((self.seq * width * dtype, 0), rg=rg, external=True)
+        self.dtype[t] = dtype
+        return t
+
+    def width(self, t: int) -> int:
+        return self.g.size(t)[0] // (self.dtype[t] * self.seq) if self.g.size(t)[0] else 0
+
+    def cast(self, x: int, width: int, dtype: int) -> int:
+        """`x.to(dtype)`: a new tensor when the dtype changes (ToCopyBackward saves nothing), else `x` itself."""
+        if self.dtype[x] == dtype:
+            return x
+        y = self.new(width, dtype, self.g.rg(x))
+        self.g.op("to_copy", [x], [y])
+        return y
+
+    def mul_scalar(self, x: int, width: int) -> int:
+        """`x * python_scalar`: a new tensor, nothing saved."""
+        y = self.new(width, self.dtype[x], self.g.rg(x))
+        self.g.op("mul_scalar", [x], [y])
+        return y
+
+    def add(self, a: int, b: int, width: int) -> int:
+        """`a + b` with type promotion. Nothing saved; the output gradient passes to a same-dtype input unchanged."""
+        dt = max(self.dtype[a], self.dtype[b])
+        y = self.new(width, dt, self.g.rg(a) or self.g.rg(b))
+        alias = [t for t in (a, b) if self.dtype[t] == dt]
+        self.g.op("add", [a, b], [y], grad_alias=alias)
+        return y
+
+    def mul(self, a: int, b: int, width: int) -> int:
+        """`a * b` (same shape): saves `b` if `a` needs a gradient and `a` if `b` does."""
+        dt = max(self.dtype[a], self.dtype[b])
+        saved = ([b] if self.g.rg(a) else []) + ([a] if self.g.rg(b) else [])
+        y = self.new(width, dt, self.g.rg(a) or self.g.rg(b))
+        self.g.op("mul", [a, b], [y], saved=saved)
+        return y
+
+    # -- norms --------------------------------------------------------------------------------------------------
+    def rmsnorm(self, x: int, width: int) -> int:
+        """LlamaRMSNorm: `w * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)`.
+
+        Saved, when x needs a gradient: the fp32 copy of x (x itself if already fp32: 4 B/element either way)
+        and rsqrt (4 B/token); when w is trained (full FT): the normalized tensor cast back to x's dtype.
+        GemmaRMSNorm computes `(x.float() * rsqrt(...)) * (1 + w.float())` then casts: it saves the fp32
+        normalized tensor instead (4 B/element)."""
+        g, R = self.g, self.R
+        rx, rw = g.rg(x), self.full
+        xd = self.dtype[x]
+        x32 = self.cast(x, width, FP32)
+        sq = self.new(width, FP32, rx)
+        g.op("pow", [x32], [sq], saved=[x32] if rx else [])
+        var = self.new(1, FP32, rx)
+        g.op("mean", [sq], [var])
+        var2 = self.new(1, FP32, rx)
+        g.op("add_eps", [var], [var2])
+        r = self.new(1, FP32, rx)
+        g.op("rsqrt", [var2], [r], saved=[r] if rx else [])
+        y32 = self.new(width, FP32, rx)
+        g.op("mul_norm", [x32, r], [y32], saved=[x32, r] if rx else [])
+        wbytes = FP32 if (R.quantized or R.weight == FP32) else R.weight
+        out_dt = max(wbytes, xd)
+        pgrad = (0, param_bytes(width, wbytes)) if rw else ZERO
+        if self.arch.gemma_norm:
+            out32 = self.new(width, FP32, rx or rw)
+            g.op("mul_weight", [y32], [out32], saved=[y32] if rw else [], param_grad=pgrad,
+                 bwd_temp=(self.seq * width * FP32, 0) if rw else ZERO)
+            return self.cast(out32, width, xd)
+        yc = self.cast(y32, width, xd)
+        out = self.new(width, out_dt, rx or rw)
+        # w * yc: the weight gradient is (grad * yc) summed over tokens: a full-size product is transient
+        g.op("mul_weight", [yc], [out], saved=[yc] if rw else [], param_grad=pgrad,
+             bwd_temp=(self.seq * width * out_dt, 0) if rw else ZERO)
+        return out
+
+    # -- linear layers ------------------------------------------------------------------------------------------
+    def linear(self, x: int, name: str, n_in: int, n_out: int, bias: bool) -> int:
+        """The base `nn.Linear` (or bitsandbytes `Linear4bit`) of module `name`, then its adapter if any."""
+        if self.R.quantized:
+            y = self._linear4bit(x, n_in, n_out, bias)
+        elif self.R.autocast:
+            y = self._linear_autocast(x, n_in, n_out, bias, trained=self.full)
+        else:
+            y = self._linear_plain(x, n_in, n_out, bias, trained=self.full)
+        if name in self.lora:
+            y = self._lora(x, y, n_in, n_out)
+        if name in self.ia3 and name not in self.ia3_ff:
+            y = self._ia3_output(y, n_out)
+        return y
+
+    def _linear_plain(self, x: int, n_in: int, n_out: int, bias: bool, trained: bool) -> int:
+        """`F.linear` in the weights' dtype: saves the input only when the weight is trained."""
+        R = self.R
+        w = R.weight
+        y = self.new(n_out, w, self.g.rg(x) or trained)
+        pgrad = (0, param_bytes(n_in * n_out, w) + (param_bytes(n_out, w) if bias else 0)) if trained else ZERO
+        self.g.op("linear", [x], [y], saved=[x] if trained else [], param_grad=pgrad)
+        return y
+
+    def _linear_autocast(self, x: int, n_in: int, n_out: int, bias: bool, trained: bool) -> int:
+        """Under bf16 autocast: the input is cast to bf16 (a new tensor per call, saved when the weight is trained);
+        the fp32 weight is cast to bf16 (cached for the forward when it requires grad) and that copy is saved
+        when the input needs a gradient. A trained weight's bf16 gradient is cast back to fp32 (the param grad)."""
+        g = self.g
+        xc = self.cast(x, n_in, BF16)
+        wc = self.fixed(param_bytes(n_in * n_out, BF16), rg=trained, kind="weight_copies", dtype=BF16)
+        pgrad = (0, param_bytes(n_in * n_out, FP32) + (param_bytes(n_out, FP32) if bias else 0)) if trained else ZERO
+        g.op("weight_cast", [], [wc], param_grad=pgrad)
+        y = self.new(n_out, BF16, g.rg(xc) or trained)
+        saved = ([xc] if trained else []) + ([wc] if g.rg(xc) else [])
+        g.op("linear", [xc, wc], [y], saved=saved)
+        return y
+
+    def _linear4bit(self, x: int, n_in: int, n_out: int, bias: bool) -> int:
+        """bitsandbytes Linear4bit (frozen): `x.to(bf16)`, dequantize NF4 -> bf16 (N x K) + fp32 absmax (twice:
+        dequantized, + offset), `F.linear`, `.to(x.dtype)`. Nothing saved; backward dequantizes again."""
+        g = self.g
+        xc = self.cast(x, n_in, BF16)
+        blocks = -(-(n_in * n_out) // 64)
+        deq = (0, param_bytes(n_in * n_out, BF16) + 2 * param_bytes(blocks, FP32))
+        y16 = self.new(n_out, BF16, g.rg(xc))
+        g.op("matmul_4bit", [xc], [y16], fwd_temp=deq, bwd_temp=deq)
+        return self.cast(y16, n_out, self.dtype[x])
+
+    def _lora(self, x: int, base: int, n_in: int, n_out: int) -> int:
+        """peft LoRA: `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`.
+
+        Adapters are fp32. Saved: dropout's 1-byte mask (when x needs a gradient; `native_dropout` on CUDA),
+        lora_A's input (the fp32 dropout output, 4 B/element; bf16 cast under autocast, 2 B), lora_A's output
+        (r values per token) for lora_B. With dropout 0 the input itself is saved (its fp32 cast)."""
+        g, tc = self.g, self.tc
+        r = tc.rank
+        xl = self.cast(x, n_in, FP32)
+        if tc.lora_dropout > 0:
+            d = self.new(n_in, FP32, g.rg(xl))
+            mask = self.new(n_in, BOOL, False, kind="activations")
+            g.op("native_dropout", [xl], [d, mask], saved=[mask] if g.rg(xl) else [])
+        else:
+            d = xl
+        if self.R.autocast:
+            a = self._linear_trained_small(d, n_in, r, autocast=True)
+            b = self._linear_trained_small(a, r, n_out, autocast=True)
+        else:
+            a = self._linear_trained_small(d, n_in, r, autocast=False)
+            b = self._linear_trained_small(a, r, n_out, autocast=False)
+        bs = self.mul_scalar(b, n_out)
+        y = self.add(base, bs, n_out)
+        return self.cast(y, n_out, self.dtype[base])
+
+    def _linear_trained_small(self, x: int, n_in: int, n_out: int, autocast: bool) -> int:
+        """An fp32 adapter matrix (LoRA A or B): saves its input; under autocast its bf16 casts."""
+        g = self.g
+        if not autocast:
+            y = self.new(n_out, FP32, True)
+            g.op("adapter", [x], [y], saved=[x], param_grad=(0, param_bytes(n_in * n_out, FP32)))
+            return y
+        xc = self.cast(x, n_in, BF16)
+        wc = self.fixed(param_bytes(n_in * n_out, BF16), rg=True, kind="weight_copies", dtype=BF16)
+        g.op("weight_cast", [], [wc], param_grad=(0, param_bytes(n_in * n_out, FP32)))
+        y = self.new(n_out, BF16, True)
+        g.op("adapter", [xc, wc], [y], saved=[xc] + ([wc] if g.rg(xc) else []))
+        return y
+
+    def _ia3_output(self, y: int, n: int) -> int:
+        """peft IA3 on an attention projection: `(result * ia3_l.flatten()).to(result dtype)`; the product with
+        the fp32 vector is fp32 and saves `result` (for the vector's gradient)."""
+        g = self.g
+        vec = self.fixed(param_bytes(n, FP32), rg=True, kind="weight_copies", dtype=FP32)
+        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n, FP32)))
+        p = self.new(n, FP32, True)
+        g.op("mul_ia3", [y, vec], [p], saved=[y] + ([vec] if g.rg(y) else []),
+             bwd_temp=(self.seq * n * FP32, 0))
+        return self.cast(p, n, self.dtype[y])
+
+    def _ia3_input(self, x: int, n: int) -> int:
+        """peft IA3 on the feed-forward projection: `(x.to(fp32) * ia3_l.flatten()).to(x dtype)` before the base
+        layer; saves the fp32 copy of x."""
+        g = self.g
+        xd = self.dtype[x]
+        x32 = self.cast(x, n, FP32)
+        vec = self.fixed(param_bytes(n, FP32), rg=True, kind="weight_copies", dtype=FP32)
+        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n, FP32)))
+        p = self.new(n, FP32, True)
+        g.op("mul_ia3", [x32, vec], [p], saved=[x32] + ([vec] if g.rg(x32) else []),
+             bwd_temp=(self.seq * n * FP32, 0))
+        return self.cast(p, n, xd)
+
+    # -- attention ----------------------------------------------------------------------------------------------
+    def rope(self, q: int, width: int) -> int:
+        """`q * cos + rotate_half(q) * sin` with cos/sin in the embeddings' dtype: four new tensors, none saved
+        but cos/sin (shared). Backward: each half's slice gradient is materialized at full size."""
+        g = self.g
+        dt = max(self.dtype[q], self.R.act)
+        rg = g.rg(q)
+        t1 = self.new(width, dt, rg)
+        g.op("mul_cos", [q], [t1])
+        neg = self.new(width // 2, self.dtype[q], rg)
+        g.op("neg", [q], [neg], bwd_temp=(self.seq * width * self.dtype[q], 0))
+        rot = self.new(width, self.dtype[q], rg)
+        g.op("cat", [neg, q], [rot], grad_alias=[])
+        t2 = self.new(width, dt, rg)
+        g.op("mul_sin", [rot], [t2])
+        return self.add(t1, t2, width)
+
+    def sdpa(self, q: int, k: int, v: int, prefix=None) -> int:
+        """`F.scaled_dot_product_attention` as CUDA runs it (bf16, no mask: flash / cuDNN, native GQA; fp32 or a
+        mask: mem-efficient). Saves q, k, v, the output and an fp32 logsumexp of H values per token (padded to 32
+        tokens for mem-efficient); backward adds the flash workspaces (fp32 softmax_d and dq_accum, tokens padded
+        to 128). Under autocast q, k, v are cast to bf16 first.
+
+        Prefix tuning: keys/values are `cat(prefix, k)` held by the cache; the mask it forces disables native GQA,
+        so `repeat_kv` copies k and v to all heads, and the mask becomes an additive bias (padded to 16 keys)."""
+        g, a = self.g, self.arch
+        R = self.R
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        if prefix is None and self.use_cache:
+            # transformers' DynamicCache (use_cache=True unless checkpointing): `cat([empty, k])` copies k and v
+            # and keeps them for the outputs' lifetime; sdpa then sees (and saves) the copies
+            # DynamicLayer creates its empty tensors in k's dtype, so v is promoted to it (fp32 under `mixed`)
+            k, v = self._cached(k, K * d, self.dtype[k]), self._cached(v, K * d, max(self.dtype[k], self.dtype[v]))
+        if R.autocast:
+            q = self.cast(q, H * d, BF16)
+            if prefix is None:
+                k, v = self.cast(k, K * d, BF16), self.cast(v, K * d, BF16)
+        dt = self.dtype[q]
+        rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
+        saved_extra = []
+        if prefix is None and self.masked:
+            # a sliding-window mask: no native GQA (repeat_kv copies k, v to all heads), additive bias saved
+            if H != K:
+                kr = self.new(H * d, self.dtype[k], g.rg(k))
+                g.op("repeat_kv", [k], [kr])
+                vr = self.new(H * d, self.dtype[v], g.rg(v))
+                g.op("repeat_kv", [v], [vr])
+                k, v = kr, vr
+            bias = self.g.tensor((self.seq * round_up(self.kv_seq, 16) * dt, 0), kind="activations")
+            self.dtype[bias] = dt
+            g.op("mask_bias", [], [bias])
+            saved_extra = [bias]
+        kv_width = K * d
+        if prefix is not None:
+            pk, pv = prefix
+            kc = self.new(kv_width, self.dtype[k], True, seq=self.kv_seq)
+            g.op("cat_k", [pk, k], [kc], grad_alias=[k])
+            g.hold(kc)
+            vc = self.new(kv_width, self.dtype[v], True, seq=self.kv_seq)
+            g.op("cat_v", [pv, v], [vc], grad_alias=[v])
+            g.hold(vc)
+            k, v = kc, vc
+            if H != K:
+                kr = self.new(H * d, dt, True, seq=self.kv_seq)
+                g.op("repeat_kv", [k], [kr])
+                vr = self.new(H * d, dt, True, seq=self.kv_seq)
+                g.op("repeat_kv", [v], [vr])
+                k, v = kr, vr
+            bias = self.g.tensor((self.seq * round_up(self.kv_seq, 16) * dt, 0), kind="activations")
+            self.dtype[bias] = dt
+            g.op("mask_bias", [], [bias])
+            saved_extra = [bias]
+        fused = dt == BF16 and prefix is None and not self.masked  # flash / cuDNN
+        lse_tokens = self.seq if fused else round_up(self.seq, 32)
+        out = self.new(H * d, dt, rg)
+        lse = self.g.tensor((lse_tokens * H * FP32, 0), kind="activations")
+        self.dtype[lse] = FP32
+        s128 = round_up(self.seq, 128)
+        ws = (s128 * H * FP32 + s128 * H * d * FP32, 0) if fused else (lse_tokens * H * FP32, 0)
+        g.op("sdpa", [q, k, v], [out, lse], saved=([q, k, v, out, lse] + saved_extra) if rg else [], bwd_temp=ws)
+        return out
+
+    def _cached(self, t: int, width: int, dtype: int) -> int:
+        c = self.new(width, dtype, self.g.rg(t))
+        self.g.op("cache_cat", [t], [c], grad_alias=[t] if dtype == self.dtype[t] else [])
+        self.g.hold(c)
+        return c
+
+    # -- the decoder layer --------------------------------------------------------------------------------------
+    def decoder_layer(self, x: int, prefix=None) -> int:
+        """One decoder layer (pre-norm; Gemma-2 adds post-attention and pre/post-feed-forward norms)."""
+        a = self.arch
+        h, I = a.hidden_size, a.intermediate_size
+        lin = {l.name: l for l in a.linears}
+        n1 = self.rmsnorm(x, h)
+        if a.fused_qkv:
+            L = lin["qkv_proj"]
+            qkv = self.linear(n1, "qkv_proj", L.in_features, L.out_features, L.bias)
+            q = k = v = qkv  # views of one storage
+            qv, kv = a.q_dim, a.kv_dim
+            q = self._view(qkv, qv)
+            k = self._view(qkv, kv)
+            v = self._view(qkv, kv)
+        else:
+            q = self.linear(n1, "q_proj", h, a.q_dim, lin["q_proj"].bias)
+            k = self.linear(n1, "k_proj", h, a.kv_dim, lin["k_proj"].bias)
+            v = self.linear(n1, "v_proj", h, a.kv_dim, lin["v_proj"].bias)
+        if a.qk_norm:
+            q = self.rmsnorm(q, a.q_dim)
+            k = self.rmsnorm(k, a.kv_dim)
+        q = self.rope(q, a.q_dim)
+        k = self.rope(k, a.kv_dim)
+        o_in = self.sdpa(q, k, v, prefix)
+        o = self.linear(o_in, "o_proj", a.q_dim, h, lin["o_proj"].bias)
+        if a.model_type == "gemma2":
+            o = self.rmsnorm(o, h)
+        h1 = self.add(x, o, h)
+        n2 = self.rmsnorm(h1, h)
+        if a.fused_qkv:
+            L = lin["gate_up_proj"]
+            gu = self.linear(n2, "gate_up_proj", h, 2 * I, L.bias)
+            gate, up = self._view(gu, I), self._view(gu, I)
+            act = self.activation(gate, I, saves_input_storage=gu)
+            p = self.mul(up, act, I)
+        else:
+            gate = self.linear(n2, "gate_proj", h, I, lin["gate_proj"].bias)
+            act = self.activation(gate, I)
+            up = self.linear(n2, "up_proj", h, I, lin["up_proj"].bias)
+            p = self.mul(act, up, I)
+        if "down_proj" in self.ia3_ff:
+            p = self._ia3_input(p, I)
+        dn = self.linear(p, "down_proj", I, h, lin["down_proj"].bias)
+        if a.model_type == "gemma2":
+            dn = self.rmsnorm(dn, h)
+        return self.add(h1, dn, h)
+
+    def _view(self, t: int, width: int) -> int:
+        """A view into `t` (Phi-3's fused projections): same storage, modelled as `t` itself."""
+        return t
+
+    def activation(self, x: int, width: int, saves_input_storage: int | None = None) -> int:
+        """SiLU / GELU(tanh): saves its input when it needs a gradient."""
+        y = self.new(width, self.dtype[x], self.g.rg(x))
+        self.g.op("act", [x], [y], saved=[x] if self.g.rg(x) else [])
+        return y
+
+
+# -- pieces of the model --------------------------------------------------------------------------------------------
+
+
+def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
+                masked: bool = False):
+    """One decoder layer as a Graph. Returns (builder, input id, output id). With checkpointing the input is
+    kept by the checkpoint (held), and the saved tensors are what the recomputation re-creates. `masked`: the
+    layer's attention goes through a materialized sliding-window mask."""
+    b = Builder(arch, tc, seq, kv_seq, checkpointed, masked)
+    R = b.R
+    x = b.input(arch.hidden_size, R.act, input_rg)
+    if checkpointed:
+        b.g.hold(x, scope="piece")
+    prefix = None
+    if tc.method == "prefix":
+        dt = R.attn
+        pk = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
+        pv = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
+        b.dtype[pk] = b.dtype[pv] = dt
+        prefix = (pk, pv)
+    y = b.decoder_layer(x, prefix)
+    return b, x, y
+
+
+def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
+    """Final norm, lm_head, (Gemma-2 logit soft-capping), and the loss of `ForCausalLMLoss`:
+    `logits.float()` (a copy unless fp32), `log_softmax` (fp32, saved), `nll_loss`. The logits stay alive
+    (held by the outputs the training loop keeps). Backward: nll's fp32 gradient (zeros + scatter), log_softmax's
+    fp32 gradient, the cast back to the logits' dtype, then lm_head's."""
+    b = Builder(arch, tc, seq, seq)
+    g, R = b.g, b.R
+    h, V = arch.hidden_size, arch.vocab_size
+    x = b.input(h, R.act, True)
+    n = b.rmsnorm(x, h)
+    # lm_head is never quantized nor LoRA-adapted ('all-linear' excludes it); tied or not, same compute
+    if R.autocast:
+        logits = b._linear_autocast(n, h, V, False, trained=b.full)
+    else:
+        logits = b._linear_plain(n, h, V, False, trained=b.full)
+        if R.quantized:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
+            pass
+    if arch.final_logit_softcapping:
+        t1 = b.mul_scalar(logits, V)
+        t2 = b.new(V, b.dtype[t1], True)
+        g.op("tanh", [t1], [t2], saved=[t2])
+        logits = b.mul_scalar(t2, V)
+    g.hold(logits)
+    lf = b.cast(logits, V, FP32)
+    lsm = b.new(V, FP32, True)
+    g.op("log_softmax", [lf], [lsm], saved=[lsm])
+    loss = b.fixed(512, True, "activations", FP32)
+    g.op("nll_loss", [lsm], [loss], saved=[lsm])
+    return b, x, loss, logits
+
+
+def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
+    """Embedding lookup (plus Gemma's sqrt(h) scaling and prompt tuning's virtual tokens), and the rotary cos/sin
+    every layer saves. The embedding gradient (full FT) is dense V x h; CUDA's embedding backward also sorts the
+    token ids (a few int64 buffers per token)."""
+    b = Builder(arch, tc, seq, seq)
+    g, R = b.g, b.R
+    h = arch.hidden_size
+    S = tc.seq_len
+    ids = g.tensor((S * 8, 0), kind="inputs", held=True)
+    b.dtype[ids] = 8
+    g.op("batch", [], [ids])
+    full = tc.method == "full"
+    e = b.new(h, R.act, full, seq=S)
+    if full:
+        V = arch.vocab_size
+        grad = param_bytes(V * h, R.weight)
+        if arch.tie_word_embeddings:
+            # the lm_head gradient waits in the accumulator; the embedding's is summed into it (transient)
+            g.op("embedding", [ids], [e], bwd_temp=(4 * S * 8, grad))
+        else:
+            g.op("embedding", [ids], [e], param_grad=(0, grad), bwd_temp=(4 * S * 8, 0))
+    else:
+        g.op("embedding", [ids], [e])
+    if arch.scales_embeddings:
+        e = b.mul_scalar(e, h)
+    if tc.method == "prompt":
+        n = tc.num_virtual_tokens
+        pe = g.tensor((n * h * FP32, 0), rg=True)
+        b.dtype[pe] = FP32
+        g.op("prompt_encoder", [], [pe], param_grad=(0, param_bytes(n * h, FP32)))
+        pc = g.tensor((n * h * R.act, 0), rg=True)
+        b.dtype[pc] = R.act
+        g.op("to_copy", [pe], [pc])
+        cat = b.new(h, R.act, True)
+        g.op("cat", [pc, e], [cat])
+        e = cat
+    d = arch.head_dim
+    # position_ids are (1, S): the tables are shared by the batch
+    cos = b.fixed(param_bytes(b.seq * d, R.act), False, "activations", R.act)
+    sin = b.fixed(param_bytes(b.seq * d, R.act), False, "activations", R.act)
+    g.op("rotary", [], [cos, sin], fwd_temp=(0, 3 * param_bytes(b.seq * d, FP32)))
+    g.hold(cos)
+    g.hold(sin)
+    return b, e
+
+
+def prefix_graph(arch: ModelArch, tc: TrainConfig):
+    """peft's prefix encoder: an fp32 embedding of n x (layers x 2 x kv width), looked up per sequence, cast to
+    the base dtype and split into per-layer keys/values (held by the cache through backward)."""
+    g = Graph()
+    n = tc.num_virtual_tokens
+    R = regime(tc)
+    width = arch.num_layers * 2 * arch.kv_dim
+    e = g.tensor((n * width * FP32, 0), rg=True)
+    g.op("prefix_encoder", [], [e], param_grad=(0, param_bytes(n * width, FP32)))
+    c = g.tensor((n * width * R.attn, 0), rg=True, held=True)
+    g.op("to_copy", [e], [c])
+    return g, c

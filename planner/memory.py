@@ -1,0 +1,451 @@
+"""Peak device memory of one training step: what `torch.cuda.max_memory_allocated()` reports, per GPU.
+
+The step is the reference recipe (`trainer/recipe.py`). Memory is the sum of
+
+- static terms, one function each below: weights (bf16/fp32, or NF4 4-bit with double-quantized constants),
+  trainable adapter weights, optimizer state, library workspaces;
+- the step's timeline: the embedding, every decoder layer, and the loss are replayed op by op
+  (`planner.layers` builds them, `planner.graph` replays autograd) to get what each keeps for backward, what
+  it allocates transiently, and the gradients it leaves. Layers compose: while layer i runs forward everything
+  kept by layers < i is live; while it runs backward the parameter gradients of layers > i are live too.
+
+The peak is the maximum over the timeline's events, not a sum of everything: the forward, the loss backward
+(logits in fp32 three times over), the first and last layer backward (with checkpointing: each layer's
+recomputation plus backward), the embedding backward, and the optimizer step. The logits stay alive from the
+loss forward until the next forward returns (a plain training loop keeps `outputs`), so they count in
+backward and in the optimizer step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from .arch import ModelArch
+from .config import TrainConfig
+from .graph import Point, forward_without_saving, peak_point, simulate
+from .layers import BF16, FP32, head_graph, layer_graph, param_bytes, prefix_graph, regime, tail_graph
+from .methods import ia3_targets, lora_targets, trainable_params, total_params
+from .units import MIB
+
+# -- static terms ---------------------------------------------------------------------------------------------------
+
+
+def param_tensors(arch: ModelArch) -> list[tuple[str, int, int]]:
+    """Every parameter tensor of the base model as (group, numel, count). Groups: embedding, lm_head, linear
+    (decoder weights), bias, norm. Tied embeddings have no lm_head tensor."""
+    out = [("embedding", arch.embedding_params, 1)]
+    if not arch.tie_word_embeddings:
+        out.append(("lm_head", arch.lm_head_params, 1))
+    L = arch.num_layers
+    for lin in arch.linears:
+        out.append(("linear", lin.in_features * lin.out_features, L))
+        if lin.bias:
+            out.append(("bias", lin.out_features, L))
+    out.append(("norm", arch.hidden_size, L * arch.norms_per_layer + 1))
+    if arch.qk_norm:
+        out.append(("norm", arch.head_dim, 2 * L))
+    return out
+
+
+def nf4_linear_bytes(numel: int) -> dict[str, int]:
+    """One bitsandbytes NF4 weight with double quantization (blocksize 64; absmax quantized to 8 bits in blocks
+    of 256 with an fp32 scale per block, its 256-entry fp32 code and an fp32 offset; the 16-entry NF4 code):
+    `numel/2` bytes of packed weight plus ~`numel/64` bytes of constants (bitsandbytes `quantize_4bit`,
+    QLoRA paper arXiv:2305.14314 Sec. 3: 0.127 bits per parameter of constants instead of 0.5)."""
+    blocks = -(-numel // 64)
+    return {
+        "weights": param_bytes((numel + 1) // 2, 1),
+        "quant_constants": param_bytes(blocks, 1)
+        + param_bytes(-(-blocks // 256), FP32)
+        + param_bytes(256, FP32)
+        + param_bytes(1, FP32)
+        + param_bytes(16, FP32),
+    }
+
+
+def base_weight_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
+    """Bytes of the base model's parameters on the device.
+
+    bf16: 2 B/param; mixed and fp32: 4 B/param (fp32 master weights). QLoRA: decoder linear weights in NF4
+    (`nf4_linear_bytes`), everything else (embeddings, lm_head, norms, biases) fp32 after peft's
+    `prepare_model_for_kbit_training`. Each tensor is rounded to the allocator's 512-byte block."""
+    R = regime(tc)
+    out = {"weights": 0, "quant_constants": 0}
+    for group, numel, count in param_tensors(arch):
+        if R.quantized and group == "linear":
+            for k, v in nf4_linear_bytes(numel).items():
+                out[k] += v * count
+        else:
+            out["weights"] += param_bytes(numel, R.weight) * count
+    return out
+
+
+def adapter_tensors(arch: ModelArch, tc: TrainConfig) -> list[tuple[int, int]]:
+    """The trainable tensors of a PEFT method as (numel, count); fp32 (peft keeps adapters in fp32)."""
+    L = arch.num_layers
+    if tc.method in ("lora", "qlora"):
+        out = []
+        for lin in lora_targets(arch, tc):
+            out += [(tc.rank * lin.in_features, L), (lin.out_features * tc.rank, L)]
+        return out
+    if tc.method == "prefix":
+        return [(tc.num_virtual_tokens * L * 2 * arch.kv_dim, 1)]
+    if tc.method == "prompt":
+        return [(tc.num_virtual_tokens * arch.hidden_size, 1)]
+    if tc.method == "ia3":
+        targets, ff = ia3_targets(arch)
+        return [((lin.in_features if lin.name in ff else lin.out_features), L) for lin in targets]
+    return []
+
+
+def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> list[tuple[int, int, int]]:
+    """(numel, count, bytes per element) of every trainable tensor: all base parameters for full FT (in the
+    weights' dtype), else the adapters (fp32)."""
+    if tc.method == "full":
+        w = regime(tc).weight
+        return [(numel, count, w) for _, numel, count in param_tensors(arch)]
+    return [(numel, count, FP32) for numel, count in adapter_tensors(arch, tc)]
+
+
+def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """Trainable adapter weights (0 for full FT, whose trained weights are the base weights)."""
+    if tc.method == "full":
+        return 0
+    return sum(param_bytes(n, b) * c for n, c, b in trainable_tensors(arch, tc))
+
+
+def gradient_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """Gradients of all trainable tensors, in each tensor's dtype (bf16 grads for a bf16 model, fp32 for
+    mixed/fp32 master weights and for adapters)."""
+    return sum(param_bytes(n, b) * c for n, c, b in trainable_tensors(arch, tc))
+
+
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: paged only from 1e5 elements
+MIN_8BIT_NUMEL = 4096  # bitsandbytes Optimizer2State: smaller tensors keep fp32 state
+
+
+def optimizer_state_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
+    """Optimizer state on the device, split into allocated (`state`) and CUDA managed memory (`paged`).
+
+    AdamW (torch): exp_avg + exp_avg_sq in the parameter's dtype (2 x 2 B for bf16 params, 2 x 4 B for fp32).
+    AdamW8bit / PagedAdamW8bit (bitsandbytes): 2 x 1 B plus an fp32 absmax per 256 values and state; tensors
+    under 4096 elements keep 2 x fp32. Paged buffers (>= 1e5 elements) are `cudaMallocManaged` memory outside
+    `torch.cuda.max_memory_allocated` (they still occupy the device until paged out).
+    SGD (momentum 0, the Trainer default): none.
+    Adafactor (transformers, beta1=None): factored second moment, fp32 row and column vectors for matrices, a full
+    fp32 vector for 1-D tensors (arXiv:1804.04235)."""
+    out = {"state": 0, "paged": 0}
+    opt = tc.optimizer
+    for numel, count, b in _shaped_trainables(arch, tc):
+        n = numel[0] * numel[1]
+        if opt == "adamw":
+            out["state"] += 2 * param_bytes(n, b) * count
+        elif opt in ("adamw8bit", "paged_adamw8bit"):
+            if n < MIN_8BIT_NUMEL:
+                out["state"] += 2 * param_bytes(n, FP32) * count
+                continue
+            blocks = -(-n // 256)
+            absmax = 2 * param_bytes(blocks, FP32) * count
+            states = 2 * param_bytes(n, 1) * count
+            out["state"] += absmax
+            if opt == "paged_adamw8bit" and n >= PAGED_MIN_NUMEL:
+                out["paged"] += states
+            else:
+                out["state"] += states
+        elif opt == "adafactor":
+            rows, cols = numel
+            if rows > 1 and cols > 1:
+                out["state"] += (param_bytes(rows, FP32) + param_bytes(cols, FP32)) * count
+            else:
+                out["state"] += param_bytes(n, FP32) * count
+    return out
+
+
+def _shaped_trainables(arch: ModelArch, tc: TrainConfig) -> list[tuple[tuple[int, int], int, int]]:
+    """Trainable tensors with a 2-D shape (rows, cols); 1-D tensors are (1, n). Needed by Adafactor's factoring."""
+    L = arch.num_layers
+    h = arch.hidden_size
+    if tc.method == "full":
+        w = regime(tc).weight
+        out = [((arch.vocab_size, h), 1, w)]
+        if not arch.tie_word_embeddings:
+            out.append(((arch.vocab_size, h), 1, w))
+        for lin in arch.linears:
+            out.append(((lin.out_features, lin.in_features), L, w))
+            if lin.bias:
+                out.append(((1, lin.out_features), L, w))
+        out.append(((1, h), L * arch.norms_per_layer + 1, w))
+        if arch.qk_norm:
+            out.append(((1, arch.head_dim), 2 * L, w))
+        return out
+    if tc.method in ("lora", "qlora"):
+        out = []
+        for lin in lora_targets(arch, tc):
+            out += [((tc.rank, lin.in_features), L, FP32), ((lin.out_features, tc.rank), L, FP32)]
+        return out
+    if tc.method == "prefix":
+        return [((tc.num_virtual_tokens, L * 2 * arch.kv_dim), 1, FP32)]
+    if tc.method == "prompt":
+        return [((tc.num_virtual_tokens, h), 1, FP32)]
+    # IA3 vectors: (out, 1) or (1, in)
+    return [((1, n), c, FP32) for n, c in adapter_tensors(arch, tc)]
+
+
+def optimizer_step_temp_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """Transient memory of `optimizer.step()` on top of weights, gradients and state.
+
+    AdamW foreach (torch's CUDA default): `torch._foreach_sqrt(exp_avg_sqs)` materializes one new tensor per
+    parameter at once: one parameter-sized buffer in the state dtype (torch/optim/adam.py `_multi_tensor_adam`).
+    8-bit bitsandbytes and SGD (momentum 0, foreach `add_`) update in place: nothing. Adafactor works one
+    tensor at a time: for a bf16 matrix of n elements it holds fp32 copies of the gradient and the weight, the
+    squared update and its replacement (4 x 4n B; 2 x 4n for fp32 tensors), so the largest matrix decides.
+    Plus `clip_grad_norm_`'s per-tensor norms (one 512-byte block each)."""
+    tensors = trainable_tensors(arch, tc)
+    n_tensors = sum(c for _, c, _ in tensors)
+    clip = 2 * 512 * n_tensors
+    if tc.optimizer == "adamw":
+        return sum(param_bytes(n, b) * c for n, c, b in tensors) + clip
+    if tc.optimizer == "adafactor":
+        worst = max((param_bytes(n, FP32) * (4 if b != FP32 else 2) for n, _, b in tensors), default=0)
+        return worst + clip
+    return clip
+
+
+def cuda_workspace_bytes(gpu=None) -> int:
+    """cuBLAS workspaces allocated through the caching allocator: one per (thread, stream) handle, and a training
+    step uses two threads (forward on the main thread, backward on autograd's device thread): 2 x 32 MiB on
+    Hopper, 2 x 8.125 MiB elsewhere (torch CublasHandlePool.cpp). Measured on H100: 64 MiB (the constant
+    difference between the shared measurements and the live-tensor trace)."""
+    per_handle = gpu.cublas_workspace_bytes if gpu is not None else 32 * MIB
+    return 2 * per_handle
+
+
+# -- the timeline ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """Replayed pieces of one configuration (batch 1; activations scale with the batch)."""
+
+    head: object
+    tail: object
+    prefix: object | None
+    layers: dict  # (first: bool, masked: bool) -> Timeline (checkpointed when tc.grad_ckpt)
+    forward_nosave: dict  # (first, masked) -> forward points of a checkpointed layer's first forward
+    layer_input: tuple  # bytes of one layer's input (what a checkpoint keeps)
+    masked: tuple  # per layer: attends through a materialized mask
+
+
+def _piece_key(tc: TrainConfig) -> TrainConfig:
+    return tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
+    """Replay each piece once per (model, configuration without batch/optimizer/GPUs)."""
+    seq = tc.seq_len + (tc.num_virtual_tokens if tc.method == "prompt" else 0)
+    kv_seq = tc.seq_len + (tc.num_virtual_tokens if tc.method == "prefix" else 0)
+    first_rg = tc.method in ("full", "prompt")
+    n_masked = arch.masked_layers(kv_seq)
+    masked = tuple(n_masked > 0 and i % arch.sliding_every == 0 for i in range(arch.num_layers))
+    layers, nosave = {}, {}
+    for first in (True, False):
+        for m in sorted(set(masked)):
+            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if first else True, tc.grad_ckpt, m)
+            layers[(first, m)] = simulate(b.g, outputs=[y], incoming_grads=[y])
+            if tc.grad_ckpt:
+                nosave[(first, m)] = forward_without_saving(b.g, outputs=[y])
+    hb, e = head_graph(arch, tc, seq)
+    tb, x, loss, logits = tail_graph(arch, tc, seq)
+    prefix = None
+    if tc.method == "prefix":
+        pg, c = prefix_graph(arch, tc)
+        prefix = simulate(pg, outputs=[], incoming_grads=[c])
+    return _Pieces(
+        head=simulate(hb.g, outputs=[e], incoming_grads=[e]),
+        tail=simulate(tb.g, outputs=[], incoming_grads=[loss]),
+        prefix=prefix,
+        layers=layers,
+        forward_nosave=nosave,
+        layer_input=(seq * arch.hidden_size * regime(tc).act, 0),
+        masked=masked,
+    )
+
+
+def _at(size, batch: int) -> int:
+    return size[0] * batch + size[1]
+
+
+@dataclass
+class Event:
+    """One instant of the step: total live bytes and their composition."""
+
+    name: str
+    total: int
+    parts: dict
+
+
+def _event(name: str, base: dict, point: Point | None, batch: int) -> Event:
+    parts = dict(base)
+    if point is not None:
+        for k, v in point.kinds_at(batch).items():
+            parts[k] = parts.get(k, 0) + v
+    parts = {k: v for k, v in parts.items() if v}
+    return Event(name, sum(parts.values()), parts)
+
+
+def _plus(d: dict, **terms) -> dict:
+    d = dict(d)
+    for k, v in terms.items():
+        if v:
+            d[k] = d.get(k, 0) + v
+    return d
+
+
+def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int) -> list[Event]:
+    """Every candidate peak of the step with its composition. `static`: bytes live throughout (weights,
+    optimizer state from the second step on, workspaces) by term."""
+    P = _pieces(arch, _piece_key(tc))
+    B = tc.batch_size
+    L = arch.num_layers
+    ck = tc.grad_ckpt
+
+    def sim(i: int):
+        return P.layers[(i == 0, P.masked[i])]
+
+    def kept(i: int) -> int:  # what layer i keeps while later layers run forward
+        return _at(P.layer_input, B) if ck else _at(sim(i).kept, B)
+
+    def held(i: int) -> int:  # what layer i keeps after its backward (KV caches, held by the outputs)
+        return _at(sim(i).held, B)
+
+    # sums over layers, closed form for the (at most period-2) layer pattern
+    kinds = {}
+    for i in range(min(L, 3)):
+        kinds.setdefault((i == 0, P.masked[i]), []).append(i)
+
+    def total_over(f, lo: int, hi: int) -> int:
+        """sum of f(i) for lo <= i < hi, exploiting that layers >= 1 repeat with period sliding_every."""
+        if hi <= lo:
+            return 0
+        out = 0
+        if lo == 0:
+            out += f(0)
+            lo = 1
+        period = arch.sliding_every
+        for r in range(period):
+            first_i = lo + ((r - lo) % period)
+            if first_i >= hi:
+                continue
+            count = (hi - 1 - first_i) // period + 1
+            out += count * f(first_i)
+        return out
+
+    g_layer = _at(sim(min(1, L - 1)).param_grads, B)
+    g_first = _at(sim(0).param_grads, B)
+    g_tail = _at(P.tail.param_grads, B)
+    held_tail = _at(P.tail.held, B)
+    head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)
+    base0 = _plus(static, activations=head_kept)
+    # the previous step's outputs (logits, KV caches) live until this step's forward returns
+    previous = held_tail + total_over(held, 0, L)
+    events: list[Event] = []
+
+    # forward
+    fwd_last = _plus(base0, activations=total_over(kept, 0, L - 1), logits=previous)
+    last_fwd = P.forward_nosave[(L == 1, P.masked[L - 1])] if ck else sim(L - 1).forward
+    events.append(_event("forward (last layer)", fwd_last, peak_point(last_fwd, B), B))
+    fwd_tail = _plus(base0, activations=total_over(kept, 0, L))
+    events.append(_event("forward (loss)", _plus(fwd_tail, logits=previous), peak_point(P.tail.forward, B), B))
+    events.append(_event("loss backward", fwd_tail, peak_point(P.tail.backward, B), B))
+
+    # backward through layer i: kept by layers < i, held by layers > i, gradients of layers > i and the tail
+    for i in sorted({L - 1, L - 2, 2, 1, 0} & set(range(L))):
+        base = _plus(base0, activations=total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L),
+                     gradients=g_tail + (L - 1 - i) * g_layer)
+        name = "last layer" if i == L - 1 else ("first layer" if i == 0 else f"layer {i}")
+        s = sim(i)
+        if ck:  # the checkpoint re-runs the layer's forward while the output gradient waits
+            events.append(_event(f"{name} recompute", _plus(base, temporaries=_at(P.layer_input, B)),
+                                 peak_point(s.forward, B), B))
+        events.append(_event(f"{name} backward", base, peak_point(s.backward, B), B))
+
+    # embedding backward: every layer's gradients are done
+    base = _plus(base0, activations=held_tail + total_over(held, 0, L), gradients=g_tail + (L - 1) * g_layer + g_first)
+    events.append(_event("embedding backward", base, peak_point(P.head.backward, B), B))
+    # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
+    opt = _plus(static, gradients=grads_total, logits=held_tail + total_over(held, 0, L) + _at(P.head.held, B),
+                optimizer_temporaries=opt_temp)
+    events.append(Event("optimizer step", sum(opt.values()), {k: v for k, v in opt.items() if v}))
+    return events
+
+
+# -- the estimate ---------------------------------------------------------------------------------------------------
+
+# Breakdown terms, in display order, with what they hold.
+TERMS = {
+    "weights": "base model weights (4-bit packed for QLoRA)",
+    "quant_constants": "NF4 absmax and double-quantization constants",
+    "trainable_weights": "adapter weights (LoRA A/B, IA3 vectors, prefix/prompt encoders)",
+    "gradients": "gradients of trainable parameters",
+    "optimizer_state": "optimizer state (AdamW moments, 8-bit states, Adafactor factors)",
+    "activations": "tensors saved for backward (and the batch, rotary tables, KV caches)",
+    "logits": "logits kept by the training loop's outputs",
+    "weight_copies": "bf16 copies of fp32 weights made by autocast",
+    "temporaries": "transients at the peak: activation gradients, loss buffers, scratch",
+    "optimizer_temporaries": "optimizer.step() scratch (AdamW foreach sqrt, Adafactor fp32 copies)",
+    "cuda_workspace": "cuBLAS workspaces",
+    "sharding_buffers": "gathered parameters / communication buckets of the multi-GPU strategy",
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted memory of one training step on one device (all integers are bytes)."""
+
+    peak_allocated_bytes: int
+    breakdown: dict  # term -> bytes, sums to peak_allocated_bytes
+    peak_event: str
+    events: dict  # event name -> bytes (per device)
+    paged_bytes: int  # bitsandbytes paged optimizer state (managed memory, outside allocated)
+    cpu_offload_bytes: int  # host memory used by CPU offload (per device share)
+    trainable_params: int
+    total_params: int
+    notes: list = field(default_factory=list)
+
+
+def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
+    """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
+    from .sharding import shard_static
+
+    base = base_weight_bytes(arch, tc)
+    adapters = adapter_bytes(arch, tc)
+    grads = gradient_bytes(arch, tc)
+    opt = optimizer_state_bytes(arch, tc)
+    opt_temp = optimizer_step_temp_bytes(arch, tc)
+    static = {
+        "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32),  # + rotary inv_freq buffer
+        "quant_constants": base["quant_constants"],
+        "trainable_weights": adapters,
+        "optimizer_state": opt["state"],
+        "cuda_workspace": cuda_workspace_bytes(gpu),
+    }
+    static, grads, opt_temp, offload, sharding_notes = shard_static(arch, tc, static, grads, opt_temp)
+    events = timeline_events(arch, tc, static, grads, opt_temp)
+    peak = max(events, key=lambda e: e.total)
+    breakdown = {k: peak.parts.get(k, 0) for k in TERMS if peak.parts.get(k, 0)}
+    for k, v in peak.parts.items():
+        if k not in breakdown and v:
+            breakdown["activations" if k == "inputs" else k] = breakdown.get("activations" if k == "inputs" else k, 0) + v
+    return MemoryEstimate(
+        peak_allocated_bytes=sum(breakdown.values()),
+        breakdown=breakdown,
+        peak_event=peak.name,
+        events={e.name: e.total for e in events},
+        paged_bytes=opt["paged"] // max(1, tc.num_gpus if tc.strategy != "ddp" else 1),
+        cpu_offload_bytes=offload,
+        trainable_params=trainable_params(arch, tc),
+        total_params=total_params(arch, tc),
+        notes=sharding_notes,
+    )
