@@ -342,9 +342,11 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
             out += count * f(first_i)
         return out
 
-    g_layer = _at(sim(min(1, L - 1)).param_grads, B)
-    g_first = _at(sim(0).param_grads, B)
-    g_tail = _at(P.tail.param_grads, B)
+    # ZeRO-2/3 and FSDP reduce-scatter each layer's gradients as backward produces them: a device keeps 1/N
+    shard = tc.num_gpus if tc.num_gpus > 1 and tc.strategy != "ddp" else 1
+    g_layer = -(-_at(sim(min(1, L - 1)).param_grads, B) // shard)
+    g_first = -(-_at(sim(0).param_grads, B) // shard)
+    g_tail = -(-_at(P.tail.param_grads, B) // shard)
     held_tail = _at(P.tail.held, B)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)
     base0 = _plus(static, activations=head_kept)
@@ -415,23 +417,31 @@ class MemoryEstimate:
     notes: list = field(default_factory=list)
 
 
-def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
-    """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
+@functools.lru_cache(maxsize=4096)
+def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
+    """Batch-independent terms (cached per model and configuration without batch)."""
     from .sharding import shard_static
 
     base = base_weight_bytes(arch, tc)
-    adapters = adapter_bytes(arch, tc)
-    grads = gradient_bytes(arch, tc)
     opt = optimizer_state_bytes(arch, tc)
-    opt_temp = optimizer_step_temp_bytes(arch, tc)
     static = {
         "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32),  # + rotary inv_freq buffer
         "quant_constants": base["quant_constants"],
-        "trainable_weights": adapters,
+        "trainable_weights": adapter_bytes(arch, tc),
         "optimizer_state": opt["state"],
-        "cuda_workspace": cuda_workspace_bytes(gpu),
+        "cuda_workspace": workspace,
     }
-    static, grads, opt_temp, offload, sharding_notes = shard_static(arch, tc, static, grads, opt_temp)
+    static, grads, opt_temp, offload, notes = shard_static(
+        arch, tc, static, gradient_bytes(arch, tc), optimizer_step_temp_bytes(arch, tc)
+    )
+    return static, grads, opt_temp, offload, tuple(notes), opt["paged"]
+
+
+def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
+    """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
+    key = tc.replace(batch_size=1, grad_accum=1)
+    static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, key, cuda_workspace_bytes(gpu))
+    sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)
     peak = max(events, key=lambda e: e.total)
     breakdown = {k: peak.parts.get(k, 0) for k in TERMS if peak.parts.get(k, 0)}
@@ -443,7 +453,7 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
         breakdown=breakdown,
         peak_event=peak.name,
         events={e.name: e.total for e in events},
-        paged_bytes=opt["paged"] // max(1, tc.num_gpus if tc.strategy != "ddp" else 1),
+        paged_bytes=paged // max(1, tc.num_gpus if tc.strategy != "ddp" else 1),
         cpu_offload_bytes=offload,
         trainable_params=trainable_params(arch, tc),
         total_params=total_params(arch, tc),

@@ -22,7 +22,11 @@ class ProfileError(ValueError):
 
 
 def profiles_dir() -> Path:
-    env = os.environ.get("FTPLAN_PROFILES")
+    return _profiles_dir(os.environ.get("FTPLAN_PROFILES"))
+
+
+@functools.cache
+def _profiles_dir(env: str | None) -> Path:
     if env:
         return Path(env)
     here = Path(__file__).resolve().parent

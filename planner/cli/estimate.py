@@ -1,0 +1,96 @@
+"""`ftplan estimate`: per-component memory, fit, speed and cost of one configuration."""
+
+from __future__ import annotations
+
+import click
+
+from ..plan import Workload, make_plan
+from .options import (
+    build_train_config,
+    check_targets,
+    emit_json,
+    gpu_option,
+    json_option,
+    model_option,
+    parse_tokens_option,
+    pop_train_kwargs,
+    resolve_gpu_or_fail,
+    resolve_model_or_fail,
+    train_options,
+)
+from .render import plan_summary
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_option
+@train_options
+@gpu_option()
+@click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for time and cost.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
+@click.option("--provider", default=None, help="Price rows of this provider only (`profiles/prices.toml`).")
+@click.option("--trace", is_flag=True,
+              help="Also run the real training step on fake tensors (needs the train extra; seconds to a minute).")
+@json_option
+def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_json, **kwargs):
+    """Memory (by component), fit, tokens/s and cost of one configuration.
+
+    \b
+    ftplan estimate --model llama-2-7b --method qlora --rank 16 --target-modules all-linear \\
+        --seq-len 2048 --batch-size 4 --grad-ckpt --gpu a100-80
+    ftplan estimate --model ./my-model/config.json --method full --precision mixed --gpu h100-80 \\
+        --num-gpus 8 --strategy zero3 --json
+    """
+    tc = build_train_config(pop_train_kwargs(kwargs))
+    arch, how = resolve_model_or_fail(model_ref)
+    check_targets(arch, tc)
+    gpu = resolve_gpu_or_fail(gpu_ref)
+    tokens = parse_tokens_option(dataset_tokens)
+    if epochs <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--epochs")
+    plan = make_plan(arch, tc, gpu, Workload(tokens, epochs), provider=provider, model_ref=model_ref)
+    d = plan.to_dict()
+    traced = None
+    if trace:
+        traced = _trace(arch, tc, gpu)
+        d["trace"] = traced
+    if as_json:
+        emit_json(d)
+        return
+    head = f"{arch.name}" + (f" ({how})" if "->" in how or "config.json" in how else "")
+    click.echo(f"{head}: {arch.total_params / 1e9:.2f}B params, {arch.model_type}")
+    click.echo(f"config: {tc.describe()}" + (f"  |  gpu: {gpu.display_name}" if gpu else ""))
+    click.echo("")
+    click.echo(plan_summary(d))
+    if traced is not None:
+        click.echo("")
+        click.echo(_trace_summary(traced, d["peak_allocated_bytes"]))
+
+
+def _trace(arch, tc, gpu) -> dict:
+    """Run the trace (lazily imported: torch, transformers, peft) and return its dict."""
+    try:
+        from calibrate.trace import trace_step
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"--trace needs {e.name}: pip install 'ftplan[train]'") from None
+    from ..memory import cuda_workspace_bytes
+
+    if tc.num_gpus > 1:
+        tc = tc.replace(num_gpus=1, strategy="ddp", cpu_offload=False)
+    config = dict(arch.config)
+    config.setdefault("model_type", arch.model_type)
+    return trace_step(config, tc, cuda_workspace_bytes=cuda_workspace_bytes(gpu)).to_dict()
+
+
+def _trace_summary(t: dict, analytic: int) -> str:
+    from ..units import fmt_gib
+
+    diff = (analytic - t["peak_allocated_bytes"]) / t["peak_allocated_bytes"] * 100
+    lines = [
+        f"trace           {fmt_gib(t['peak_allocated_bytes']):>11}   the real step on fake tensors, at {t['peak_phase']} "
+        f"({t['seconds']:.1f} s); analytic differs by {diff:+.2f}%",
+    ]
+    parts = ", ".join(f"{k.replace('_', ' ')} {fmt_gib(v)}" for k, v in t["peak_by_tag"].items())
+    lines.append(f"                at the traced peak: {parts}")
+    for n in t.get("notes", []):
+        lines.append(f"                trace note: {n}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""Options shared by estimate / recommend / calibrate / run, and their conversion to planner objects.
+
+Every user error becomes a click usage error (exit code 2) that names the option and the valid choices."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from ..arch import ArchError
+from ..config import METHODS, OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
+from ..methods import TargetError, lora_targets
+from ..profiles import ProfileError, load_gpu, resolve_model
+from ..units import parse_count
+
+# TrainConfig field -> CLI option, for error messages
+OPTION_OF = {
+    "method": "--method", "precision": "--precision", "rank": "--rank", "lora_alpha": "--lora-alpha",
+    "lora_dropout": "--lora-dropout", "target_modules": "--target-modules", "num_virtual_tokens": "--num-virtual-tokens",
+    "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "grad_ckpt": "--grad-ckpt",
+    "optimizer": "--optimizer", "num_gpus": "--num-gpus", "strategy": "--strategy", "cpu_offload": "--cpu-offload",
+}
+
+
+def model_option(f):
+    return click.option(
+        "--model", "model_ref", required=True, metavar="NAME|PATH",
+        help="Catalog name or alias (7b, 8b, 70b, llama-3.1-8b), Hugging Face id, or a config.json (or its folder).",
+    )(f)
+
+
+def gpu_option(required: bool = False):
+    def deco(f):
+        return click.option("--gpu", "gpu_ref", required=required, metavar="NAME",
+                            help="GPU name or alias (a100-80, h100, 4090, l4; `ftplan gpus list`).")(f)
+    return deco
+
+
+def json_option(f):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output (integer bytes).")(f)
+
+
+def train_options(f):
+    """The TrainConfig flags. Defaults are what peft / the transformers Trainer use."""
+    opts = [
+        click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True, help="Fine-tuning method."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
+                     help="bf16 weights/grads/state, mixed (fp32 master + bf16 autocast), or fp32."),
+        click.option("--rank", type=int, default=16, show_default=True, help="LoRA/QLoRA rank (higher: more memory)."),
+        click.option("--lora-alpha", type=int, default=None, help="LoRA alpha  [default: 2 x rank]"),
+        click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout."),
+        click.option("--target-modules", default="q_proj,v_proj", show_default=True,
+                     help="Comma list of module names, or all-linear."),
+        click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prefix/prompt tuning length."),
+        click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence."),
+        click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per GPU per micro-step."),
+        click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-steps per optimizer step."),
+        click.option("--grad-ckpt/--no-grad-ckpt", default=False, show_default=True,
+                     help="Gradient checkpointing (less memory, ~30% slower)."),
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True, help="Optimizer."),
+        click.option("--num-gpus", type=int, default=1, show_default=True, help="Data-parallel GPUs."),
+        click.option("--strategy", type=click.Choice(STRATEGIES), default="ddp", show_default=True,
+                     help="Multi-GPU strategy (ZeRO/FSDP shard weights, grads and state)."),
+        click.option("--cpu-offload", is_flag=True, help="Offload optimizer state (and ZeRO-3/FSDP params) to CPU."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+TRAIN_KEYS = ("method", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
+              "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload")
+
+
+def pop_train_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in TRAIN_KEYS if k in kwargs}
+
+
+def _option_for(message: str) -> str | None:
+    for field, opt in OPTION_OF.items():
+        if message.startswith(field) or f"{field} " in message[:40]:
+            return opt
+    return None
+
+
+def build_train_config(values: dict) -> TrainConfig:
+    """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
+    values = dict(values)
+    try:
+        if "target_modules" in values and isinstance(values["target_modules"], str):
+            values["target_modules"] = parse_target_modules(values["target_modules"])
+        return TrainConfig(**values)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=_option_for(str(e)) or "configuration") from None
+
+
+def resolve_model_or_fail(ref: str):
+    """(ModelArch, how it was resolved) or a usage error listing close matches."""
+    try:
+        return resolve_model(ref)
+    except (ProfileError, ArchError) as e:
+        raise click.BadParameter(str(e), param_hint="--model") from None
+
+
+def resolve_gpu_or_fail(ref: str | None):
+    if ref is None:
+        return None
+    try:
+        return load_gpu(ref)
+    except ProfileError as e:
+        raise click.BadParameter(str(e), param_hint="--gpu") from None
+
+
+def check_targets(arch, tc: TrainConfig) -> None:
+    """Target modules that the model lacks, or a rank larger than a layer: usage errors."""
+    if tc.method in ("lora", "qlora"):
+        try:
+            lora_targets(arch, tc)
+        except TargetError as e:
+            hint = "--rank" if str(e).startswith("rank") else "--target-modules"
+            raise click.BadParameter(str(e), param_hint=hint) from None
+
+
+def parse_tokens_option(value: str | None, name: str = "--dataset-tokens") -> int | None:
+    if value is None:
+        return None
+    try:
+        n = parse_count(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=name) from None
+    if n <= 0:
+        raise click.BadParameter("must be positive", param_hint=name)
+    return n
+
+
+def emit_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def positive(ctx, param, value):
+    """click callback: a positive number, else a usage error naming the option."""
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+@functools.cache
+def terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((110, 24)).columns

@@ -1,0 +1,245 @@
+"""`ftplan recommend`: rank the plans that fit, say why the first wins, list what does not fit, save the choice."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from ..methods import method_label
+from ..plan import DEFAULT_MARGIN, Workload
+from ..planfile import PlanFile, Schedule, write_plan
+from ..recommend import OBJECTIVES, Request, explain, plan_row, quality_score, recommend as run_recommend
+from ..units import fmt_count, fmt_gib, fmt_hours
+from .options import (
+    emit_json,
+    gpu_option,
+    json_option,
+    model_option,
+    parse_tokens_option,
+    resolve_gpu_or_fail,
+    resolve_model_or_fail,
+)
+from .render import table
+
+ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_option
+@gpu_option(required=True)
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for hours and $.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
+@click.option("--effective-batch", type=int, default=16, show_default=True,
+              help="Sequences per optimizer step over all GPUs (micro-batch x accumulation x GPUs).")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="quality", show_default=True,
+              help="quality: method tier, then time, then cost; time; cost.")
+@click.option("--max-gpus", type=int, default=1, show_default=True, help="Allow up to this many GPUs (DDP/ZeRO/FSDP).")
+@click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Methods to consider (comma list).")
+@click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
+              help="Fraction of GPU memory a plan must leave free (prediction error, fragmentation).")
+@click.option("--provider", default=None, help="Use this provider's price (profiles/prices.toml).")
+@click.option("--top", type=int, default=8, show_default=True, help="Plans to show.")
+@click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None, help="Write the chosen plan (TOML).")
+@click.option("--pick", type=int, default=1, show_default=True, help="Which ranked plan --save writes.")
+@click.option("--verify", is_flag=True, help="Trace the top plans' real training step on fake tensors (train extra).")
+@click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw the ranked plans as a PNG (report extra).")
+@json_option
+def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
+              margin, provider, top, save_path, pick, verify, chart_path, as_json):
+    """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
+
+    \b
+    ftplan recommend --model 70b --gpu a100-80
+    ftplan recommend --model meta-llama/Llama-3.1-8B --gpu rtx-4090 --seq-len 4096 \\
+        --dataset-tokens 50M --epochs 3 --save plan.toml
+    ftplan recommend --model 70b --gpu a100-80 --max-gpus 16 --methods full
+    """
+    arch, how = resolve_model_or_fail(model_ref)
+    gpu = resolve_gpu_or_fail(gpu_ref)
+    for name, value in (("--seq-len", seq_len), ("--effective-batch", effective_batch), ("--max-gpus", max_gpus),
+                        ("--top", top), ("--pick", pick)):
+        if value <= 0:
+            raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
+    if not 0 <= margin < 1:
+        raise click.BadParameter(f"must be in [0, 1), got {margin}", param_hint="--margin")
+    wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
+    bad = [m for m in wanted if m not in ALL_METHODS]
+    if bad or not wanted:
+        raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(ALL_METHODS)}",
+                                 param_hint="--methods")
+    workload = Workload(parse_tokens_option(dataset_tokens), epochs)
+    req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
+                  objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
+                  model_ref=model_ref)
+    res = run_recommend(req)
+    verified = _verify(res, min(3, top)) if verify else {}
+    if pick > max(1, len(res.ranked)) and res.ranked:
+        raise click.BadParameter(f"only {len(res.ranked)} plans fit", param_hint="--pick")
+    chosen = res.ranked[pick - 1] if res.ranked else None
+    if save_path and chosen is not None:
+        _save(chosen, res, save_path)
+    if chart_path:
+        _chart(res, chart_path)
+    if as_json:
+        emit_json(_as_json(res, top, verified, save_path if chosen else None))
+        return
+    _print(res, how, top, verified)
+    if save_path:
+        if chosen is None:
+            raise click.ClickException("nothing fits, so no plan was saved")
+        click.echo(f"\nsaved plan #{pick} to {save_path}  (run it: ftplan run {save_path} --data train.jsonl --output-dir runs/x)")
+    if chart_path:
+        click.echo(f"chart: {chart_path}")
+
+
+def _print(res, how, top, verified):
+    r = res.request
+    g = r.gpu
+    click.echo(f"model  {r.arch.name} ({r.arch.total_params / 1e9:.2f}B params)" + (f"  [{how}]" if "->" in how else ""))
+    click.echo(f"gpu    {g.display_name}, {fmt_gib(g.memory_bytes)}" + (f", up to {r.max_gpus}" if r.max_gpus > 1 else ""))
+    work = f"seq {r.seq_len}, {r.effective_batch} sequences per optimizer step"
+    if r.workload.total_tokens:
+        work += f", {fmt_count(r.workload.dataset_tokens)} tokens x {r.workload.epochs:g} epochs"
+    click.echo(f"work   {work}")
+    click.echo(f"rank   by {r.objective}" + (" (method tier, then time, then cost)" if r.objective == "quality" else "")
+               + f"; a plan must leave {100 * r.margin:g}% of GPU memory free; {res.evaluated} candidates in {res.seconds:.2f} s")
+    click.echo("")
+    if res.ranked:
+        rows = []
+        for i, p in enumerate(_distinct(res.ranked)[:top], 1):
+            d = plan_row(p)
+            v = verified.get(id(p))
+            rows.append([
+                i, method_label(p.train), d["precision"], d["batch"], d["gpus"], "yes" if d["grad_ckpt"] else "no",
+                d["optimizer"], f"{d['peak_gib']:.1f} / {d['gpu_gib']:.0f}", f"{d['tokens_per_s']:,.0f}",
+                fmt_hours(d["hours"]) if d["hours"] is not None else "-",
+                f"${d['cost_usd']:,.0f}" if d["cost_usd"] is not None else "-",
+            ] + ([f"{v / 2**30:.1f}" if v else "-"] if verified else []))
+        headers = ["#", "method", "precision", "batch", "gpus", "ckpt", "optimizer", "peak GiB / GPU", "tokens/s", "time", "cost"]
+        if verified:
+            headers.append("traced GiB")
+        click.echo(table(headers, rows, align="rllllllrrrr" + ("r" if verified else "")))
+        click.echo("")
+        click.echo(explain(res))
+        if not res.request.workload.total_tokens:
+            click.echo("(add --dataset-tokens and --epochs for time and cost)")
+    else:
+        click.echo("Nothing fits on one " + g.name + (f" (or up to {r.max_gpus})" if r.max_gpus > 1 else "") + ".")
+    if res.not_fitting:
+        click.echo("")
+        click.echo("does not fit:")
+        for nf in res.not_fitting:
+            p = nf.best
+            line = f"  {nf.label}: about {_size(p.device_bytes)} > {fmt_gib(r.gpu.memory_bytes)}"
+            if nf.needs_gpus:
+                per = nf.needs_plan.device_bytes
+                off = " + CPU offload" if nf.needs_plan.train.cpu_offload else ""
+                line += f"; needs {nf.needs_gpus} x {g.name} with ZeRO-3{off} ({fmt_gib(per)} each)"
+            else:
+                line += "; does not fit even on 1024 GPUs with ZeRO-3 + offload (activations alone exceed the GPU)"
+            click.echo(line)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**40:.2f} TiB" if n >= 2**40 else fmt_gib(n)
+
+
+def _distinct(plans):
+    """Hide plans that differ only in a setting that changes nothing in the table (keeps the first)."""
+    seen, out = set(), []
+    for p in plans:
+        d = plan_row(p)
+        key = (method_label(p.train), d["precision"], d["batch"], d["gpus"], d["grad_ckpt"], d["optimizer"])
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _fallbacks(chosen, res) -> list[dict]:
+    """Next plans in recommendation order with the same method and GPUs but less memory (smaller micro-batch
+    with more accumulation, checkpointing on, 8-bit state): what `ftplan run` retries on out-of-memory."""
+    out = []
+    tc = chosen.train
+    for p in res.ranked:
+        o = p.train
+        if (o.method, o.precision, o.rank, o.num_gpus, o.strategy, o.cpu_offload) != (
+            tc.method, tc.precision, tc.rank, tc.num_gpus, tc.strategy, tc.cpu_offload
+        ) or p.device_bytes >= chosen.device_bytes:
+            continue
+        diff = {k: getattr(o, k) for k in ("batch_size", "grad_accum", "grad_ckpt", "optimizer") if getattr(o, k) != getattr(tc, k)}
+        if diff and diff not in out:
+            out.append(diff)
+        if len(out) == 3:
+            break
+    return out
+
+
+def _save(chosen, res, path):
+    d = chosen.to_dict()
+    pred = {k: d[k] for k in ("peak_allocated_bytes", "peak_reserved_bytes", "device_bytes", "tokens_per_s", "step_seconds")}
+    for k in ("hours", "cost_usd", "provider"):
+        if k in d:
+            pred[k] = d[k]
+    lr = 2e-5 if chosen.train.method == "full" else (3e-2 if chosen.train.method in ("prefix", "prompt", "ia3") else 2e-4)
+    sched = Schedule(learning_rate=lr, epochs=res.request.workload.epochs)
+    pf = PlanFile(model=res.request.model_ref or chosen.model.name, train=chosen.train, gpu=chosen.gpu.name,
+                  schedule=sched, prediction=pred, fallback=_fallbacks(chosen, res),
+                  command="ftplan " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    write_plan(pf, path)
+
+
+def _verify(res, n: int) -> dict:
+    try:
+        from calibrate.trace import trace_step
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"--verify needs {e.name}: pip install 'ftplan[train]'") from None
+    from ..memory import cuda_workspace_bytes
+
+    out = {}
+    for p in _distinct(res.ranked)[:n]:
+        if p.train.num_gpus > 1:
+            continue
+        config = dict(p.model.config)
+        config.setdefault("model_type", p.model.model_type)
+        t = trace_step(config, p.train, cuda_workspace_bytes=cuda_workspace_bytes(p.gpu))
+        reserved_ratio = p.peak_reserved_bytes / p.peak_allocated_bytes
+        out[id(p)] = int(t.peak_allocated_bytes * reserved_ratio) + p.params.cuda_context_bytes + p.memory.paged_bytes
+    return out
+
+
+def _chart(res, path):
+    try:
+        from ..report.charts import recommendation_chart
+    except ModuleNotFoundError as e:
+        raise click.ClickException(f"--chart needs {e.name}: pip install 'ftplan[report]'") from None
+    recommendation_chart(res, path)
+
+
+def _as_json(res, top, verified, saved):
+    r = res.request
+    return {
+        "model": r.arch.name,
+        "gpu": r.gpu.name,
+        "objective": r.objective,
+        "margin": r.margin,
+        "evaluated": res.evaluated,
+        "seconds": round(res.seconds, 4),
+        "why": explain(res),
+        "plans": [
+            dict(p.to_dict(), quality=quality_score(p.train), rank_in_list=i,
+                 **({"traced_device_bytes": verified[id(p)]} if id(p) in verified else {}))
+            for i, p in enumerate(_distinct(res.ranked)[:top], 1)
+        ],
+        "not_fitting": [
+            {"label": nf.label, "device_bytes": nf.best.device_bytes, "needs_gpus": nf.needs_gpus,
+             "needs_strategy": (nf.needs_plan.train.strategy + ("+offload" if nf.needs_plan.train.cpu_offload else "")) if nf.needs_plan else None,
+             "needs_device_bytes_per_gpu": nf.needs_plan.device_bytes if nf.needs_plan else None}
+            for nf in res.not_fitting
+        ],
+        "saved": saved,
+    }

@@ -1,0 +1,262 @@
+"""`recommend`: enumerate candidate plans for a model, GPU and workload; keep those that fit; rank them.
+
+Candidates: method x precision x LoRA rank x optimizer x micro-batch (grad-accum keeps the effective batch) x
+checkpointing x GPU count x strategy. A plan fits when its device memory leaves `margin` of the GPU free.
+
+Ranking (`objective`):
+- quality (default): the method's quality score first (`quality_score`), then training time, then cost;
+- time: training time, then cost;  cost: cost, then time.
+
+The quality score is a stated heuristic, not a measurement: full fine-tuning with fp32 master weights (mixed)
+1.0, in pure bf16 1.2 (bf16 AdamW updates lose small steps), LoRA 2.0 at rank >= 64 rising to 2.2 at rank 8,
+QLoRA +0.3 over LoRA at the same rank (4-bit base), IA3 3.0, prefix / prompt tuning 4.0; 8-bit optimizer
+state +0.05. Lower is better. Sources: LoRA arXiv:2106.09685, QLoRA arXiv:2305.14314, "LoRA Learns Less and
+Forgets Less" arXiv:2405.09673, IA3 arXiv:2205.05638, prefix/prompt tuning arXiv:2101.00190 / 2104.08691.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from .arch import ModelArch
+from .config import TrainConfig
+from .plan import DEFAULT_MARGIN, Plan, Workload, make_plan
+from .profiles import GPUProfile
+
+OBJECTIVES = ("quality", "time", "cost")
+RANKS = {"lora": (8, 16, 64), "qlora": (16, 64)}
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def quality_score(tc: TrainConfig) -> float:
+    """Lower is better; see the module docstring for the scale and its sources."""
+    if tc.method == "full":
+        s = 1.0 if tc.precision in ("mixed", "fp32") else 1.2
+    elif tc.method in ("lora", "qlora"):
+        s = 2.0 + (0.0 if tc.rank >= 64 else 0.1 if tc.rank >= 16 else 0.2) + (0.3 if tc.method == "qlora" else 0.0)
+    elif tc.method == "ia3":
+        s = 3.0
+    else:
+        s = 4.0
+    if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
+        s += 0.05
+    return round(s, 3)
+
+
+@dataclass
+class Request:
+    """What `recommend` is asked. `effective_batch`: sequences per optimizer step over all GPUs."""
+
+    arch: ModelArch
+    gpu: GPUProfile
+    seq_len: int = 2048
+    workload: Workload = field(default_factory=Workload)
+    effective_batch: int = 16
+    objective: str = "quality"
+    margin: float = DEFAULT_MARGIN
+    max_gpus: int = 1
+    methods: tuple = ("full", "lora", "qlora", "ia3", "prefix", "prompt")
+    provider: str | None = None
+    model_ref: str = ""
+
+
+@dataclass
+class NotFit:
+    """A notable plan that does not fit, and what it would need."""
+
+    label: str
+    best: Plan  # its smallest-memory configuration on the allowed GPUs
+    needs_gpus: int | None  # GPUs of this type with ZeRO-3 (offload if needed) to fit; None: not found
+    needs_plan: Plan | None
+
+
+@dataclass
+class Result:
+    request: Request
+    ranked: list  # fitting plans, best first
+    not_fitting: list  # NotFit, one per method family that has no fitting plan
+    evaluated: int
+    seconds: float
+
+    @property
+    def best(self) -> Plan | None:
+        return self.ranked[0] if self.ranked else None
+
+
+def _families(req: Request) -> list[dict]:
+    """Method-level settings: (method, precision, rank, targets, virtual tokens)."""
+    out = []
+    for m in req.methods:
+        if m == "full":
+            out += [dict(method="full", precision="mixed"), dict(method="full", precision="bf16")]
+        elif m in RANKS:
+            out += [dict(method=m, rank=r, target_modules=("all-linear",)) for r in RANKS[m]]
+        elif m in ("prefix", "prompt"):
+            out.append(dict(method=m, num_virtual_tokens=20))
+        else:
+            out.append(dict(method=m))
+    return out
+
+
+def _optimizers(method: str) -> tuple:
+    if method == "full":
+        return ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
+    return ("adamw", "paged_adamw8bit")
+
+
+def _layouts(req: Request) -> list[tuple[int, str, bool]]:
+    """(num_gpus, strategy, cpu_offload) allowed by `max_gpus`."""
+    out = [(1, "ddp", False)]
+    for n in GPU_COUNTS[1:]:
+        if n > req.max_gpus:
+            break
+        out += [(n, "ddp", False), (n, "zero2", False), (n, "zero3", False), (n, "fsdp", False), (n, "zero3", True)]
+    return out
+
+
+def sort_key(objective: str):
+    def key(p: Plan):
+        hours = p.hours if p.hours is not None else p.speed.step_seconds / p.train.tokens_per_step
+        cost = p.cost_usd if p.cost_usd is not None else hours * p.train.num_gpus
+        if objective == "time":
+            return (hours, cost, quality_score(p.train))
+        if objective == "cost":
+            return (cost, hours, quality_score(p.train))
+        return (quality_score(p.train), hours, cost)
+
+    return key
+
+
+def recommend(req: Request) -> Result:
+    """Enumerate, evaluate and rank. Memory grows with the micro-batch, so for each configuration the batch
+    sweep stops at the first size that does not fit."""
+    if req.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
+    t0 = time.perf_counter()
+    limit = req.gpu.memory_bytes * (1.0 - req.margin)
+    fitting: list[Plan] = []
+    evaluated = 0
+    for fam in _families(req):
+        for n, strategy, offload in _layouts(req):
+            if req.effective_batch % n:
+                continue
+            per_gpu = req.effective_batch // n
+            for opt in _optimizers(fam["method"]):
+                for ckpt in ((False,) if fam["method"] == "prefix" else (False, True)):
+                    for b in MICRO_BATCHES:
+                        if b > per_gpu or per_gpu % b:
+                            continue
+                        tc = TrainConfig(seq_len=req.seq_len, batch_size=b, grad_accum=per_gpu // b, grad_ckpt=ckpt,
+                                         optimizer=opt, num_gpus=n, strategy=strategy, cpu_offload=offload, **fam)
+                        p = make_plan(req.arch, tc, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
+                        evaluated += 1
+                        if p.device_bytes > limit:
+                            break
+                        fitting.append(p)
+    fitting.sort(key=sort_key(req.objective))
+    fitting_labels = {_family_label(_fam_of(p.train)) for p in fitting}
+    not_fitting = []
+    for fam in _families(req):
+        label = _family_label(fam)
+        if label in fitting_labels:
+            continue
+        # report the standard recipe (AdamW, micro-batch 1, checkpointing where allowed) on one GPU
+        tc = TrainConfig(seq_len=req.seq_len, batch_size=1, grad_accum=req.effective_batch,
+                         grad_ckpt=fam["method"] != "prefix", optimizer="adamw", **fam)
+        p = make_plan(req.arch, tc, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
+        evaluated += 1
+        n, plan = gpus_needed(req, p.train)
+        not_fitting.append(NotFit(f"{label}, AdamW", p, n, plan))
+    not_fitting.sort(key=lambda nf: quality_score(nf.best.train))
+    return Result(req, fitting, not_fitting, evaluated, time.perf_counter() - t0)
+
+
+def _fam_of(tc: TrainConfig) -> dict:
+    d = dict(method=tc.method)
+    if tc.method == "full":
+        d["precision"] = tc.precision
+    if tc.method in RANKS:
+        d["rank"] = tc.rank
+    return d
+
+
+def _family_label(fam: dict) -> str:
+    m = fam["method"]
+    if m == "full":
+        return f"Full FT, {'mixed precision (fp32 master)' if fam['precision'] == 'mixed' else 'bf16'}"
+    if m in RANKS:
+        return f"{'QLoRA' if m == 'qlora' else 'LoRA'} r{fam['rank']} all-linear"
+    return {"ia3": "IA3", "prefix": "Prefix tuning", "prompt": "Prompt tuning"}[m]
+
+
+def gpus_needed(req: Request, tc: TrainConfig) -> tuple[int | None, Plan | None]:
+    """Fewest GPUs of the requested type (powers of two up to 1024) that fit `tc`'s method with ZeRO-3
+    (then ZeRO-3 with CPU offload), at micro-batch 1 with checkpointing."""
+    limit = req.gpu.memory_bytes * (1.0 - req.margin)
+    base = tc.replace(batch_size=1, grad_ckpt=tc.method != "prefix", grad_accum=1)
+    for offload in (False, True):
+        for k in range(1, 11):
+            n = 2**k
+            cand = base.replace(num_gpus=n, strategy="zero3", cpu_offload=offload)
+            p = make_plan(req.arch, cand, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
+            if p.device_bytes <= limit:
+                return n, p
+    return None, None
+
+
+def explain(res: Result) -> str:
+    """Why the top plan wins, in one or two sentences."""
+    best = res.best
+    if best is None:
+        return "Nothing fits on this GPU; see what the plans below would need."
+    tc = best.train
+    from .methods import method_label
+
+    reasons = []
+    if res.request.objective == "quality":
+        better = [nf.label for nf in res.not_fitting if quality_score(nf.best.train) < quality_score(tc)]
+        if better:
+            reasons.append(f"it is the highest-quality method that fits ({'; '.join(better[:3])} do{'es' if len(better) == 1 else ''} not fit)")
+        else:
+            reasons.append("it is the highest-quality method on the list and it fits")
+        rivals = [p for p in res.ranked[1:] if quality_score(p.train) == quality_score(tc)]
+        if rivals:
+            reasons.append(f"its configuration is the fastest of {len(rivals) + 1} that fit at this quality")
+    elif res.request.objective == "time":
+        reasons.append("it trains fastest among the plans that fit")
+    else:
+        reasons.append("it is the cheapest plan that fits")
+    detail = (f"micro-batch {tc.batch_size} x {tc.grad_accum} accumulation"
+              + (" on " + f"{tc.num_gpus} GPUs ({tc.strategy})" if tc.num_gpus > 1 else "")
+              + (", gradient checkpointing" if tc.grad_ckpt else ", no checkpointing")
+              + f", {tc.optimizer}")
+    head = f"{method_label(tc)} wins: " + "; ".join(reasons) + f". Chosen: {detail}."
+    return head
+
+
+def plan_row(p: Plan) -> dict:
+    """The numbers a table shows for one plan."""
+    return {
+        "method": p.train.method,
+        "label": _family_label(_fam_of(p.train)),
+        "rank": p.train.rank if p.train.method in RANKS else None,
+        "precision": p.train.precision if p.train.method != "qlora" else "nf4+bf16",
+        "batch": f"{p.train.batch_size}x{p.train.grad_accum}",
+        "gpus": f"{p.train.num_gpus}" + (f" {p.train.strategy}" + ("+off" if p.train.cpu_offload else "") if p.train.num_gpus > 1 else ""),
+        "grad_ckpt": p.train.grad_ckpt,
+        "optimizer": p.train.optimizer,
+        "peak_gib": p.device_bytes / 2**30,
+        "gpu_gib": p.gpu.memory_bytes / 2**30,
+        "tokens_per_s": p.speed.tokens_per_s,
+        "hours": p.hours,
+        "cost_usd": p.cost_usd,
+        "quality": quality_score(p.train),
+    }
+
+
+def total_tokens_or(res: Result) -> int | None:
+    t = res.request.workload.total_tokens
+    return t if t and not math.isnan(t) else None
