@@ -63,7 +63,7 @@ def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
     a = adapter_matmul_params(arch, tc)
     attn = attention_flops_per_token(arch, tc)
     fwd = 2.0 * (n + a) + attn
-    bwd_input = 2.0 * (n + a) + 1.5 * attn  # attention backward ~2.5x forward: dQ, dK, dV + recomputed scores
+    bwd_input = 2.0 * (n + a) + 2.5 * attn  # flash backward: 5 matmuls (scores recomputed, dV, dP, dQ, dK) to 2
     bwd_weight = 2.0 * (n if tc.method == "full" else a)
     recompute = (2.0 * (n - arch.vocab_size * arch.hidden_size + a) + attn) if tc.grad_ckpt else 0.0
     scale = (tc.seq_len + (tc.num_virtual_tokens if tc.method == "prompt" else 0)) / tc.seq_len
@@ -82,6 +82,7 @@ def dequant_bytes_per_micro_step(arch: ModelArch, tc: TrainConfig) -> int:
     return int(passes * 2.5 * n)
 
 
+@functools.lru_cache(maxsize=4096)
 def optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     """Bytes the optimizer step reads and writes: parameters (read, write), gradients (read), state (read,
     write), once per optimizer step; bitsandbytes 8-bit and AdamW alike are bandwidth-bound."""

@@ -237,8 +237,19 @@ class _Pieces:
     masked: tuple  # per layer: attends through a materialized mask
 
 
+_PIECE_FIELDS = ("method", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
+                 "seq_len", "grad_ckpt")
+_piece_configs: dict = {}
+
+
 def _piece_key(tc: TrainConfig) -> TrainConfig:
-    return tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
+    """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized."""
+    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS)
+    out = _piece_configs.get(k)
+    if out is None:
+        out = _piece_configs[k] = tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp",
+                                             cpu_offload=False)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -277,30 +288,25 @@ def _at(size, batch: int) -> int:
     return size[0] * batch + size[1]
 
 
-@dataclass
 class Event:
-    """One instant of the step: total live bytes and their composition."""
+    """One instant of the step: its total live bytes, and (computed on demand) their composition."""
 
-    name: str
-    total: int
-    parts: dict
+    __slots__ = ("name", "total", "_static", "_extra", "_point", "_batch")
 
+    def __init__(self, name: str, static: dict, static_total: int, extra: dict, point: Point | None, batch: int):
+        self.name = name
+        self._static, self._extra, self._point, self._batch = static, extra, point, batch
+        self.total = static_total + sum(extra.values()) + (point.at(batch) if point is not None else 0)
 
-def _event(name: str, base: dict, point: Point | None, batch: int) -> Event:
-    parts = dict(base)
-    if point is not None:
-        for k, v in point.kinds_at(batch).items():
+    @property
+    def parts(self) -> dict:
+        parts = dict(self._static)
+        for k, v in self._extra.items():
             parts[k] = parts.get(k, 0) + v
-    parts = {k: v for k, v in parts.items() if v}
-    return Event(name, sum(parts.values()), parts)
-
-
-def _plus(d: dict, **terms) -> dict:
-    d = dict(d)
-    for k, v in terms.items():
-        if v:
-            d[k] = d.get(k, 0) + v
-    return d
+        if self._point is not None:
+            for k, v in self._point.kinds_at(self._batch).items():
+                parts[k] = parts.get(k, 0) + v
+        return {k: v for k, v in parts.items() if v}
 
 
 def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int) -> list[Event]:
@@ -310,6 +316,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     B = tc.batch_size
     L = arch.num_layers
     ck = tc.grad_ckpt
+    static_total = sum(static.values())
 
     def sim(i: int):
         return P.layers[(i == 0, P.masked[i])]
@@ -320,13 +327,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     def held(i: int) -> int:  # what layer i keeps after its backward (KV caches, held by the outputs)
         return _at(sim(i).held, B)
 
-    # sums over layers, closed form for the (at most period-2) layer pattern
-    kinds = {}
-    for i in range(min(L, 3)):
-        kinds.setdefault((i == 0, P.masked[i]), []).append(i)
-
     def total_over(f, lo: int, hi: int) -> int:
-        """sum of f(i) for lo <= i < hi, exploiting that layers >= 1 repeat with period sliding_every."""
+        """sum of f(i) for lo <= i < hi, in closed form: layers >= 1 repeat with period sliding_every."""
         if hi <= lo:
             return 0
         out = 0
@@ -336,11 +338,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
         period = arch.sliding_every
         for r in range(period):
             first_i = lo + ((r - lo) % period)
-            if first_i >= hi:
-                continue
-            count = (hi - 1 - first_i) // period + 1
-            out += count * f(first_i)
+            if first_i < hi:
+                out += ((hi - 1 - first_i) // period + 1) * f(first_i)
         return out
+
+    def event(name, point, **extra):
+        return Event(name, static, static_total, {k: v for k, v in extra.items() if v}, point, B)
 
     # ZeRO-2/3 and FSDP reduce-scatter each layer's gradients as backward produces them: a device keeps 1/N
     shard = tc.num_gpus if tc.num_gpus > 1 and tc.strategy != "ddp" else 1
@@ -348,38 +351,37 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     g_first = -(-_at(sim(0).param_grads, B) // shard)
     g_tail = -(-_at(P.tail.param_grads, B) // shard)
     held_tail = _at(P.tail.held, B)
+    held_layers = total_over(held, 0, L)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)
-    base0 = _plus(static, activations=head_kept)
+    kept_all = total_over(kept, 0, L)
     # the previous step's outputs (logits, KV caches) live until this step's forward returns
-    previous = held_tail + total_over(held, 0, L)
+    previous = held_tail + held_layers
     events: list[Event] = []
 
     # forward
-    fwd_last = _plus(base0, activations=total_over(kept, 0, L - 1), logits=previous)
     last_fwd = P.forward_nosave[(L == 1, P.masked[L - 1])] if ck else sim(L - 1).forward
-    events.append(_event("forward (last layer)", fwd_last, peak_point(last_fwd, B), B))
-    fwd_tail = _plus(base0, activations=total_over(kept, 0, L))
-    events.append(_event("forward (loss)", _plus(fwd_tail, logits=previous), peak_point(P.tail.forward, B), B))
-    events.append(_event("loss backward", fwd_tail, peak_point(P.tail.backward, B), B))
+    events.append(event("forward (last layer)", peak_point(last_fwd, B),
+                        activations=head_kept + kept_all - kept(L - 1), logits=previous))
+    events.append(event("forward (loss)", peak_point(P.tail.forward, B), activations=head_kept + kept_all, logits=previous))
+    events.append(event("loss backward", peak_point(P.tail.backward, B), activations=head_kept + kept_all))
 
     # backward through layer i: kept by layers < i, held by layers > i, gradients of layers > i and the tail
     for i in sorted({L - 1, L - 2, 2, 1, 0} & set(range(L))):
-        base = _plus(base0, activations=total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L),
-                     gradients=g_tail + (L - 1 - i) * g_layer)
+        acts = head_kept + total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L)
+        grads = g_tail + (L - 1 - i) * g_layer
         name = "last layer" if i == L - 1 else ("first layer" if i == 0 else f"layer {i}")
         s = sim(i)
         if ck:  # the checkpoint re-runs the layer's forward while the output gradient waits
-            events.append(_event(f"{name} recompute", _plus(base, temporaries=_at(P.layer_input, B)),
-                                 peak_point(s.forward, B), B))
-        events.append(_event(f"{name} backward", base, peak_point(s.backward, B), B))
+            events.append(event(f"{name} recompute", peak_point(s.forward, B), activations=acts, gradients=grads,
+                                temporaries=_at(P.layer_input, B)))
+        events.append(event(f"{name} backward", peak_point(s.backward, B), activations=acts, gradients=grads))
 
     # embedding backward: every layer's gradients are done
-    base = _plus(base0, activations=held_tail + total_over(held, 0, L), gradients=g_tail + (L - 1) * g_layer + g_first)
-    events.append(_event("embedding backward", base, peak_point(P.head.backward, B), B))
+    events.append(event("embedding backward", peak_point(P.head.backward, B), activations=head_kept + held_tail + held_layers,
+                        gradients=g_tail + (L - 1) * g_layer + g_first))
     # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
-    opt = _plus(static, gradients=grads_total, logits=held_tail + total_over(held, 0, L) + _at(P.head.held, B),
-                optimizer_temporaries=opt_temp)
-    events.append(Event("optimizer step", sum(opt.values()), {k: v for k, v in opt.items() if v}))
+    events.append(event("optimizer step", None, gradients=grads_total,
+                        logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))
     return events
 
 
@@ -417,6 +419,20 @@ class MemoryEstimate:
     notes: list = field(default_factory=list)
 
 
+_static_configs: dict = {}
+
+
+def _static_key(tc: TrainConfig) -> TrainConfig:
+    """The configuration without batch and accumulation (static terms do not depend on them), memoized."""
+    if tc.batch_size == 1 and tc.grad_accum == 1:
+        return tc
+    key = (tuple(getattr(tc, f) for f in _PIECE_FIELDS), tc.optimizer, tc.num_gpus, tc.strategy, tc.cpu_offload)
+    out = _static_configs.get(key)
+    if out is None:
+        out = _static_configs[key] = tc.replace(batch_size=1, grad_accum=1)
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
     """Batch-independent terms (cached per model and configuration without batch)."""
@@ -439,15 +455,15 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
 
 def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
     """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
-    key = tc.replace(batch_size=1, grad_accum=1)
-    static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, key, cuda_workspace_bytes(gpu))
+    static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, _static_key(tc), cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)
     peak = max(events, key=lambda e: e.total)
-    breakdown = {k: peak.parts.get(k, 0) for k in TERMS if peak.parts.get(k, 0)}
-    for k, v in peak.parts.items():
-        if k not in breakdown and v:
-            breakdown["activations" if k == "inputs" else k] = breakdown.get("activations" if k == "inputs" else k, 0) + v
+    parts = peak.parts
+    if "inputs" in parts:  # the batch's token ids are reported with the activations
+        parts["activations"] = parts.get("activations", 0) + parts.pop("inputs")
+    breakdown = {k: parts[k] for k in TERMS if parts.get(k)}
+    breakdown.update({k: v for k, v in parts.items() if k not in breakdown and v})
     return MemoryEstimate(
         peak_allocated_bytes=sum(breakdown.values()),
         breakdown=breakdown,
