@@ -13,6 +13,8 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   logsumexp (B, H, S), and support GQA natively; with a mask (prefix tuning) the mem-efficient kernel also keeps the
   additive bias (B, 1, S, KV padded to 16). The CPU kernels differ (math fallback for GQA), so they are replaced.
 - dropout: CUDA's fused `native_dropout` keeps a 1-byte mask; the CPU path keeps a noise tensor of the input dtype.
+- masks: without a KV cache (checkpointing) transformers checks the position ids for packed sequences, a data
+  check fake tensors cannot make; the synthetic batch is never packed, so no causal mask is built, as on CUDA.
 - AdamW / SGD: `foreach=True`, CUDA's default.
 - bitsandbytes 4-bit (QLoRA): packed NF4 weights and double-quantized constants as bitsandbytes stores them, and
   the dequantize-then-matmul path bitsandbytes 0.50 takes on CUDA for more than 1536 tokens (a transient bf16
@@ -248,12 +250,22 @@ class Emulated8bitOptimizer(torch.optim.Optimizer):
                     self.tracker.untrack(st["state2"])
 
 
+def _never_packed(position_ids):
+    """transformers asks whether the position ids describe packed sequences (a data-dependent check a FakeTensor
+    cannot answer, so it would build a causal mask 'to be safe'); on the GPU the synthetic batch's arange ids
+    answer 'not packed', the mask is skipped, and sdpa runs causal."""
+    return None
+
+
 @contextlib.contextmanager
 def cuda_behaviour():
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace."""
-    saved = (F.scaled_dot_product_attention, F.dropout)
+    import transformers.masking_utils as mu
+
+    saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
+    mu.find_packed_sequence_indices = _never_packed
     linear4bit = None
     try:
         import bitsandbytes as bnb
@@ -265,7 +277,7 @@ def cuda_behaviour():
     try:
         yield
     finally:
-        F.scaled_dot_product_attention, F.dropout = saved
+        F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]
 

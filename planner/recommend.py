@@ -207,34 +207,50 @@ def gpus_needed(req: Request, tc: TrainConfig) -> tuple[int | None, Plan | None]
     return None, None
 
 
+def family_label(tc: TrainConfig) -> str:
+    return _family_label(_fam_of(tc))
+
+
+def best_per_family(plans: list) -> list:
+    """The first (best-ranked) plan of each method family, in rank order."""
+    seen, out = set(), []
+    for p in plans:
+        lab = family_label(p.train)
+        if lab not in seen:
+            seen.add(lab)
+            out.append(p)
+    return out
+
+
 def explain(res: Result) -> str:
-    """Why the top plan wins, in one or two sentences."""
+    """Why the top plan wins, in a sentence or two."""
     best = res.best
     if best is None:
-        return "Nothing fits on this GPU; see what the plans below would need."
+        return "Nothing fits on this GPU; the list below says what each method would need."
     tc = best.train
-    from .methods import method_label
-
-    reasons = []
-    if res.request.objective == "quality":
-        better = [nf.label for nf in res.not_fitting if quality_score(nf.best.train) < quality_score(tc)]
+    req = res.request
+    where = f"{tc.num_gpus} x {req.gpu.name}" if tc.num_gpus > 1 else f"one {req.gpu.name}"
+    config = (f"micro-batch {tc.batch_size} x {tc.grad_accum} accumulation"
+              + (f" on {tc.num_gpus} GPUs ({tc.strategy}{' + offload' if tc.cpu_offload else ''})" if tc.num_gpus > 1 else "")
+              + (" with gradient checkpointing" if tc.grad_ckpt else " without checkpointing") + f" and {tc.optimizer}")
+    label = family_label(tc)
+    if req.objective == "quality":
+        better = [nf for nf in res.not_fitting if quality_score(nf.best.train) < quality_score(tc)]
         if better:
-            reasons.append(f"it is the highest-quality method that fits ({'; '.join(better[:3])} do{'es' if len(better) == 1 else ''} not fit)")
+            shown = ", ".join(f"{nf.label.rsplit(', AdamW', 1)[0]} ({_gib(nf.best.device_bytes)})" for nf in better[:3])
+            why = f"it is the highest-quality method that fits on {where}; {shown} {'does' if len(better) == 1 else 'do'} not"
         else:
-            reasons.append("it is the highest-quality method on the list and it fits")
-        rivals = [p for p in res.ranked[1:] if quality_score(p.train) == quality_score(tc)]
-        if rivals:
-            reasons.append(f"its configuration is the fastest of {len(rivals) + 1} that fit at this quality")
-    elif res.request.objective == "time":
-        reasons.append("it trains fastest among the plans that fit")
-    else:
-        reasons.append("it is the cheapest plan that fits")
-    detail = (f"micro-batch {tc.batch_size} x {tc.grad_accum} accumulation"
-              + (" on " + f"{tc.num_gpus} GPUs ({tc.strategy})" if tc.num_gpus > 1 else "")
-              + (", gradient checkpointing" if tc.grad_ckpt else ", no checkpointing")
-              + f", {tc.optimizer}")
-    head = f"{method_label(tc)} wins: " + "; ".join(reasons) + f". Chosen: {detail}."
-    return head
+            why = f"no method on the list ranks higher, and it fits on {where}"
+        siblings = sum(1 for p in res.ranked if family_label(p.train) == label)
+        how = f"{config} is the fastest of its {siblings} configurations that fit" if siblings > 1 else f"{config} is its one configuration that fits"
+        return f"{label} wins: {why}. {how[0].upper() + how[1:]}."
+    if req.objective == "time":
+        return f"{label} with {config} trains fastest of the {len(res.ranked)} plans that fit."
+    return f"{label} with {config} is the cheapest of the {len(res.ranked)} plans that fit."
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**40:.2f} TiB" if n >= 2**40 else f"{n / 2**30:.0f} GiB"
 
 
 def plan_row(p: Plan) -> dict:

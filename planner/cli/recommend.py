@@ -10,7 +10,7 @@ import click
 from ..methods import method_label
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
-from ..recommend import OBJECTIVES, Request, explain, plan_row, quality_score, recommend as run_recommend
+from ..recommend import OBJECTIVES, Request, best_per_family, explain, plan_row, quality_score, recommend as run_recommend
 from ..units import fmt_count, fmt_gib, fmt_hours
 from .options import (
     emit_json,
@@ -42,6 +42,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")
               help="Fraction of GPU memory a plan must leave free (prediction error, fragmentation).")
 @click.option("--provider", default=None, help="Use this provider's price (profiles/prices.toml).")
 @click.option("--top", type=int, default=8, show_default=True, help="Plans to show.")
+@click.option("--variants", is_flag=True, help="Show every configuration, not only the best one per method.")
 @click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None, help="Write the chosen plan (TOML).")
 @click.option("--pick", type=int, default=1, show_default=True, help="Which ranked plan --save writes.")
 @click.option("--verify", is_flag=True, help="Trace the top plans' real training step on fake tensors (train extra).")
@@ -49,7 +50,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
 def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
-              margin, provider, top, save_path, pick, verify, chart_path, as_json):
+              margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
 
     \b
@@ -87,7 +88,7 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
     if as_json:
         emit_json(_as_json(res, top, verified, save_path if chosen else None))
         return
-    _print(res, how, top, verified)
+    _print(res, how, top, verified, variants)
     if save_path:
         if chosen is None:
             raise click.ClickException("nothing fits, so no plan was saved")
@@ -96,7 +97,7 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
         click.echo(f"chart: {chart_path}")
 
 
-def _print(res, how, top, verified):
+def _print(res, how, top, verified, variants=False):
     r = res.request
     g = r.gpu
     click.echo(f"model  {r.arch.name} ({r.arch.total_params / 1e9:.2f}B params)" + (f"  [{how}]" if "->" in how else ""))
@@ -110,7 +111,8 @@ def _print(res, how, top, verified):
     click.echo("")
     if res.ranked:
         rows = []
-        for i, p in enumerate(_distinct(res.ranked)[:top], 1):
+        shown = _distinct(res.ranked) if variants else best_per_family(res.ranked)
+        for i, p in enumerate(shown[:top], 1):
             d = plan_row(p)
             v = verified.get(id(p))
             rows.append([
@@ -125,8 +127,14 @@ def _print(res, how, top, verified):
         click.echo(table(headers, rows, align="rllllllrrrr" + ("r" if verified else "")))
         click.echo("")
         click.echo(explain(res))
+        hidden = len(_distinct(res.ranked)) - len(shown)
+        notes = []
+        if not variants and hidden > 0:
+            notes.append(f"best configuration per method shown; --variants lists all {len(_distinct(res.ranked))}")
         if not res.request.workload.total_tokens:
-            click.echo("(add --dataset-tokens and --epochs for time and cost)")
+            notes.append("--dataset-tokens and --epochs add time and cost")
+        if notes:
+            click.echo("(" + "; ".join(notes) + ")")
     else:
         click.echo("Nothing fits on one " + g.name + (f" (or up to {r.max_gpus})" if r.max_gpus > 1 else "") + ".")
     if res.not_fitting:

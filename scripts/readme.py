@@ -1,0 +1,124 @@
+"""Regenerate the README's generated blocks from the project's own commands and reports.
+
+    python scripts/readme.py           # rewrite the blocks in README.md
+    python scripts/readme.py --check   # exit 1 if README.md is out of date (tests/test_docs.py runs this)
+
+A block is `<!-- generated: NAME -->` ... `<!-- end generated -->`; NAME is a key of BLOCKS below. Timings in
+command output (which vary by machine) are compared loosely.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+TIMING = re.compile(r"\b\d+(\.\d+)? s\b")
+
+
+def _cli(args: str) -> str:
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+
+    r = CliRunner().invoke(cli, shlex.split(args), terminal_width=120)
+    if r.exit_code != 0:
+        raise SystemExit(f"`ftplan {args}` failed:\n{r.output}")
+    return r.output.rstrip()
+
+
+def command_block(args: str) -> str:
+    return f"```console\n$ ftplan {args}\n{_cli(args)}\n```\n"
+
+
+def accuracy_block() -> str:
+    from calibrate.record import load_records
+    from calibrate.validate import compare, summarize
+    from planner.config import TrainConfig
+    from planner.memory import estimate_memory
+    from planner.profiles import load_model
+
+    rows = [c for c in compare(load_records([ROOT / "calibrate" / "results"])) if c.error_allocated is not None]
+    lines = ["| record | configuration | measured GiB | predicted GiB | error |", "|---|---|---:|---:|---:|"]
+    for c in sorted(rows, key=lambda c: (c.gpu, c.model, c.method)):
+        lines.append(f"| {c.gpu} {c.model} | {c.config} | {c.measured_allocated_bytes / 2**30:.2f} | "
+                     f"{c.predicted_allocated_bytes / 2**30:.2f} | {100 * c.error_allocated:+.2f}% |")
+    s = summarize(rows, by="gpu")
+    alloc = [abs(c.error_allocated) for c in rows]
+    tps = [abs(c.error_tokens_per_s) for c in rows if c.error_tokens_per_s is not None]
+    res = [abs(c.error_reserved) for c in rows if c.error_reserved is not None]
+    out = [
+        f"Peak allocated (`torch.cuda.max_memory_allocated()`), {len(rows)} measured configurations "
+        f"({', '.join(sorted(s))}): median error {100 * statistics.median(alloc):.2f}%, max {100 * max(alloc):.2f}%.",
+        "",
+        *lines,
+        "",
+    ]
+    if res:
+        out.append(f"Peak reserved (caching allocator, one fitted overhead per GPU): median {100 * statistics.median(res):.1f}%, "
+                   f"max {100 * max(res):.1f}%. Tokens/s (fitted efficiencies): median {100 * statistics.median(tps):.1f}%, "
+                   f"max {100 * max(tps):.1f}%.")
+        out.append("")
+    pts = [json.loads(line) for line in (ROOT / "calibrate/reference/trace-points.jsonl").read_text().splitlines() if line]
+    errs = []
+    for p in pts:
+        e = estimate_memory(load_model(p["model"]), TrainConfig.from_dict(p["train"])).peak_allocated_bytes
+        errs.append(abs(e - p["trace"]["peak_allocated_bytes"]) / p["trace"]["peak_allocated_bytes"])
+    models = sorted({p["model"] for p in pts})
+    out.append(
+        f"Beyond the measured rows, against {len(pts)} configurations traced through the real recipe on fake tensors "
+        f"(`calibrate/reference/trace-points.jsonl`: every method, precision and optimizer, checkpointing, "
+        f"{min(p['train']['seq_len'] for p in pts)} to {max(p['train']['seq_len'] for p in pts)} tokens, "
+        f"{len(models)} models up to 70B): median error {100 * statistics.median(errs):.3f}%, "
+        f"max {100 * max(errs):.2f}%, {sum(e > 0.02 for e in errs)} above 2%."
+    )
+    return "\n".join(out) + "\n"
+
+
+BLOCKS = {
+    "recommend-70b": lambda: command_block("recommend --model 70b --gpu a100-80"),
+    "estimate-qlora": lambda: command_block(
+        "estimate --model llama-2-7b --method qlora --rank 16 --target-modules all-linear --seq-len 2048 "
+        "--batch-size 4 --grad-ckpt --gpu a100-80"),
+    "recommend-4090": lambda: command_block(
+        "recommend --model meta-llama/Llama-3.1-8B --gpu rtx-4090 --seq-len 4096 --dataset-tokens 50M --epochs 3 --top 5"),
+    "accuracy": accuracy_block,
+}
+
+
+def render(text: str) -> str:
+    def sub(m):
+        name = m.group("name")
+        if name not in BLOCKS:
+            raise SystemExit(f"README block {name!r} has no generator (known: {', '.join(BLOCKS)})")
+        return m.group(1) + BLOCKS[name]() + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def _loose(text: str) -> str:
+    return TIMING.sub("<t> s", text)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    current = README.read_text()
+    new = render(current)
+    if "--check" in argv:
+        if _loose(new) != _loose(current):
+            print("README.md is out of date: run `python scripts/readme.py`", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
