@@ -66,9 +66,26 @@ class LiveBytes(TorchDispatchMode):
         self.phase_peaks: dict[str, int] = {}
         self.default_tag = "activations"
         self.excluded: dict[int, int] = {}  # storages outside max_memory_allocated (paged): id -> bytes
+        self.paused = False  # while True, new storages are CUDA managed memory (not the caching allocator's)
+
+    @contextlib.contextmanager
+    def managed_memory(self):
+        """Storages created inside are counted apart (bitsandbytes paged buffers: cudaMallocManaged)."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def track(self, t, tag: str | None = None) -> None:
         if not isinstance(t, torch.Tensor):
+            return
+        if self.paused:
+            try:
+                st = t.untyped_storage()
+                self.excluded[id(st)] = _round_block(st.nbytes())
+            except (RuntimeError, NotImplementedError):
+                pass
             return
         try:
             st = t.untyped_storage()
@@ -239,15 +256,14 @@ class Emulated8bitOptimizer(torch.optim.Optimizer):
                 st = self.state[p]
                 n = p.numel()
                 dtype = torch.float32 if n < MIN_8BIT_SIZE else torch.uint8
-                st["state1"] = torch.zeros_like(p, dtype=dtype)
-                st["state2"] = torch.zeros_like(p, dtype=dtype)
+                paged = self.paged and n >= PAGED_MIN_NUMEL
+                with self.tracker.managed_memory() if paged else contextlib.nullcontext():
+                    st["state1"] = torch.zeros_like(p, dtype=dtype)
+                    st["state2"] = torch.zeros_like(p, dtype=dtype)
                 if dtype == torch.uint8:
                     blocks = -(-n // 256)
                     st["absmax1"] = torch.zeros(blocks, dtype=torch.float32)
                     st["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
-                if self.paged and n >= PAGED_MIN_NUMEL:
-                    self.tracker.untrack(st["state1"])
-                    self.tracker.untrack(st["state2"])
 
 
 def _never_packed(position_ids):
