@@ -1,7 +1,9 @@
 """Predicted vs measured for every record: the numbers behind `ftplan validate` and the accuracy report.
 
-Pure Python (no torch): predictions come from the current planner, not from the `prediction` stored in the
-record at measurement time (that one is kept for history)."""
+Pure Python (no torch): predictions come from the current planner (and the calibration in effect,
+`profiles/calibration/<gpu>.toml`), not from the `prediction` stored in the record at measurement time (that one
+is kept for history). Only CUDA records have comparable memory and tokens/s (CPU records are listed; the planner
+predicts CUDA memory); an OOM record is checked against the planner's fit verdict instead."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Comparison:
     predicted_tokens_per_s: float | None
     error_tokens_per_s: float | None
     predicted_fits: bool | None
+    note: str = ""  # why something is not compared (cannot predict), or an OOM the planner said would fit
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +98,22 @@ def compare_record(rec: dict, params: ThroughputParams | None = None) -> Compari
         predicted_tokens_per_s=pred_tps if cuda else None,
         error_tokens_per_s=_err(pred_tps, meas_tps),
         predicted_fits=plan.fits,
+        note=("out of memory, but the planner says it fits" if rec["status"] == "oom" and plan.fits else ""),
+    )
+
+
+def _uncomparable(rec: dict, reason: str) -> Comparison:
+    m = rec.get("measured", {})
+    cuda = m.get("device") == "cuda"
+    return Comparison(
+        id=rec["id"], path=rec.get("_path", ""), kind=rec["kind"], status=rec["status"],
+        gpu=rec["meta_info"].get("gpu_profile") or ("cpu" if m.get("device") == "cpu" else "unknown"),
+        model=rec["model"]["name"], method=rec["train"].get("method", "?"), config="?",
+        measured_allocated_bytes=m.get("peak_allocated_bytes") if cuda else None, predicted_allocated_bytes=None,
+        error_allocated=None, measured_reserved_bytes=m.get("peak_reserved_bytes") if cuda else None,
+        predicted_reserved_bytes=None, error_reserved=None,
+        measured_tokens_per_s=m.get("tokens_per_s") if cuda else None, predicted_tokens_per_s=None,
+        error_tokens_per_s=None, predicted_fits=None, note=f"cannot predict: {reason}",
     )
 
 
@@ -104,7 +123,10 @@ def compare(records: list[dict], params_by_gpu: dict | None = None) -> list[Comp
     out = []
     for r in records:
         params = (params_by_gpu or {}).get(r["meta_info"].get("gpu_profile"))
-        out.append(compare_record(r, params))
+        try:
+            out.append(compare_record(r, params))
+        except ValueError as e:  # a model family or option the planner does not know: listed, not compared
+            out.append(_uncomparable(r, str(e)))
     return out
 
 
@@ -122,3 +144,35 @@ def summarize(rows: list[Comparison], by: str = "gpu") -> dict:
                              "max": max(errs) if errs else None}
         out[key] = entry
     return out
+
+
+METRICS = ("allocated", "reserved", "tokens_per_s")
+
+
+def exceeding(rows: list[Comparison], metric: str, max_error: float) -> list[Comparison]:
+    """Rows whose absolute `metric` error is above `max_error` (a fraction)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    return [c for c in rows if getattr(c, f"error_{metric}") is not None and abs(getattr(c, f"error_{metric}")) > max_error]
+
+
+def oom_disagreements(rows: list[Comparison]) -> list[Comparison]:
+    """OOM records that the planner predicts would fit."""
+    return [c for c in rows if c.status == "oom" and c.predicted_fits]
+
+
+def report(rows: list[Comparison], metric: str = "allocated", max_error: float = 0.05) -> dict:
+    """The `ftplan validate --json` document: every row, the summaries per GPU and per method, and the verdict."""
+    bad = exceeding(rows, metric, max_error)
+    return {
+        "metric": metric,
+        "max_error": max_error,
+        "ok": not bad,
+        "records": len(rows),
+        "compared": {m: sum(1 for c in rows if getattr(c, f"error_{m}") is not None) for m in METRICS},
+        "exceeding": [c.id for c in bad],
+        "oom_but_predicted_fits": [c.id for c in oom_disagreements(rows)],
+        "by_gpu": summarize(rows, by="gpu"),
+        "by_method": summarize(rows, by="method"),
+        "rows": [c.to_dict() for c in rows],
+    }

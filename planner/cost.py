@@ -1,22 +1,33 @@
 """Throughput, training time and dollars of a configuration on a GPU.
 
-Step time on one device = matmul FLOPs / (dense peak x efficiency) + memory-bound terms / bandwidth:
+Step time on one device is a sum of named parts (`Throughput.parts_seconds`), each work / (peak x efficiency):
 
-- FLOPs per token (`flops_per_token`): 2 per multiply-add; forward 2N over the matmul weights (decoder linears
-  and lm_head; the embedding lookup is free), backward 2N for input gradients plus 2N for the weight gradients
-  of *trained* weights only (frozen weights skip theirs: LoRA's backward is ~2/3 of full FT's), causal
-  attention 2 x q_dim x S forward per layer (flash skips the masked half) and 2.5x that backward, adapters'
-  own matmuls, and one more forward of every layer with checkpointing (Chinchilla appendix F /
-  arXiv:2203.15556; Korthikanti et al. arXiv:2205.05198 for recomputation).
-- QLoRA dequantizes every 4-bit weight to bf16 in each forward and backward (a third time when checkpointing
-  recomputes): read N/2 + write 2N bytes per pass, bandwidth-bound (`dequant_bytes_per_micro_step`).
-- The optimizer step reads and writes parameters, gradients and state once per step (`optimizer_bytes_per_step`).
-- Multi-GPU: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and reduce-scatter
-  gradients ((n-1)/n x (2W + G)) over the interconnect, half of it hidden behind compute.
+- `compute`: bf16 tensor-core matmul FLOPs / (dense bf16 peak x matmul efficiency). FLOPs per token
+  (`flops_per_token`): 2 per multiply-add; forward 2N over the matmul weights (decoder linears and lm_head; the
+  embedding lookup is free), backward 2N for input gradients plus 2N for the weight gradients of *trained* weights
+  only (frozen weights skip theirs: LoRA's backward is ~2/3 of full FT's), causal attention 2 x q_dim x S forward
+  per layer (flash skips the masked half) and 2.5x that backward, adapters' own matmuls, and one more forward of
+  every layer with checkpointing (Chinchilla appendix F / arXiv:2203.15556; Korthikanti et al. arXiv:2205.05198).
+- `fp32_compute`: matmuls that run in fp32 on the CUDA cores (torch keeps TF32 off for matmuls by default), at the
+  fp32 peak x `fp32_efficiency`: every matmul with `--precision fp32`; with QLoRA the lm_head (fp32 after peft's
+  `prepare_model_for_kbit_training`) and attention (bitsandbytes' `Linear4bit` returns its input's dtype, so
+  q, k and v are fp32 and sdpa runs its fp32 kernel; `fp32_flops_per_token`).
+- `adapters`: bandwidth-bound traffic of the adapters' elementwise ops per token (`adapter_bytes_per_token`): peft
+  keeps LoRA and IA3 weights in fp32, so each adapted linear casts its input to fp32, applies dropout, scales, adds
+  and casts back, in forward and backward, on (tokens x in) and (tokens x out) tensors.
+- `dequant`: QLoRA dequantizes every 4-bit weight to bf16 in each forward and backward (a third time when
+  checkpointing recomputes): read N/2 + write 2N bytes per pass (`dequant_bytes_per_micro_step`), plus the casts
+  around each 4-bit linear (fp32 input to bf16 and the bf16 output back to fp32, `quantized_cast_bytes_per_token`).
+- `optimizer`: the optimizer step reads and writes parameters, gradients and state once per step
+  (`optimizer_bytes_per_step`).
+- `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
+  reduce-scatter gradients ((n-1)/n x (2W + G)) over the interconnect, half of it hidden behind compute.
 
-The efficiency (achieved fraction of the dense peak) depends on the method and on the width of the matmuls;
-defaults below, per-GPU values fitted by `ftplan calibrate fit` from measured records
-(`profiles/calibration/<gpu>.toml`) replace them.
+Bandwidth-bound parts run at HBM bandwidth x `bandwidth_efficiency`. The matmul efficiency (achieved fraction of the
+dense peak) depends on the method and on the size of the matmuls: e_method x s / (s + width_half) with s = hidden
+size x tokens per micro-step / 4096. Defaults below;
+per-GPU values fitted by `ftplan calibrate fit` from measured records (`profiles/calibration/<gpu>.toml`) replace
+them. Every parameter is one named physical quantity; none is per configuration.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from pathlib import Path
 from .arch import ModelArch
 from .config import TrainConfig
 from .layers import regime
-from .methods import lora_targets, trainable_params
+from .methods import ia3_targets, lora_targets, trainable_params
 from .memory import gradient_bytes, optimizer_state_bytes
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -82,6 +93,76 @@ def dequant_bytes_per_micro_step(arch: ModelArch, tc: TrainConfig) -> int:
     return int(passes * 2.5 * n)
 
 
+def fp32_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
+    """The part of `flops_per_token(...)["total"]` that runs in fp32 (CUDA cores, not tensor cores).
+
+    `--precision fp32`: all of it. QLoRA: the lm_head (fp32 after `prepare_model_for_kbit_training`, frozen: forward
+    and input gradient, 4 x V x h) and attention (fp32 q, k, v: forward, backward, and the checkpointed recompute).
+    Other configurations: none (bf16, and autocast's bf16 for `mixed`)."""
+    if tc.precision == "fp32" and tc.method != "qlora":
+        return flops_per_token(arch, tc)["total"]
+    if tc.method != "qlora":
+        return 0.0
+    attn = attention_flops_per_token(arch, tc)
+    return 4.0 * arch.vocab_size * arch.hidden_size + attn * (2.5 + (1.0 if tc.grad_ckpt else 0.0))
+
+
+def _adapter_bytes_per_element(act: int, lora_dropout: float) -> dict[str, float]:
+    """Bytes moved per element of an adapted linear's input (`in`) and output (`out`) by peft's LoRA wrapper,
+    forward and backward; adapters are fp32 (4 B), activations `act` bytes.
+
+    forward  `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`:
+        in:  cast (read act, write 4) + dropout (read 4, write 4 + 1-byte mask) + lora_A reads its input (4)
+        out: lora_B writes (4) + scale (read 4, write 4) + add (read act + 4, write 4) + cast back (read 4, write act)
+    backward, the same tensors in reverse: out: cast and add gradients (2 x (act + 4)), scale (8), lora_B's two
+    matmuls read the gradient (8); in: lora_A's weight gradient reads the saved input (4) and its input gradient
+    writes (4), dropout (read 4 + mask, write 4), cast (read 4, write act), and x's gradient is the sum of the
+    base layer's and the adapter's (read 2 x act, write act). No cast when activations are already fp32."""
+    f = 4
+    cast = act != f
+    drop = lora_dropout > 0
+    fwd_in = cast * (act + f) + drop * (2 * f + 1) + f
+    fwd_out = 5 * f + act + cast * (f + act)
+    bwd_in = 2 * f + drop * (2 * f + 1) + cast * (f + act) + 3 * act
+    bwd_out = 4 * f + 2 * cast * (act + f)
+    return {"fwd_in": fwd_in, "fwd_out": fwd_out, "bwd_in": bwd_in, "bwd_out": bwd_out}
+
+
+@functools.lru_cache(maxsize=4096)
+def adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
+    """Bandwidth-bound bytes per token that the adapters' elementwise ops move in one micro-step (all layers).
+
+    LoRA / QLoRA: `_adapter_bytes_per_element` over every adapted linear's (in, out) widths. IA3: peft scales the
+    output of k/v (or q/v) and the input of the feed-forward projection in fp32: cast, multiply, cast back (2 x act
+    + 2 x 4 B, forward) and in backward the same plus the vector's gradient reduction (2 x act + 3 x 4 B).
+    Prefix and prompt tuning add no per-layer elementwise work. Checkpointing repeats the forward part."""
+    R = regime(tc)
+    act = R.lin
+    recompute = 2 if tc.grad_ckpt else 1
+    total = 0.0
+    if tc.method in ("lora", "qlora"):
+        b = _adapter_bytes_per_element(act, tc.lora_dropout)
+        for lin in lora_targets(arch, tc):
+            total += recompute * (b["fwd_in"] * lin.in_features + b["fwd_out"] * lin.out_features)
+            total += b["bwd_in"] * lin.in_features + b["bwd_out"] * lin.out_features
+    elif tc.method == "ia3":
+        targets, ff = ia3_targets(arch)
+        for lin in targets:
+            width = lin.in_features if lin.name in ff else lin.out_features
+            total += width * (recompute * (2 * act + 8) + (2 * act + 12))
+    return total * arch.num_layers
+
+
+def quantized_cast_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
+    """QLoRA: bitsandbytes' `Linear4bit` casts its fp32 input to bf16 and its bf16 output back to fp32 (read 4 +
+    write 2 bytes per element each way), forward and backward, on every decoder linear."""
+    if tc.method != "qlora":
+        return 0.0
+    recompute = 2 if tc.grad_ckpt else 1
+    widths = sum(lin.in_features + lin.out_features for lin in arch.linears)
+    return (recompute + 1) * 6.0 * widths * arch.num_layers
+
+
 @functools.lru_cache(maxsize=4096)
 def optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     """Bytes the optimizer step reads and writes: parameters (read, write), gradients (read), state (read,
@@ -117,10 +198,14 @@ class ThroughputParams:
 
     Args:
         matmul_efficiency: achieved fraction of the dense bf16 peak per method (mixed precision full FT is its own
-            key, `full-mixed`), for wide models; narrower models reach less (see `width_half`).
-        width_half: hidden size at which efficiency is half its wide-model value (small matrices and launch-bound
-            elementwise kernels): efficiency(h) = e x h / (h + width_half).
-        bandwidth_efficiency: achieved fraction of HBM bandwidth in bandwidth-bound phases.
+            key, `full-mixed`), for large matmuls; smaller ones reach less (see `width_half`).
+        width_half: hidden size (at 4096 tokens per micro-step) at which efficiency is half its large-matmul value
+            (few output tiles leave SMs idle; launch-bound elementwise kernels): efficiency = e x size /
+            (size + width_half), size = hidden size x tokens per micro-step / 4096.
+        bandwidth_efficiency: achieved fraction of HBM bandwidth in bandwidth-bound phases (optimizer step,
+            dequantization, adapters' elementwise traffic).
+        fp32_efficiency: achieved fraction of the fp32 (CUDA-core) peak by fp32 matmuls (SGEMM reaches ~70% on
+            large matrices); the same width dependence applies.
         allocator_overhead: peak reserved / peak allocated - 1 (caching-allocator rounding and fragmentation).
         cuda_context_bytes: device memory the CUDA context holds outside the allocator (seen by NVML).
         source: where the values come from.
@@ -129,18 +214,38 @@ class ThroughputParams:
     matmul_efficiency: dict = field(default_factory=dict)
     width_half: float = 1024.0
     bandwidth_efficiency: float = 0.7
+    fp32_efficiency: float = 0.7
     allocator_overhead: float = 0.06
     cuda_context_bytes: int = 536_870_912
     source: str = "defaults"
 
     def efficiency(self, arch: ModelArch, tc: TrainConfig) -> float:
-        key = "full-mixed" if tc.method == "full" and tc.precision != "bf16" else tc.method
+        """Matmul efficiency of `tc` on `arch`: e_method x size / (size + width_half) (see `size_factor`)."""
+        key = method_key(tc)
         e = self.matmul_efficiency.get(key, self.matmul_efficiency.get(tc.method, DEFAULT_EFFICIENCY[tc.method]))
-        return e * arch.hidden_size / (arch.hidden_size + self.width_half)
+        return e * self.size_factor(arch, tc)
+
+    def size_factor(self, arch: ModelArch, tc: TrainConfig) -> float:
+        """How far the matmuls are from the wide-model efficiency: size / (size + width_half), size = hidden size x
+        tokens per micro-step / 4096 (the GEMMs' output tiles grow with both: few tiles leave SMs idle and
+        launch overhead exposed). At 4096 tokens per micro-step, size is the hidden size."""
+        size = arch.hidden_size * tc.seq_len * tc.batch_size / REFERENCE_TOKENS
+        return size / (size + self.width_half)
 
 
-# Wide-model efficiencies before any fit (a plausible prior; `ftplan calibrate fit` replaces them per GPU).
-DEFAULT_EFFICIENCY = {"full": 0.45, "full-mixed": 0.35, "lora": 0.35, "qlora": 0.3, "prefix": 0.4, "prompt": 0.4, "ia3": 0.4}
+REFERENCE_TOKENS = 4096  # tokens per micro-step at which `width_half` is a hidden size
+
+
+def method_key(tc: TrainConfig) -> str:
+    """The efficiency key of a configuration: the method, with full fine-tuning under fp32 master weights
+    (`mixed`, `fp32`) apart as `full-mixed`."""
+    return "full-mixed" if tc.method == "full" and tc.precision != "bf16" else tc.method
+
+
+# Large-matmul efficiencies before any fit (a plausible prior; `ftplan calibrate fit` replaces them per GPU, and
+# scales them for methods with fewer than two records).
+# Frozen-base methods run full fine-tuning's GEMMs (their extra work is counted as adapter traffic): same prior.
+DEFAULT_EFFICIENCY = {"full": 0.45, "full-mixed": 0.35, "lora": 0.45, "qlora": 0.45, "prefix": 0.45, "prompt": 0.45, "ia3": 0.45}
 
 
 def calibration_dir() -> Path:
@@ -164,6 +269,7 @@ def throughput_params(gpu_name: str | None) -> ThroughputParams:
                 matmul_efficiency=dict(d.get("matmul_efficiency", {})),
                 width_half=float(d.get("width_half", 1024.0)),
                 bandwidth_efficiency=float(d.get("bandwidth_efficiency", 0.7)),
+                fp32_efficiency=float(d.get("fp32_efficiency", 0.7)),
                 allocator_overhead=float(d.get("allocator_overhead", 0.06)),
                 cuda_context_bytes=int(d.get("cuda_context_bytes", 536_870_912)),
                 source=f"profiles/calibration/{path.name}" + ("" if name == gpu_name else f" (borrowed for {gpu_name})"),
@@ -186,15 +292,23 @@ class Throughput:
 
 
 def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams | None = None) -> Throughput:
-    """Predicted step time and tokens per second of `tc` on `gpu`."""
+    """Predicted step time and tokens per second of `tc` on `gpu` (parts: see the module docstring)."""
     params = params or throughput_params(gpu.name)
-    peak = gpu.peak_tflops * 1e12
+    peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
+    # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores
+    peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
+    width = params.size_factor(arch, tc)
     eff = params.efficiency(arch, tc)
     f = flops_per_token(arch, tc)
+    f32 = min(fp32_flops_per_token(arch, tc), f["total"])
     tokens_micro = tc.seq_len * tc.batch_size
+    tokens_step = tc.grad_accum * tokens_micro
     bw = gpu.hbm_bandwidth_gb_per_s * 1e9 * params.bandwidth_efficiency
-    compute = tc.grad_accum * tokens_micro * f["total"] / (peak * eff)
-    dequant = tc.grad_accum * dequant_bytes_per_micro_step(arch, tc) / bw
+    compute = tokens_step * (f["total"] - f32) / (peak * eff)
+    fp32_compute = tokens_step * f32 / (peak32 * params.fp32_efficiency * width)
+    adapters = tokens_step * adapter_bytes_per_token(arch, tc) / bw
+    dequant_bytes = tc.grad_accum * dequant_bytes_per_micro_step(arch, tc)
+    dequant = (dequant_bytes + tokens_step * quantized_cast_bytes_per_token(arch, tc)) / bw
     opt_bytes = optimizer_bytes_per_step(arch, tc)
     if tc.num_gpus > 1 and tc.strategy != "ddp":
         opt_bytes //= tc.num_gpus
@@ -202,15 +316,17 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
     comm = comm_bytes_per_step(arch, tc) / (gpu.interconnect_gb_per_s * 1e9) * 0.5
     if tc.cpu_offload:
         comm += 2 * optimizer_state_bytes(arch, tc)["state"] / tc.num_gpus / 25e9  # PCIe round trip of the state
-    step = compute + dequant + optimizer + comm
-    per_gpu = tc.grad_accum * tokens_micro / step
+    parts = {"compute": compute, "fp32_compute": fp32_compute, "adapters": adapters, "dequant": dequant,
+             "optimizer": optimizer, "communication": comm}
+    step = sum(parts.values())
+    per_gpu = tokens_step / step
     return Throughput(
         step_seconds=step,
         tokens_per_s=per_gpu * tc.num_gpus,
         tokens_per_s_per_gpu=per_gpu,
         mfu=per_gpu * (f["forward"] + f["backward"]) / peak,
         flops_per_token=f["total"],
-        parts_seconds={"compute": compute, "dequant": dequant, "optimizer": optimizer, "communication": comm},
+        parts_seconds=parts,
     )
 
 
@@ -229,7 +345,10 @@ def with_params(params: ThroughputParams, **changes) -> ThroughputParams:
 __all__ = [
     "Throughput",
     "ThroughputParams",
+    "adapter_bytes_per_token",
     "flops_per_token",
+    "fp32_flops_per_token",
+    "method_key",
     "throughput",
     "throughput_params",
     "training_hours",

@@ -129,7 +129,8 @@ def make_plan(
     plan.headroom_bytes = gpu.memory_bytes - device
     plan.fits = plan.headroom_bytes >= 0
     if not gpu.supports_bf16 and (tc.precision in ("bf16", "mixed") or tc.method == "qlora"):
-        plan.notes.append(f"{gpu.name} has no bf16 tensor cores: the recipe would run bf16 slowly (or use fp16)")
+        plan.notes.append(f"{gpu.name} has no bf16 tensor cores: the recipe's bf16 matmuls run on the CUDA cores "
+                          f"({gpu.fp32_tflops:g} TFLOP/s), which the speed estimate assumes")
     plan.speed = throughput(arch, tc, gpu, params)
     total = (workload or Workload()).total_tokens
     if total:

@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..methods import method_label
+from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
 from ..recommend import OBJECTIVES, Request, best_per_family, explain, plan_row, quality_score, recommend as run_recommend
@@ -108,6 +109,7 @@ def _print(res, how, top, verified, variants=False):
     click.echo(f"work   {work}")
     click.echo(f"rank   by {r.objective}" + (" (method tier, then time, then cost)" if r.objective == "quality" else "")
                + f"; a plan must leave {100 * r.margin:g}% of GPU memory free; {res.evaluated} candidates in {res.seconds:.2f} s")
+    click.echo(f"speed  tokens/s from {throughput_params(g.name).source}")
     click.echo("")
     if res.ranked:
         rows = []
