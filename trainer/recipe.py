@@ -19,7 +19,6 @@ torch, transformers and peft are imported here, never by `planner`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 

@@ -1,0 +1,132 @@
+"""Multi-process plans: the accelerate config files (FSDP, ZeRO-2/3 with offload; checked by accelerate's own loader)
+and a real 2-process CPU run (DDP on gloo) through `accelerate launch`. DeepSpeed is not installed here, so for
+ZeRO only the config content is tested."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from planner.cli import cli
+from planner.config import TrainConfig
+from trainer import launch
+
+from conftest import EXAMPLES_DIR
+
+
+def _load(path):
+    """The config as `accelerate launch --config_file` reads it."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    return load_config_from_file(str(path))
+
+
+def test_fsdp_full_shard_config(tmp_path):
+    tc = TrainConfig(method="full", precision="mixed", num_gpus=8, strategy="fsdp", cpu_offload=True,
+                     batch_size=2, grad_accum=4)
+    path = launch.write_configs(tmp_path, tc, device="cuda", model_type="qwen2")
+    cfg = _load(path)
+    assert cfg.distributed_type == "FSDP" and cfg.num_processes == 8 and cfg.use_cpu is False
+    fsdp = cfg.fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
+    assert fsdp["fsdp_offload_params"] is True
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Qwen2DecoderLayer"
+    assert cfg.mixed_precision == "no"  # the recipe's own autocast
+    assert not (tmp_path / "ds_config.json").exists()
+
+
+@pytest.mark.parametrize("strategy,offload", [("zero2", False), ("zero2", True), ("zero3", False), ("zero3", True)])
+def test_deepspeed_zero_configs(tmp_path, strategy, offload):
+    tc = TrainConfig(method="lora", precision="bf16", num_gpus=4, strategy=strategy, cpu_offload=offload,
+                     batch_size=2, grad_accum=8)
+    path = launch.write_configs(tmp_path, tc, device="cuda", model_type="llama", max_grad_norm=0.5)
+    cfg = _load(path)
+    assert cfg.distributed_type == "DEEPSPEED" and cfg.num_processes == 4
+    ds_file = cfg.deepspeed_config["deepspeed_config_file"]
+    assert ds_file == str(tmp_path / "ds_config.json")
+    assert cfg.deepspeed_config["zero3_init_flag"] is (strategy == "zero3")
+    ds = json.loads(open(ds_file).read())
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == (3 if strategy == "zero3" else 2)
+    assert ("offload_optimizer" in zero) is offload
+    assert ("offload_param" in zero) is (offload and strategy == "zero3")
+    if offload:
+        assert zero["offload_optimizer"]["device"] == "cpu"
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 8, 64)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+
+
+def test_ddp_configs_and_launch_command(tmp_path):
+    tc = TrainConfig(num_gpus=2, batch_size=2)
+    cfg = _load(launch.write_configs(tmp_path / "gpu", tc, device="cuda"))
+    assert cfg.distributed_type == "MULTI_GPU" and cfg.use_cpu is False and cfg.num_processes == 2
+    # several CPU processes: torchrun's launcher (MULTI_GPU) with use_cpu, each process on gloo
+    path = launch.write_configs(tmp_path / "cpu", tc, device="cpu")
+    cfg = _load(path)
+    assert cfg.distributed_type == "MULTI_GPU" and cfg.use_cpu is True and isinstance(cfg.main_process_port, int)
+    cmd = launch.launch_command(path, tmp_path / "run_spec.json")
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert cmd[-4:] == ["-m", "trainer.loop", "--spec", str(tmp_path / "run_spec.json")]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_through_accelerate_launch(tiny_plan, tmp_path):
+    out = tmp_path / "out"
+    plan = tiny_plan(method="lora", max_steps=8, batch_size=2, save_steps=4)
+    res = CliRunner().invoke(cli, ["run", str(plan), "--data", os.path.join(EXAMPLES_DIR, "alpaca.jsonl"),
+                                   "--output-dir", str(out), "--device", "cpu", "--num-gpus", "2", "--no-progress",
+                                   "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["optimizer_steps"] == 8
+    assert _load(out / "accelerate_config.yaml").num_processes == 2
+    steps = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "loss" in s]
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    # 2 processes x batch 2: each step covers 4 distinct examples, and the stream continues step after step
+    from trainer import data as D
+
+    order = D.ExampleOrder(summary["data"]["examples"], seed=0)
+    assert all(s["examples"] == order.take((s["step"] - 1) * 4, 4) for s in steps)
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_a_launched_run_relaunches_with_the_next_plan(tiny_plan, tmp_path, monkeypatch):
+    """Each launched process gets CUDA's out-of-memory error for micro-batches over 1 (injected at interpreter start
+    through a sitecustomize module: the processes are not this one); the launcher relaunches with the plan's fallback
+    (micro-batch 1, accumulation 2: same effective batch) from the checkpoint."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if '--spec' in sys.argv:  # the training processes only, not the launcher\n"
+        "    import torch\n"
+        "    from trainer import recipe\n"
+        "    _real = recipe.forward\n"
+        "    def forward(model, batch, tc, device_type):\n"
+        "        if batch['input_ids'].shape[0] > 1 and model.training:\n"
+        "            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB (simulated)')\n"
+        "        return _real(model, batch, tc, device_type)\n"
+        "    recipe.forward = forward\n")
+    monkeypatch.setenv("PYTHONPATH", str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "out"
+    plan = tiny_plan(method="lora", max_steps=4, batch_size=2, fallback=[{"batch_size": 1, "grad_accum": 2}])
+    res = CliRunner().invoke(cli, ["run", str(plan), "--data", os.path.join(EXAMPLES_DIR, "text.jsonl"),
+                                   "--output-dir", str(out), "--device", "cpu", "--num-gpus", "2", "--no-progress",
+                                   "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["status"] == "completed" and summary["fallback_used"]
+    assert summary["attempts"][0]["status"] == "oom" and summary["attempts"][0]["config"]["batch_size"] == 2
+    assert (summary["config"]["batch_size"], summary["config"]["grad_accum"]) == (1, 2)
+    assert "relaunching with the next plan" in res.stderr
+    from calibrate.record import load_records
+
+    assert {r["status"] for r in load_records([out / "records"])} == {"oom"}

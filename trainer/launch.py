@@ -1,0 +1,242 @@
+"""Plans with more than one GPU: an accelerate config beside the run, then `accelerate launch`.
+
+`ftplan run` writes into the output folder
+
+    accelerate_config.yaml   DDP (MULTI_GPU), FSDP full shard (accelerate's FSDP plugin, FSDP2), or DeepSpeed
+    ds_config.json           ZeRO-2 / ZeRO-3 (+ CPU offload of optimizer state, and of parameters for ZeRO-3)
+    run_spec.json            the resolved run (`trainer.loop.RunSpec`)
+
+and runs `python -m accelerate.commands.launch --config_file accelerate_config.yaml -m trainer.loop --spec
+run_spec.json`. Each process runs the same loop as a single-GPU run; an `Accelerator` built from the launcher's
+environment wraps the model and optimizer (DDP, FSDP or DeepSpeed).
+
+Several CPU processes (DDP on gloo) use `distributed_type: MULTI_GPU` with `use_cpu: true`: accelerate 1.15 starts a
+`MULTI_CPU` config, like `accelerate launch --cpu --num_processes 2`, as one process unless an mpirun hostfile is given,
+while the MULTI_GPU launcher (torchrun) starts all of them and each process then runs on the CPU with gloo.
+
+An out-of-memory in one process ends the launch (torchrun stops the others); the next plan of the fallback chain is
+then launched again, continuing from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from planner.config import TrainConfig
+
+DECODER_LAYERS = {
+    "llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer",
+    "qwen3": "Qwen3DecoderLayer", "gemma": "GemmaDecoderLayer", "gemma2": "Gemma2DecoderLayer",
+    "phi3": "Phi3DecoderLayer",
+}
+CONFIG_NAME = "accelerate_config.yaml"
+DS_CONFIG_NAME = "ds_config.json"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
+    """DeepSpeed config for ZeRO-2/3 with the plan's micro-batch, accumulation and clipping (explicit numbers: the
+    loop does not hand accelerate a dataloader to fill "auto" values from)."""
+    stage = 3 if tc.strategy == "zero3" else 2
+    zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if tc.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": tc.batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "train_batch_size": tc.batch_size * tc.grad_accum * tc.num_gpus,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": tc.precision in ("bf16", "mixed") or tc.method == "qlora"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the recipe's torch / bitsandbytes optimizers
+        "zero_force_ds_cpu_optimizer": False,
+        "wall_clock_breakdown": False,
+    }
+
+
+def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = None, port: int | None = None,
+                      ds_config_file: str | None = None) -> dict:
+    """The accelerate config (as a dict) of a plan with `tc.num_gpus` processes."""
+    cfg = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": tc.num_gpus,
+        "main_training_function": "main",
+        "mixed_precision": "no",  # the recipe's own bf16 autocast / bf16 weights
+        "downcast_bf16": "no",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": device == "cpu",
+        "gpu_ids": "all",
+        "main_process_port": port or free_port(),
+    }
+    if device == "cpu" or tc.strategy == "ddp":
+        cfg["distributed_type"] = "MULTI_GPU"  # on CPU too: see the module docstring
+    elif tc.strategy == "fsdp":
+        cfg["distributed_type"] = "FSDP"
+        fsdp = {
+            "fsdp_version": 2,
+            "fsdp_reshard_after_forward": True,  # FULL_SHARD
+            "fsdp_offload_params": bool(tc.cpu_offload),
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_activation_checkpointing": False,  # the recipe's gradient_checkpointing_enable, where on
+        }
+        if model_type in DECODER_LAYERS:
+            fsdp["fsdp_transformer_layer_cls_to_wrap"] = DECODER_LAYERS[model_type]
+        cfg["fsdp_config"] = fsdp
+    else:  # zero2 / zero3
+        cfg["distributed_type"] = "DEEPSPEED"
+        cfg["deepspeed_config"] = {
+            "deepspeed_config_file": ds_config_file or DS_CONFIG_NAME,
+            "zero3_init_flag": tc.strategy == "zero3",
+        }
+    return cfg
+
+
+def _yaml(cfg: dict) -> str:
+    try:
+        import yaml
+
+        return yaml.safe_dump(cfg, sort_keys=False)
+    except ImportError:  # accelerate depends on PyYAML; keep a plain writer for flat values anyway
+        lines = []
+        for k, v in cfg.items():
+            if isinstance(v, dict):
+                lines.append(f"{k}:")
+                lines += [f"  {kk}: {json.dumps(vv)}" for kk, vv in v.items()]
+            else:
+                lines.append(f"{k}: {json.dumps(v)}")
+        return "\n".join(lines) + "\n"
+
+
+def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_type: str | None = None,
+                  max_grad_norm: float = 1.0) -> Path:
+    """Write accelerate_config.yaml (and ds_config.json for ZeRO) into `out_dir`; returns the yaml's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ds_file = None
+    if device != "cpu" and tc.strategy in ("zero2", "zero3"):
+        ds_file = out / DS_CONFIG_NAME
+        ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm), indent=2) + "\n")
+    cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None)
+    path = out / CONFIG_NAME
+    path.write_text("# written by `ftplan run` for this run's plan; `accelerate launch --config_file` reads it\n"
+                    + _yaml(cfg))
+    return path
+
+
+def launch_command(config_path: str | Path, spec_path: str | Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
+            "-m", "trainer.loop", "--spec", str(spec_path)]
+
+
+def _launch(cmd: list[str], env: dict) -> int:
+    """Run the launcher; SIGINT reaches it through the terminal's process group, SIGTERM is passed on, and this
+    process waits for the checkpoint instead of dying first."""
+    proc = subprocess.Popen(cmd, env=env)
+    old = {}
+
+    def forward(signum, frame):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, lambda s, f: None)
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def launch_run(spec) -> dict:
+    """Run `spec` (a `trainer.loop.RunSpec` with num_gpus > 1) through `accelerate launch`, relaunching with the next
+    plan of the fallback chain after an out-of-memory. Returns the summary of rank 0."""
+    from . import loop
+
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_type = json.loads((Path(spec.model_path) / "config.json").read_text()).get("model_type")
+    from planner.planfile import read_plan
+
+    schedule = read_plan(spec.plan).schedule
+    chain = [spec.train_config()] + spec.fallback_configs()
+    echo = loop._echo_to(spec.quiet)
+    attempts = []
+    i = 0
+    resume = spec.resume
+    while True:
+        tc = chain[i]
+        child = dataclasses.replace(spec, train=tc.to_dict(), fallbacks=[], fallback=False, resume=resume,
+                                    resume_as_given=i > 0)
+        spec_path = out / loop.SPEC_NAME
+        spec_path.write_text(child.to_json() + "\n")
+        cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm)
+        cmd = launch_command(cfg, spec_path)
+        echo(f"launch {tc.num_gpus} processes: {' '.join(cmd[1:])}")
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tc.num_gpus)))
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        started = time.time()
+        rc = _launch(cmd, env)
+        summary_path = out / loop.SUMMARY_NAME
+        summary = None
+        if summary_path.exists() and summary_path.stat().st_mtime >= started - 1:
+            summary = json.loads(summary_path.read_text())
+        if rc == 0 and summary is not None and summary.get("status") == "completed":
+            summary["attempts"] = attempts + summary.get("attempts", [])
+            summary["fallback_used"] = bool(attempts)
+            summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            return summary
+        status = summary.get("status") if summary else None
+        if status == "interrupted" or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+            signum = abs(rc) - 128 if rc > 128 else abs(rc)
+            raise loop.Interrupted(f"stopped by signal {signum}; continue with the same command and --resume",
+                                   signum or signal.SIGINT, summary or {})
+        if status == "oom":
+            attempts.append({"config": tc.to_dict(), "describe": tc.describe(), "status": "oom",
+                             "error": summary.get("error")})
+            if not spec.fallback or i + 1 >= len(chain):
+                raise loop.OutOfMemory(f"out of memory with {tc.describe()} on {tc.num_gpus} processes"
+                                       + ("" if spec.fallback else " (--no-fallback)"))
+            nxt = chain[i + 1]
+            ck = loop.latest_checkpoint(out)
+            if ck is not None and json.loads((ck / "state.json").read_text())["train"]["optimizer"] != nxt.optimizer:
+                for _, p in loop.checkpoints(out):
+                    shutil.rmtree(p, ignore_errors=True)
+            echo(f"OUT OF MEMORY with {tc.describe()}: relaunching with the next plan {nxt.describe()}")
+            resume = True
+            i += 1
+            continue
+        if rc == 2:
+            raise loop.RunUsageError("the launched run stopped on a usage error (exit 2); see its messages above")
+        raise loop.RunError(f"`accelerate launch` exited with code {rc}" + (f": {summary.get('error')}" if summary
+                                                                            and summary.get("error") else ""))
