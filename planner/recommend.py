@@ -10,8 +10,9 @@ Ranking (`objective`):
 The quality score is a stated heuristic, not a measurement: full fine-tuning with fp32 master weights (mixed)
 1.0, in pure bf16 1.2 (bf16 AdamW updates lose small steps), LoRA 2.0 at rank >= 64 rising to 2.2 at rank 8,
 QLoRA +0.3 over LoRA at the same rank (4-bit base), IA3 3.0, prefix / prompt tuning 4.0; 8-bit optimizer
-state +0.05. Lower is better. Sources: LoRA arXiv:2106.09685, QLoRA arXiv:2305.14314, "LoRA Learns Less and
-Forgets Less" arXiv:2405.09673, IA3 arXiv:2205.05638, prefix/prompt tuning arXiv:2101.00190 / 2104.08691.
+state +0.05, Adafactor without momentum +0.1, SGD without momentum +0.3. Lower is better. Sources: LoRA
+arXiv:2106.09685, QLoRA arXiv:2305.14314, "LoRA Learns Less and Forgets Less" arXiv:2405.09673, IA3
+arXiv:2205.05638, prefix/prompt tuning arXiv:2101.00190 / 2104.08691.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def quality_score(tc: TrainConfig) -> float:
         s = 4.0
     if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
         s += 0.05
+    elif tc.optimizer == "adafactor":
+        s += 0.1  # no first moment (beta1=None, as the Trainer sets it up), factored second moment
+    elif tc.optimizer == "sgd":
+        s += 0.3  # no momentum (the Trainer default): slow to converge on transformers
     return round(s, 3)
 
 

@@ -294,9 +294,9 @@ def fit_map_chart(frame, path, *, title: str) -> Path:
                 seen.append(r["method"])
                 lines = [
                     _method_name(r["method"], r["rank"]) + ("" if r["num_gpus"] == 1 else f" on {int(r['num_gpus'])} GPUs"),
-                    f"micro-batch {int(r['batch_size'])}, accum {int(r['grad_accum'])}, seq {int(r['seq_len'])}"
+                    f"micro-batch {int(r['batch_size'])} x {int(r['grad_accum'])}, seq {int(r['seq_len'])}"
                     + (", ckpt" if r["grad_ckpt"] else ""),
-                    f"{gib(r['device_bytes']):.1f} of {gib(r['gpu_memory_bytes']):.1f} GiB",
+                    f"{r['optimizer']}, {gib(r['device_bytes']):.1f} of {gib(r['gpu_memory_bytes']):.1f} GiB",
                 ]
                 if not _isnan(r["hours"]):
                     lines.append(fmt_h(r["hours"]) + ("" if _isnan(r["cost_usd"]) else f", {fmt_usd(r['cost_usd'])}"))
