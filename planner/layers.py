@@ -96,14 +96,11 @@ class Builder:
         self.dtype[t] = dtype
         return t
 
-    def width(self, t: int) -> int:
-        return self.g.size(t)[0] // (self.dtype[t] * self.seq) if self.g.size(t)[0] else 0
-
-    def cast(self, x: int, width: int, dtype: int) -> int:
+    def cast(self, x: int, width: int, dtype: int, seq: int | None = None) -> int:
         """`x.to(dtype)`: a new tensor when the dtype changes (ToCopyBackward saves nothing), else `x` itself."""
         if self.dtype[x] == dtype:
             return x
-        y = self.new(width, dtype, self.g.rg(x))
+        y = self.new(width, dtype, self.g.rg(x), seq=seq)
         self.g.op("to_copy", [x], [y])
         return y
 
@@ -306,46 +303,30 @@ class Builder:
         g, a = self.g, self.arch
         R = self.R
         H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
-        if prefix is None and self.use_cache:
-            # transformers' DynamicCache (use_cache=True unless checkpointing): `cat([empty, k])` copies k and v
-            # and keeps them for the outputs' lifetime; sdpa then sees (and saves) the copies
-            # DynamicLayer creates its empty tensors in k's dtype, so v is promoted to it (fp32 under `mixed`)
-            k, v = self._cached(k, K * d, self.dtype[k]), self._cached(v, K * d, max(self.dtype[k], self.dtype[v]))
-        if R.autocast:
-            q = self.cast(q, H * d, BF16)
-            if prefix is None:
-                k, v = self.cast(k, K * d, BF16), self.cast(v, K * d, BF16)
-        dt = self.dtype[q]
         rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
-        saved_extra = []
-        if prefix is None and self.masked:
-            # a sliding-window mask: no native GQA (repeat_kv copies k, v to all heads), additive bias saved
-            if H != K:
-                kr = self.new(H * d, self.dtype[k], g.rg(k))
-                g.op("repeat_kv", [k], [kr])
-                vr = self.new(H * d, self.dtype[v], g.rg(v))
-                g.op("repeat_kv", [v], [vr])
-                k, v = kr, vr
-            bias = self.g.tensor((self.seq * round_up(self.kv_seq, 16) * dt, 0), kind="activations")
-            self.dtype[bias] = dt
-            g.op("mask_bias", [], [bias])
-            saved_extra = [bias]
-        kv_width = K * d
         if prefix is not None:
+            # the cache concatenates the prefix (peft casts it to the base model's dtype) and keeps the result
             pk, pv = prefix
-            kc = self.new(kv_width, self.dtype[k], True, seq=self.kv_seq)
-            g.op("cat_k", [pk, k], [kc], grad_alias=[k])
-            g.hold(kc)
-            vc = self.new(kv_width, self.dtype[v], True, seq=self.kv_seq)
-            g.op("cat_v", [pv, v], [vc], grad_alias=[v])
-            g.hold(vc)
-            k, v = kc, vc
-            if H != K:
-                kr = self.new(H * d, dt, True, seq=self.kv_seq)
-                g.op("repeat_kv", [k], [kr])
-                vr = self.new(H * d, dt, True, seq=self.kv_seq)
-                g.op("repeat_kv", [v], [vr])
-                k, v = kr, vr
+            k = self._held_copy("cat_k", [pk, k], K * d, max(self.dtype[pk], self.dtype[k]), self.kv_seq, k)
+            v = self._held_copy("cat_v", [pv, v], K * d, max(self.dtype[pv], self.dtype[v]), self.kv_seq, v)
+        elif self.use_cache:
+            # transformers' DynamicCache (use_cache=True unless checkpointing): `cat([empty, k])` copies k and v
+            # and keeps them for the outputs' lifetime; its empty tensors have k's dtype, so v is promoted to it
+            dk = self.dtype[k]
+            k = self._held_copy("cache_k", [k], K * d, dk, self.seq, k)
+            v = self._held_copy("cache_v", [v], K * d, max(dk, self.dtype[v]), self.seq, v)
+        masked = prefix is not None or self.masked
+        kv_width = K * d
+        if masked and H != K:
+            # a mask turns native GQA off: repeat_kv copies keys and values to every head
+            k, v = self._repeat_kv(k, H * d), self._repeat_kv(v, H * d)
+            kv_width = H * d
+        if R.autocast:  # inside F.sdpa: autocast casts what it is given
+            q = self.cast(q, H * d, BF16)
+            k, v = self.cast(k, kv_width, BF16, self.kv_seq), self.cast(v, kv_width, BF16, self.kv_seq)
+        dt = self.dtype[q]
+        saved_extra = []
+        if masked:  # the mem-efficient kernel keeps an additive bias of q's dtype, keys padded to 16
             bias = self.g.tensor((self.seq * round_up(self.kv_seq, 16) * dt, 0), kind="activations")
             self.dtype[bias] = dt
             g.op("mask_bias", [], [bias])
@@ -360,9 +341,16 @@ class Builder:
         g.op("sdpa", [q, k, v], [out, lse], saved=([q, k, v, out, lse] + saved_extra) if rg else [], bwd_temp=ws)
         return out
 
-    def _cached(self, t: int, width: int, dtype: int) -> int:
-        c = self.new(width, dtype, self.g.rg(t))
-        self.g.op("cache_cat", [t], [c], grad_alias=[t] if dtype == self.dtype[t] else [])
+    def _repeat_kv(self, t: int, width: int) -> int:
+        r = self.new(width, self.dtype[t], self.g.rg(t), seq=self.kv_seq)
+        self.g.op("repeat_kv", [t], [r])
+        return r
+
+    def _held_copy(self, name: str, inputs: list, width: int, dtype: int, seq: int, source: int) -> int:
+        """A copy made by a cache update (`cat`), held for the outputs' lifetime; its gradient is a view of the
+        output's gradient when the dtype is unchanged."""
+        c = self.new(width, dtype, any(self.g.rg(t) for t in inputs), seq=seq)
+        self.g.op(name, inputs, [c], grad_alias=[source] if dtype == self.dtype[source] else [])
         self.g.hold(c)
         return c
 
@@ -440,7 +428,7 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
         b.g.hold(x, scope="piece")
     prefix = None
     if tc.method == "prefix":
-        dt = R.attn
+        dt = R.weight  # peft casts the prefix key/values to the base model's dtype
         pk = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
         pv = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
         b.dtype[pk] = b.dtype[pv] = dt
@@ -535,6 +523,6 @@ def prefix_graph(arch: ModelArch, tc: TrainConfig):
     width = arch.num_layers * 2 * arch.kv_dim
     e = g.tensor((n * width * FP32, 0), rg=True)
     g.op("prefix_encoder", [], [e], param_grad=(0, param_bytes(n * width, FP32)))
-    c = g.tensor((n * width * R.attn, 0), rg=True, held=True)
+    c = g.tensor((n * width * R.weight, 0), rg=True, held=True)  # cast to the base model's dtype
     g.op("to_copy", [e], [c])
     return g, c

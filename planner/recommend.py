@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .arch import ModelArch
 from .config import TrainConfig
+from .methods import method_label
 from .plan import DEFAULT_MARGIN, Plan, Workload, make_plan
 from .profiles import GPUProfile
 
@@ -223,6 +224,18 @@ def best_per_family(plans: list) -> list:
         lab = family_label(p.train)
         if lab not in seen:
             seen.add(lab)
+            out.append(p)
+    return out
+
+
+def distinct_plans(plans: list) -> list:
+    """Drop plans that differ from an earlier one only in a setting a table does not show (keeps the first)."""
+    seen, out = set(), []
+    for p in plans:
+        d = plan_row(p)
+        key = (method_label(p.train), d["precision"], d["batch"], d["gpus"], d["grad_ckpt"], d["optimizer"])
+        if key not in seen:
+            seen.add(key)
             out.append(p)
     return out
 

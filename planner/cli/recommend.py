@@ -11,7 +11,7 @@ from ..methods import method_label
 from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
-from ..recommend import OBJECTIVES, Request, best_per_family, explain, plan_row, quality_score, recommend as run_recommend
+from ..recommend import OBJECTIVES, Request, best_per_family, distinct_plans, explain, plan_row, quality_score, recommend as run_recommend
 from ..units import fmt_count, fmt_gib, fmt_hours
 from .options import (
     emit_json,
@@ -113,7 +113,7 @@ def _print(res, how, top, verified, variants=False):
     click.echo("")
     if res.ranked:
         rows = []
-        shown = _distinct(res.ranked) if variants else best_per_family(res.ranked)
+        shown = distinct_plans(res.ranked) if variants else best_per_family(res.ranked)
         for i, p in enumerate(shown[:top], 1):
             d = plan_row(p)
             v = verified.get(id(p))
@@ -129,10 +129,10 @@ def _print(res, how, top, verified, variants=False):
         click.echo(table(headers, rows, align="rllllllrrrr" + ("r" if verified else "")))
         click.echo("")
         click.echo(explain(res))
-        hidden = len(_distinct(res.ranked)) - len(shown)
+        hidden = len(distinct_plans(res.ranked)) - len(shown)
         notes = []
         if not variants and hidden > 0:
-            notes.append(f"best configuration per method shown; --variants lists all {len(_distinct(res.ranked))}")
+            notes.append(f"best configuration per method shown; --variants lists all {len(distinct_plans(res.ranked))}")
         if not res.request.workload.total_tokens:
             notes.append("--dataset-tokens and --epochs add time and cost")
         if notes:
@@ -156,18 +156,6 @@ def _print(res, how, top, verified, variants=False):
 
 def _size(n: int) -> str:
     return f"{n / 2**40:.2f} TiB" if n >= 2**40 else fmt_gib(n)
-
-
-def _distinct(plans):
-    """Hide plans that differ only in a setting that changes nothing in the table (keeps the first)."""
-    seen, out = set(), []
-    for p in plans:
-        d = plan_row(p)
-        key = (method_label(p.train), d["precision"], d["batch"], d["gpus"], d["grad_ckpt"], d["optimizer"])
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
 
 
 def _fallbacks(chosen, res) -> list[dict]:
@@ -211,7 +199,7 @@ def _verify(res, n: int) -> dict:
     from ..memory import cuda_workspace_bytes
 
     out = {}
-    for p in _distinct(res.ranked)[:n]:
+    for p in distinct_plans(res.ranked)[:n]:
         if p.train.num_gpus > 1:
             continue
         config = dict(p.model.config)
@@ -243,7 +231,7 @@ def _as_json(res, top, verified, saved):
         "plans": [
             dict(p.to_dict(), quality=quality_score(p.train), rank_in_list=i,
                  **({"traced_device_bytes": verified[id(p)]} if id(p) in verified else {}))
-            for i, p in enumerate(_distinct(res.ranked)[:top], 1)
+            for i, p in enumerate(distinct_plans(res.ranked)[:top], 1)
         ],
         "not_fitting": [
             {"label": nf.label, "device_bytes": nf.best.device_bytes, "needs_gpus": nf.needs_gpus,

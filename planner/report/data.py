@@ -17,7 +17,7 @@ from ..cost import cost_usd
 from ..methods import method_label
 from ..plan import DEFAULT_MARGIN, Plan, Workload, make_plan
 from ..profiles import GPUProfile, list_gpus, prices_for
-from ..recommend import OBJECTIVES, Request, Result, plan_row, quality_score, recommend
+from ..recommend import OBJECTIVES, Request, Result, distinct_plans, plan_row, quality_score, recommend
 
 # -- methods --------------------------------------------------------------------------------------------------------
 
@@ -346,18 +346,6 @@ def chosen_method(arch: ModelArch, gpu: GPUProfile, cond: Conditions) -> str:
 
 
 # -- ranked plans (recommend --chart) -------------------------------------------------------------------------------
-
-
-def distinct_plans(plans: list[Plan]) -> list[Plan]:
-    """Drop plans that differ from an earlier one only in a setting the table does not show (as recommend prints)."""
-    seen, out = set(), []
-    for p in plans:
-        d = plan_row(p)
-        key = (method_label(p.train), d["precision"], d["batch"], d["gpus"], d["grad_ckpt"], d["optimizer"])
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
 
 
 def ranked_plans(res: Result, top: int = 5) -> pd.DataFrame:
