@@ -169,3 +169,26 @@ def tiny_plan(tmp_path, tiny_model_dir):
         return write_tiny_plan(tmp_path / f"plan{next(counter)}.toml", tiny_model_dir, **kw)
 
     return make
+
+
+TINY_LLAMA_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 128,
+                     "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def make_tiny_config(tmp_path):
+    """`make_tiny_config(**overrides) -> Path` of a tiny Llama config.json (random weights are built from it)."""
+
+    def make(**overrides):
+        import json
+
+        d = tmp_path / "tiny"
+        d.mkdir(exist_ok=True)
+        path = d / "config.json"
+        path.write_text(json.dumps({**TINY_LLAMA_CONFIG, **overrides}))
+        return path
+
+    return make
+

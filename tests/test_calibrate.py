@@ -18,18 +18,13 @@ from calibrate.record import load_records, records_frame, validate_record, write
 from planner.cli import cli
 from planner.config import TrainConfig
 
-TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300,
-        "max_position_embeddings": 128, "tie_word_embeddings": False}
+from conftest import TINY_LLAMA_CONFIG as TINY  # noqa: E402
 FTPLAN = str(Path(sys.executable).parent / "ftplan")
 
 
 @pytest.fixture
-def tiny_config(tmp_path) -> Path:
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(TINY))
-    return d / "config.json"
+def tiny_config(make_tiny_config) -> Path:
+    return make_tiny_config()
 
 
 def run(*args, code=0, env=None):

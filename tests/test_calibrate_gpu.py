@@ -6,7 +6,6 @@ until the GPU is full)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,13 @@ from calibrate.record import load_records
 
 pytestmark = pytest.mark.gpu
 
-TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
-        "max_position_embeddings": 512, "tie_word_embeddings": False}
 FTPLAN = str(Path(sys.executable).parent / "ftplan")
 
 
 @pytest.fixture
-def tiny_config(tmp_path) -> Path:
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps(TINY))
-    return d / "config.json"
+def tiny_config(make_tiny_config) -> Path:
+    # big enough for the GPU to show real allocations
+    return make_tiny_config(hidden_size=256, intermediate_size=512, vocab_size=1024, max_position_embeddings=512)
 
 
 def calibrate(*args, timeout=900):
