@@ -125,17 +125,6 @@ class LiveBytes(TorchDispatchMode):
         self.by_tag[tag] = self.by_tag.get(tag, 0) + n
         self.live[key] = (n, ref, tag)
 
-    def untrack(self, t) -> int:
-        """Remove a storage from the allocated count (CUDA managed memory); returns its bytes."""
-        key = id(t.untyped_storage())
-        entry = self.live.pop(key, None)
-        if entry is None:
-            return 0
-        self.current -= entry[0]
-        self.by_tag[entry[2]] -= entry[0]
-        self.excluded[key] = entry[0]
-        return entry[0]
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if (
             func is torch.ops.aten.add.Tensor

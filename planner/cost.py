@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .arch import ModelArch
@@ -338,8 +338,6 @@ def cost_usd(hours: float, num_gpus: int, usd_per_gpu_hour: float) -> float:
     return hours * num_gpus * usd_per_gpu_hour
 
 
-def with_params(params: ThroughputParams, **changes) -> ThroughputParams:
-    return replace(params, **changes)
 
 
 __all__ = [

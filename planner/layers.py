@@ -388,7 +388,7 @@ class Builder:
             L = lin["gate_up_proj"]
             gu = self.linear(n2, "gate_up_proj", h, 2 * I, L.bias)
             gate, up = self._view(gu, I), self._view(gu, I)
-            act = self.activation(gate, I, saves_input_storage=gu)
+            act = self.activation(gate, I)
             p = self.mul(up, act, I)
         else:
             gate = self.linear(n2, "gate_proj", h, I, lin["gate_proj"].bias)
@@ -406,7 +406,7 @@ class Builder:
         """A view into `t` (Phi-3's fused projections): same storage, modelled as `t` itself."""
         return t
 
-    def activation(self, x: int, width: int, saves_input_storage: int | None = None) -> int:
+    def activation(self, x: int, width: int) -> int:
         """SiLU / GELU(tanh): saves its input when it needs a gradient."""
         y = self.new(width, self.dtype[x], self.g.rg(x))
         self.g.op("act", [x], [y], saved=[x] if self.g.rg(x) else [])

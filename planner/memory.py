@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
-from .layers import BF16, FP32, head_graph, layer_graph, param_bytes, prefix_graph, regime, tail_graph
+from .layers import FP32, head_graph, layer_graph, param_bytes, prefix_graph, regime, tail_graph
 from .methods import ia3_targets, lora_targets, trainable_params, total_params
 from .units import MIB
 

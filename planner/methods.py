@@ -18,28 +18,25 @@ class MethodSpec:
     """Args:
     name: the `--method` value.
     label: how tables print it.
-    quality_tier: 1 = best adaptation quality per step (full fine-tuning) ... 4 = least (prompt tuning); the
-        first ranking key of `recommend --objective quality` and the default ranking. Ordering follows the
-        common finding that full FT >= LoRA ~ QLoRA > IA3 > prefix/prompt on instruction tuning (LoRA paper,
-        arXiv:2106.09685 Table 2-4; QLoRA, arXiv:2305.14314 Sec. 4; IA3, arXiv:2205.05638; prefix/prompt:
-        arXiv:2101.00190, arXiv:2104.08691).
+    description: one line for listings.
+
+    How methods rank on quality is `planner.recommend.quality_score` (a stated heuristic with its sources).
     """
 
     name: str
     label: str
-    quality_tier: int
     description: str
 
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("full", "Full FT", 1, "all weights trained"),
-        MethodSpec("lora", "LoRA", 2, "low-rank adapters on linear layers, base frozen"),
-        MethodSpec("qlora", "QLoRA", 2, "LoRA over a 4-bit NF4 base (double quantization), bf16 compute"),
-        MethodSpec("ia3", "IA3", 3, "learned scaling vectors on k/v (or q/v) and the MLP down projection"),
-        MethodSpec("prefix", "Prefix", 4, "trained key/value prefix in every layer"),
-        MethodSpec("prompt", "Prompt", 4, "trained virtual-token embeddings before the input"),
+        MethodSpec("full", "Full FT", "all weights trained"),
+        MethodSpec("lora", "LoRA", "low-rank adapters on linear layers, base frozen"),
+        MethodSpec("qlora", "QLoRA", "LoRA over a 4-bit NF4 base (double quantization), bf16 compute"),
+        MethodSpec("ia3", "IA3", "learned scaling vectors on k/v (or q/v) and the MLP down projection"),
+        MethodSpec("prefix", "Prefix", "trained key/value prefix in every layer"),
+        MethodSpec("prompt", "Prompt", "trained virtual-token embeddings before the input"),
     )
 }
 

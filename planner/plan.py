@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .arch import ModelArch
 from .config import TrainConfig
 from .cost import Throughput, ThroughputParams, cost_usd, throughput, throughput_params, training_hours
-from .memory import TERMS, MemoryEstimate, estimate_memory
+from .memory import MemoryEstimate, estimate_memory
 from .profiles import GPUProfile, Price, prices_for
 
 DEFAULT_MARGIN = 0.05  # recommend keeps plans whose device memory leaves >= 5% of the GPU free
@@ -141,6 +141,3 @@ def make_plan(
             plan.cost_usd = cost_usd(plan.hours, tc.num_gpus, rows[0].usd_per_gpu_hour)
     return plan
 
-
-def term_description(term: str) -> str:
-    return TERMS.get(term, term)

@@ -17,7 +17,6 @@ arXiv:2205.05638, prefix/prompt tuning arXiv:2101.00190 / 2104.08691.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -290,7 +289,3 @@ def plan_row(p: Plan) -> dict:
         "quality": quality_score(p.train),
     }
 
-
-def total_tokens_or(res: Result) -> int | None:
-    t = res.request.workload.total_tokens
-    return t if t and not math.isnan(t) else None

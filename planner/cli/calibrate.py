@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -31,10 +30,6 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 METRICS = ("allocated", "reserved", "tokens_per_s")
 
 
-def _results_dir() -> Path:
-    from calibrate.record import RESULTS_DIR
-
-    return RESULTS_DIR
 
 
 def _load(results: tuple[str, ...]):

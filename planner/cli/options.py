@@ -4,7 +4,6 @@ Every user error becomes a click usage error (exit code 2) that names the option
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -146,10 +145,3 @@ def positive(ctx, param, value):
     if value is not None and value <= 0:
         raise click.BadParameter(f"must be > 0, got {value}")
     return value
-
-
-@functools.cache
-def terminal_width() -> int:
-    import shutil
-
-    return shutil.get_terminal_size((110, 24)).columns
