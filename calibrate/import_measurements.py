@@ -36,42 +36,56 @@ def row_to_train(row: dict) -> TrainConfig:
     return TrainConfig(**kw)
 
 
-def import_rows(path: Path, gpu_name: str, versions: dict, out_dir=None, max_position_embeddings: int = 16384) -> list[Path]:
+def row_record(row: dict, gpu_name: str, versions: dict | None = None, source: str = "",
+               max_position_embeddings: int = 16384) -> dict:
+    """One measured row as a `kind: import` record (in memory), with the current planner's prediction."""
     gpu = load_gpu(gpu_name)
-    written = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    tc = row_to_train(row)
+    config = dict(row["model_config"], max_position_embeddings=max_position_embeddings)
+    plan = make_plan(arch_from_config(config, name=row["model"]), tc, gpu)
+    return new_record(
+        kind="import",
+        model_name=row["model"],
+        model_config=config,
+        train=tc.to_dict(),
+        measured={
+            "device": "cuda",
+            "peak_allocated_bytes": int(round(row["peak_allocated_gib"] * GIB)),
+            "peak_reserved_bytes": int(round(row["peak_reserved_gib"] * GIB)) if row.get("peak_reserved_gib") else None,
+            "tokens_per_s": float(row["tokens_per_s"]) if row.get("tokens_per_s") else None,
+            "steps": 6,
+            "warmup_steps": 2,
+        },
+        prediction={
+            "peak_allocated_bytes": plan.peak_allocated_bytes,
+            "peak_reserved_bytes": plan.peak_reserved_bytes,
+            "device_bytes": plan.device_bytes,
+            "tokens_per_s": plan.speed.tokens_per_s,
+        },
+        meta_info={"gpu_name": gpu.display_name, "gpu_profile": gpu.name, "gpu_total_bytes": gpu.memory_bytes,
+                   "versions": dict(versions or {}), "note": "GiB figures given to 2 decimals (+-0.005 GiB)"},
+        command=f"python -m calibrate.import_measurements {source.split('#')[0]} --gpu {gpu_name}",
+        source=source,
+    )
+
+
+def read_rows(path: Path, gpu_name: str, versions: dict | None = None) -> list[dict]:
+    """Every row of a measurements JSON-lines file as a record; a malformed line is an error naming file:line."""
+    out = []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        tc = row_to_train(row)
-        config = dict(row["model_config"], max_position_embeddings=max_position_embeddings)
-        plan = make_plan(arch_from_config(config, name=row["model"]), tc, gpu)
-        rec = new_record(
-            kind="import",
-            model_name=row["model"],
-            model_config=config,
-            train=tc.to_dict(),
-            measured={
-                "device": "cuda",
-                "peak_allocated_bytes": int(round(row["peak_allocated_gib"] * GIB)),
-                "peak_reserved_bytes": int(round(row["peak_reserved_gib"] * GIB)),
-                "tokens_per_s": float(row["tokens_per_s"]),
-                "steps": 6,
-                "warmup_steps": 2,
-            },
-            prediction={
-                "peak_allocated_bytes": plan.peak_allocated_bytes,
-                "peak_reserved_bytes": plan.peak_reserved_bytes,
-                "device_bytes": plan.device_bytes,
-                "tokens_per_s": plan.speed.tokens_per_s,
-            },
-            meta_info={"gpu_name": gpu.display_name, "gpu_profile": gpu.name, "gpu_total_bytes": gpu.memory_bytes,
-                       "versions": versions, "note": "GiB figures given to 2 decimals (+-0.005 GiB)"},
-            command=f"python -m calibrate.import_measurements {path.name} --gpu {gpu_name}",
-            source=f"{path.name}#{row.get('name', line_no)}",
-        )
-        written.append(write_record(rec, out_dir))
-    return written
+        try:
+            row = json.loads(line)
+            out.append(row_record(row, gpu_name, versions, f"{Path(path).name}#{row.get('name', line_no)}"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{line_no}: not a measurement row ({e})") from None
+    return out
+
+
+def import_rows(path: Path, gpu_name: str, versions: dict, out_dir=None, max_position_embeddings: int = 16384) -> list[Path]:
+    """Write every row of `path` as a record file (calibrate/results/<gpu>/ by default)."""
+    return [write_record(rec, out_dir) for rec in read_rows(path, gpu_name, versions)]
 
 
 def main(argv=None) -> int:

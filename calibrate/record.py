@@ -131,14 +131,16 @@ def load_records(paths=None) -> list[dict]:
     Malformed files raise RecordError naming the file."""
     roots = [Path(p) for p in (paths or [RESULTS_DIR])]
     files = []
+    out = []
     for r in roots:
-        if r.is_dir():
+        if r.is_file() and r.suffix == ".jsonl":
+            out += _measurement_rows(r)
+        elif r.is_dir():
             files += sorted(r.rglob("*.json"))
         elif r.is_file():
             files.append(r)
         else:
             raise RecordError(f"no records at {r}")
-    out = []
     for f in files:
         try:
             rec = json.loads(f.read_text())
@@ -148,6 +150,26 @@ def load_records(paths=None) -> list[dict]:
         rec["_path"] = os.fspath(f)
         out.append(rec)
     return out
+
+
+def _measurement_rows(path: Path) -> list[dict]:
+    """A measurements JSON-lines file (the shared measurement format) read as import records, in memory; the GPU
+    is the profile its file name names (`h100-sxm-80gb.jsonl`)."""
+    from planner.profiles import ProfileError, load_gpu
+
+    from .import_measurements import read_rows
+
+    try:
+        gpu = load_gpu(path.stem).name
+    except ProfileError as e:
+        raise RecordError(f"{path}: name the file after its GPU profile (e.g. h100-sxm-80gb.jsonl): {e}") from None
+    try:
+        recs = read_rows(path, gpu)
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+    for rec in recs:
+        rec["_path"] = f"{path}#{rec['source'].split('#', 1)[-1]}"
+    return recs
 
 
 def records_frame(records: list[dict]):

@@ -150,3 +150,36 @@ def test_params_by_gpu_override_the_calibration():
         assert c.predicted_tokens_per_s < base[c.id].predicted_tokens_per_s
         assert c.predicted_reserved_bytes == int(c.predicted_allocated_bytes * 1.5)
         assert c.predicted_allocated_bytes == base[c.id].predicted_allocated_bytes  # memory model untouched
+
+
+def test_validate_reads_a_measurements_jsonl_directly(tmp_path):
+    """Rows in the shared measurement format (named after their GPU) validate without importing them first."""
+    import json
+
+    from click.testing import CliRunner
+
+    from calibrate.record import load_records
+    from planner.cli import cli
+
+    recs = [r for r in load_records() if r["kind"] == "import"]
+    rows = []
+    for r in recs:
+        t = r["train"]
+        rows.append({"name": r["source"].split("#")[-1], "model": r["model"]["name"], "model_config": r["model"]["config"],
+                     "method": t["method"], "precision": t["precision"], "rank": t["rank"],
+                     "num_virtual_tokens": t["num_virtual_tokens"],
+                     "target_modules": ",".join(t["target_modules"]), "seq_len": t["seq_len"],
+                     "batch_size": t["batch_size"], "grad_ckpt": t["grad_ckpt"], "optimizer": t["optimizer"],
+                     "peak_allocated_gib": round(r["measured"]["peak_allocated_bytes"] / 2**30, 2),
+                     "peak_reserved_gib": round(r["measured"]["peak_reserved_bytes"] / 2**30, 2),
+                     "tokens_per_s": r["measured"]["tokens_per_s"]})
+    path = tmp_path / "h100-sxm-80gb.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    res = CliRunner().invoke(cli, ["validate", "--results", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    errors = [abs(r["error_allocated"]) for r in d["rows"]]
+    assert len(errors) == len(rows) and max(errors) < 0.05
+    path.write_text(path.read_text() + "{not json\n")
+    bad = CliRunner().invoke(cli, ["validate", "--results", str(path)])
+    assert bad.exit_code != 0 and f"h100-sxm-80gb.jsonl:{len(rows) + 1}" in bad.output

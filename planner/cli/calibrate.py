@@ -254,7 +254,8 @@ def _pct(v) -> str:
 
 @click.command(context_settings=CTX)
 @click.option("--results", multiple=True, metavar="DIR|FILE",
-              help="Record folders or files (repeatable; default calibrate/results, the shipped measurements included).")
+              help="Record folders or files (repeatable; default calibrate/results, the shipped measurements included); "
+                   "a measurements .jsonl named after its GPU (h100-sxm-80gb.jsonl) is read as records.")
 @click.option("--max-error", type=float, default=0.05, show_default=True, metavar="FRACTION",
               help="Exit non-zero when the --metric error of any record is above this.")
 @click.option("--metric", type=click.Choice(METRICS), default="allocated", show_default=True,
