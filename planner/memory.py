@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
-from .layers import FP32, head_graph, layer_graph, param_bytes, prefix_graph, regime, tail_graph
+from .layers import BF16, FP32, head_graph, layer_graph, param_bytes, prefix_graph, regime, tail_graph
 from .methods import ia3_targets, lora_targets, trainable_params, total_params
 from .units import MIB
 
@@ -385,6 +385,17 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     return events
 
 
+def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Event:
+    """Model load of QLoRA: `prepare_model_for_kbit_training` casts each non-quantized parameter with
+    `param.data = param.data.to(fp32)`, so while the largest one (the embedding, or an untied lm_head) is cast its
+    bf16 original and fp32 copy coexist, on top of the 4-bit weights (the adapters and the cuBLAS workspace come
+    later). Rarely the peak, but part of what `max_memory_allocated()` sees over load and training."""
+    largest = max(n for group, n, _ in param_tensors(arch) if group != "linear")
+    base = {"weights": static["weights"], "quant_constants": static["quant_constants"]}
+    return Event("model load (k-bit preparation)", base, sum(base.values()),
+                 {"temporaries": param_bytes(largest, BF16)}, None, tc.batch_size)
+
+
 # -- the estimate ---------------------------------------------------------------------------------------------------
 
 # Breakdown terms, in display order, with what they hold.
@@ -458,6 +469,8 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
     static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, _static_key(tc), cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)
+    if tc.method == "qlora":
+        events.append(kbit_preparation_event(arch, tc, static))
     peak = max(events, key=lambda e: e.total)
     parts = peak.parts
     if "inputs" in parts:  # the batch's token ids are reported with the activations

@@ -100,3 +100,13 @@ def test_mechanisms_move_memory_the_right_way():
     # 16 bytes per parameter rule of thumb for mixed-precision AdamW, plus foreach's sqrt buffer: ~20 B/param
     mixed = estimate_memory(arch, full.replace(precision="mixed"))
     assert 19.5 < mixed.peak_allocated_bytes / arch.total_params < 21.5
+
+
+def test_qlora_timeline_includes_the_k_bit_preparation_at_load():
+    """prepare_model_for_kbit_training holds the largest non-quantized tensor in bf16 and fp32 at once."""
+    arch = load_model("llama-3.1-8b")
+    e = estimate_memory(arch, TrainConfig(method="qlora", target_modules=("all-linear",), seq_len=256, grad_ckpt=True))
+    load = e.events["model load (k-bit preparation)"]
+    assert load > arch.vocab_size * arch.hidden_size * (2 + 4)  # the embedding's bf16 original + the fp32 copies
+    assert load <= e.peak_allocated_bytes  # training still dominates, narrowly, at 256 tokens
+
