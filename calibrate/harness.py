@@ -188,7 +188,7 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
                 if tc.num_gpus != 1:
                     raise ValueError(f"num_gpus: calibrate measures one device, got {tc.num_gpus} (valid: 1)")
                 arch, _ = resolve_model(ref)
-                if tc.method in ("lora", "qlora"):
+                if tc.spec.uses_rank:
                     lora_targets(arch, tc)
             except (ValueError, TypeError, ProfileError, ArchError, TargetError) as e:
                 shown = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
@@ -694,7 +694,7 @@ def _run_steps(point: Point, spec: dict, gpu: dict, m: _Measurement) -> None:
     path = point.checkpoint
     tmp = None
     try:
-        if tc.method == "qlora" and path is None:
+        if tc.base_quant.quantized and path is None:
             m.phase = "qlora-prepare"
             tmp = tempfile.TemporaryDirectory(prefix="ftplan-qlora-")
             path = _save_bf16(point, tc, dev, tmp.name)
@@ -771,7 +771,7 @@ def _save_bf16(point: Point, tc: TrainConfig, dev: str, folder: str) -> str:
 
     from trainer import recipe
 
-    bf16 = tc.replace(method="lora", precision="bf16")
+    bf16 = tc.replace(method="lora", quant="none", precision="bf16")
     build_on = dev
     if dev.startswith("cuda"):
         arch = arch_from_config(point.config, name=point.model_name)

@@ -19,6 +19,8 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
 - bitsandbytes 4-bit (QLoRA): packed NF4 weights and double-quantized constants as bitsandbytes stores them, and
   the dequantize-then-matmul path bitsandbytes 0.50 takes on CUDA for more than 1536 tokens (a transient bf16
   copy of each weight in forward and backward).
+- DoRA over a 4-bit base: peft dequantizes the base weight every forward (`dequantize_module_weight`); the trace
+  allocates what `bnb.functional.dequantize_4bit` allocates (the nested absmax in fp32, the bf16 weight).
 - bitsandbytes 8-bit optimizers: their state buffers (uint8 x 2 + fp32 absmax per 256; fp32 below 4096 elements);
   paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
 
@@ -262,6 +264,27 @@ def _never_packed(position_ids):
     return None
 
 
+_PEFT_DEQUANTIZE = None
+
+
+def _dequantize_module_weight(module):
+    """Stand-in for peft's `dequantize_module_weight` on a bitsandbytes 4-bit layer (DoRA calls it every forward):
+    `bnb.functional.dequantize_4bit` with double quantization dequantizes the nested absmax into one fp32 buffer
+    (`dequantize_blockwise`, then `absmax += offset` in place: bitsandbytes 0.50 functional.py) and writes the
+    weight in the compute dtype (N, K); on the meta device (model build) only the shape is needed."""
+    shape = getattr(module, "_ftplan_4bit", None)
+    if shape is not None:
+        n_out, n_in, n_blocks = shape
+        absmax = torch.empty(n_blocks, dtype=torch.float32)
+        out = torch.empty(n_out, n_in, dtype=torch.bfloat16)
+        del absmax
+        return out
+    w = getattr(module, "weight", None)
+    if w is not None and type(w).__name__ == "Params4bit" and w.device.type == "meta":
+        return torch.empty(module.out_features, module.in_features, dtype=torch.bfloat16, device="meta")
+    return _PEFT_DEQUANTIZE(module)
+
+
 @contextlib.contextmanager
 def cuda_behaviour():
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace."""
@@ -279,10 +302,16 @@ def cuda_behaviour():
         bnb.nn.Linear4bit.forward = _linear4bit_forward
     except ImportError:  # pragma: no cover - bitsandbytes is in the train extra
         pass
+    global _PEFT_DEQUANTIZE
+    import peft.tuners.lora.dora as peft_dora
+
+    _PEFT_DEQUANTIZE = peft_dora.dequantize_module_weight
+    peft_dora.dequantize_module_weight = _dequantize_module_weight
     try:
         yield
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]
 
@@ -353,7 +382,7 @@ def _materialize(model, fake_mode, tracker: LiveBytes) -> None:
 def build_traced_model(config: dict, tc: TrainConfig, fake_mode, tracker: LiveBytes):
     """The recipe's model and method on the meta device, then swapped for fake tensors."""
     with torch.device("meta"):
-        if tc.method == "qlora":
+        if tc.base_quant.quantized:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16, attn_implementation="sdpa")
@@ -432,7 +461,7 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
                 notes.append("8-bit optimizer: bitsandbytes state layout emulated")
             else:
                 opt = recipe.make_optimizer(params, tc, foreach=True if tc.optimizer in ("adamw", "sgd") else None)
-            if tc.method == "qlora":
+            if tc.base_quant.quantized:
                 notes.append("4-bit weights: bitsandbytes NF4 storage and dequantize+matmul path emulated")
             vocab = int(config["vocab_size"])
             outputs = None

@@ -1,4 +1,5 @@
-"""Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`.
+"""Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`
+(and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from planner.config import TrainConfig
+from planner.methods import ALIASES, get_method
 
 CUDA_WORKSPACE_H100 = 2 * 32 * 2**20  # two cuBLAS handles (forward thread, autograd thread) x 32 MiB on sm90
 
@@ -68,6 +70,44 @@ def structured_points() -> list[tuple[str, dict]]:
     return pts
 
 
+def dora_points() -> list[tuple[str, dict]]:
+    """DoRA and rsLoRA (issue: a method added as one module): every precision, a 4-bit base (QDoRA), with and
+    without dropout (DoRA's second base matmul), checkpointing, a GQA and a non-GQA family, biases (Qwen2),
+    fused projections (Phi-3), and the optimizers whose state follows the trainable tensors."""
+    all_lin = ("all-linear",)
+    pts = []
+    for model in ("llama-3.2-1b", "qwen2.5-0.5b"):
+        for ckpt in (False, True):
+            pts += [
+                (model, dict(method="dora", rank=16, target_modules=all_lin, seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+                (model, dict(method="dora", rank=8, target_modules=("q_proj", "v_proj"), lora_dropout=0.0, seq_len=1024,
+                             batch_size=2, grad_ckpt=ckpt)),
+                (model, dict(method="dora", rank=16, target_modules=all_lin, precision="mixed", seq_len=512, batch_size=1,
+                             grad_ckpt=ckpt)),
+                (model, dict(method="dora", quant="nf4", rank=16, target_modules=all_lin, seq_len=1024, batch_size=2,
+                             grad_ckpt=ckpt)),
+            ]
+    pts += [
+        ("llama-2-7b", dict(method="dora", rank=16, target_modules=("q_proj", "v_proj"), seq_len=1024, batch_size=1)),
+        ("llama-2-7b", dict(method="dora", rank=16, target_modules=all_lin, seq_len=512, batch_size=1)),
+        ("llama-2-7b", dict(method="dora", rank=16, target_modules=all_lin, seq_len=1024, batch_size=2, grad_ckpt=True)),
+        ("llama-2-7b", dict(method="dora", rank=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                            precision="mixed", lora_dropout=0.0, seq_len=512, batch_size=1)),
+        ("llama-2-7b", dict(method="dora", quant="nf4", rank=64, target_modules=all_lin, seq_len=2048, batch_size=1,
+                            grad_ckpt=True)),
+        ("phi-3-mini", dict(method="dora", rank=8, target_modules=all_lin, seq_len=512, batch_size=1)),
+        ("qwen2.5-0.5b", dict(method="dora", rank=32, target_modules=all_lin, precision="fp32", seq_len=512, batch_size=1)),
+        ("qwen2.5-0.5b", dict(method="dora", rank=16, target_modules=all_lin, seq_len=512, batch_size=2, optimizer="adafactor")),
+        ("llama-3.2-1b", dict(method="dora", rank=16, target_modules=all_lin, seq_len=512, batch_size=2, optimizer="sgd")),
+        ("llama-3.2-1b", dict(method="lora", use_rslora=True, rank=16, target_modules=all_lin, seq_len=1024, batch_size=2)),
+    ]
+    return pts
+
+
+GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
+         "dora": lambda args: dora_points()}
+
+
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
     rng = random.Random(seed)
     models = [m for m, w in MODELS.items() for _ in range(w)]
@@ -83,15 +123,17 @@ def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
         )
         if d["seq_len"] * d["batch_size"] > 16384:
             d["batch_size"] = max(1, 16384 // d["seq_len"])
-        if method != "qlora":
-            d["precision"] = rng.choice(["bf16", "bf16", "mixed"] + (["fp32"] if method == "full" else []))
-        if method in ("lora", "qlora"):
+        name, quant = ALIASES.get(method, (method, "none"))
+        spec = get_method(name)
+        if quant == "none":
+            d["precision"] = rng.choice(["bf16", "bf16", "mixed"] + (["fp32"] if spec.trains_base else []))
+        if spec.uses_rank:
             d["rank"] = rng.choice([4, 8, 16, 32, 64, 128])
             d["target_modules"] = rng.choice([("q_proj", "v_proj"), ("all-linear",), ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")])
             d["lora_dropout"] = rng.choice([0.05, 0.05, 0.1, 0.0])
-        if method in ("prefix", "prompt"):
+        if spec.uses_virtual_tokens:
             d["num_virtual_tokens"] = rng.choice([8, 20, 64])
-        if method == "prefix":
+        if not spec.supports_grad_ckpt:
             d["grad_ckpt"] = False  # peft refuses prefix tuning with gradient checkpointing
         pts.append((rng.choice(models), d))
     return pts
@@ -115,13 +157,15 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=150, help="random points on top of the structured ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
+    ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
+                    help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
     import transformers
     import peft
 
-    points = structured_points() + random_points(args.random, args.seed)
+    points = GRIDS[args.grid](args)
     if args.limit:
         points = points[: args.limit]
     out = Path(args.out)

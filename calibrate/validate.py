@@ -86,7 +86,7 @@ def compare_record(rec: dict, params: ThroughputParams | None = None) -> Compari
         status=rec["status"],
         gpu=profile or ("cpu" if m.get("device") == "cpu" else "unknown"),
         model=rec["model"]["name"],
-        method=tc.method,
+        method=tc.method_name,
         config=tc.describe(),
         measured_allocated_bytes=meas_alloc,
         predicted_allocated_bytes=plan.peak_allocated_bytes if cuda else None,

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-METHODS = ("full", "lora", "qlora", "prefix", "prompt", "ia3")
 PRECISIONS = ("bf16", "mixed", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
-
-# Methods whose base weights are frozen and whose trainable parameters are a small adapter.
-PEFT_METHODS = ("lora", "qlora", "prefix", "prompt", "ia3")
 
 ALL_LINEAR = "all-linear"
 
@@ -24,10 +20,13 @@ class TrainConfig:
     """One training configuration (per device).
 
     Args:
-        method: full | lora | qlora | prefix | prompt | ia3.
+        method: a registered method (`planner.methods`: full, lora, dora, prefix, prompt, ia3); `qlora` is the
+            alias of method lora over quant nf4 (and `qdora` of dora over nf4).
+        quant: how the frozen base weights are stored (`planner.quant`: none, or nf4 4-bit).
         precision: bf16 (weights, grads and optimizer state in bf16), mixed (fp32 master weights, grads and
-            state, forward/backward under bf16 autocast) or fp32. QLoRA computes in bf16 over 4-bit weights.
-        rank: LoRA/QLoRA rank r.  # higher increases quality and memory
+            state, forward/backward under bf16 autocast) or fp32. A 4-bit base computes in bf16.
+        rank: LoRA/DoRA rank r.  # higher increases quality and memory
+        use_rslora: rank-stabilized LoRA scaling, alpha / sqrt(r) (scaling only: no memory change).
         lora_alpha: LoRA scaling numerator; None means 2 x rank.
         lora_dropout: dropout on the LoRA input; > 0 stores a mask and a copy of each adapted input.
         target_modules: module names to adapt (e.g. ("q_proj", "v_proj")) or ("all-linear",).
@@ -43,10 +42,12 @@ class TrainConfig:
     """
 
     method: str = "lora"
+    quant: str = "none"
     precision: str = "bf16"
     rank: int = 16
     lora_alpha: int | None = None
     lora_dropout: float = 0.05
+    use_rslora: bool = False
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     num_virtual_tokens: int = 20
     seq_len: int = 2048
@@ -60,31 +61,31 @@ class TrainConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
+        from .methods import ALIASES, METHOD_CHOICES, get_method
+        from .quant import get_quant
+
+        if self.method in ALIASES:  # `qlora` is LoRA over an NF4 base
+            method, quant = ALIASES[self.method]
+            if self.quant not in ("none", quant):
+                raise ValueError(f"quant {self.quant!r} contradicts method {self.method!r} (which means {method} over {quant})")
+            object.__setattr__(self, "method", method)
+            object.__setattr__(self, "quant", quant)
+        _choice("method", self.method, METHOD_CHOICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("strategy", self.strategy, STRATEGIES)
         for name in ("seq_len", "batch_size", "grad_accum", "num_gpus"):
             _positive(name, getattr(self, name))
-        if self.method in ("lora", "qlora"):
-            _positive("rank", self.rank)
-            if self.lora_alpha is not None and self.lora_alpha <= 0:
-                raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-            if not 0.0 <= self.lora_dropout < 1.0:
-                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-            if not self.target_modules:
-                raise ValueError("target_modules must name at least one module, or be 'all-linear'")
-        if self.method in ("prefix", "prompt"):
-            _positive("num_virtual_tokens", self.num_virtual_tokens)
-        if self.method == "prefix" and self.grad_ckpt:
+        spec = get_method(self.method)
+        spec.validate(self)
+        q = get_quant(self.quant)
+        if self.quant not in spec.quants:
+            raise ValueError(f"quant {self.quant!r} is not valid with method {self.method!r} "
+                             f"(valid: {', '.join(spec.quants)})")
+        if q.quantized and self.precision != "bf16":
             raise ValueError(
-                "grad_ckpt: prefix tuning does not work with gradient checkpointing (peft refuses it: the prefix "
-                "key/values enter every layer as a cache); use --no-grad-ckpt or another method"
-            )
-        if self.method == "qlora" and self.precision != "bf16":
-            raise ValueError(
-                f"precision {self.precision!r} is not valid with qlora: QLoRA computes in bf16 over 4-bit weights "
-                "(valid: bf16)"
+                f"precision {self.precision!r} is not valid with {self.method_name} ({spec.name} over a {q.name} base): "
+                "it computes in bf16 over 4-bit weights (valid: bf16)"
             )
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
@@ -106,8 +107,35 @@ class TrainConfig:
         return self.seq_len * self.batch_size * self.grad_accum * self.num_gpus
 
     @property
+    def spec(self):
+        """The registered `planner.methods.Method` of `method`."""
+        from .methods import get_method
+
+        return get_method(self.method)
+
+    @property
+    def base_quant(self):
+        """The `planner.quant.BaseQuant` of `quant`."""
+        from .quant import get_quant
+
+        return get_quant(self.quant)
+
+    @property
+    def method_name(self) -> str:
+        """The name users know the (method, base quantization) pair by: `qlora` for LoRA over NF4, else the
+        method (records, tables and reports group by it)."""
+        from .methods import ALIASES
+
+        if self.quant == "none":
+            return self.method
+        for alias, pair in ALIASES.items():
+            if pair == (self.method, self.quant):
+                return alias
+        return self.method
+
+    @property
     def is_peft(self) -> bool:
-        return self.method in PEFT_METHODS
+        return not self.spec.trains_base
 
     @property
     def all_linear(self) -> bool:
@@ -117,7 +145,10 @@ class TrainConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """Plain values (plan files, records, `--json`); `method` is the name users know the pair by (`qlora`, not
+        `lora` with quant nf4), so that files and JSON keep the values they always had."""
         d = asdict(self)
+        d["method"] = self.method_name
         d["target_modules"] = list(self.target_modules)
         d.pop("extra", None)
         return d
@@ -139,7 +170,7 @@ class TrainConfig:
         from .methods import method_label
 
         parts = [method_label(self)]
-        if self.method != "qlora":
+        if not self.base_quant.quantized:
             parts.append(self.precision)
         parts.append(f"b{self.batch_size}x{self.seq_len}" + (f" ga{self.grad_accum}" if self.grad_accum > 1 else ""))
         if self.grad_ckpt:

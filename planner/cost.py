@@ -40,7 +40,7 @@ from pathlib import Path
 from .arch import ModelArch
 from .config import TrainConfig
 from .layers import regime
-from .methods import ia3_targets, lora_targets, trainable_params
+from .methods import get_method, trainable_params
 from .memory import gradient_bytes, optimizer_state_bytes
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -55,16 +55,15 @@ def matmul_params(arch: ModelArch) -> int:
 def attention_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     """Forward attention matmuls (QK^T and AV) per token: 2 x 2 x q_dim x keys, halved by causal masking
     (prefix keys are all visible)."""
-    seq = tc.seq_len + (tc.num_virtual_tokens if tc.method == "prompt" else 0)
-    keys = seq / 2 + (tc.num_virtual_tokens if tc.method == "prefix" else 0)
+    extra_seq, extra_kv = tc.spec.virtual_tokens(tc)
+    seq = tc.seq_len + extra_seq
+    keys = seq / 2 + extra_kv
     return 4.0 * arch.q_dim * keys * arch.num_layers
 
 
 def adapter_matmul_params(arch: ModelArch, tc: TrainConfig) -> int:
-    """LoRA's own matmul weights per token (r x (in + out) per adapted linear); other methods add none."""
-    if tc.method not in ("lora", "qlora"):
-        return 0
-    return arch.num_layers * sum(tc.rank * (lin.in_features + lin.out_features) for lin in lora_targets(arch, tc))
+    """The method's own matmul weights per token (LoRA: r x (in + out) per adapted linear; most methods none)."""
+    return tc.spec.adapter_matmul_params(arch, tc)
 
 
 def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
@@ -75,18 +74,18 @@ def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
     attn = attention_flops_per_token(arch, tc)
     fwd = 2.0 * (n + a) + attn
     bwd_input = 2.0 * (n + a) + 2.5 * attn  # flash backward: 5 matmuls (scores recomputed, dV, dP, dQ, dK) to 2
-    bwd_weight = 2.0 * (n if tc.method == "full" else a)
+    bwd_weight = 2.0 * (n if tc.spec.trains_base else a)
     recompute = (2.0 * (n - arch.vocab_size * arch.hidden_size + a) + attn) if tc.grad_ckpt else 0.0
-    scale = (tc.seq_len + (tc.num_virtual_tokens if tc.method == "prompt" else 0)) / tc.seq_len
+    scale = (tc.seq_len + tc.spec.virtual_tokens(tc)[0]) / tc.seq_len
     out = {"forward": fwd * scale, "backward": (bwd_input + bwd_weight) * scale, "recompute": recompute * scale}
     out["total"] = out["forward"] + out["backward"] + out["recompute"]
     return out
 
 
 def dequant_bytes_per_micro_step(arch: ModelArch, tc: TrainConfig) -> int:
-    """QLoRA: bytes moved dequantizing every NF4 weight to bf16 (read 0.5 + write 2 bytes per element) once in
-    forward, once in backward, once more in a checkpointed recomputation."""
-    if tc.method != "qlora":
+    """A 4-bit base (QLoRA): bytes moved dequantizing every NF4 weight to bf16 (read 0.5 + write 2 bytes per
+    element) once in forward, once in backward, once more in a checkpointed recomputation."""
+    if not tc.base_quant.quantized:
         return 0
     n = arch.num_layers * sum(lin.in_features * lin.out_features for lin in arch.linears)
     passes = 3 if tc.grad_ckpt else 2
@@ -99,33 +98,12 @@ def fp32_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     `--precision fp32`: all of it. QLoRA: the lm_head (fp32 after `prepare_model_for_kbit_training`, frozen: forward
     and input gradient, 4 x V x h) and attention (fp32 q, k, v: forward, backward, and the checkpointed recompute).
     Other configurations: none (bf16, and autocast's bf16 for `mixed`)."""
-    if tc.precision == "fp32" and tc.method != "qlora":
+    if tc.precision == "fp32" and not tc.base_quant.quantized:
         return flops_per_token(arch, tc)["total"]
-    if tc.method != "qlora":
+    if not tc.base_quant.quantized:
         return 0.0
     attn = attention_flops_per_token(arch, tc)
     return 4.0 * arch.vocab_size * arch.hidden_size + attn * (2.5 + (1.0 if tc.grad_ckpt else 0.0))
-
-
-def _adapter_bytes_per_element(act: int, lora_dropout: float) -> dict[str, float]:
-    """Bytes moved per element of an adapted linear's input (`in`) and output (`out`) by peft's LoRA wrapper,
-    forward and backward; adapters are fp32 (4 B), activations `act` bytes.
-
-    forward  `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`:
-        in:  cast (read act, write 4) + dropout (read 4, write 4 + 1-byte mask) + lora_A reads its input (4)
-        out: lora_B writes (4) + scale (read 4, write 4) + add (read act + 4, write 4) + cast back (read 4, write act)
-    backward, the same tensors in reverse: out: cast and add gradients (2 x (act + 4)), scale (8), lora_B's two
-    matmuls read the gradient (8); in: lora_A's weight gradient reads the saved input (4) and its input gradient
-    writes (4), dropout (read 4 + mask, write 4), cast (read 4, write act), and x's gradient is the sum of the
-    base layer's and the adapter's (read 2 x act, write act). No cast when activations are already fp32."""
-    f = 4
-    cast = act != f
-    drop = lora_dropout > 0
-    fwd_in = cast * (act + f) + drop * (2 * f + 1) + f
-    fwd_out = 5 * f + act + cast * (f + act)
-    bwd_in = 2 * f + drop * (2 * f + 1) + cast * (f + act) + 3 * act
-    bwd_out = 4 * f + 2 * cast * (act + f)
-    return {"fwd_in": fwd_in, "fwd_out": fwd_out, "bwd_in": bwd_in, "bwd_out": bwd_out}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -136,27 +114,13 @@ def adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     output of k/v (or q/v) and the input of the feed-forward projection in fp32: cast, multiply, cast back (2 x act
     + 2 x 4 B, forward) and in backward the same plus the vector's gradient reduction (2 x act + 3 x 4 B).
     Prefix and prompt tuning add no per-layer elementwise work. Checkpointing repeats the forward part."""
-    R = regime(tc)
-    act = R.lin
-    recompute = 2 if tc.grad_ckpt else 1
-    total = 0.0
-    if tc.method in ("lora", "qlora"):
-        b = _adapter_bytes_per_element(act, tc.lora_dropout)
-        for lin in lora_targets(arch, tc):
-            total += recompute * (b["fwd_in"] * lin.in_features + b["fwd_out"] * lin.out_features)
-            total += b["bwd_in"] * lin.in_features + b["bwd_out"] * lin.out_features
-    elif tc.method == "ia3":
-        targets, ff = ia3_targets(arch)
-        for lin in targets:
-            width = lin.in_features if lin.name in ff else lin.out_features
-            total += width * (recompute * (2 * act + 8) + (2 * act + 12))
-    return total * arch.num_layers
+    return tc.spec.adapter_bytes_per_token(arch, tc, regime(tc).lin)
 
 
 def quantized_cast_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """QLoRA: bitsandbytes' `Linear4bit` casts its fp32 input to bf16 and its bf16 output back to fp32 (read 4 +
-    write 2 bytes per element each way), forward and backward, on every decoder linear."""
-    if tc.method != "qlora":
+    """A 4-bit base: bitsandbytes' `Linear4bit` casts its fp32 input to bf16 and its bf16 output back to fp32
+    (read 4 + write 2 bytes per element each way), forward and backward, on every decoder linear."""
+    if not tc.base_quant.quantized:
         return 0.0
     recompute = 2 if tc.grad_ckpt else 1
     widths = sum(lin.in_features + lin.out_features for lin in arch.linears)
@@ -220,10 +184,14 @@ class ThroughputParams:
     source: str = "defaults"
 
     def efficiency(self, arch: ModelArch, tc: TrainConfig) -> float:
-        """Matmul efficiency of `tc` on `arch`: e_method x size / (size + width_half) (see `size_factor`)."""
-        key = method_key(tc)
-        e = self.matmul_efficiency.get(key, self.matmul_efficiency.get(tc.method, DEFAULT_EFFICIENCY[tc.method]))
-        return e * self.size_factor(arch, tc)
+        """Matmul efficiency of `tc` on `arch`: e_method x size / (size + width_half) (see `size_factor`). The key
+        is `method_key(tc)`; a key without a fitted value falls back to the method's name (with its quantization), then to the method's
+        `efficiency_keys`, then to the prior."""
+        name = tc.base_quant.key_prefix + tc.method
+        for key in (method_key(tc), name, *tc.spec.efficiency_keys):
+            if key in self.matmul_efficiency:
+                return self.matmul_efficiency[key] * self.size_factor(arch, tc)
+        return DEFAULT_EFFICIENCY.get(name, DEFAULT_FROZEN_BASE_EFFICIENCY) * self.size_factor(arch, tc)
 
     def size_factor(self, arch: ModelArch, tc: TrainConfig) -> float:
         """How far the matmuls are from the wide-model efficiency: size / (size + width_half), size = hidden size x
@@ -237,15 +205,16 @@ REFERENCE_TOKENS = 4096  # tokens per micro-step at which `width_half` is a hidd
 
 
 def method_key(tc: TrainConfig) -> str:
-    """The efficiency key of a configuration: the method, with full fine-tuning under fp32 master weights
-    (`mixed`, `fp32`) apart as `full-mixed`."""
-    return "full-mixed" if tc.method == "full" and tc.precision != "bf16" else tc.method
+    """The efficiency key of a configuration, from its method (`planner.methods`): the method's name with its base
+    quantization (`qlora` for LoRA over NF4), and full fine-tuning under fp32 master weights apart as `full-mixed`."""
+    return tc.spec.efficiency_key(tc)
 
 
 # Large-matmul efficiencies before any fit (a plausible prior; `ftplan calibrate fit` replaces them per GPU, and
 # scales them for methods with fewer than two records).
 # Frozen-base methods run full fine-tuning's GEMMs (their extra work is counted as adapter traffic): same prior.
 DEFAULT_EFFICIENCY = {"full": 0.45, "full-mixed": 0.35, "lora": 0.45, "qlora": 0.45, "prefix": 0.45, "prompt": 0.45, "ia3": 0.45}
+DEFAULT_FROZEN_BASE_EFFICIENCY = 0.45
 
 
 def calibration_dir() -> Path:

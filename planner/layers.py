@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import ZERO, Graph
-from .methods import ia3_targets, lora_targets
-from .units import round_up
-
-FP32, BF16, BOOL = 4, 2, 1
+from .methods import get_method
+from .units import BF16, BOOL, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
 
 @dataclass(frozen=True)
@@ -41,18 +39,13 @@ class Regime:
 
 
 def regime(tc: TrainConfig) -> Regime:
-    if tc.method == "qlora":
+    if tc.base_quant.quantized:
         return Regime("qlora", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=True)
     if tc.precision == "mixed":
         return Regime("mixed", act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
     if tc.precision == "fp32":
         return Regime("fp32", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=False)
     return Regime("bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False, quantized=False)
-
-
-def param_bytes(numel: int, dtype_bytes: int) -> int:
-    """A parameter-like tensor as the CUDA caching allocator counts it: rounded up to 512-byte blocks."""
-    return round_up(numel * dtype_bytes, 512)
 
 
 class Builder:
@@ -70,14 +63,8 @@ class Builder:
         self.R = regime(tc)
         self.g = Graph()
         self.dtype: dict[int, int] = {}
-        self.full = tc.method == "full"
-        self.lora = {lin.name for lin in lora_targets(arch, tc)} if tc.method in ("lora", "qlora") else set()
-        if tc.method == "ia3":
-            ia3, ff = ia3_targets(arch)
-            self.ia3 = {lin.name for lin in ia3}
-            self.ia3_ff = set(ff)
-        else:
-            self.ia3, self.ia3_ff = set(), set()
+        self.method = get_method(tc.method)
+        self.full = self.method.trains_base
 
     # -- primitives ---------------------------------------------------------------------------------------------
     def new(self, width: int, dtype: int, rg: bool, kind: str = "activations", seq: int | None = None) -> int:
@@ -165,18 +152,15 @@ class Builder:
 
     # -- linear layers ------------------------------------------------------------------------------------------
     def linear(self, x: int, name: str, n_in: int, n_out: int, bias: bool) -> int:
-        """The base `nn.Linear` (or bitsandbytes `Linear4bit`) of module `name`, then its adapter if any."""
+        """The base `nn.Linear` (or bitsandbytes `Linear4bit`) of module `name`, wrapped by the method's ops."""
+        x = self.method.before_linear(self, x, name, n_in)
         if self.R.quantized:
             y = self._linear4bit(x, n_in, n_out, bias)
         elif self.R.autocast:
             y = self._linear_autocast(x, n_in, n_out, bias, trained=self.full)
         else:
             y = self._linear_plain(x, n_in, n_out, bias, trained=self.full)
-        if name in self.lora:
-            y = self._lora(x, y, n_in, n_out)
-        if name in self.ia3 and name not in self.ia3_ff:
-            y = self._ia3_output(y, n_out)
-        return y
+        return self.method.after_linear(self, x, y, name, n_in, n_out)
 
     def _linear_plain(self, x: int, n_in: int, n_out: int, bias: bool, trained: bool) -> int:
         """`F.linear` in the weights' dtype: saves the input only when the weight is trained."""
@@ -211,69 +195,6 @@ class Builder:
         y16 = self.new(n_out, BF16, g.rg(xc))
         g.op("matmul_4bit", [xc], [y16], fwd_temp=deq, bwd_temp=deq)
         return self.cast(y16, n_out, self.dtype[x])
-
-    def _lora(self, x: int, base: int, n_in: int, n_out: int) -> int:
-        """peft LoRA: `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`.
-
-        Adapters are fp32. Saved: dropout's 1-byte mask (when x needs a gradient; `native_dropout` on CUDA),
-        lora_A's input (the fp32 dropout output, 4 B/element; bf16 cast under autocast, 2 B), lora_A's output
-        (r values per token) for lora_B. With dropout 0 the input itself is saved (its fp32 cast)."""
-        g, tc = self.g, self.tc
-        r = tc.rank
-        xl = self.cast(x, n_in, FP32)
-        if tc.lora_dropout > 0:
-            d = self.new(n_in, FP32, g.rg(xl))
-            mask = self.new(n_in, BOOL, False, kind="activations")
-            g.op("native_dropout", [xl], [d, mask], saved=[mask] if g.rg(xl) else [])
-        else:
-            d = xl
-        if self.R.autocast:
-            a = self._linear_trained_small(d, n_in, r, autocast=True)
-            b = self._linear_trained_small(a, r, n_out, autocast=True)
-        else:
-            a = self._linear_trained_small(d, n_in, r, autocast=False)
-            b = self._linear_trained_small(a, r, n_out, autocast=False)
-        bs = self.mul_scalar(b, n_out)
-        y = self.add(base, bs, n_out)
-        return self.cast(y, n_out, self.dtype[base])
-
-    def _linear_trained_small(self, x: int, n_in: int, n_out: int, autocast: bool) -> int:
-        """An fp32 adapter matrix (LoRA A or B): saves its input; under autocast its bf16 casts."""
-        g = self.g
-        if not autocast:
-            y = self.new(n_out, FP32, True)
-            g.op("adapter", [x], [y], saved=[x], param_grad=(0, param_bytes(n_in * n_out, FP32)))
-            return y
-        xc = self.cast(x, n_in, BF16)
-        wc = self.fixed(param_bytes(n_in * n_out, BF16), rg=True, kind="weight_copies", dtype=BF16)
-        g.op("weight_cast", [], [wc], param_grad=(0, param_bytes(n_in * n_out, FP32)))
-        y = self.new(n_out, BF16, True)
-        g.op("adapter", [xc, wc], [y], saved=[xc] + ([wc] if g.rg(xc) else []))
-        return y
-
-    def _ia3_output(self, y: int, n: int) -> int:
-        """peft IA3 on an attention projection: `(result * ia3_l.flatten()).to(result dtype)`; the product with
-        the fp32 vector is fp32 and saves `result` (for the vector's gradient)."""
-        g = self.g
-        vec = self.fixed(param_bytes(n, FP32), rg=True, kind="weight_copies", dtype=FP32)
-        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n, FP32)))
-        p = self.new(n, FP32, True)
-        g.op("mul_ia3", [y, vec], [p], saved=[y] + ([vec] if g.rg(y) else []),
-             bwd_temp=(self.seq * n * FP32, 0))
-        return self.cast(p, n, self.dtype[y])
-
-    def _ia3_input(self, x: int, n: int) -> int:
-        """peft IA3 on the feed-forward projection: `(x.to(fp32) * ia3_l.flatten()).to(x dtype)` before the base
-        layer; saves the fp32 copy of x."""
-        g = self.g
-        xd = self.dtype[x]
-        x32 = self.cast(x, n, FP32)
-        vec = self.fixed(param_bytes(n, FP32), rg=True, kind="weight_copies", dtype=FP32)
-        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n, FP32)))
-        p = self.new(n, FP32, True)
-        g.op("mul_ia3", [x32, vec], [p], saved=[x32] + ([vec] if g.rg(x32) else []),
-             bwd_temp=(self.seq * n * FP32, 0))
-        return self.cast(p, n, xd)
 
     # -- attention ----------------------------------------------------------------------------------------------
     def rope(self, q: int, width: int) -> int:
@@ -395,8 +316,6 @@ class Builder:
             act = self.activation(gate, I)
             up = self.linear(n2, "up_proj", h, I, lin["up_proj"].bias)
             p = self.mul(act, up, I)
-        if "down_proj" in self.ia3_ff:
-            p = self._ia3_input(p, I)
         dn = self.linear(p, "down_proj", I, h, lin["down_proj"].bias)
         if a.model_type == "gemma2":
             dn = self.rmsnorm(dn, h)
@@ -426,14 +345,7 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
     x = b.input(arch.hidden_size, R.act, input_rg)
     if checkpointed:
         b.g.hold(x, scope="piece")
-    prefix = None
-    if tc.method == "prefix":
-        dt = R.weight  # peft casts the prefix key/values to the base model's dtype
-        pk = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
-        pv = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
-        b.dtype[pk] = b.dtype[pv] = dt
-        prefix = (pk, pv)
-    y = b.decoder_layer(x, prefix)
+    y = b.decoder_layer(x, b.method.layer_prefix(b, arch, tc))
     return b, x, y
 
 
@@ -479,7 +391,7 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     ids = g.tensor((S * 8, 0), kind="inputs", held=True)
     b.dtype[ids] = 8
     g.op("batch", [], [ids])
-    full = tc.method == "full"
+    full = b.full
     e = b.new(h, R.act, full, seq=S)
     if full:
         V = arch.vocab_size
@@ -493,17 +405,7 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         g.op("embedding", [ids], [e])
     if arch.scales_embeddings:
         e = b.mul_scalar(e, h)
-    if tc.method == "prompt":
-        n = tc.num_virtual_tokens
-        pe = g.tensor((n * h * FP32, 0), rg=True)
-        b.dtype[pe] = FP32
-        g.op("prompt_encoder", [], [pe], param_grad=(0, param_bytes(n * h, FP32)))
-        pc = g.tensor((n * h * R.act, 0), rg=True)
-        b.dtype[pc] = R.act
-        g.op("to_copy", [pe], [pc])
-        cat = b.new(h, R.act, True)
-        g.op("cat", [pc, e], [cat])
-        e = cat
+    e = b.method.head(b, e, arch, tc)
     d = arch.head_dim
     # position_ids are (1, S): the tables are shared by the batch
     cos = b.fixed(param_bytes(b.seq * d, R.act), False, "activations", R.act)
@@ -512,17 +414,3 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     g.hold(cos)
     g.hold(sin)
     return b, e
-
-
-def prefix_graph(arch: ModelArch, tc: TrainConfig):
-    """peft's prefix encoder: an fp32 embedding of n x (layers x 2 x kv width), looked up per sequence, cast to
-    the base dtype and split into per-layer keys/values (held by the cache through backward)."""
-    g = Graph()
-    n = tc.num_virtual_tokens
-    R = regime(tc)
-    width = arch.num_layers * 2 * arch.kv_dim
-    e = g.tensor((n * width * FP32, 0), rg=True)
-    g.op("prefix_encoder", [], [e], param_grad=(0, param_bytes(n * width, FP32)))
-    c = g.tensor((n * width * R.weight, 0), rg=True, held=True)  # cast to the base model's dtype
-    g.op("to_copy", [e], [c])
-    return g, c

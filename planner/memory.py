@@ -24,101 +24,69 @@ from dataclasses import dataclass, field
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
-from .layers import BF16, FP32, head_graph, layer_graph, param_bytes, prefix_graph, regime, tail_graph
-from .methods import ia3_targets, lora_targets, trainable_params, total_params
-from .units import MIB
+from .layers import head_graph, layer_graph, regime, tail_graph
+from .methods import total_params, trainable_params
+from .quant import nf4_linear_bytes  # noqa: F401  (re-exported: the NF4 term lives with the quantization)
+from .units import BF16, FP32, MIB, param_bytes
 
 # -- static terms ---------------------------------------------------------------------------------------------------
 
 
-def param_tensors(arch: ModelArch) -> list[tuple[str, int, int]]:
-    """Every parameter tensor of the base model as (group, numel, count). Groups: embedding, lm_head, linear
-    (decoder weights), bias, norm. Tied embeddings have no lm_head tensor."""
-    out = [("embedding", arch.embedding_params, 1)]
+def param_tensors(arch: ModelArch) -> list[tuple[str, tuple[int, int], int]]:
+    """Every parameter tensor of the base model as (group, (rows, cols), count); 1-D tensors are (1, n).
+    Groups: embedding, lm_head, linear (decoder weights, (out, in)), bias, norm. Tied embeddings have no
+    lm_head tensor."""
+    h = arch.hidden_size
+    out = [("embedding", (arch.vocab_size, h), 1)]
     if not arch.tie_word_embeddings:
-        out.append(("lm_head", arch.lm_head_params, 1))
+        out.append(("lm_head", (arch.vocab_size, h), 1))
     L = arch.num_layers
     for lin in arch.linears:
-        out.append(("linear", lin.in_features * lin.out_features, L))
+        out.append(("linear", (lin.out_features, lin.in_features), L))
         if lin.bias:
-            out.append(("bias", lin.out_features, L))
-    out.append(("norm", arch.hidden_size, L * arch.norms_per_layer + 1))
+            out.append(("bias", (1, lin.out_features), L))
+    out.append(("norm", (1, h), L * arch.norms_per_layer + 1))
     if arch.qk_norm:
-        out.append(("norm", arch.head_dim, 2 * L))
+        out.append(("norm", (1, arch.head_dim), 2 * L))
     return out
-
-
-def nf4_linear_bytes(numel: int) -> dict[str, int]:
-    """One bitsandbytes NF4 weight with double quantization (blocksize 64; absmax quantized to 8 bits in blocks
-    of 256 with an fp32 scale per block, its 256-entry fp32 code and an fp32 offset; the 16-entry NF4 code):
-    `numel/2` bytes of packed weight plus ~`numel/64` bytes of constants (bitsandbytes `quantize_4bit`,
-    QLoRA paper arXiv:2305.14314 Sec. 3: 0.127 bits per parameter of constants instead of 0.5)."""
-    blocks = -(-numel // 64)
-    return {
-        "weights": param_bytes((numel + 1) // 2, 1),
-        "quant_constants": param_bytes(blocks, 1)
-        + param_bytes(-(-blocks // 256), FP32)
-        + param_bytes(256, FP32)
-        + param_bytes(1, FP32)
-        + param_bytes(16, FP32),
-    }
 
 
 def base_weight_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
     """Bytes of the base model's parameters on the device.
 
-    bf16: 2 B/param; mixed and fp32: 4 B/param (fp32 master weights). QLoRA: decoder linear weights in NF4
-    (`nf4_linear_bytes`), everything else (embeddings, lm_head, norms, biases) fp32 after peft's
-    `prepare_model_for_kbit_training`. Each tensor is rounded to the allocator's 512-byte block."""
+    bf16: 2 B/param; mixed and fp32: 4 B/param (fp32 master weights). A quantized base (`planner.quant`, e.g.
+    NF4): decoder linear weights as the quantization stores them, everything else (embeddings, lm_head, norms,
+    biases) fp32 after peft's `prepare_model_for_kbit_training`. Each tensor is rounded to the allocator's
+    512-byte block."""
     R = regime(tc)
+    quant = tc.base_quant
     out = {"weights": 0, "quant_constants": 0}
-    for group, numel, count in param_tensors(arch):
+    for group, (rows, cols), count in param_tensors(arch):
         if R.quantized and group == "linear":
-            for k, v in nf4_linear_bytes(numel).items():
+            for k, v in quant.linear_bytes(rows * cols).items():
                 out[k] += v * count
         else:
-            out["weights"] += param_bytes(numel, R.weight) * count
+            out["weights"] += param_bytes(rows * cols, R.weight) * count
     return out
 
 
-def adapter_tensors(arch: ModelArch, tc: TrainConfig) -> list[tuple[int, int]]:
-    """The trainable tensors of a PEFT method as (numel, count); fp32 (peft keeps adapters in fp32)."""
-    L = arch.num_layers
-    if tc.method in ("lora", "qlora"):
-        out = []
-        for lin in lora_targets(arch, tc):
-            out += [(tc.rank * lin.in_features, L), (lin.out_features * tc.rank, L)]
-        return out
-    if tc.method == "prefix":
-        return [(tc.num_virtual_tokens * L * 2 * arch.kv_dim, 1)]
-    if tc.method == "prompt":
-        return [(tc.num_virtual_tokens * arch.hidden_size, 1)]
-    if tc.method == "ia3":
-        targets, ff = ia3_targets(arch)
-        return [((lin.in_features if lin.name in ff else lin.out_features), L) for lin in targets]
-    return []
-
-
-def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> list[tuple[int, int, int]]:
-    """(numel, count, bytes per element) of every trainable tensor: all base parameters for full FT (in the
-    weights' dtype), else the adapters (fp32)."""
-    if tc.method == "full":
-        w = regime(tc).weight
-        return [(numel, count, w) for _, numel, count in param_tensors(arch)]
-    return [(numel, count, FP32) for numel, count in adapter_tensors(arch, tc)]
+def trainable_tensors(arch: ModelArch, tc: TrainConfig):
+    """Every trainable tensor (`planner.methods.Trainable`: shape, count, bytes per element), from the method:
+    all base parameters for full FT (in the weights' dtype), else the adapters (fp32)."""
+    return tc.spec.trainable_tensors(arch, tc)
 
 
 def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     """Trainable adapter weights (0 for full FT, whose trained weights are the base weights)."""
-    if tc.method == "full":
+    if tc.spec.trains_base:
         return 0
-    return sum(param_bytes(n, b) * c for n, c, b in trainable_tensors(arch, tc))
+    return sum(param_bytes(t.numel, t.dtype_bytes) * t.count for t in trainable_tensors(arch, tc))
 
 
 def gradient_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     """Gradients of all trainable tensors, in each tensor's dtype (bf16 grads for a bf16 model, fp32 for
     mixed/fp32 master weights and for adapters)."""
-    return sum(param_bytes(n, b) * c for n, c, b in trainable_tensors(arch, tc))
+    return sum(param_bytes(t.numel, t.dtype_bytes) * t.count for t in trainable_tensors(arch, tc))
 
 
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: paged only from 1e5 elements
@@ -137,8 +105,8 @@ def optimizer_state_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
     fp32 vector for 1-D tensors (arXiv:1804.04235)."""
     out = {"state": 0, "paged": 0}
     opt = tc.optimizer
-    for numel, count, b in _shaped_trainables(arch, tc):
-        n = numel[0] * numel[1]
+    for t in trainable_tensors(arch, tc):
+        n, count, b = t.numel, t.count, t.dtype_bytes
         if opt == "adamw":
             out["state"] += 2 * param_bytes(n, b) * count
         elif opt in ("adamw8bit", "paged_adamw8bit"):
@@ -154,42 +122,12 @@ def optimizer_state_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
             else:
                 out["state"] += states
         elif opt == "adafactor":
-            rows, cols = numel
+            rows, cols = t.rows, t.cols
             if rows > 1 and cols > 1:
                 out["state"] += (param_bytes(rows, FP32) + param_bytes(cols, FP32)) * count
             else:
                 out["state"] += param_bytes(n, FP32) * count
     return out
-
-
-def _shaped_trainables(arch: ModelArch, tc: TrainConfig) -> list[tuple[tuple[int, int], int, int]]:
-    """Trainable tensors with a 2-D shape (rows, cols); 1-D tensors are (1, n). Needed by Adafactor's factoring."""
-    L = arch.num_layers
-    h = arch.hidden_size
-    if tc.method == "full":
-        w = regime(tc).weight
-        out = [((arch.vocab_size, h), 1, w)]
-        if not arch.tie_word_embeddings:
-            out.append(((arch.vocab_size, h), 1, w))
-        for lin in arch.linears:
-            out.append(((lin.out_features, lin.in_features), L, w))
-            if lin.bias:
-                out.append(((1, lin.out_features), L, w))
-        out.append(((1, h), L * arch.norms_per_layer + 1, w))
-        if arch.qk_norm:
-            out.append(((1, arch.head_dim), 2 * L, w))
-        return out
-    if tc.method in ("lora", "qlora"):
-        out = []
-        for lin in lora_targets(arch, tc):
-            out += [((tc.rank, lin.in_features), L, FP32), ((lin.out_features, tc.rank), L, FP32)]
-        return out
-    if tc.method == "prefix":
-        return [((tc.num_virtual_tokens, L * 2 * arch.kv_dim), 1, FP32)]
-    if tc.method == "prompt":
-        return [((tc.num_virtual_tokens, h), 1, FP32)]
-    # IA3 vectors: (out, 1) or (1, in)
-    return [((1, n), c, FP32) for n, c in adapter_tensors(arch, tc)]
 
 
 def optimizer_step_temp_bytes(arch: ModelArch, tc: TrainConfig) -> int:
@@ -202,12 +140,12 @@ def optimizer_step_temp_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     squared update and its replacement (4 x 4n B; 2 x 4n for fp32 tensors), so the largest matrix decides.
     Plus `clip_grad_norm_`'s per-tensor norms (one 512-byte block each)."""
     tensors = trainable_tensors(arch, tc)
-    n_tensors = sum(c for _, c, _ in tensors)
+    n_tensors = sum(t.count for t in tensors)
     clip = 2 * 512 * n_tensors
     if tc.optimizer == "adamw":
-        return sum(param_bytes(n, b) * c for n, c, b in tensors) + clip
+        return sum(param_bytes(t.numel, t.dtype_bytes) * t.count for t in tensors) + clip
     if tc.optimizer == "adafactor":
-        worst = max((param_bytes(n, FP32) * (4 if b != FP32 else 2) for n, _, b in tensors), default=0)
+        worst = max((param_bytes(t.numel, FP32) * (4 if t.dtype_bytes != FP32 else 2) for t in tensors), default=0)
         return worst + clip
     return clip
 
@@ -237,7 +175,7 @@ class _Pieces:
     masked: tuple  # per layer: attends through a materialized mask
 
 
-_PIECE_FIELDS = ("method", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
+_PIECE_FIELDS = ("method", "quant", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
                  "seq_len", "grad_ckpt")
 _piece_configs: dict = {}
 
@@ -255,9 +193,11 @@ def _piece_key(tc: TrainConfig) -> TrainConfig:
 @functools.lru_cache(maxsize=4096)
 def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
     """Replay each piece once per (model, configuration without batch/optimizer/GPUs)."""
-    seq = tc.seq_len + (tc.num_virtual_tokens if tc.method == "prompt" else 0)
-    kv_seq = tc.seq_len + (tc.num_virtual_tokens if tc.method == "prefix" else 0)
-    first_rg = tc.method in ("full", "prompt")
+    method = tc.spec
+    extra_seq, extra_kv = method.virtual_tokens(tc)
+    seq = tc.seq_len + extra_seq
+    kv_seq = tc.seq_len + extra_kv
+    first_rg = method.first_input_requires_grad()
     n_masked = arch.masked_layers(kv_seq)
     masked = tuple(n_masked > 0 and i % arch.sliding_every == 0 for i in range(arch.num_layers))
     layers, nosave = {}, {}
@@ -270,8 +210,9 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
     hb, e = head_graph(arch, tc, seq)
     tb, x, loss, logits = tail_graph(arch, tc, seq)
     prefix = None
-    if tc.method == "prefix":
-        pg, c = prefix_graph(arch, tc)
+    piece = method.extra_piece(arch, tc)
+    if piece is not None:
+        pg, c = piece
         prefix = simulate(pg, outputs=[], incoming_grads=[c])
     return _Pieces(
         head=simulate(hb.g, outputs=[e], incoming_grads=[e]),
@@ -390,7 +331,7 @@ def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Ev
     `param.data = param.data.to(fp32)`, so while the largest one (the embedding, or an untied lm_head) is cast its
     bf16 original and fp32 copy coexist, on top of the 4-bit weights (the adapters and the cuBLAS workspace come
     later). Rarely the peak, but part of what `max_memory_allocated()` sees over load and training."""
-    largest = max(n for group, n, _ in param_tensors(arch) if group != "linear")
+    largest = max(rows * cols for group, (rows, cols), _ in param_tensors(arch) if group != "linear")
     base = {"weights": static["weights"], "quant_constants": static["quant_constants"]}
     return Event("model load (k-bit preparation)", base, sum(base.values()),
                  {"temporaries": param_bytes(largest, BF16)}, None, tc.batch_size)
@@ -469,7 +410,7 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
     static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, _static_key(tc), cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)
-    if tc.method == "qlora":
+    if tc.base_quant.quantized:
         events.append(kbit_preparation_event(arch, tc, static))
     peak = max(events, key=lambda e: e.total)
     parts = peak.parts

@@ -128,7 +128,7 @@ def make_plan(
     plan.gpu = gpu
     plan.headroom_bytes = gpu.memory_bytes - device
     plan.fits = plan.headroom_bytes >= 0
-    if not gpu.supports_bf16 and (tc.precision in ("bf16", "mixed") or tc.method == "qlora"):
+    if not gpu.supports_bf16 and (tc.precision in ("bf16", "mixed") or tc.base_quant.quantized):
         plan.notes.append(f"{gpu.name} has no bf16 tensor cores: the recipe's bf16 matmuls run on the CUDA cores "
                           f"({gpu.fp32_tflops:g} TFLOP/s), which the speed estimate assumes")
     plan.speed = throughput(arch, tc, gpu, params)

@@ -22,26 +22,20 @@ from dataclasses import dataclass, field
 
 from .arch import ModelArch
 from .config import TrainConfig
-from .methods import method_label
+from .methods import ALIASES, get_method, method_label
 from .plan import DEFAULT_MARGIN, Plan, Workload, make_plan
 from .profiles import GPUProfile
 
 OBJECTIVES = ("quality", "time", "cost")
-RANKS = {"lora": (8, 16, 64), "qlora": (16, 64)}
+QUANT_RANKS = {"nf4": (16, 64)}  # over a 4-bit base recommend tries fewer ranks (its speed barely depends on r)
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def quality_score(tc: TrainConfig) -> float:
-    """Lower is better; see the module docstring for the scale and its sources."""
-    if tc.method == "full":
-        s = 1.0 if tc.precision in ("mixed", "fp32") else 1.2
-    elif tc.method in ("lora", "qlora"):
-        s = 2.0 + (0.0 if tc.rank >= 64 else 0.1 if tc.rank >= 16 else 0.2) + (0.3 if tc.method == "qlora" else 0.0)
-    elif tc.method == "ia3":
-        s = 3.0
-    else:
-        s = 4.0
+    """Lower is better: the method's tier (`Method.quality`, with its reason), the base quantization's penalty
+    (`BaseQuant.quality_penalty`) and the optimizer's; see the module docstring for the scale and its sources."""
+    s = tc.spec.quality(tc) + tc.base_quant.quality_penalty
     if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
         s += 0.05
     elif tc.optimizer == "adafactor":
@@ -92,22 +86,22 @@ class Result:
 
 
 def _families(req: Request) -> list[dict]:
-    """Method-level settings: (method, precision, rank, targets, virtual tokens)."""
+    """Method-level settings (method, quant, precision, rank, targets, virtual tokens) of each requested method
+    name or alias, from the method's own `families()`."""
     out = []
     for m in req.methods:
-        if m == "full":
-            out += [dict(method="full", precision="mixed"), dict(method="full", precision="bf16")]
-        elif m in RANKS:
-            out += [dict(method=m, rank=r, target_modules=("all-linear",)) for r in RANKS[m]]
-        elif m in ("prefix", "prompt"):
-            out.append(dict(method=m, num_virtual_tokens=20))
-        else:
-            out.append(dict(method=m))
+        method, quant = ALIASES.get(m, (m, "none"))
+        for fam in get_method(method).families():
+            if quant != "none":
+                if "rank" in fam and fam["rank"] not in QUANT_RANKS.get(quant, (fam["rank"],)):
+                    continue
+                fam = dict(fam, quant=quant)
+            out.append(fam)
     return out
 
 
 def _optimizers(method: str) -> tuple:
-    if method == "full":
+    if get_method(method).trains_base:
         return ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
     return ("adamw", "paged_adamw8bit")
 
@@ -150,7 +144,7 @@ def recommend(req: Request) -> Result:
                 continue
             per_gpu = req.effective_batch // n
             for opt in _optimizers(fam["method"]):
-                for ckpt in ((False,) if fam["method"] == "prefix" else (False, True)):
+                for ckpt in ((False, True) if get_method(fam["method"]).supports_grad_ckpt else (False,)):
                     for b in MICRO_BATCHES:
                         if b > per_gpu or per_gpu % b:
                             continue
@@ -170,7 +164,7 @@ def recommend(req: Request) -> Result:
             continue
         # report the standard recipe (AdamW, micro-batch 1, checkpointing where allowed) on one GPU
         tc = TrainConfig(seq_len=req.seq_len, batch_size=1, grad_accum=req.effective_batch,
-                         grad_ckpt=fam["method"] != "prefix", optimizer="adamw", **fam)
+                         grad_ckpt=get_method(fam["method"]).supports_grad_ckpt, optimizer="adamw", **fam)
         p = make_plan(req.arch, tc, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
         evaluated += 1
         n, plan = gpus_needed(req, p.train)
@@ -181,27 +175,24 @@ def recommend(req: Request) -> Result:
 
 def _fam_of(tc: TrainConfig) -> dict:
     d = dict(method=tc.method)
-    if tc.method == "full":
+    if tc.quant != "none":
+        d["quant"] = tc.quant
+    if tc.spec.trains_base:
         d["precision"] = tc.precision
-    if tc.method in RANKS:
+    if tc.spec.uses_rank:
         d["rank"] = tc.rank
     return d
 
 
 def _family_label(fam: dict) -> str:
-    m = fam["method"]
-    if m == "full":
-        return f"Full FT, {'mixed precision (fp32 master)' if fam['precision'] == 'mixed' else 'bf16'}"
-    if m in RANKS:
-        return f"{'QLoRA' if m == 'qlora' else 'LoRA'} r{fam['rank']} all-linear"
-    return {"ia3": "IA3", "prefix": "Prefix tuning", "prompt": "Prompt tuning"}[m]
+    return get_method(fam["method"]).family_label(fam)
 
 
 def gpus_needed(req: Request, tc: TrainConfig) -> tuple[int | None, Plan | None]:
     """Fewest GPUs of the requested type (powers of two up to 1024) that fit `tc`'s method with ZeRO-3
     (then ZeRO-3 with CPU offload), at micro-batch 1 with checkpointing."""
     limit = req.gpu.memory_bytes * (1.0 - req.margin)
-    base = tc.replace(batch_size=1, grad_ckpt=tc.method != "prefix", grad_accum=1)
+    base = tc.replace(batch_size=1, grad_ckpt=tc.spec.supports_grad_ckpt, grad_accum=1)
     for offload in (False, True):
         for k in range(1, 11):
             n = 2**k
@@ -275,8 +266,8 @@ def plan_row(p: Plan) -> dict:
     return {
         "method": p.train.method,
         "label": _family_label(_fam_of(p.train)),
-        "rank": p.train.rank if p.train.method in RANKS else None,
-        "precision": p.train.precision if p.train.method != "qlora" else "nf4+bf16",
+        "rank": p.train.rank if p.train.spec.uses_rank else None,
+        "precision": p.train.base_quant.precision_label or p.train.precision,
         "batch": f"{p.train.batch_size}x{p.train.grad_accum}",
         "gpus": f"{p.train.num_gpus}" + (f" {p.train.strategy}" + ("+off" if p.train.cpu_offload else "") if p.train.num_gpus > 1 else ""),
         "grad_ckpt": p.train.grad_ckpt,

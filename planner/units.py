@@ -100,3 +100,14 @@ def parse_count(text: str | int) -> int:
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= n (0 stays 0)."""
     return -(-n // multiple) * multiple
+
+
+# Bytes per element of the tensors the memory model tracks.
+FP32, BF16, BOOL = 4, 2, 1
+BLOCK_BYTES = 512  # CUDA caching allocator: every block is a multiple of 512 bytes (kMinBlockSize)
+
+
+def param_bytes(numel: int, dtype_bytes: int) -> int:
+    """A parameter-like tensor as the CUDA caching allocator counts it: rounded up to 512-byte blocks
+    (c10/cuda/CUDACachingAllocator.cpp `round_size`, kMinBlockSize = 512)."""
+    return round_up(numel * dtype_bytes, BLOCK_BYTES)

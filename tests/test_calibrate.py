@@ -242,7 +242,7 @@ def test_the_threshold_is_an_option(busy_gpu, tmp_path, monkeypatch):
     (["--model", "7b", "--matrix", "calibrate/matrix.toml"], "--matrix"),
     (["--model", "nonexistent-model-xyz"], "--model"),
     (["--model", "7b", "--num-gpus", "2", "--strategy", "zero3"], "--num-gpus"),
-    (["--model", "7b", "--method", "dora"], "--method"),
+    (["--model", "7b", "--method", "vera"], "--method"),
     (["--model", "7b", "--steps", "0"], "--steps"),
     (["--model", "7b", "--target-modules", "qq_proj"], "--target-modules"),
     (["--model", "7b", "--device", "tpu"], "--device"),
@@ -273,8 +273,8 @@ def test_the_shipped_matrix_loads():
     points = harness.load_matrix(Path(__file__).resolve().parent.parent / "calibrate" / "matrix.toml")
     assert len(points) >= 30
     assert all(p.train.num_gpus == 1 and p.steps == 6 for p in points)
-    methods = {p.train.method for p in points}
-    assert methods == {"full", "lora", "qlora", "prefix", "prompt", "ia3"}
+    methods = {p.train.method_name for p in points}
+    assert methods == {"full", "lora", "qlora", "dora", "qdora", "prefix", "prompt", "ia3"}
     names = {p.model_name for p in points}
     assert {"llama-2-7b", "llama-3.1-8b", "llama-2-13b", "qwen2.5-0.5b", "llama-3.2-1b"} <= names
     assert any(p.train.method == "full" and p.train.grad_ckpt for p in points)
@@ -297,7 +297,7 @@ def test_matrix_lists_multiply_and_steps_override(tmp_path, tiny_config):
 @pytest.mark.parametrize("text, needle", [
     ('[[point]]\nmodel = "7b"\nbatchsize = 2\n', "unknown key(s) batchsize; valid:"),
     ('[[point]]\nmethod = "lora"\n', "'model' is required"),
-    ('[[point]]\nmodel = "7b"\nmethod = ["lora", "dora"]\n', "point 1 (method=dora): method must be one of"),
+    ('[[point]]\nmodel = "7b"\nmethod = ["lora", "vera"]\n', "point 1 (method=vera): method must be one of"),
     ('[[point]]\nmodel = "7b"\nnum_gpus = 8\n', "calibrate measures one device"),
     ('[[point]]\nmodel = "no-such-model"\n', "unknown model"),
     ('[sweep]\n', "unknown table(s) sweep"),

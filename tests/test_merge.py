@@ -39,6 +39,7 @@ def runs(tmp_path_factory, tiny_model_dir):
         "b": _train(tmp, tiny_model_dir, "b", data="prompt_completion", seed=1, target_modules=("all-linear",)),
         "r4": _train(tmp, tiny_model_dir, "r4", steps=2, rank=4, target_modules=("all-linear",)),
         "ia3": _train(tmp, tiny_model_dir, "ia3", method="ia3", steps=8),
+        "dora": _train(tmp, tiny_model_dir, "dora", method="dora", steps=8, target_modules=("all-linear",)),
         "prefix": _train(tmp, tiny_model_dir, "prefix", method="prefix", steps=2),
         "full": _train(tmp, tiny_model_dir, "full", method="full", steps=2),
     }
@@ -49,7 +50,7 @@ def _logits(model):
         return model.eval()(IDS).logits
 
 
-@pytest.mark.parametrize("which", ["a", "ia3"])
+@pytest.mark.parametrize("which", ["a", "ia3", "dora"])
 def test_merged_model_gives_the_adapted_models_logits(runs, tmp_path, which):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

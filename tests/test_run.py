@@ -63,6 +63,7 @@ CPU_METHODS = [
     ("prefix", "prompt_completion", []),
     ("prompt", "chat", []),
     ("ia3", "alpaca", ["--packing"]),
+    ("dora", "alpaca", ["--target-modules", "all-linear", "--use-rslora"]),
 ]
 
 
@@ -112,7 +113,8 @@ def test_each_cpu_method_trains_and_its_output_loads(tiny_plan, tmp_path, monkey
 
         model = AutoPeftModelForCausalLM.from_pretrained(out)
         assert model.peft_config["default"].peft_type.value.lower().startswith(
-            {"lora": "lora", "prefix": "prefix", "prompt": "prompt", "ia3": "ia3"}[method])
+            {"lora": "lora", "dora": "lora", "prefix": "prefix", "prompt": "prompt", "ia3": "ia3"}[method])
+        assert model.peft_config["default"].use_dora == (method == "dora")
     generate(model.eval(), tok)
 
 

@@ -22,7 +22,7 @@ import contextlib
 
 import torch
 
-from planner.config import ALL_LINEAR, TrainConfig
+from planner.config import TrainConfig
 
 DEFAULT_LR = 1e-5
 
@@ -47,9 +47,9 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(tc.precision)
-    if tc.method == "qlora":
+    if tc.base_quant.quantized:
         if path is None:
-            raise ValueError("qlora needs a checkpoint path to load and quantize (save the bf16 model first)")
+            raise ValueError(f"a {tc.quant} base needs a checkpoint path to load and quantize (save the bf16 model first)")
         from transformers import BitsAndBytesConfig
 
         bnb = BitsAndBytesConfig(
@@ -68,31 +68,8 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
 
 
 def peft_config(tc: TrainConfig, model_type: str | None = None):
-    """The peft config of `tc.method` (None for full fine-tuning). IA3 gets its targets from ftplan's table
-    (peft's defaults where peft has them), so that the planner's count and the run agree for every family."""
-    import peft
-
-    if tc.method in ("lora", "qlora"):
-        targets = ALL_LINEAR if tc.all_linear else list(tc.target_modules)
-        return peft.LoraConfig(
-            r=tc.rank,
-            lora_alpha=tc.alpha,
-            lora_dropout=tc.lora_dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-    if tc.method == "prefix":
-        return peft.PrefixTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
-    if tc.method == "prompt":
-        return peft.PromptTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
-    if tc.method == "ia3":
-        from planner.methods import IA3_TARGETS
-
-        if model_type in IA3_TARGETS:
-            targets, ff = IA3_TARGETS[model_type]
-            return peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
-        return peft.IA3Config(task_type="CAUSAL_LM")
-    return None
+    """The peft config of `tc.method`, from the method's own module (`planner.methods`); None for full fine-tuning."""
+    return tc.spec.peft_config(tc, model_type)
 
 
 def apply_method(model, tc: TrainConfig):
@@ -100,7 +77,7 @@ def apply_method(model, tc: TrainConfig):
     import peft
 
     gc_kwargs = {"use_reentrant": False}
-    if tc.method == "qlora":
+    if tc.base_quant.quantized:
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=tc.grad_ckpt, gradient_checkpointing_kwargs=gc_kwargs
         )

@@ -10,14 +10,15 @@ import sys
 import click
 
 from ..arch import ArchError
-from ..config import METHODS, OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
-from ..methods import TargetError, lora_targets
+from ..config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
+from ..methods import METHOD_CHOICES, TargetError, lora_targets
+from ..quant import QUANTS
 from ..profiles import ProfileError, load_gpu, resolve_model
 from ..units import parse_count
 
 # TrainConfig field -> CLI option, for error messages
 OPTION_OF = {
-    "method": "--method", "precision": "--precision", "rank": "--rank", "lora_alpha": "--lora-alpha",
+    "method": "--method", "quant": "--quant", "use_rslora": "--use-rslora", "precision": "--precision", "rank": "--rank", "lora_alpha": "--lora-alpha",
     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules", "num_virtual_tokens": "--num-virtual-tokens",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "grad_ckpt": "--grad-ckpt",
     "optimizer": "--optimizer", "num_gpus": "--num-gpus", "strategy": "--strategy", "cpu_offload": "--cpu-offload",
@@ -45,12 +46,16 @@ def json_option(f):
 def train_options(f):
     """The TrainConfig flags. Defaults are what peft / the transformers Trainer use."""
     opts = [
-        click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True, help="Fine-tuning method."),
+        click.option("--method", type=click.Choice(METHOD_CHOICES), default="lora", show_default=True,
+                     help="Fine-tuning method (qlora = lora --quant nf4)."),
+        click.option("--quant", type=click.Choice(tuple(QUANTS)), default=None,
+                     help="Base weights: none, or nf4 4-bit (bitsandbytes, QLoRA/QDoRA)  [default: none]"),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
                      help="bf16 weights/grads/state, mixed (fp32 master + bf16 autocast), or fp32."),
         click.option("--rank", type=int, default=16, show_default=True, help="LoRA/QLoRA rank (higher: more memory)."),
         click.option("--lora-alpha", type=int, default=None, help="LoRA alpha  [default: 2 x rank]"),
         click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout."),
+        click.option("--use-rslora", is_flag=True, default=None, help="Rank-stabilized LoRA scaling alpha/sqrt(r)."),
         click.option("--target-modules", default="q_proj,v_proj", show_default=True,
                      help="Comma list of module names, or all-linear."),
         click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prefix/prompt tuning length."),
@@ -70,7 +75,7 @@ def train_options(f):
     return f
 
 
-TRAIN_KEYS = ("method", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
+TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload")
 
 
@@ -79,15 +84,19 @@ def pop_train_kwargs(kwargs: dict) -> dict:
 
 
 def _option_for(message: str) -> str | None:
+    """The option a TrainConfig error is about: the field it starts with, else the first field it names."""
     for field, opt in OPTION_OF.items():
-        if message.startswith(field) or f"{field} " in message[:40]:
+        if message.startswith(f"{field} ") or message.startswith(f"{field}:"):
+            return opt
+    for field, opt in OPTION_OF.items():
+        if f"{field} " in message[:40]:
             return opt
     return None
 
 
 def build_train_config(values: dict) -> TrainConfig:
     """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
-    values = dict(values)
+    values = {k: v for k, v in values.items() if not (k in ("quant", "use_rslora") and v is None)}
     try:
         if "target_modules" in values and isinstance(values["target_modules"], str):
             values["target_modules"] = parse_target_modules(values["target_modules"])
@@ -115,7 +124,7 @@ def resolve_gpu_or_fail(ref: str | None):
 
 def check_targets(arch, tc: TrainConfig) -> None:
     """Target modules that the model lacks, or a rank larger than a layer: usage errors."""
-    if tc.method in ("lora", "qlora"):
+    if tc.spec.uses_rank:
         try:
             lora_targets(arch, tc)
         except TargetError as e:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..methods import method_label
+from ..methods import METHOD_CHOICES, method_label
 from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
@@ -24,7 +24,7 @@ from .options import (
 )
 from .render import table
 
-ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")
+ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,9 +69,9 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
     if not 0 <= margin < 1:
         raise click.BadParameter(f"must be in [0, 1), got {margin}", param_hint="--margin")
     wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
-    bad = [m for m in wanted if m not in ALL_METHODS]
+    bad = [m for m in wanted if m not in METHOD_CHOICES]
     if bad or not wanted:
-        raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(ALL_METHODS)}",
+        raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
     req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
@@ -165,8 +165,8 @@ def _fallbacks(chosen, res) -> list[dict]:
     tc = chosen.train
     for p in res.ranked:
         o = p.train
-        if (o.method, o.precision, o.rank, o.num_gpus, o.strategy, o.cpu_offload) != (
-            tc.method, tc.precision, tc.rank, tc.num_gpus, tc.strategy, tc.cpu_offload
+        if (o.method, o.quant, o.precision, o.rank, o.num_gpus, o.strategy, o.cpu_offload) != (
+            tc.method, tc.quant, tc.precision, tc.rank, tc.num_gpus, tc.strategy, tc.cpu_offload
         ) or p.device_bytes >= chosen.device_bytes:
             continue
         diff = {k: getattr(o, k) for k in ("batch_size", "grad_accum", "grad_ckpt", "optimizer") if getattr(o, k) != getattr(tc, k)}
@@ -183,7 +183,7 @@ def _save(chosen, res, path):
     for k in ("hours", "cost_usd", "provider"):
         if k in d:
             pred[k] = d[k]
-    lr = 2e-5 if chosen.train.method == "full" else (3e-2 if chosen.train.method in ("prefix", "prompt", "ia3") else 2e-4)
+    lr = chosen.train.spec.default_lr
     sched = Schedule(learning_rate=lr, epochs=res.request.workload.epochs)
     pf = PlanFile(model=res.request.model_ref or chosen.model.name, train=chosen.train, gpu=chosen.gpu.name,
                   schedule=sched, prediction=pred, fallback=_fallbacks(chosen, res),

@@ -45,6 +45,8 @@ def _train_config(ctx, pf, kwargs) -> TrainConfig:
     for k in TRAIN_KEYS:
         if k in kwargs and _passed(ctx, k):
             values[k] = kwargs[k]
+    if _passed(ctx, "method") and not _passed(ctx, "quant"):
+        values["quant"] = "none"  # `--method lora` on a QLoRA plan means a 16-bit base; `qlora` sets nf4 again
     if values.get("target_modules") is not None:
         try:
             values["target_modules"] = parse_target_modules(values["target_modules"])
@@ -137,7 +139,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
             raise click.BadParameter(f"must be >= {low}, got {value}", param_hint=name)
     if schedule.max_steps < 0:
         raise click.BadParameter(f"must be >= 0, got {schedule.max_steps}", param_hint="--max-steps")
-    if packing and tc.method in ("prefix", "prompt"):
+    if packing and not tc.spec.supports_packing:
         raise click.BadParameter("packing is not supported with prefix/prompt tuning: peft ignores position_ids "
                                  "there, so packed examples would attend to each other (valid with --packing: full, "
                                  "lora, qlora, ia3)", param_hint="--packing")

@@ -37,9 +37,9 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # what recom
 
 def method_key(tc: TrainConfig) -> str:
     """The chart key of a configuration: `full-mixed` (fp32 master weights, also fp32), `full-bf16`, or the method."""
-    if tc.method == "full":
+    if tc.spec.trains_base:
         return "full-bf16" if tc.precision == "bf16" else "full-mixed"
-    return tc.method
+    return tc.method_name
 
 
 # Memory terms (planner.memory.TERMS) grouped into the categories the memory chart stacks. The overheads also
@@ -158,11 +158,15 @@ def method_configs(cond: Conditions, grad_ckpt: bool = False) -> list[tuple[str,
         "prompt": dict(method="prompt", **virtual),
         "ia3": dict(method="ia3"),
     }
-    return [(k, TrainConfig(grad_ckpt=ck and k != "prefix", **common, **specs[k])) for k in METHOD_KEYS]
+    out = []
+    for k in METHOD_KEYS:
+        tc = TrainConfig(**common, **specs[k])
+        out.append((k, tc.replace(grad_ckpt=ck and tc.spec.supports_grad_ckpt)))
+    return out
 
 
 def _label(tc: TrainConfig) -> str:
-    return method_label(tc) + (f", {tc.precision}" if tc.method == "full" else "")
+    return method_label(tc) + (f", {tc.precision}" if tc.spec.trains_base else "")
 
 
 # -- 1. memory by method --------------------------------------------------------------------------------------------
@@ -247,7 +251,7 @@ def _plan_fields(p: Plan) -> dict:
     tc = p.train
     return {
         "method": method_key(tc), "label": plan_row(p)["label"], "config": tc.describe(), "precision": tc.precision,
-        "rank": tc.rank if tc.method in ("lora", "qlora") else None, "batch_size": tc.batch_size,
+        "rank": tc.rank if tc.spec.uses_rank else None, "batch_size": tc.batch_size,
         "grad_accum": tc.grad_accum, "seq_len": tc.seq_len, "grad_ckpt": tc.grad_ckpt, "optimizer": tc.optimizer,
         "num_gpus": tc.num_gpus, "strategy": tc.strategy if tc.num_gpus > 1 else None, "cpu_offload": tc.cpu_offload,
         "device_bytes": p.device_bytes, "gpu_memory_bytes": p.gpu.memory_bytes,
@@ -281,7 +285,7 @@ def fit_cell(arch: ModelArch, gpu: GPUProfile, cond: Conditions, model_ref: str 
     nf = min(options, key=lambda nf: (nf.needs_gpus, quality_score(nf.best.train)))
     cell.update(status="needs", needs_gpus=nf.needs_gpus, needs_label=nf.label,
                 needs_device_bytes=nf.needs_plan.device_bytes, method=method_key(nf.best.train),
-                rank=nf.best.train.rank if nf.best.train.method in ("lora", "qlora") else None)
+                rank=nf.best.train.rank if nf.best.train.spec.uses_rank else None)
     return cell
 
 
@@ -342,7 +346,7 @@ def chosen_method(arch: ModelArch, gpu: GPUProfile, cond: Conditions) -> str:
     """The method family the time/cost chart compares: that of recommend's best plan on the report's GPU (with the
     fewest GPUs that fit), else QLoRA."""
     best, _ = fewest_gpus_plan(arch, gpu, cond)
-    return best.train.method if best is not None else "qlora"
+    return best.train.method_name if best is not None else "qlora"
 
 
 # -- ranked plans (recommend --chart) -------------------------------------------------------------------------------

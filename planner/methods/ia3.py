@@ -1,0 +1,95 @@
+"""IA3 (peft `IA3Config`): learned fp32 scaling vectors on k/v (or q/v) outputs and the MLP down projection's input."""
+
+from __future__ import annotations
+
+from ..units import FP32, param_bytes
+from .base import Method, Trainable
+
+# peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING (peft 0.21
+# utils/constants.py). Phi-3 has no entry in peft; ftplan passes its fused equivalents explicitly.
+IA3_TARGETS = {
+    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "qwen3": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "phi3": (("qkv_proj", "down_proj"), ("down_proj",)),
+}
+
+
+def ia3_targets(arch) -> tuple[tuple, tuple]:
+    """(targeted Linears, names treated as feed-forward) of IA3 with peft's defaults for the family."""
+    targets, ff = IA3_TARGETS[arch.model_type]
+    return tuple(lin for lin in arch.linears if lin.name in targets), ff
+
+
+class IA3(Method):
+    name = "ia3"
+    label = "IA3"
+    description = "learned scaling vectors on k/v (or q/v) and the MLP down projection"
+    quality_tier = 3.0
+    quality_reason = "IA3 trains ~0.01% of the weights: between LoRA and prompt methods (arXiv:2205.05638)"
+    default_lr = 3e-2
+    peft_type = "IA3"
+
+    def trainable_tensors(self, arch, tc) -> list[Trainable]:
+        """Per layer, one fp32 vector per targeted linear: out_features for attention projections (scales the
+        output, shape (out, 1)), in_features for the feed-forward one (scales the input, shape (1, in));
+        peft IA3Layer.update_layer."""
+        targets, ff = ia3_targets(arch)
+        L = arch.num_layers
+        return [Trainable(1, lin.in_features if lin.name in ff else lin.out_features, L, FP32) for lin in targets]
+
+    def before_linear(self, b, x: int, name: str, n_in: int) -> int:
+        """peft IA3 on the feed-forward projection: `(x.to(fp32) * ia3_l.flatten()).to(x dtype)` before the base
+        layer; saves the fp32 copy of x."""
+        targets, ff = IA3_TARGETS[b.arch.model_type]
+        if name not in ff or name not in targets:
+            return x
+        g = b.g
+        xd = b.dtype[x]
+        x32 = b.cast(x, n_in, FP32)
+        vec = b.fixed(param_bytes(n_in, FP32), rg=True, kind="weight_copies", dtype=FP32)
+        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n_in, FP32)))
+        p = b.new(n_in, FP32, True)
+        g.op("mul_ia3", [x32, vec], [p], saved=[x32] + ([vec] if g.rg(x32) else []), bwd_temp=(b.seq * n_in * FP32, 0))
+        return b.cast(p, n_in, xd)
+
+    def after_linear(self, b, x: int, y: int, name: str, n_in: int, n_out: int) -> int:
+        """peft IA3 on an attention projection: `(result * ia3_l.flatten()).to(result dtype)`; the product with
+        the fp32 vector is fp32 and saves `result` (for the vector's gradient)."""
+        targets, ff = IA3_TARGETS[b.arch.model_type]
+        if name not in targets or name in ff:
+            return y
+        g = b.g
+        vec = b.fixed(param_bytes(n_out, FP32), rg=True, kind="weight_copies", dtype=FP32)
+        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n_out, FP32)))
+        p = b.new(n_out, FP32, True)
+        g.op("mul_ia3", [y, vec], [p], saved=[y] + ([vec] if g.rg(y) else []), bwd_temp=(b.seq * n_out * FP32, 0))
+        return b.cast(p, n_out, b.dtype[y])
+
+    def adapter_bytes_per_token(self, arch, tc, act: int) -> float:
+        """peft scales the output of k/v (or q/v) and the input of the feed-forward projection in fp32: cast,
+        multiply, cast back (2 x act + 2 x 4 B, forward) and in backward the same plus the vector's gradient
+        reduction (2 x act + 3 x 4 B). Checkpointing repeats the forward part."""
+        recompute = 2 if tc.grad_ckpt else 1
+        targets, ff = ia3_targets(arch)
+        total = 0.0
+        for lin in targets:
+            width = lin.in_features if lin.name in ff else lin.out_features
+            total += width * (recompute * (2 * act + 8) + (2 * act + 12))
+        return total * arch.num_layers
+
+    def peft_config(self, tc, model_type=None):
+        """IA3 with ftplan's table of targets (peft's defaults where peft has them), so that the planner's count and
+        the run agree for every family."""
+        import peft
+
+        if model_type in IA3_TARGETS:
+            targets, ff = IA3_TARGETS[model_type]
+            return peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
+        return peft.IA3Config(task_type="CAUSAL_LM")
+
+
+METHOD = IA3()

@@ -1,0 +1,192 @@
+"""LoRA (peft `LoraConfig`): trained low-rank adapters A (r x in) and B (out x r) beside frozen linear layers.
+
+`use_rslora` (rank-stabilized LoRA, arXiv:2312.03732) changes only the scaling, alpha / sqrt(r) instead of
+alpha / r (peft tuners/lora/layer.py `update_layer`): no tensor, FLOP or byte changes. Over a 4-bit base
+(`--quant nf4`) this is QLoRA: the base is `planner.quant`'s business, not the method's.
+"""
+
+from __future__ import annotations
+
+from ..units import BF16, BOOL, FP32, param_bytes
+from .base import Method, TargetError, Trainable, rank_label
+
+RANKS = (8, 16, 64)  # what recommend tries
+
+
+def lora_targets(arch, tc) -> tuple:
+    """The `Linear`s of one decoder layer that LoRA adapts. `all-linear` is every linear layer of the decoder
+    (peft excludes the output layer, lm_head). Unknown names raise TargetError listing the valid ones."""
+    if tc.all_linear:
+        return arch.linears
+    names = set(arch.linear_names)
+    missing = [t for t in tc.target_modules if t not in names]
+    if missing:
+        raise TargetError(
+            f"target_modules {', '.join(missing)} not in {arch.name}; valid: {', '.join(arch.linear_names)}, all-linear"
+        )
+    targets = tuple(lin for lin in arch.linears if lin.name in tc.target_modules)
+    for lin in targets:
+        if tc.rank > min(lin.in_features, lin.out_features):
+            raise TargetError(
+                f"rank {tc.rank} exceeds {lin.name} ({lin.in_features} x {lin.out_features}); "
+                f"valid: 1..{min(lin.in_features, lin.out_features)}"
+            )
+    return targets
+
+
+class LoRA(Method):
+    name = "lora"
+    label = "LoRA"
+    description = "low-rank adapters on linear layers, base frozen"
+    uses_rank = True
+    quants = ("none", "nf4")
+    quality_tier = 2.0
+    quality_reason = ("LoRA 2.0 at rank >= 64, +0.1 at rank 16-63, +0.2 below (LoRA arXiv:2106.09685; "
+                      "LoRA Learns Less and Forgets Less arXiv:2405.09673)")
+    efficiency_keys = ()
+    peft_type = "LORA"
+
+    def validate(self, tc) -> None:
+        super().validate(tc)
+        if not isinstance(tc.rank, int) or isinstance(tc.rank, bool) or tc.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {tc.rank!r}")
+        if tc.lora_alpha is not None and tc.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {tc.lora_alpha}")
+        if not 0.0 <= tc.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {tc.lora_dropout}")
+        if not tc.target_modules:
+            raise ValueError("target_modules must name at least one module, or be 'all-linear'")
+
+    def config_label(self, tc) -> str:
+        return rank_label(tc.base_quant.label_prefix + self.label, tc)
+
+    def quality(self, tc) -> float:
+        return self.quality_tier + (0.0 if tc.rank >= 64 else 0.1 if tc.rank >= 16 else 0.2)
+
+    def families(self) -> list[dict]:
+        return [dict(method=self.name, rank=r, target_modules=("all-linear",)) for r in RANKS]
+
+    def family_label(self, fam: dict) -> str:
+        from ..quant import get_quant
+
+        return f"{get_quant(fam.get('quant', 'none')).label_prefix}{self.label} r{fam['rank']} all-linear"
+
+    def scaling(self, tc) -> float:
+        """peft: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+        return tc.alpha / (tc.rank ** 0.5 if tc.use_rslora else tc.rank)
+
+    # -- parameters ---------------------------------------------------------------------------------------------
+    def trainable_tensors(self, arch, tc) -> list[Trainable]:
+        """Per adapted linear and layer: lora_A (r x in) and lora_B (out x r), fp32, no bias.
+        Llama-2-7b, r=8 on q_proj,v_proj: 32 x 2 x 8 x (4096 + 4096) = 4,194,304 (peft's README example)."""
+        L = arch.num_layers
+        out = []
+        for lin in lora_targets(arch, tc):
+            out += [Trainable(tc.rank, lin.in_features, L, FP32), Trainable(lin.out_features, tc.rank, L, FP32)]
+        return out
+
+    # -- the step's graph ---------------------------------------------------------------------------------------
+    def adapted(self, b) -> frozenset:
+        names = getattr(b, "_lora_names", None)
+        if names is None:
+            names = b._lora_names = frozenset(lin.name for lin in lora_targets(b.arch, b.tc))
+        return names
+
+    def after_linear(self, b, x: int, y: int, name: str, n_in: int, n_out: int) -> int:
+        """peft LoRA: `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`.
+
+        Adapters are fp32. Saved: dropout's 1-byte mask (when x needs a gradient; `native_dropout` on CUDA),
+        lora_A's input (the fp32 dropout output, 4 B/element; bf16 cast under autocast, 2 B), lora_A's output
+        (r values per token) for lora_B. With dropout 0 the input itself is saved (its fp32 cast)."""
+        if name not in self.adapted(b):
+            return y
+        d = self.dropout_input(b, x, n_in)
+        lora = self.lora_output(b, d, n_in, n_out)
+        bs = b.mul_scalar(lora, n_out)
+        s = b.add(y, bs, n_out)
+        return b.cast(s, n_out, b.dtype[y])
+
+    def dropout_input(self, b, x: int, n_in: int) -> int:
+        """`dropout(x.to(fp32))` (peft casts the input to the adapter's dtype first)."""
+        g = b.g
+        xl = b.cast(x, n_in, FP32)
+        if b.tc.lora_dropout <= 0:
+            return xl
+        d = b.new(n_in, FP32, g.rg(xl))
+        mask = b.new(n_in, BOOL, False, kind="activations")
+        g.op("native_dropout", [xl], [d, mask], saved=[mask] if g.rg(xl) else [])
+        return d
+
+    def lora_output(self, b, d: int, n_in: int, n_out: int) -> int:
+        """`lora_B(lora_A(d))`."""
+        r = b.tc.rank
+        a = _trained_linear(b, d, n_in, r)
+        return _trained_linear(b, a, r, n_out)
+
+    # -- throughput ---------------------------------------------------------------------------------------------
+    def adapter_matmul_params(self, arch, tc) -> int:
+        """r x (in + out) per adapted linear: LoRA's own matmuls."""
+        return arch.num_layers * sum(tc.rank * (lin.in_features + lin.out_features) for lin in lora_targets(arch, tc))
+
+    def adapter_bytes_per_token(self, arch, tc, act: int) -> float:
+        """`adapter_bytes_per_element` over every adapted linear's (in, out) widths; checkpointing repeats the
+        forward part."""
+        recompute = 2 if tc.grad_ckpt else 1
+        b = adapter_bytes_per_element(act, tc.lora_dropout)
+        total = 0.0
+        for lin in lora_targets(arch, tc):
+            total += recompute * (b["fwd_in"] * lin.in_features + b["fwd_out"] * lin.out_features)
+            total += b["bwd_in"] * lin.in_features + b["bwd_out"] * lin.out_features
+        return total * arch.num_layers
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def peft_kwargs(self, tc) -> dict:
+        from ..config import ALL_LINEAR
+
+        return dict(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.lora_dropout, use_rslora=tc.use_rslora,
+                    target_modules=ALL_LINEAR if tc.all_linear else list(tc.target_modules), task_type="CAUSAL_LM")
+
+    def peft_config(self, tc, model_type=None):
+        import peft
+
+        return peft.LoraConfig(**self.peft_kwargs(tc))
+
+
+def _trained_linear(b, x: int, n_in: int, n_out: int) -> int:
+    """An fp32 adapter matrix (LoRA A or B): saves its input; under autocast its bf16 casts and the bf16 copy of
+    the weight (cast per forward, saved when the input needs a gradient)."""
+    g = b.g
+    if not b.R.autocast:
+        y = b.new(n_out, FP32, True)
+        g.op("adapter", [x], [y], saved=[x], param_grad=(0, param_bytes(n_in * n_out, FP32)))
+        return y
+    xc = b.cast(x, n_in, BF16)
+    wc = b.fixed(param_bytes(n_in * n_out, BF16), rg=True, kind="weight_copies", dtype=BF16)
+    g.op("weight_cast", [], [wc], param_grad=(0, param_bytes(n_in * n_out, FP32)))
+    y = b.new(n_out, BF16, True)
+    g.op("adapter", [xc, wc], [y], saved=[xc] + ([wc] if g.rg(xc) else []))
+    return y
+
+
+def adapter_bytes_per_element(act: int, lora_dropout: float) -> dict[str, float]:
+    """Bytes moved per element of an adapted linear's input (`in`) and output (`out`) by peft's LoRA wrapper,
+    forward and backward; adapters are fp32 (4 B), activations `act` bytes.
+
+    forward  `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`:
+        in:  cast (read act, write 4) + dropout (read 4, write 4 + 1-byte mask) + lora_A reads its input (4)
+        out: lora_B writes (4) + scale (read 4, write 4) + add (read act + 4, write 4) + cast back (read 4, write act)
+    backward, the same tensors in reverse: out: cast and add gradients (2 x (act + 4)), scale (8), lora_B's two
+    matmuls read the gradient (8); in: lora_A's weight gradient reads the saved input (4) and its input gradient
+    writes (4), dropout (read 4 + mask, write 4), cast (read 4, write act), and x's gradient is the sum of the
+    base layer's and the adapter's (read 2 x act, write act). No cast when activations are already fp32."""
+    f = 4
+    cast = act != f
+    drop = lora_dropout > 0
+    fwd_in = cast * (act + f) + drop * (2 * f + 1) + f
+    fwd_out = 5 * f + act + cast * (f + act)
+    bwd_in = 2 * f + drop * (2 * f + 1) + cast * (f + act) + 3 * act
+    bwd_out = 4 * f + 2 * cast * (act + f)
+    return {"fwd_in": fwd_in, "fwd_out": fwd_out, "bwd_in": bwd_in, "bwd_out": bwd_out}
+
+
+METHOD = LoRA()

@@ -1,0 +1,75 @@
+"""Prefix tuning (peft `PrefixTuningConfig`): a trained key/value prefix in every layer, passed as a cache."""
+
+from __future__ import annotations
+
+from ..graph import Graph
+from ..units import FP32, param_bytes
+from .base import Method, Trainable
+from .prompt import _positive_tokens
+
+
+class Prefix(Method):
+    name = "prefix"
+    label = "Prefix"
+    description = "trained key/value prefix in every layer"
+    uses_virtual_tokens = True
+    supports_grad_ckpt = False
+    grad_ckpt_reason = ("prefix tuning does not work with gradient checkpointing (peft refuses it: the prefix "
+                        "key/values enter every layer as a cache)")
+    supports_merge = False
+    supports_packing = False
+    quality_tier = 4.0
+    quality_reason = "prefix tuning trails LoRA at model sizes people fine-tune (arXiv:2101.00190)"
+    default_lr = 3e-2
+    peft_type = "PREFIX_TUNING"
+
+    def validate(self, tc) -> None:
+        super().validate(tc)
+        _positive_tokens(tc)
+
+    def config_label(self, tc) -> str:
+        return f"{self.label} {tc.num_virtual_tokens} tok"
+
+    def families(self) -> list[dict]:
+        return [dict(method=self.name, num_virtual_tokens=20)]
+
+    def family_label(self, fam: dict) -> str:
+        return "Prefix tuning"
+
+    def trainable_tensors(self, arch, tc) -> list[Trainable]:
+        """num_virtual_tokens x (layers x 2 (key, value) x num_key_value_heads x head_dim): peft's PrefixEncoder
+        without projection, whose token_dim is the KV width for GQA models (peft utils/other.py, #1901); fp32."""
+        return [Trainable(tc.num_virtual_tokens, arch.num_layers * 2 * arch.kv_dim, 1, FP32)]
+
+    def virtual_tokens(self, tc) -> tuple[int, int]:
+        return 0, tc.num_virtual_tokens
+
+    def layer_prefix(self, b, arch, tc):
+        """This layer's prefix keys and values, cast to the base model's dtype by peft (external to the layer)."""
+        dt = b.R.weight
+        pk = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
+        pv = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
+        b.dtype[pk] = b.dtype[pv] = dt
+        return pk, pv
+
+    def extra_piece(self, arch, tc):
+        """peft's prefix encoder: an fp32 embedding of n x (layers x 2 x kv width), looked up per sequence, cast to
+        the base dtype and split into per-layer keys/values (held by the cache through backward)."""
+        from ..layers import regime
+
+        g = Graph()
+        n = tc.num_virtual_tokens
+        width = arch.num_layers * 2 * arch.kv_dim
+        e = g.tensor((n * width * FP32, 0), rg=True)
+        g.op("prefix_encoder", [], [e], param_grad=(0, param_bytes(n * width, FP32)))
+        c = g.tensor((n * width * regime(tc).weight, 0), rg=True, held=True)
+        g.op("to_copy", [e], [c])
+        return g, c
+
+    def peft_config(self, tc, model_type=None):
+        import peft
+
+        return peft.PrefixTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+METHOD = Prefix()

@@ -1,0 +1,71 @@
+"""Prompt tuning (peft `PromptTuningConfig`): trained virtual-token embeddings placed before the input."""
+
+from __future__ import annotations
+
+from ..units import FP32, param_bytes
+from .base import Method, Trainable
+
+
+class Prompt(Method):
+    name = "prompt"
+    label = "Prompt"
+    description = "trained virtual-token embeddings before the input"
+    uses_virtual_tokens = True
+    supports_merge = False  # a prompt is not a weight delta
+    supports_packing = False  # peft prepends the virtual tokens to every row
+    quality_tier = 4.0
+    quality_reason = "prompt tuning trails LoRA at model sizes people fine-tune (arXiv:2104.08691)"
+    default_lr = 3e-2
+    peft_type = "PROMPT_TUNING"
+
+    def validate(self, tc) -> None:
+        super().validate(tc)
+        _positive_tokens(tc)
+
+    def config_label(self, tc) -> str:
+        return f"{self.label} {tc.num_virtual_tokens} tok"
+
+    def families(self) -> list[dict]:
+        return [dict(method=self.name, num_virtual_tokens=20)]
+
+    def family_label(self, fam: dict) -> str:
+        return "Prompt tuning"
+
+    def trainable_tensors(self, arch, tc) -> list[Trainable]:
+        """num_virtual_tokens x hidden_size: peft's PromptEmbedding, fp32."""
+        return [Trainable(tc.num_virtual_tokens, arch.hidden_size, 1, FP32)]
+
+    def virtual_tokens(self, tc) -> tuple[int, int]:
+        return tc.num_virtual_tokens, 0
+
+    def first_input_requires_grad(self) -> bool:
+        return True
+
+    def head(self, b, e: int, arch, tc) -> int:
+        """peft's prompt encoder output (fp32, n x h per sequence), cast to the embeddings' dtype and concatenated
+        before the input embeddings."""
+        g, act = b.g, b.R.act
+        n, h = tc.num_virtual_tokens, arch.hidden_size
+        pe = g.tensor((n * h * FP32, 0), rg=True)
+        b.dtype[pe] = FP32
+        g.op("prompt_encoder", [], [pe], param_grad=(0, param_bytes(n * h, FP32)))
+        pc = g.tensor((n * h * act, 0), rg=True)
+        b.dtype[pc] = act
+        g.op("to_copy", [pe], [pc])
+        cat = b.new(h, act, True)
+        g.op("cat", [pc, e], [cat])
+        return cat
+
+    def peft_config(self, tc, model_type=None):
+        import peft
+
+        return peft.PromptTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+def _positive_tokens(tc) -> None:
+    n = tc.num_virtual_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+
+
+METHOD = Prompt()
