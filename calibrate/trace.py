@@ -385,7 +385,8 @@ def build_traced_model(config: dict, tc: TrainConfig, fake_mode, tracker: LiveBy
         if tc.base_quant.quantized:
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16,
+                                                     attn_implementation=tc.recipe.attn_implementation)
             _quantize_on_meta(model)
         else:
             model = recipe.build_model(config, tc, device="meta")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from .recipe import Recipe
+
 PRECISIONS = ("bf16", "mixed", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
@@ -39,6 +41,8 @@ class TrainConfig:
         num_gpus: data-parallel devices.
         strategy: ddp | fsdp (full shard) | zero2 | zero3 when num_gpus > 1.
         cpu_offload: offload optimizer state (zero2/zero3/fsdp) and, for zero3/fsdp, parameters to CPU.
+        recipe: how the step runs (`planner.recipe.Recipe`: attention, loss, packing, offloading, k-bit
+            preparation); `Recipe.REFERENCE` by default.
     """
 
     method: str = "lora"
@@ -58,6 +62,7 @@ class TrainConfig:
     num_gpus: int = 1
     strategy: str = "ddp"
     cpu_offload: bool = False
+    recipe: Recipe = Recipe.REFERENCE
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"quant {self.quant!r} contradicts method {self.method!r} (which means {method} over {quant})")
             object.__setattr__(self, "method", method)
             object.__setattr__(self, "quant", quant)
+        if not isinstance(self.recipe, Recipe):
+            object.__setattr__(self, "recipe", Recipe.from_dict(self.recipe))
         _choice("method", self.method, METHOD_CHOICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -150,6 +157,8 @@ class TrainConfig:
         d = asdict(self)
         d["method"] = self.method_name
         d["target_modules"] = list(self.target_modules)
+        if self.recipe.is_reference:  # files and JSON of the reference recipe stay as they were
+            d.pop("recipe")
         d.pop("extra", None)
         return d
 

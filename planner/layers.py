@@ -65,6 +65,7 @@ class Builder:
         self.dtype: dict[int, int] = {}
         self.method = get_method(tc.method)
         self.full = self.method.trains_base
+        self.recipe = tc.recipe
 
     # -- primitives ---------------------------------------------------------------------------------------------
     def new(self, width: int, dtype: int, rg: bool, kind: str = "activations", seq: int | None = None) -> int:
@@ -262,6 +263,10 @@ class Builder:
         g.op("sdpa", [q, k, v], [out, lse], saved=([q, k, v, out, lse] + saved_extra) if rg else [], bwd_temp=ws)
         return out
 
+    def attention(self, q: int, k: int, v: int, prefix=None) -> int:
+        """The attention of the recipe's `attn_implementation` (planner.recipe): sdpa."""
+        return {"sdpa": self.sdpa}[self.recipe.attn_implementation](q, k, v, prefix)
+
     def _repeat_kv(self, t: int, width: int) -> int:
         r = self.new(width, self.dtype[t], self.g.rg(t), seq=self.kv_seq)
         self.g.op("repeat_kv", [t], [r])
@@ -299,7 +304,7 @@ class Builder:
             k = self.rmsnorm(k, a.kv_dim)
         q = self.rope(q, a.q_dim)
         k = self.rope(k, a.kv_dim)
-        o_in = self.sdpa(q, k, v, prefix)
+        o_in = self.attention(q, k, v, prefix)
         o = self.linear(o_in, "o_proj", a.q_dim, h, lin["o_proj"].bias)
         if a.model_type == "gemma2":
             o = self.rmsnorm(o, h)
@@ -372,12 +377,23 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         g.op("tanh", [t1], [t2], saved=[t2])
         logits = b.mul_scalar(t2, V)
     g.hold(logits)
+    loss = LOSSES[tc.recipe.loss](b, logits, V)
+    return b, x, loss, logits
+
+
+def plain_loss(b: Builder, logits: int, V: int) -> int:
+    """transformers' `ForCausalLMLoss` (loss_utils.py): `logits.float()` (a copy unless fp32), `log_softmax`
+    (fp32, saved), `nll_loss` (its gradient: fp32 zeros + scatter)."""
+    g = b.g
     lf = b.cast(logits, V, FP32)
     lsm = b.new(V, FP32, True)
     g.op("log_softmax", [lf], [lsm], saved=[lsm])
     loss = b.fixed(512, True, "activations", FP32)
     g.op("nll_loss", [lsm], [loss], saved=[lsm])
-    return b, x, loss, logits
+    return loss
+
+
+LOSSES = {"plain": plain_loss}  # the recipe's `loss` -> its ops after the logits
 
 
 def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):

@@ -175,7 +175,7 @@ class _Pieces:
     masked: tuple  # per layer: attends through a materialized mask
 
 
-_PIECE_FIELDS = ("method", "quant", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
+_PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
                  "seq_len", "grad_ckpt")
 _piece_configs: dict = {}
 
@@ -410,7 +410,7 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
     static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, _static_key(tc), cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)
-    if tc.base_quant.quantized:
+    if tc.base_quant.quantized and tc.recipe.kbit_preparation:
         events.append(kbit_preparation_event(arch, tc, static))
     peak = max(events, key=lambda e: e.total)
     parts = peak.parts

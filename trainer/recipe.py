@@ -47,6 +47,7 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
     from transformers import AutoModelForCausalLM
 
     dtype = torch_dtype(tc.precision)
+    attn = tc.recipe.attn_implementation  # planner.recipe: what the planner and the trace assume
     if tc.base_quant.quantized:
         if path is None:
             raise ValueError(f"a {tc.quant} base needs a checkpoint path to load and quantize (save the bf16 model first)")
@@ -59,12 +60,12 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         return AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=bnb, dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": device}
+            path, quantization_config=bnb, dtype=torch.bfloat16, attn_implementation=attn, device_map={"": device}
         )
     if path is not None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map={"": device})
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn, device_map={"": device})
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(hf_config(config), dtype=dtype, attn_implementation=attn)
 
 
 def peft_config(tc: TrainConfig, model_type: str | None = None):
@@ -77,7 +78,7 @@ def apply_method(model, tc: TrainConfig):
     import peft
 
     gc_kwargs = {"use_reentrant": False}
-    if tc.base_quant.quantized:
+    if tc.base_quant.quantized and tc.recipe.kbit_preparation:
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=tc.grad_ckpt, gradient_checkpointing_kwargs=gc_kwargs
         )

@@ -1,0 +1,90 @@
+"""`Recipe`: how the training step is run, one value that the analytic model, the trace and `ftplan run` all read.
+
+A `TrainConfig` says what is trained (method, rank, batch, precision...); its `recipe` says how the step runs:
+which attention implementation transformers is asked for, which loss computes the cross-entropy, whether rows are
+packed, whether saved activations are offloaded, and what the trainer does to a quantized base. `Recipe.REFERENCE`
+is the step ftplan has always modelled and measured (`trainer/recipe.py`, README "The memory model"):
+
+- `attn_implementation="sdpa"`: transformers' default; `F.scaled_dot_product_attention` with CUDA's kernels;
+- `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`);
+- `packing=False`: every row is one full-length sequence;
+- `activation_offload=False`: saved tensors stay on the GPU;
+- `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head).
+
+Readers: `planner.layers` (attention, loss, the quantized regime), `planner.memory` (the k-bit preparation event),
+`trainer.recipe` (`attn_implementation` when building the model, the k-bit preparation) and so the trace. A value
+is accepted here only once all three model it; the others are named with what is supported, so a recipe ftplan
+cannot predict is an error, never a silent guess. Adding an option: a field here, its effect in each reader, and
+its values in `MODELLED`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+# every value a field may name (what the libraries offer), and the ones ftplan models today
+CHOICES = {
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "loss": ("plain", "chunked", "liger", "cce"),
+}
+MODELLED = {
+    "attn_implementation": ("sdpa",),
+    "loss": ("plain",),
+    "packing": (False,),
+    "activation_offload": (False,),
+    "kbit_preparation": (True,),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Args:
+    attn_implementation: transformers' `attn_implementation` (sdpa; eager and flash_attention_2 not modelled yet).
+    loss: plain `ForCausalLMLoss` (TRL's chunked NLL, Liger's fused linear cross-entropy and Cut Cross-Entropy are
+        not modelled yet).
+    packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
+    activation_offload: saved tensors in pinned host memory (not modelled yet).
+    kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True; skipping it is not modelled yet).
+    """
+
+    attn_implementation: str = "sdpa"
+    loss: str = "plain"
+    packing: bool = False
+    activation_offload: bool = False
+    kbit_preparation: bool = True
+
+    REFERENCE: ClassVar["Recipe"]
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            valid = CHOICES.get(f.name, (False, True))
+            if v not in valid or (isinstance(v, bool) != (f.type == "bool")):
+                raise ValueError(f"recipe.{f.name} must be one of {', '.join(map(str, valid))}; got {v!r}")
+            if v not in MODELLED[f.name]:
+                raise ValueError(f"recipe.{f.name} = {v!r} is not modelled yet (modelled: "
+                                 f"{', '.join(map(str, MODELLED[f.name]))}); the prediction would be a guess")
+
+    @property
+    def is_reference(self) -> bool:
+        return self == Recipe.REFERENCE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        """From a plain dict (a plan file's `recipe` table); unknown keys are an error naming the valid ones."""
+        if isinstance(d, Recipe):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"recipe must be a table of {', '.join(f.name for f in fields(cls))}; got {d!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+Recipe.REFERENCE = Recipe()
