@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from .methods import ALIASES, METHOD_CHOICES, get_method
+from .quant import get_quant
 from .recipe import Recipe
 
 PRECISIONS = ("bf16", "mixed", "fp32")
@@ -66,9 +68,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        from .methods import ALIASES, METHOD_CHOICES, get_method
-        from .quant import get_quant
-
         if self.method in ALIASES:  # `qlora` is LoRA over an NF4 base
             method, quant = ALIASES[self.method]
             if self.quant not in ("none", quant):
@@ -84,8 +83,10 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "num_gpus"):
             _positive(name, getattr(self, name))
         spec = get_method(self.method)
-        spec.validate(self)
         q = get_quant(self.quant)
+        object.__setattr__(self, "_spec", spec)  # not fields: equality, hashing and to_dict ignore them
+        object.__setattr__(self, "_base_quant", q)
+        spec.validate(self)
         if self.quant not in spec.quants:
             raise ValueError(f"quant {self.quant!r} is not valid with method {self.method!r} "
                              f"(valid: {', '.join(spec.quants)})")
@@ -116,23 +117,17 @@ class TrainConfig:
     @property
     def spec(self):
         """The registered `planner.methods.Method` of `method`."""
-        from .methods import get_method
-
-        return get_method(self.method)
+        return self._spec
 
     @property
     def base_quant(self):
         """The `planner.quant.BaseQuant` of `quant`."""
-        from .quant import get_quant
-
-        return get_quant(self.quant)
+        return self._base_quant
 
     @property
     def method_name(self) -> str:
         """The name users know the (method, base quantization) pair by: `qlora` for LoRA over NF4, else the
         method (records, tables and reports group by it)."""
-        from .methods import ALIASES
-
         if self.quant == "none":
             return self.method
         for alias, pair in ALIASES.items():

@@ -70,10 +70,16 @@ def base_weight_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
     return out
 
 
-def trainable_tensors(arch: ModelArch, tc: TrainConfig):
+def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
     """Every trainable tensor (`planner.methods.Trainable`: shape, count, bytes per element), from the method:
-    all base parameters for full FT (in the weights' dtype), else the adapters (fp32)."""
-    return tc.spec.trainable_tensors(arch, tc)
+    all base parameters for full FT (in the weights' dtype), else the adapters (fp32). Cached per model and
+    configuration without batch (recommend asks for the same tensors at every micro-batch)."""
+    return _trainable_tensors(arch, _static_key(tc))
+
+
+@functools.lru_cache(maxsize=4096)
+def _trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
+    return tuple(tc.spec.trainable_tensors(arch, tc))
 
 
 def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
@@ -83,6 +89,7 @@ def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     return sum(param_bytes(t.numel, t.dtype_bytes) * t.count for t in trainable_tensors(arch, tc))
 
 
+@functools.lru_cache(maxsize=4096)
 def gradient_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     """Gradients of all trainable tensors, in each tensor's dtype (bf16 grads for a bf16 model, fp32 for
     mixed/fp32 master weights and for adapters)."""
@@ -94,6 +101,12 @@ MIN_8BIT_NUMEL = 4096  # bitsandbytes Optimizer2State: smaller tensors keep fp32
 
 
 def optimizer_state_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
+    """See `_optimizer_state_bytes` (cached per model and configuration without batch)."""
+    return dict(_optimizer_state_bytes(arch, _static_key(tc)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _optimizer_state_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
     """Optimizer state on the device, split into allocated (`state`) and CUDA managed memory (`paged`).
 
     AdamW (torch): exp_avg + exp_avg_sq in the parameter's dtype (2 x 2 B for bf16 params, 2 x 4 B for fp32).
@@ -402,12 +415,14 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
     static, grads, opt_temp, offload, notes = shard_static(
         arch, tc, static, gradient_bytes(arch, tc), optimizer_step_temp_bytes(arch, tc)
     )
-    return static, grads, opt_temp, offload, tuple(notes), opt["paged"]
+    params = (trainable_params(arch, tc), total_params(arch, tc))
+    return static, grads, opt_temp, offload, tuple(notes), opt["paged"], params
 
 
 def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
     """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
-    static, grads, opt_temp, offload, sharding_notes, paged = _static_terms(arch, _static_key(tc), cuda_workspace_bytes(gpu))
+    static, grads, opt_temp, offload, sharding_notes, paged, params = _static_terms(arch, _static_key(tc),
+                                                                                      cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)
     if tc.base_quant.quantized and tc.recipe.kbit_preparation:
@@ -425,7 +440,7 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
         events={e.name: e.total for e in events},
         paged_bytes=paged // max(1, tc.num_gpus if tc.strategy != "ddp" else 1),
         cpu_offload_bytes=offload,
-        trainable_params=trainable_params(arch, tc),
-        total_params=total_params(arch, tc),
+        trainable_params=params[0],
+        total_params=params[1],
         notes=sharding_notes,
     )
