@@ -56,6 +56,9 @@ class Launcher:
 class Strategy:
     """One way of running a training step on `num_gpus` devices (the base class is a full replica: nothing sharded).
 
+    A family overrides `buffer_bytes` and `comm_bytes_per_step` in a subclass that adds methods only, not fields
+    (so it needs no decorator of its own: its instances are frozen dataclasses of these fields).
+
     Args:
         name: the stored value (`TrainConfig.strategy`, plan files, records) and the `--strategy` choice.
         label: display name, first word of the memory note.

@@ -3,8 +3,6 @@ gradients all-reduced in buckets during backward."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .base import Launcher, Strategy, all_reduce_bytes
 from .registry import register
 
@@ -15,7 +13,6 @@ def ddp_bucket_bytes(grads: int) -> int:
     return grads
 
 
-@dataclass(frozen=True)
 class DDP(Strategy):
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         return ddp_bucket_bytes(grads)

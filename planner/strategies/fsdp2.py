@@ -6,13 +6,10 @@ FSDP2's per-parameter sharding)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .base import GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, gathered_param_bytes, layer_gather_step_bytes
 from .registry import register
 
 
-@dataclass(frozen=True)
 class FSDP2(Strategy):
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         return gathered_param_bytes(arch, tc)

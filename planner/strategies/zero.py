@@ -8,8 +8,6 @@ them whole until the step. Stage 3 (stage3.py) shards the weights too and gather
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, all_reduce_bytes, gathered_param_bytes,
                    layer_gather_step_bytes)
 from .registry import register
@@ -29,7 +27,6 @@ def reduce_grad_bytes_per_elem(tc) -> int:
     return regime(tc).weight if tc.method == "full" else 4
 
 
-@dataclass(frozen=True)
 class ZeroOptimizer(Strategy):
     """ZeRO-1 / ZeRO-2: weights replicated, optimizer state (and for stage 2 the gradients) partitioned."""
 
@@ -42,7 +39,6 @@ class ZeroOptimizer(Strategy):
         return all_reduce_bytes(grads, tc.num_gpus)
 
 
-@dataclass(frozen=True)
 class Zero3(Strategy):
     """ZeRO-3: weights, gradients and optimizer state partitioned; each layer's weights gathered when used."""
 
