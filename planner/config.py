@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from .methods import ALIASES, METHOD_CHOICES, get_method
 from .quant import get_quant
 from .recipe import Recipe
+from .strategies import OFFLOAD_STRATEGY_NAMES, STRATEGY_NAMES
 
 PRECISIONS = ("bf16", "mixed", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+STRATEGIES = STRATEGY_NAMES  # planner/strategies: ddp, fsdp, zero1, zero2, zero3
 
 ALL_LINEAR = "all-linear"
 
@@ -41,8 +42,8 @@ class TrainConfig:
         grad_ckpt: gradient checkpointing (non-reentrant) of every decoder layer.  # True reduces memory
         optimizer: adamw | adamw8bit | paged_adamw8bit | sgd | adafactor.
         num_gpus: data-parallel devices.
-        strategy: ddp | fsdp (full shard) | zero2 | zero3 when num_gpus > 1.
-        cpu_offload: offload optimizer state (zero2/zero3/fsdp) and, for zero3/fsdp, parameters to CPU.
+        strategy: ddp | fsdp (full shard) | zero1 | zero2 | zero3 when num_gpus > 1 (`planner.strategies`).
+        cpu_offload: offload optimizer state (zero1/zero2/zero3/fsdp) and, for zero3/fsdp, parameters to CPU.
         recipe: how the step runs (`planner.recipe.Recipe`: attention, loss, packing, offloading, k-bit
             preparation); `Recipe.REFERENCE` by default.
     """
@@ -97,8 +98,9 @@ class TrainConfig:
             )
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
-        if self.cpu_offload and self.strategy == "ddp":
-            raise ValueError("cpu_offload needs strategy zero2, zero3 or fsdp (valid with offload: fsdp, zero2, zero3)")
+        if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:
+            raise ValueError(f"cpu_offload needs strategy {', '.join(OFFLOAD_STRATEGY_NAMES[:-1])} or "
+                             f"{OFFLOAD_STRATEGY_NAMES[-1]} (valid with offload: {', '.join(sorted(OFFLOAD_STRATEGY_NAMES))})")
 
     # -- derived ----------------------------------------------------------------------------------
     @property

@@ -42,6 +42,7 @@ from .config import TrainConfig
 from .layers import regime
 from .methods import get_method, trainable_params
 from .memory import gradient_bytes, optimizer_state_bytes
+from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
 
@@ -138,19 +139,10 @@ def optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
 
 
 def comm_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
-    """Bytes each device sends per optimizer step (ring collectives)."""
-    n = tc.num_gpus
-    if n == 1:
-        return 0
-    grads = gradient_bytes(arch, tc)
-    frac = (n - 1) / n
-    if tc.strategy in ("ddp", "zero2"):
-        return int(2 * frac * grads)
-    R = regime(tc)
-    weights = arch.total_params * (2 if (R.autocast or R.weight == 2 or R.quantized) else 4)
-    if R.quantized:
-        weights = arch.total_params // 2
-    return int(frac * (2 * weights * tc.grad_accum + grads))
+    """Bytes each device sends per optimizer step (ring collectives): the strategy's
+    `Strategy.comm_bytes_per_step` (`planner.strategies`)."""
+    S = strategy_of(tc)
+    return S.comm_bytes_per_step(arch, tc, gradient_bytes(arch, tc)) if S.multi_gpu else 0
 
 
 # -- efficiency -----------------------------------------------------------------------------------------------------
@@ -278,13 +270,12 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
     adapters = tokens_step * adapter_bytes_per_token(arch, tc) / bw
     dequant_bytes = tc.grad_accum * dequant_bytes_per_micro_step(arch, tc)
     dequant = (dequant_bytes + tokens_step * quantized_cast_bytes_per_token(arch, tc)) / bw
-    opt_bytes = optimizer_bytes_per_step(arch, tc)
-    if tc.num_gpus > 1 and tc.strategy != "ddp":
-        opt_bytes //= tc.num_gpus
-    optimizer = 0.0 if tc.cpu_offload else opt_bytes / bw
+    S = strategy_of(tc)  # each device steps its share of a sharded optimizer state, none when it is offloaded
+    opt_bytes = optimizer_bytes_per_step(arch, tc) // S.ways(OPTIMIZER_STATE, tc.num_gpus)
+    optimizer = 0.0 if S.offloads_optimizer(tc) else opt_bytes / bw
     comm = comm_bytes_per_step(arch, tc) / (gpu.interconnect_gb_per_s * 1e9) * 0.5
-    if tc.cpu_offload:
-        comm += 2 * optimizer_state_bytes(arch, tc)["state"] / tc.num_gpus / 25e9  # PCIe round trip of the state
+    if S.offloads_optimizer(tc):  # PCIe (25 GB/s)
+        comm += S.offload_bytes_per_step(tc, optimizer_state_bytes(arch, tc)["state"]) / 25e9
     parts = {"compute": compute, "fp32_compute": fp32_compute, "adapters": adapters, "dequant": dequant,
              "optimizer": optimizer, "communication": comm}
     step = sum(parts.values())

@@ -27,6 +27,7 @@ from .graph import Point, forward_without_saving, peak_point, simulate
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
 from .quant import nf4_linear_bytes  # noqa: F401  (re-exported: the NF4 term lives with the quantization)
+from .strategies import GRADIENTS, OPTIMIZER_STATE, strategy_of
 from .units import BF16, FP32, MIB, param_bytes
 
 # -- static terms ---------------------------------------------------------------------------------------------------
@@ -299,8 +300,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     def event(name, point, **extra):
         return Event(name, static, static_total, {k: v for k, v in extra.items() if v}, point, B)
 
-    # ZeRO-2/3 and FSDP reduce-scatter each layer's gradients as backward produces them: a device keeps 1/N
-    shard = tc.num_gpus if tc.num_gpus > 1 and tc.strategy != "ddp" else 1
+    # strategies that shard gradients (ZeRO-2/3, FSDP) reduce-scatter each layer's as backward produces it: 1/N kept
+    shard = strategy_of(tc).ways(GRADIENTS, tc.num_gpus)
     g_layer = -(-_at(sim(min(1, L - 1)).param_grads, B) // shard)
     g_first = -(-_at(sim(0).param_grads, B) // shard)
     g_tail = -(-_at(P.tail.param_grads, B) // shard)
@@ -438,7 +439,7 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
         breakdown=breakdown,
         peak_event=peak.name,
         events={e.name: e.total for e in events},
-        paged_bytes=paged // max(1, tc.num_gpus if tc.strategy != "ddp" else 1),
+        paged_bytes=paged // strategy_of(tc).ways(OPTIMIZER_STATE, tc.num_gpus),
         cpu_offload_bytes=offload,
         trainable_params=params[0],
         total_params=params[1],

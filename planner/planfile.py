@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import STRATEGIES, TrainConfig
 
 PLAN_VERSION = 1
 
@@ -106,7 +106,7 @@ _TRAIN_COMMENTS = {
     "grad_accum": "micro-steps per optimizer step (memory-neutral)",
     "grad_ckpt": "gradient checkpointing: true reduces memory, costs ~30% speed",
     "optimizer": "adamw | adamw8bit | paged_adamw8bit | sgd | adafactor",
-    "strategy": "multi-GPU: ddp | fsdp | zero2 | zero3",
+    "strategy": "multi-GPU: " + " | ".join(STRATEGIES),
 }
 
 

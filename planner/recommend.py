@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .methods import ALIASES, get_method, method_label
 from .plan import DEFAULT_MARGIN, Plan, Workload, make_plan
 from .profiles import GPUProfile
+from .strategies import most_sharded, recommend_layouts
 
 OBJECTIVES = ("quality", "time", "cost")
 QUANT_RANKS = {"nf4": (16, 64)}  # over a 4-bit base recommend tries fewer ranks (its speed barely depends on r)
@@ -112,8 +113,11 @@ def _layouts(req: Request) -> list[tuple[int, str, bool]]:
     for n in GPU_COUNTS[1:]:
         if n > req.max_gpus:
             break
-        out += [(n, "ddp", False), (n, "zero2", False), (n, "zero3", False), (n, "fsdp", False), (n, "zero3", True)]
+        out += [(n, strategy, offload) for strategy, offload in _STRATEGY_LAYOUTS]
     return out
+
+
+_STRATEGY_LAYOUTS = recommend_layouts()  # ddp, zero2, zero3, fsdp, then zero3 + offload (planner.strategies)
 
 
 def sort_key(objective: str):
@@ -189,14 +193,15 @@ def _family_label(fam: dict) -> str:
 
 
 def gpus_needed(req: Request, tc: TrainConfig) -> tuple[int | None, Plan | None]:
-    """Fewest GPUs of the requested type (powers of two up to 1024) that fit `tc`'s method with ZeRO-3
-    (then ZeRO-3 with CPU offload), at micro-batch 1 with checkpointing."""
+    """Fewest GPUs of the requested type (powers of two up to 1024) that fit `tc`'s method with the most sharded
+    strategy, ZeRO-3 (then with CPU offload), at micro-batch 1 with checkpointing."""
     limit = req.gpu.memory_bytes * (1.0 - req.margin)
     base = tc.replace(batch_size=1, grad_ckpt=tc.spec.supports_grad_ckpt, grad_accum=1)
-    for offload in (False, True):
+    sharded = most_sharded()
+    for offload in sharded.recommend_offload:
         for k in range(1, 11):
             n = 2**k
-            cand = base.replace(num_gpus=n, strategy="zero3", cpu_offload=offload)
+            cand = base.replace(num_gpus=n, strategy=sharded.name, cpu_offload=offload)
             p = make_plan(req.arch, cand, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
             if p.device_bytes <= limit:
                 return n, p

@@ -3,11 +3,12 @@
 `ftplan run` writes into the output folder
 
     accelerate_config.yaml   DDP (MULTI_GPU), FSDP full shard (accelerate's FSDP plugin, FSDP2), or DeepSpeed
-    ds_config.json           ZeRO-2 / ZeRO-3 (+ CPU offload of optimizer state, and of parameters for ZeRO-3)
+    ds_config.json           ZeRO-1 / 2 / 3 (+ CPU offload of optimizer state, and of parameters for ZeRO-3)
     run_spec.json            the resolved run (`trainer.loop.RunSpec`)
 
-and runs `python -m accelerate.commands.launch --config_file accelerate_config.yaml -m trainer.loop --spec
-run_spec.json`. Each process runs the same loop as a single-GPU run; an `Accelerator` built from the launcher's
+as the plan's strategy says (`planner.strategies`: `Strategy.launcher`, `Strategy.offloads`), and runs
+`python -m accelerate.commands.launch --config_file accelerate_config.yaml -m trainer.loop --spec run_spec.json`.
+Each process runs the same loop as a single-GPU run; an `Accelerator` built from the launcher's
 environment wraps the model and optimizer (DDP, FSDP or DeepSpeed).
 
 Several CPU processes (DDP on gloo) use `distributed_type: MULTI_GPU` with `use_cpu: true`: accelerate 1.15 starts a
@@ -31,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from planner.config import TrainConfig
+from planner.config import STRATEGIES, TrainConfig
+from planner.strategies import OPTIMIZER_STATE, WEIGHTS, strategy_of
 
 DECODER_LAYERS = {
     "llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer",
@@ -49,13 +51,18 @@ def free_port() -> int:
 
 
 def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
-    """DeepSpeed config for ZeRO-2/3 with the plan's micro-batch, accumulation and clipping (explicit numbers: the
-    loop does not hand accelerate a dataloader to fill "auto" values from)."""
-    stage = 3 if tc.strategy == "zero3" else 2
+    """DeepSpeed config for ZeRO-1/2/3 (the strategy's `launcher.deepspeed_stage`) with the plan's micro-batch,
+    accumulation and clipping (explicit numbers: the loop does not hand accelerate a dataloader to fill "auto"
+    values from); CPU offload moves what the strategy offloads (optimizer state; and parameters for ZeRO-3)."""
+    strategy = strategy_of(tc)
+    stage = strategy.launcher.deepspeed_stage
+    if stage is None:
+        raise ValueError(f"strategy {tc.strategy} on {tc.num_gpus} GPU(s) does not run on DeepSpeed")
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
     if tc.cpu_offload:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if stage == 3:
+        if OPTIMIZER_STATE in strategy.offloads:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if WEIGHTS in strategy.offloads:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -64,7 +71,7 @@ def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
         "gradient_accumulation_steps": tc.grad_accum,
         "train_batch_size": tc.batch_size * tc.grad_accum * tc.num_gpus,
         "gradient_clipping": max_grad_norm,
-        "bf16": {"enabled": tc.precision in ("bf16", "mixed") or tc.method == "qlora"},
+        "bf16": {"enabled": tc.precision in ("bf16", "mixed") or tc.base_quant.quantized},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the recipe's torch / bitsandbytes optimizers
         "zero_force_ds_cpu_optimizer": False,
@@ -90,14 +97,16 @@ def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = 
         "gpu_ids": "all",
         "main_process_port": port or free_port(),
     }
-    if device == "cpu" or tc.strategy == "ddp":
+    strategy = strategy_of(tc)
+    launcher = strategy.launcher
+    if device == "cpu" or launcher.distributed_type == "MULTI_GPU":
         cfg["distributed_type"] = "MULTI_GPU"  # on CPU too: see the module docstring
-    elif tc.strategy == "fsdp":
+    elif launcher.distributed_type == "FSDP":
         cfg["distributed_type"] = "FSDP"
         fsdp = {
-            "fsdp_version": 2,
-            "fsdp_reshard_after_forward": True,  # FULL_SHARD
-            "fsdp_offload_params": bool(tc.cpu_offload),
+            "fsdp_version": launcher.fsdp_version,
+            "fsdp_reshard_after_forward": launcher.fsdp_reshard_after_forward,  # True: FULL_SHARD
+            "fsdp_offload_params": bool(tc.cpu_offload) and WEIGHTS in strategy.offloads,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
             "fsdp_cpu_ram_efficient_loading": True,
@@ -106,12 +115,15 @@ def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = 
         if model_type in DECODER_LAYERS:
             fsdp["fsdp_transformer_layer_cls_to_wrap"] = DECODER_LAYERS[model_type]
         cfg["fsdp_config"] = fsdp
-    else:  # zero2 / zero3
+    elif launcher.distributed_type == "DEEPSPEED":  # zero1 / zero2 / zero3
         cfg["distributed_type"] = "DEEPSPEED"
         cfg["deepspeed_config"] = {
             "deepspeed_config_file": ds_config_file or DS_CONFIG_NAME,
-            "zero3_init_flag": tc.strategy == "zero3",
+            "zero3_init_flag": launcher.deepspeed_stage == 3,
         }
+    else:
+        raise ValueError(f"strategy {strategy.name} has no multi-process launcher (distributed_type "
+                         f"{launcher.distributed_type}); valid: {', '.join(STRATEGIES)} on num_gpus > 1")
     return cfg
 
 
@@ -137,7 +149,7 @@ def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_ty
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds_file = None
-    if device != "cpu" and tc.strategy in ("zero2", "zero3"):
+    if device != "cpu" and strategy_of(tc).launcher.deepspeed_stage is not None:
         ds_file = out / DS_CONFIG_NAME
         ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm), indent=2) + "\n")
     cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None)
