@@ -110,3 +110,31 @@ def test_qlora_timeline_includes_the_k_bit_preparation_at_load():
     assert load > arch.vocab_size * arch.hidden_size * (2 + 4)  # the embedding's bf16 original + the fp32 copies
     assert load <= e.peak_allocated_bytes  # training still dominates, narrowly, at 256 tokens
 
+
+
+DORA_REFERENCE = ROOT / "calibrate" / "reference" / "trace-points-dora.jsonl"
+
+
+def _dora_points():
+    return [json.loads(line) for line in DORA_REFERENCE.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("point", _dora_points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")
+def test_dora_and_rslora_within_2_percent_of_the_trace(point):
+    """DoRA (a method added as one module) against the real peft DoRA code traced on fake tensors
+    (`python -m calibrate.trace_grid --grid dora`): every precision, a 4-bit base, dropout on and off,
+    checkpointing, GQA and not, biases, fused projections; trainable parameters exactly."""
+    tc = TrainConfig.from_dict(point["train"])
+    est = estimate_memory(load_model(point["model"]), tc)
+    traced = point["trace"]["peak_allocated_bytes"]
+    assert abs(est.peak_allocated_bytes - traced) / traced <= 0.02, f"{tc.describe()} at {est.peak_event}"
+    assert est.trainable_params == point["trace"]["trainable_params"]
+
+
+def test_the_dora_grid_covers_what_dora_does_differently():
+    pts = [TrainConfig.from_dict(p["train"]) for p in _dora_points()]
+    dora = [tc for tc in pts if tc.method == "dora"]
+    assert {tc.precision for tc in dora} == {"bf16", "mixed", "fp32"} and any(tc.quant == "nf4" for tc in dora)
+    assert any(tc.lora_dropout == 0 for tc in dora) and any(tc.grad_ckpt for tc in dora)
+    assert any(tc.use_rslora for tc in pts)
+    assert {p["model"] for p in _dora_points()} >= {"llama-3.2-1b", "qwen2.5-0.5b", "llama-2-7b", "phi-3-mini"}
