@@ -3,15 +3,20 @@
 Only the fields that decide memory and FLOPs are kept. The linear layers of one decoder layer are listed by
 their module names (`q_proj`, ..., `down_proj`; Phi-3 fuses `qkv_proj` and `gate_up_proj`), because LoRA
 targets modules by name and peft's trainable-parameter count follows from their shapes.
+What differs between layers (attention window, post-norms, q/k norms) is each layer's `LayerKind`
+(`planner.layerkinds`), one per decoder layer in `ModelArch.layer_kinds`.
 
 Families: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3. Sources: `modeling_<family>.py` in transformers 5.17.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .layerkinds import LayerKind, LayerKindError, layer_kinds_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 
@@ -65,8 +70,9 @@ class ModelArch:
         hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size, vocab_size: config fields.
         tie_word_embeddings: lm_head shares the embedding matrix (one tensor, one gradient).
         linears: the linear layers of one decoder layer, in forward order.
-        norms_per_layer: RMSNorms per decoder layer (2; Gemma-2 has 4).
-        qk_norm: Qwen3's per-head RMSNorm on q and k.
+        layer_kinds: the `LayerKind` of every decoder layer (layer 0 first): attention, window, MLP, norms.
+            Left out of the hash (equal archs still hash equal; the hash stays cheap for the lru_caches keyed
+            on the arch) but compared.
         hf_id: Hugging Face repository id where known.
     """
 
@@ -81,12 +87,9 @@ class ModelArch:
     vocab_size: int
     tie_word_embeddings: bool
     linears: tuple[Linear, ...]
-    norms_per_layer: int = 2
-    qk_norm: bool = False
+    layer_kinds: tuple[LayerKind, ...] = field(hash=False, repr=False)
     hidden_act: str = "silu"
     final_logit_softcapping: float | None = None
-    sliding_window: int | None = None
-    sliding_every: int = 1  # 1: every layer uses the window; 2: every other layer (Gemma-2's layer_types)
     max_position_embeddings: int = 0
     hf_id: str | None = None
     aliases: tuple[str, ...] = ()
@@ -104,17 +107,48 @@ class ModelArch:
         """Gemma multiplies the embeddings by sqrt(hidden_size) (a new activation tensor)."""
         return self.model_type in ("gemma", "gemma2")
 
+    # -- layer kinds ------------------------------------------------------------------------------
+    def __post_init__(self):
+        if len(self.layer_kinds) != self.num_layers:
+            raise ArchError(f"{self.name}: {len(self.layer_kinds)} layer kinds for {self.num_layers} layers")
+
+    @functools.cached_property
+    def kind_counts(self) -> tuple[tuple[LayerKind, int], ...]:
+        """(kind, number of layers) of each distinct kind, in order of first appearance."""
+        counts: dict[LayerKind, int] = {}
+        for k in self.layer_kinds:
+            counts[k] = counts.get(k, 0) + 1
+        return tuple(counts.items())
+
     def masked_layers(self, kv_seq: int) -> int:
-        """How many layers attend through a materialized mask at this key length: transformers skips the mask
-        (and sdpa runs causal with native GQA) unless a sliding window is shorter than or equal to the keys
-        (`masking_utils._ignore_causal_mask_sdpa`: kv_length >= local_attention_size keeps it)."""
-        if self.sliding_window is None or kv_seq < self.sliding_window:
-            return 0
-        return -(-self.num_layers // self.sliding_every)
+        """How many layers attend through a materialized mask at this key length (`LayerKind.masked`)."""
+        return sum(n for k, n in self.kind_counts if k.masked(kv_seq))
+
+    def _uniform(self, attr: str):
+        values = {getattr(k, attr) for k, _ in self.kind_counts}
+        if len(values) != 1:
+            raise ValueError(f"{self.name}: layers differ in {attr}; read layer_kinds")
+        return values.pop()
+
+    @property
+    def norms_per_layer(self) -> int:
+        """hidden-size RMSNorms per decoder layer (2; Gemma-2 has 4); all layers must agree."""
+        return self._uniform("norms")
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3's per-head RMSNorm on q and k; all layers must agree."""
+        return self._uniform("qk_norm")
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The smallest window of any layer; None when every layer attends to all keys."""
+        return min((k.window for k, _ in self.kind_counts if k.window is not None), default=None)
 
     @property
     def fused_qkv(self) -> bool:
-        return self.model_type == "phi3"
+        """Phi-3 fuses q/k/v into `qkv_proj` (and gate/up into `gate_up_proj`)."""
+        return any(lin.name == "qkv_proj" for lin in self.linears)
 
     # -- parameter counts -------------------------------------------------------------------------
     @property
@@ -132,19 +166,22 @@ class ModelArch:
 
     @property
     def layer_norm_params(self) -> int:
-        return self.norms_per_layer * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+        """Norm parameters of the decoder layer with the most (all layers alike in the supported families)."""
+        return max(k.norm_params(self.hidden_size, self.head_dim) for k, _ in self.kind_counts)
 
     @property
     def layer_params(self) -> int:
+        """Parameters of the largest decoder layer."""
         return self.layer_linear_params + self.layer_norm_params
 
-    @property
+    @functools.cached_property
     def total_params(self) -> int:
         """Equals `sum(p.numel() for p in model.parameters())` of the transformers model (tied counted once)."""
         return (
             self.embedding_params
             + self.lm_head_params
-            + self.num_layers * self.layer_params
+            + self.num_layers * self.layer_linear_params
+            + sum(n * k.norm_params(self.hidden_size, self.head_dim) for k, n in self.kind_counts)
             + self.hidden_size  # final norm
         )
 
@@ -242,6 +279,10 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
     else:  # mistral, gemma, gemma2, phi3
         qkv_bias = o_bias = bool(c.get("attention_bias", False))
     mlp_bias = bool(c.get("mlp_bias", False))
+    try:
+        kinds = layer_kinds_from_config(model_type, c, n_layers, n_heads, n_kv)
+    except LayerKindError as e:
+        raise ArchError(f"{name or 'config'}: {e}") from None
 
     if model_type == "phi3":
         linears = (
@@ -272,30 +313,15 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
         vocab_size=vocab,
         tie_word_embeddings=tie,
         linears=linears,
-        norms_per_layer=4 if model_type == "gemma2" else 2,
-        qk_norm=model_type == "qwen3",
+        layer_kinds=kinds,
         hidden_act=act,
         final_logit_softcapping=c.get("final_logit_softcapping") if model_type == "gemma2" else None,
-        sliding_window=_sliding_window(model_type, c),
-        sliding_every=2 if model_type == "gemma2" else 1,
         max_position_embeddings=int(c.get("max_position_embeddings") or 0),
         hf_id=hf_id,
         aliases=tuple(aliases),
         source=source,
         config=dict(config),
     )
-
-
-def _sliding_window(model_type: str, c: dict) -> int | None:
-    """The attention window where the family applies one (Mistral v0.1, Phi-3, Gemma-2 sliding layers; Qwen2 only
-    with use_sliding_window); None when every layer sees all keys."""
-    if model_type in ("mistral", "phi3", "gemma2"):
-        w = c.get("sliding_window")
-    elif model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
-        w = c.get("sliding_window")
-    else:
-        w = None
-    return int(w) if w else None
 
 
 def arch_from_path(path: str | Path) -> ModelArch:

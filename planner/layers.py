@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import ZERO, Graph
+from .layerkinds import LayerKind
 from .methods import get_method
 from .units import BF16, BOOL, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
@@ -52,12 +53,14 @@ class Builder:
     """Builds one piece (a decoder layer, the embedding, the loss) for an architecture and a configuration.
 
     `seq`: tokens per sequence seen by the layers (prompt tuning adds its virtual tokens);
-    `kv_seq`: keys per sequence (prefix tuning adds its virtual tokens)."""
+    `kv_seq`: keys per sequence (prefix tuning adds its virtual tokens); `kind`: the decoder layer's kind
+    (default: layer 0's)."""
 
     def __init__(self, arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, checkpointed: bool = False,
-                 masked: bool = False):
+                 kind: LayerKind | None = None):
         self.arch, self.tc, self.seq, self.kv_seq = arch, tc, seq, kv_seq
-        self.masked = masked  # this layer attends through a materialized (sliding-window) mask
+        self.kind = kind or arch.layer_kinds[0]
+        self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
         # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
         self.use_cache = bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
         self.R = regime(tc)
@@ -282,8 +285,9 @@ class Builder:
 
     # -- the decoder layer --------------------------------------------------------------------------------------
     def decoder_layer(self, x: int, prefix=None) -> int:
-        """One decoder layer (pre-norm; Gemma-2 adds post-attention and pre/post-feed-forward norms)."""
-        a = self.arch
+        """One decoder layer of `self.kind` (pre-norms; Gemma-2's kinds add post-attention and post-feed-forward
+        norms, Qwen3's q/k norms; a sliding window masks `sdpa`)."""
+        a, kind = self.arch, self.kind
         h, I = a.hidden_size, a.intermediate_size
         lin = {l.name: l for l in a.linears}
         n1 = self.rmsnorm(x, h)
@@ -299,14 +303,14 @@ class Builder:
             q = self.linear(n1, "q_proj", h, a.q_dim, lin["q_proj"].bias)
             k = self.linear(n1, "k_proj", h, a.kv_dim, lin["k_proj"].bias)
             v = self.linear(n1, "v_proj", h, a.kv_dim, lin["v_proj"].bias)
-        if a.qk_norm:
+        if kind.qk_norm:
             q = self.rmsnorm(q, a.q_dim)
             k = self.rmsnorm(k, a.kv_dim)
         q = self.rope(q, a.q_dim)
         k = self.rope(k, a.kv_dim)
         o_in = self.attention(q, k, v, prefix)
         o = self.linear(o_in, "o_proj", a.q_dim, h, lin["o_proj"].bias)
-        if a.model_type == "gemma2":
+        if kind.post_attention_norm:
             o = self.rmsnorm(o, h)
         h1 = self.add(x, o, h)
         n2 = self.rmsnorm(h1, h)
@@ -322,7 +326,7 @@ class Builder:
             up = self.linear(n2, "up_proj", h, I, lin["up_proj"].bias)
             p = self.mul(act, up, I)
         dn = self.linear(p, "down_proj", I, h, lin["down_proj"].bias)
-        if a.model_type == "gemma2":
+        if kind.post_feedforward_norm:
             dn = self.rmsnorm(dn, h)
         return self.add(h1, dn, h)
 
@@ -341,11 +345,11 @@ class Builder:
 
 
 def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
-                masked: bool = False):
-    """One decoder layer as a Graph. Returns (builder, input id, output id). With checkpointing the input is
-    kept by the checkpoint (held), and the saved tensors are what the recomputation re-creates. `masked`: the
-    layer's attention goes through a materialized sliding-window mask."""
-    b = Builder(arch, tc, seq, kv_seq, checkpointed, masked)
+                kind: LayerKind | None = None):
+    """One decoder layer of `kind` (default: layer 0's) as a Graph. Returns (builder, input id, output id). With
+    checkpointing the input is kept by the checkpoint (held), and the saved tensors are what the recomputation
+    re-creates."""
+    b = Builder(arch, tc, seq, kv_seq, checkpointed, kind)
     R = b.R
     x = b.input(arch.hidden_size, R.act, input_rg)
     if checkpointed:

@@ -183,10 +183,13 @@ class _Pieces:
     head: object
     tail: object
     prefix: object | None
-    layers: dict  # (first: bool, masked: bool) -> Timeline (checkpointed when tc.grad_ckpt)
-    forward_nosave: dict  # (first, masked) -> forward points of a checkpointed layer's first forward
+    replays: tuple  # one replay key (first layer?, (kind without window, masked)) per distinct layer graph
+    layers: tuple  # per replay: Timeline (checkpointed when tc.grad_ckpt)
+    forward_nosave: tuple  # per replay: forward points of a checkpointed layer's first forward (when checkpointed)
     layer_input: tuple  # bytes of one layer's input (what a checkpoint keeps)
-    masked: tuple  # per layer: attends through a materialized mask
+    of_layer: tuple  # per layer: the index of its replay
+    counts: tuple  # per replay: counts[i] = how many layers < i are that replay (i = 0..num_layers)
+    backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
 
 
 _PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -212,15 +215,25 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
     seq = tc.seq_len + extra_seq
     kv_seq = tc.seq_len + extra_kv
     first_rg = method.first_input_requires_grad()
-    n_masked = arch.masked_layers(kv_seq)
-    masked = tuple(n_masked > 0 and i % arch.sliding_every == 0 for i in range(arch.num_layers))
-    layers, nosave = {}, {}
-    for first in (True, False):
-        for m in sorted(set(masked)):
-            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if first else True, tc.grad_ckpt, m)
-            layers[(first, m)] = simulate(b.g, outputs=[y], incoming_grads=[y])
-            if tc.grad_ckpt:
-                nosave[(first, m)] = forward_without_saving(b.g, outputs=[y])
+    # one replay per distinct (first layer?, kind, masked at this key length); the first layer's input needs no
+    # gradient unless embeddings train
+    index, kinds, of_layer = {}, [], []
+    for i, kind in enumerate(arch.layer_kinds):
+        key = (i == 0, kind.replay_key(kv_seq))
+        if key not in index:
+            index[key] = len(kinds)
+            kinds.append(kind)
+        of_layer.append(index[key])
+    counts = [[0] for _ in kinds]
+    for r in of_layer:
+        for j, c in enumerate(counts):
+            c.append(c[-1] + (j == r))
+    layers, nosave = [], []
+    for key, kind in zip(index, kinds):
+        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind)
+        layers.append(simulate(b.g, outputs=[y], incoming_grads=[y]))
+        if tc.grad_ckpt:
+            nosave.append(forward_without_saving(b.g, outputs=[y]))
     hb, e = head_graph(arch, tc, seq)
     tb, x, loss, logits = tail_graph(arch, tc, seq)
     prefix = None
@@ -232,11 +245,27 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
         head=simulate(hb.g, outputs=[e], incoming_grads=[e]),
         tail=simulate(tb.g, outputs=[], incoming_grads=[loss]),
         prefix=prefix,
-        layers=layers,
-        forward_nosave=nosave,
+        replays=tuple(index),
+        layers=tuple(layers),
+        forward_nosave=tuple(nosave),
         layer_input=(seq * arch.hidden_size * regime(tc).act, 0),
-        masked=masked,
+        of_layer=tuple(of_layer),
+        counts=tuple(tuple(c) for c in counts),
+        backward_layers=_backward_candidates(of_layer),
     )
+
+
+def _backward_candidates(keys: list) -> tuple[int, ...]:
+    """Layers whose backward event can hold the step's peak. While layer i runs backward the live bytes are
+    `kept(<i) + held(>i) + grads(>i)` plus its own backward peak. If the layers from 1 on repeat with period p
+    (keys[i] == keys[i + p]), the same-phase layers i and i + p differ by one period's constant sum, so over the
+    layers of one phase the bytes are linear in the period index and the maximum sits at the first or last period:
+    layer 0, layers 1..p and the last p layers cover every layer (p = 1 uniform, 2 Gemma-2, 6 a 5:1 local/global
+    pattern; a pattern with no shorter period takes every layer). Layers 0, 1, 2, L-2, L-1 are always listed."""
+    L = len(keys)
+    p = next(p for p in range(1, L) if all(keys[i] == keys[i + p] for i in range(1, L - p))) if L > 1 else 1
+    out = {0, 1, 2, L - 2, L - 1} | set(range(1, 1 + p)) | set(range(L - p, L))
+    return tuple(sorted(i for i in out if 0 <= i < L))
 
 
 def _at(size, batch: int) -> int:
@@ -274,27 +303,13 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     static_total = sum(static.values())
 
     def sim(i: int):
-        return P.layers[(i == 0, P.masked[i])]
+        return P.layers[P.of_layer[i]]
 
-    def kept(i: int) -> int:  # what layer i keeps while later layers run forward
-        return _at(P.layer_input, B) if ck else _at(sim(i).kept, B)
-
-    def held(i: int) -> int:  # what layer i keeps after its backward (KV caches, held by the outputs)
-        return _at(sim(i).held, B)
-
-    def total_over(f, lo: int, hi: int) -> int:
-        """sum of f(i) for lo <= i < hi, in closed form: layers >= 1 repeat with period sliding_every."""
-        if hi <= lo:
-            return 0
+    def total_over(values: list, lo: int, hi: int) -> int:
+        """sum over layers lo <= i < hi of values[replay of layer i]: each replay's value times its count."""
         out = 0
-        if lo == 0:
-            out += f(0)
-            lo = 1
-        period = arch.sliding_every
-        for r in range(period):
-            first_i = lo + ((r - lo) % period)
-            if first_i < hi:
-                out += ((hi - 1 - first_i) // period + 1) * f(first_i)
+        for c, v in zip(P.counts, values):
+            out += (c[hi] - c[lo]) * v
         return out
 
     def event(name, point, **extra):
@@ -302,9 +317,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # strategies that shard gradients (ZeRO-2/3, FSDP) reduce-scatter each layer's as backward produces it: 1/N kept
     shard = strategy_of(tc).ways(GRADIENTS, tc.num_gpus)
-    g_layer = -(-_at(sim(min(1, L - 1)).param_grads, B) // shard)
-    g_first = -(-_at(sim(0).param_grads, B) // shard)
     g_tail = -(-_at(P.tail.param_grads, B) // shard)
+    # per replay: what such a layer keeps while later layers run forward, what it keeps after its backward (KV
+    # caches, held by the outputs), and the parameter gradients it leaves
+    kept = [_at(P.layer_input, B) if ck else _at(s.kept, B) for s in P.layers]
+    held = [_at(s.held, B) for s in P.layers]
+    layer_grads = [-(-_at(s.param_grads, B) // shard) for s in P.layers]
     held_tail = _at(P.tail.held, B)
     held_layers = total_over(held, 0, L)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)
@@ -314,16 +332,16 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     events: list[Event] = []
 
     # forward
-    last_fwd = P.forward_nosave[(L == 1, P.masked[L - 1])] if ck else sim(L - 1).forward
+    last_fwd = P.forward_nosave[P.of_layer[L - 1]] if ck else sim(L - 1).forward
     events.append(event("forward (last layer)", peak_point(last_fwd, B),
-                        activations=head_kept + kept_all - kept(L - 1), logits=previous))
+                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]], logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), activations=head_kept + kept_all, logits=previous))
     events.append(event("loss backward", peak_point(P.tail.backward, B), activations=head_kept + kept_all))
 
     # backward through layer i: kept by layers < i, held by layers > i, gradients of layers > i and the tail
-    for i in sorted({L - 1, L - 2, 2, 1, 0} & set(range(L))):
+    for i in P.backward_layers:
         acts = head_kept + total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L)
-        grads = g_tail + (L - 1 - i) * g_layer
+        grads = g_tail + total_over(layer_grads, i + 1, L)
         name = "last layer" if i == L - 1 else ("first layer" if i == 0 else f"layer {i}")
         s = sim(i)
         if ck:  # the checkpoint re-runs the layer's forward while the output gradient waits
@@ -333,7 +351,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # embedding backward: every layer's gradients are done
     events.append(event("embedding backward", peak_point(P.head.backward, B), activations=head_kept + held_tail + held_layers,
-                        gradients=g_tail + (L - 1) * g_layer + g_first))
+                        gradients=g_tail + total_over(layer_grads, 0, L)))
     # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
     events.append(event("optimizer step", None, gradients=grads_total,
                         logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))
