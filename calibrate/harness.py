@@ -141,7 +141,7 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
     import tomllib
 
     from planner.arch import ArchError
-    from planner.config import parse_target_modules
+    from planner.limits import position_error
     from planner.methods import TargetError, lora_targets
     from planner.profiles import resolve_model
 
@@ -150,7 +150,9 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except OSError as e:
-        raise MatrixError(f"{path}: {e.strerror}") from None
+        raise MatrixError(f"{path}: {e.strerror} (valid: a sweep file like calibrate/matrix.toml)") from None
+    except UnicodeDecodeError as e:
+        raise MatrixError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); valid: a TOML file in UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise MatrixError(f"{path}: invalid TOML ({e})") from None
     unknown_top = sorted(set(doc) - {"defaults", "point"})
@@ -174,22 +176,23 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
             values = dict(merged, **dict(zip(keys, combo)))
             label, _ = values.pop("label", None), values.pop("note", None)
             ref = str(values.pop("model"))
-            n_steps = int(steps if steps is not None else values.pop("steps", DEFAULT_STEPS))
+            n_steps = steps if steps is not None else values.pop("steps", DEFAULT_STEPS)
             values.pop("steps", None)
-            if n_steps < 1:
-                raise MatrixError(f"{where}: steps must be >= 1, got {n_steps}")
+            if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+                raise MatrixError(f"{where}: steps must be an integer >= 1, got {n_steps!r}")
             local = path.parent / ref
             if (ref.startswith(".") or os.sep in ref) and local.exists():
                 ref = str(local)
             try:
-                if "target_modules" in values:
-                    values["target_modules"] = parse_target_modules(values["target_modules"])
-                tc = TrainConfig(**values)
+                tc = TrainConfig.from_dict(values)
                 if tc.num_gpus != 1:
                     raise ValueError(f"num_gpus: calibrate measures one device, got {tc.num_gpus} (valid: 1)")
                 arch, _ = resolve_model(ref)
                 if tc.method in ("lora", "qlora"):
                     lora_targets(arch, tc)
+                too_long = position_error(arch, tc)
+                if too_long:
+                    raise ValueError(too_long[1])
             except (ValueError, TypeError, ProfileError, ArchError, TargetError) as e:
                 shown = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
                 raise MatrixError(f"{where}{' (' + shown + ')' if shown else ''}: {e}") from None

@@ -140,7 +140,8 @@ def load_records(paths=None) -> list[dict]:
         elif r.is_file():
             files.append(r)
         else:
-            raise RecordError(f"no records at {r}")
+            raise RecordError(f"no records at {r}: no such file or folder (valid: record files or folders, e.g. "
+                              "calibrate/results)")
     for f in files:
         try:
             rec = json.loads(f.read_text())

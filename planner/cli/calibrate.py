@@ -16,7 +16,6 @@ from ..units import GIB
 from .options import (
     TRAIN_KEYS,
     build_train_config,
-    check_targets,
     emit_json,
     json_option,
     pop_train_kwargs,
@@ -24,6 +23,7 @@ from .options import (
     resolve_model_or_fail,
     train_options,
 )
+from .checks import check_model, given as option_given, writable_dir
 from .render import table
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -102,9 +102,10 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
     if not matrix and not model_ref:
         raise click.UsageError("give --model (one configuration) or --matrix FILE (a sweep), or `ftplan calibrate fit`")
     if timeout <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--timeout")
+        raise click.BadParameter(f"must be > 0, got {timeout:g}", param_hint="--timeout")
     if busy_threshold < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--busy-threshold")
+        raise click.BadParameter(f"must be >= 0, got {busy_threshold:g}", param_hint="--busy-threshold")
+    writable_dir(out_dir, "--out")
     if importlib.util.find_spec("torch") is None:
         raise click.ClickException("`ftplan calibrate` needs torch, transformers and peft: pip install 'ftplan[train]'")
     from calibrate import harness
@@ -126,7 +127,7 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
         if tc.num_gpus != 1:
             raise click.BadParameter(f"calibrate measures one device; got {tc.num_gpus} (valid: 1)", param_hint="--num-gpus")
         arch, _ = resolve_model_or_fail(model_ref)
-        check_targets(arch, tc)
+        check_model(arch, tc, targets_given=option_given("target_modules"))
         points = [harness.point_from_arch(arch, tc, model_ref=model_ref, steps=steps)]
     if device == "cuda":
         _require_cuda()

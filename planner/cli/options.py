@@ -79,8 +79,11 @@ def pop_train_kwargs(kwargs: dict) -> dict:
 
 
 def _option_for(message: str) -> str | None:
+    for field, opt in OPTION_OF.items():  # the field the message starts with wins over one it mentions
+        if message.startswith(field):
+            return opt
     for field, opt in OPTION_OF.items():
-        if message.startswith(field) or f"{field} " in message[:40]:
+        if f"{field} " in message[:40]:
             return opt
     return None
 
@@ -98,10 +101,16 @@ def build_train_config(values: dict) -> TrainConfig:
 
 def resolve_model_or_fail(ref: str):
     """(ModelArch, how it was resolved) or a usage error listing close matches."""
+    if not ref.strip():
+        raise click.BadParameter("empty; valid: a catalog name or alias (ftplan models list), a Hugging Face id, or "
+                                 "a config.json path", param_hint="--model")
     try:
         return resolve_model(ref)
     except (ProfileError, ArchError) as e:
         raise click.BadParameter(str(e), param_hint="--model") from None
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{ref}: not UTF-8 text ({e.reason} at byte {e.start}); valid: a config.json in "
+                                 "UTF-8", param_hint="--model") from None
 
 
 def resolve_gpu_or_fail(ref: str | None):

@@ -19,7 +19,8 @@ from click.core import ParameterSource
 
 from ..config import TrainConfig, parse_target_modules
 from ..planfile import read_plan, write_plan
-from .options import TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
+from .checks import check_model, os_error, writable_dir
+from .options import OPTION_OF, TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
 
 DATA_FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 DEVICES = ("auto", "cuda", "cpu")
@@ -51,6 +52,23 @@ def _train_config(ctx, pf, kwargs) -> TrainConfig:
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--target-modules") from None
     return build_train_config(values)
+
+
+def _check_model(ctx, model_dir: str, tc: TrainConfig) -> None:
+    """The training config against the model's config.json (targets, IA3, positions), before any weight is loaded;
+    an error names the option when it was passed, else the plan's [train] field."""
+    from ..arch import ArchError
+    from ..profiles import ProfileError, resolve_model
+
+    try:
+        arch, _ = resolve_model(str(Path(model_dir) / "config.json"))
+    except (ProfileError, ArchError, UnicodeDecodeError):
+        return  # a family the planner does not model: transformers and peft will say what is wrong
+
+    def hint(field: str) -> str:
+        return OPTION_OF.get(field, field) if _passed(ctx, field) else f"PLAN [train] {field}"
+
+    check_model(arch, tc, targets_given=_passed(ctx, "target_modules"), hint=hint)
 
 
 def _schedule(pf, overrides: dict):
@@ -142,8 +160,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                  "there, so packed examples would attend to each other (valid with --packing: full, "
                                  "lora, qlora, ia3)", param_hint="--packing")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise click.BadParameter(f"{out} is a file", param_hint="--output-dir")
+    writable_dir(out, "--output-dir")
     if _existing_run(out) and not resume:
         if not overwrite:
             raise click.UsageError(f"{out} already holds a run (checkpoints or run_summary.json): pass --resume to "
@@ -159,6 +176,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
         loop.check_device(tc, dev)
     except loop.RunUsageError as e:
         raise click.BadParameter(str(e), param_hint=e.param_hint) from None
+    _check_model(ctx, model_dir, tc)
     if dev == "cuda" and tc.num_gpus > 1:
         import torch
 
@@ -167,9 +185,12 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                      param_hint="--num-gpus")
 
     command = "ftplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out.mkdir(parents=True, exist_ok=True)
     eff_plan = out / "plan.toml"
-    write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command), eff_plan)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command), eff_plan)
+    except OSError as e:
+        raise os_error(e, "--output-dir") from None
     fallbacks = loop.fallback_chain(tc, pf.fallback)
     spec = loop.RunSpec(
         plan=str(eff_plan), data=str(data_path), output_dir=str(out), model_path=model_dir, train=tc.to_dict(),
@@ -259,11 +280,12 @@ def merge(runs, output, combination, weights, density, majority_sign_method, bas
     adapters cannot be merged (they add virtual tokens, not weights).
     """
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise click.BadParameter(f"{out} exists and is not empty (pass --overwrite)", param_hint="--output")
+    writable_dir(out, "--output")
     for r in runs:
         if not Path(r).is_dir():
-            raise click.BadParameter(f"no such folder: {r}", param_hint="RUNS")
+            raise click.BadParameter(f"no such folder: {r} (valid: an `ftplan run` output folder)", param_hint="RUNS")
     if len(runs) > 1 and combination is None:
         raise click.BadParameter(f"{len(runs)} runs given: choose how to combine them ({', '.join(COMBINATIONS)})",
                                  param_hint="--combination")
@@ -276,7 +298,8 @@ def merge(runs, output, combination, weights, density, majority_sign_method, bas
         except ValueError:
             raise click.BadParameter(f"not a comma list of numbers: {weights!r}", param_hint="--weights") from None
         if len(wlist) != len(runs):
-            raise click.BadParameter(f"{len(wlist)} weights for {len(runs)} runs", param_hint="--weights")
+            raise click.BadParameter(f"{len(wlist)} weights for {len(runs)} runs (valid: one weight per run)",
+                                     param_hint="--weights")
     if not 0 < density <= 1:
         raise click.BadParameter(f"must be in (0, 1], got {density}", param_hint="--density")
 
