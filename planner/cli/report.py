@@ -127,10 +127,13 @@ def report(model_refs, gpu_refs, accuracy, record_paths, seq_len, batch_size, ra
 def _accuracy(build, record_paths, out_dir) -> dict:
     from calibrate.record import RESULTS_DIR, RecordError, load_records
 
+    skipped: list = []
     try:
-        records = load_records(list(record_paths) or None)
+        records = load_records(list(record_paths) or None, skipped=skipped)
     except RecordError as e:
         raise click.BadParameter(str(e), param_hint="--records") from None
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason.removeprefix(path + ': ')}", err=True)
     if not records:
         raise click.BadParameter(f"no records under {', '.join(record_paths) or str(RESULTS_DIR)}",
                                  param_hint="--records")
