@@ -561,3 +561,51 @@ def test_bad_input_exits_2_naming_the_field_and_the_valid_values(env, args, fiel
     assert r.exit_code == 2, r.output
     assert field in out, f"field {field!r} not named in: {r.output}"
     assert valid in out, f"valid {valid!r} not named in: {r.output}"
+
+
+JSON_CASES = [
+    (["estimate", "--model", "8b", "--seq-len", "0"], "--seq-len", "a positive integer"),
+    (["estimate", "--model", "8b", "--method", "banana"], "--method", ["full", "lora", "qlora", "prefix", "prompt", "ia3"]),
+    (["estimate", "--model", "8b", "--seq-len", "1000000000"], "--seq-len", "at most 524288"),
+    (["estimate", "--model", "8b", "--ranks", "8"], "--ranks", ["--rank"]),
+    (["recommend", "--model", "8b", "--gpu", "a100-80", "--pick", "99"], "--pick", "1 to 8"),
+    (["recommend", "--model", "8b", "--gpu", "a100-80", "--provider", "nowhere"], "--provider", "AWS, Akash"),
+    (["recommend", "--model", "8b"], "--gpu", "required"),
+    (["gpus", "show", "z100"], "NAME", None),
+    (["models", "show", "nope-13b"], "--model", None),
+    (["validate", "--max-error", "0"], "--max-error", "> 0"),
+    (["validate", "--metric", "memory"], "--metric", ["allocated", "reserved", "tokens_per_s"]),
+    (["calibrate", "fit", "--gpu", "b300"], "--gpu", None),
+    (["report"], "--model", None),
+    (["report", "--model", "8b", "--gpu", "a100-80", "--margin", "2"], "--margin", "in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("args, field, valid", JSON_CASES, ids=lambda v: None)
+def test_json_errors_are_a_json_object_on_stdout_with_the_same_exit_code(args, field, valid):
+    plain = CliRunner().invoke(cli, args)
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert plain.exit_code == r.exit_code == 2, (plain.output, r.output)
+    assert "Traceback" not in r.output
+    d = json.loads(r.stdout)
+    assert set(d) == {"error", "field", "valid"}
+    assert d["field"] == field, d
+    if isinstance(valid, list):
+        assert d["valid"] == valid, d
+    elif valid is not None:
+        assert valid in d["valid"], d
+    assert d["error"] and d["error"] in _norm(plain.output)  # the same message as the text error
+    assert "Usage:" not in r.stdout
+
+
+def test_json_errors_of_run_and_merge(env):
+    r = CliRunner().invoke(cli, env.run("--json", data=env.jsonl(["{oops"])))
+    d = json.loads(r.stdout)
+    assert r.exit_code == 2 and d["field"] == "--data" and "invalid JSON" in d["error"]
+    assert d["valid"] == "one JSON object per line"
+    r = CliRunner().invoke(cli, ["merge", env.run_dir(), "--density", "0", "--output", env.path("m"), "--json"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 2 and d == {"error": d["error"], "field": "--density", "valid": "in (0, 1]"}
+    # output that succeeds is unchanged: one JSON document
+    r = CliRunner().invoke(cli, ["gpus", "show", "h100", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["memory_bytes"] > 0

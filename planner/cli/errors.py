@@ -14,7 +14,7 @@ import click
 _OPTION = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 _VALID = [
     re.compile(r"\bvalid(?: [^:;()\n]{0,40})?: (.+?)(?: \(|\)|;|$)"),
-    re.compile(r"\bmust (?:be|equal) (.+?)(?:,? got | \(|; |$)"),
+    re.compile(r"\bmust (?:be|equal) (.+?)(?:,? got | \((?![\d-])|; |$)"),
     re.compile(r"\b(at most [\d,]+)"),
     re.compile(r"is not a valid (\w+)"),
 ]
