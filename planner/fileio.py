@@ -114,4 +114,5 @@ def writable_file_problem(path: str | Path) -> str | None:
         return f"{p} is a directory, not a file"
     if p.exists() and not os.access(p, os.W_OK):
         return f"{p} is not writable"
-    return writable_dir_problem(p.parent if str(p.parent) else ".")
+    problem = writable_dir_problem(p.parent)
+    return f"{p} cannot be written: {problem}" if problem else None
