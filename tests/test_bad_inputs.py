@@ -533,6 +533,7 @@ def _no_records_in_the_checkout(monkeypatch, tmp_path):
     """A calibrate case that measured after all must not add a record to calibrate/results."""
     from calibrate import harness, record
 
+    (tmp_path / "results").mkdir()
     monkeypatch.setattr(record, "RESULTS_DIR", tmp_path / "results")
     monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path / "results")
 
