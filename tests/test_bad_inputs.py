@@ -610,3 +610,37 @@ def test_json_errors_of_run_and_merge(env):
     # output that succeeds is unchanged: one JSON document
     r = CliRunner().invoke(cli, ["gpus", "show", "h100", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["memory_bytes"] > 0
+
+
+def test_a_fallback_made_invalid_by_an_override_is_dropped_from_the_run_plan(env):
+    """`run --method prefix --no-grad-ckpt` on a recommend plan whose fallbacks turn checkpointing on: the plan
+    written into the run keeps only the fallbacks valid for prefix tuning (it used to be unreadable)."""
+    from planner.planfile import read_plan
+
+    plan = env.plan({"train.grad_ckpt": "true", "fallback": [{"batch_size": "2", "grad_accum": "2", "grad_ckpt": "true"},
+                                                             {"batch_size": "2", "grad_accum": "2"}]})
+    out = env.path("out")
+    r = CliRunner().invoke(cli, env.run("--method", "prefix", plan=plan, out=out))
+    assert r.exit_code == 2 and "--no-grad-ckpt" in r.output  # the advice ...
+    r = CliRunner().invoke(cli, env.run("--method", "prefix", "--no-grad-ckpt", plan=plan, out=out,
+                                        data=env.jsonl(["{oops"])))  # ... works (stopped at the data, cheaply)
+    assert r.exit_code == 2 and "--data" in r.output and "Traceback" not in r.output
+    written = read_plan(Path(out) / "plan.toml")
+    assert written.train.method == "prefix" and not written.train.grad_ckpt
+    assert written.fallback == [{"batch_size": 2, "grad_accum": 2}]
+
+
+@pytest.mark.parametrize("name", ["run", "merge"])
+def test_run_and_merge_without_torch_say_what_to_install(env, name):
+    """The planner-only install: no traceback, the missing package and the extra to install."""
+    import os
+    import subprocess
+    import sys
+
+    command = env.run() if name == "run" else ["merge", env.run_dir(), "--output", env.path("m")]
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys; sys.modules['torch'] = None; from planner.cli import main; main()"
+    p = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "needs torch" in p.stderr and "pip install 'ftplan[train]'" in p.stderr

@@ -54,6 +54,32 @@ def _train_config(ctx, pf, kwargs) -> TrainConfig:
     return build_train_config(values)
 
 
+def _trainer(command: str, *modules: str) -> list:
+    """trainer.<modules>, or a clear error on the planner-only install (no torch, transformers or peft)."""
+    import importlib
+
+    try:
+        return [importlib.import_module(f"trainer.{m}") for m in modules]
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("trainer", "planner"):
+            raise
+        raise click.ClickException(f"`ftplan {command}` needs {e.name}, which is not installed: "
+                                   "pip install 'ftplan[train]'") from None
+
+
+def _valid_fallbacks(tc: TrainConfig, fallbacks: list[dict]) -> list[dict]:
+    """The plan's [[fallback]] entries that still make a valid configuration with the options passed on top (a
+    checkpointing fallback of a plan run with --method prefix does not), for the plan written into the run."""
+    out = []
+    for fb in fallbacks:
+        try:
+            TrainConfig.from_dict({**tc.to_dict(), **fb})
+        except (ValueError, TypeError):
+            continue
+        out.append(fb)
+    return out
+
+
 def _check_model(ctx, model_dir: str, tc: TrainConfig) -> None:
     """The training config against the model's config.json (targets, IA3, positions), before any weight is loaded;
     an error names the option when it was passed, else the plan's [train] field."""
@@ -167,8 +193,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                    "continue it, or --overwrite to start over")
         _clear_run(out)
 
-    from trainer import data as D
-    from trainer import loop
+    D, loop = _trainer("run", "data", "loop")
 
     try:
         model_dir = loop.resolve_model_path(pf, model_path or "", plan_dir=Path(plan_path).resolve().parent)
@@ -188,7 +213,8 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
     eff_plan = out / "plan.toml"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command), eff_plan)
+        write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command,
+                                       fallback=_valid_fallbacks(tc, pf.fallback)), eff_plan)
     except OSError as e:
         raise os_error(e, "--output-dir") from None
     fallbacks = loop.fallback_chain(tc, pf.fallback)
@@ -303,7 +329,7 @@ def merge(runs, output, combination, weights, density, majority_sign_method, bas
     if not 0 < density <= 1:
         raise click.BadParameter(f"must be in (0, 1], got {density}", param_hint="--density")
 
-    from trainer import merge as M
+    (M,) = _trainer("merge", "merge")
 
     try:
         if len(runs) == 1:
