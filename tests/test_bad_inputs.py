@@ -644,3 +644,23 @@ def test_run_and_merge_without_torch_say_what_to_install(env, name):
                        env=dict(os.environ, PYTHONPATH=str(root)))
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "needs torch" in p.stderr and "pip install 'ftplan[train]'" in p.stderr
+
+
+def test_a_failed_run_with_json_prints_one_json_object(env, monkeypatch):
+    """Out of memory on every plan (exit 1): stdout holds one JSON object, the error with the run's summary."""
+    import torch
+
+    from trainer import recipe
+
+    real = recipe.forward
+
+    def forward(model, batch, tc, device_type):
+        if model.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+        return real(model, batch, tc, device_type)
+
+    monkeypatch.setattr(recipe, "forward", forward)
+    r = CliRunner().invoke(cli, env.run("--no-fallback", "--no-record", "--json"))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    d = json.loads(r.stdout)
+    assert "out of memory" in d["error"] and d["summary"]["status"] == "oom"

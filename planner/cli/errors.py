@@ -71,8 +71,9 @@ def error_fields(e: click.ClickException) -> tuple[str | None, object]:
 
 
 def payload(e: click.ClickException) -> dict:
+    """The JSON object of an error (plus what the command attached as `extra`, e.g. a failed run's summary)."""
     field, valid = error_fields(e)
-    return {"error": e.format_message(), "field": field, "valid": valid}
+    return {"error": e.format_message(), "field": field, "valid": valid, **getattr(e, "extra", {})}
 
 
 def wants_json(args: list[str]) -> bool:

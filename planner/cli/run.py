@@ -255,11 +255,11 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
         click.echo(f"ftplan run: {e}", err=True)
         ctx.exit(128 + e.signum)
     except loop.OutOfMemory as e:
-        if as_json:
-            summary_path = out / loop.SUMMARY_NAME
-            if summary_path.exists():
-                emit_json(json.loads(summary_path.read_text()))
-        raise click.ClickException(str(e)) from None
+        err = click.ClickException(str(e))
+        summary_path = out / loop.SUMMARY_NAME
+        if as_json and summary_path.exists():  # one JSON object on stdout: the error, with the run's summary
+            err.extra = {"summary": json.loads(summary_path.read_text())}
+        raise err from None
     except loop.RunUsageError as e:
         raise click.BadParameter(str(e), param_hint=e.param_hint) from None
     except loop.RunError as e:
