@@ -48,6 +48,7 @@ from planner.cost import (
     throughput,
     throughput_params,
 )
+from planner.fileio import write_text
 from planner.profiles import load_gpu
 
 from .validate import compare, summarize
@@ -543,6 +544,6 @@ def write_toml(result: FitResult, command: str, results_dirs: list[str], folder:
     folder = Path(folder) if folder is not None else calibration_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{result.gpu}.toml"
-    path.write_text(render_toml(result, command, results_dirs))
+    write_text(path, render_toml(result, command, results_dirs))
     throughput_params.cache_clear()
     return path

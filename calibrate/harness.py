@@ -1,10 +1,19 @@
 """`ftplan calibrate`: measure real training steps, one fresh subprocess per configuration.
 
 The parent (`run_points`) never touches CUDA: for each configuration it checks that the GPU is idle (NVML, refusing
-a busy one unless forced; without NVML the check cannot be made and is skipped), writes a spec file, starts
-`python -m calibrate.harness --child SPEC`, waits (with a timeout), and reads back which record the child wrote.
-A child that crashes, is killed or times out leaves no record, so the parent writes one with `status: "error"`;
-the sweep goes on either way. A tqdm bar shows the configuration being measured and the ETA.
+a busy one unless forced; without NVML the check cannot be made and is skipped), starts
+`python -m calibrate.harness --child - --result-fd N` with the spec on its stdin, waits (with a timeout), reads the
+child's record from that descriptor and writes it. A child that crashes, is killed or times out returns no record,
+so the parent writes one with `status: "error"`; the sweep goes on either way. A tqdm bar shows the configuration
+being measured and the ETA.
+
+No child outlives the parent, and nothing is left behind: the spec, the result and the child's log are anonymous
+temporary files (unlinked on creation), so no temporary folder exists to leave; the child runs in its own process
+group, which the parent kills on SIGINT/SIGTERM (then exits 128 + the signal, the configuration unrecorded); the
+child asks the kernel for SIGTERM when the parent dies (`prctl(PR_SET_PDEATHSIG)`, set between fork and exec), and
+a watchdog thread in the child also notices a changed parent pid, so a SIGKILLed parent takes the child with it
+within a fraction of a second (its own temporary folders removed). Records are written only by the parent: none
+appears after it died.
 
 The child (`measure`) starts with clean device memory and runs the reference recipe (`trainer.recipe`, the code
 `ftplan run` uses): the model built from its config directly on the device (random weights; a local checkpoint
@@ -26,9 +35,10 @@ An out-of-memory error (CUDA OOM, bitsandbytes/cuBLAS allocation failures, host 
 record says `status: "oom"` with the phase it happened in and the peak reached. Records are written once, never
 edited (`calibrate.record.write_record`).
 
-Testing hook: `FTPLAN_CALIBRATE_INJECT=oom@step3` (or `oom@load`, `crash@step1`, `hang@load`, `fail@step2`) makes
-the child raise an out-of-memory error, abort, hang or raise an ordinary error at that phase, so the parent's
-handling is tested on machines without a GPU.
+Testing hook: `FTPLAN_CALIBRATE_INJECT=oom@step3` (or `oom@load`, `crash@step1`, `hang@load`, `wedge@step1`,
+`fail@step2`) makes the child raise an out-of-memory error, abort, hang (wedge: hang with SIGTERM blocked in the main
+thread) or raise an ordinary error at that phase, so the parent's handling is tested on machines without a GPU;
+`FTPLAN_CALIBRATE_INJECT_MARK=FILE` makes a hanging child write its pid to FILE when it gets there.
 """
 
 from __future__ import annotations
@@ -141,7 +151,7 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
     import tomllib
 
     from planner.arch import ArchError
-    from planner.config import parse_target_modules
+    from planner.limits import position_error
     from planner.methods import TargetError, lora_targets
     from planner.profiles import resolve_model
 
@@ -150,7 +160,9 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
         with path.open("rb") as f:
             doc = tomllib.load(f)
     except OSError as e:
-        raise MatrixError(f"{path}: {e.strerror}") from None
+        raise MatrixError(f"{path}: {e.strerror} (valid: a sweep file like calibrate/matrix.toml)") from None
+    except UnicodeDecodeError as e:
+        raise MatrixError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); valid: a TOML file in UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise MatrixError(f"{path}: invalid TOML ({e})") from None
     unknown_top = sorted(set(doc) - {"defaults", "point"})
@@ -174,22 +186,23 @@ def load_matrix(path: str | Path, *, steps: int | None = None) -> list[Point]:
             values = dict(merged, **dict(zip(keys, combo)))
             label, _ = values.pop("label", None), values.pop("note", None)
             ref = str(values.pop("model"))
-            n_steps = int(steps if steps is not None else values.pop("steps", DEFAULT_STEPS))
+            n_steps = steps if steps is not None else values.pop("steps", DEFAULT_STEPS)
             values.pop("steps", None)
-            if n_steps < 1:
-                raise MatrixError(f"{where}: steps must be >= 1, got {n_steps}")
+            if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+                raise MatrixError(f"{where}: steps must be an integer >= 1, got {n_steps!r}")
             local = path.parent / ref
             if (ref.startswith(".") or os.sep in ref) and local.exists():
                 ref = str(local)
             try:
-                if "target_modules" in values:
-                    values["target_modules"] = parse_target_modules(values["target_modules"])
-                tc = TrainConfig(**values)
+                tc = TrainConfig.from_dict(values)
                 if tc.num_gpus != 1:
                     raise ValueError(f"num_gpus: calibrate measures one device, got {tc.num_gpus} (valid: 1)")
                 arch, _ = resolve_model(ref)
                 if tc.spec.uses_rank:
                     lora_targets(arch, tc)
+                too_long = position_error(arch, tc)
+                if too_long:
+                    raise ValueError(too_long[1])
             except (ValueError, TypeError, ProfileError, ArchError, TargetError) as e:
                 shown = ", ".join(f"{k}={v}" for k, v in zip(keys, combo))
                 raise MatrixError(f"{where}{' (' + shown + ')' if shown else ''}: {e}") from None
@@ -353,13 +366,22 @@ def invocation() -> str:
     return shlex.join(argv)
 
 
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM reached the parent: the child's process group was killed, the point is not recorded."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def run_points(points: list[Point], *, device: str = "cuda", out_dir: str | Path | None = None, force: bool = False,
                busy_threshold_bytes: int = DEFAULT_BUSY_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S,
                progress: bool | None = None, command: str | None = None, gpu_override: str | None = None,
                echo=None) -> list[Outcome]:
     """Measure every point in its own subprocess; returns one outcome (and one record file) per point.
 
-    Raises GpuBusyError (before anything runs, or between configurations) when the GPU is busy and not `force`."""
+    Raises GpuBusyError (before anything runs, or between configurations) when the GPU is busy and not `force`,
+    and Interrupted on SIGINT/SIGTERM (after killing the running child)."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir).resolve() if out_dir is not None else RESULTS_DIR
@@ -374,6 +396,7 @@ def run_points(points: list[Point], *, device: str = "cuda", out_dir: str | Path
     bar = tqdm(total=len(points), unit="config", file=sys.stderr, disable=not progress, dynamic_ncols=True,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
     say = echo or (lambda msg: bar.write(msg, file=sys.stderr))
+    previous = _raise_on_signals()
     try:
         for i, point in enumerate(points):
             bar.set_description_str(point.label[:70])
@@ -387,53 +410,111 @@ def run_points(points: list[Point], *, device: str = "cuda", out_dir: str | Path
             say(summary_line(outcome))
             bar.update(1)
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         bar.close()
     return outcomes
 
 
+def _raise_on_signals() -> dict:
+    """SIGINT and SIGTERM raise Interrupted in the parent (main thread only); returns the previous handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def _libc():
+    """libc for prctl, loaded in the parent (nothing may be loaded between fork and exec); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn: the kernel sends this child SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG); a parent
+    that died before the call is noticed by the pid check."""
+    libc = _libc()
+    prctl = libc.prctl if libc is not None else None
+
+    def preexec():
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
 def _run_one(point: Point, *, device, out_dir, timeout_s, command, gpu, git, host, versions, forced) -> Outcome:
-    with tempfile.TemporaryDirectory(prefix="ftplan-calibrate-") as tmp:
-        spec_path = Path(tmp) / "spec.json"
-        result_path = Path(tmp) / "result.json"
-        log_path = Path(tmp) / "child.log"
-        spec = {
-            "model_name": point.model_name, "model_ref": point.model_ref, "config": point.config,
-            "train": point.train.to_dict(), "checkpoint": point.checkpoint, "steps": point.steps,
-            "warmup": point.warmup, "device": device, "out_dir": str(out_dir), "command": command,
-            "source": point.source, "gpu": gpu, "git": git, "host": host, "versions": versions,
-            "result_path": str(result_path), "forced": forced,
-        }
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        cmd = [sys.executable, "-m", "calibrate.harness", "--child", str(spec_path)]
+    spec = {
+        "model_name": point.model_name, "model_ref": point.model_ref, "config": point.config,
+        "train": point.train.to_dict(), "checkpoint": point.checkpoint, "steps": point.steps,
+        "warmup": point.warmup, "device": device, "out_dir": str(out_dir), "command": command,
+        "source": point.source, "gpu": gpu, "git": git, "host": host, "versions": versions, "forced": forced,
+        "parent_pid": os.getpid(),
+    }
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # anonymous files (no name on disk): nothing to clean up however this process ends
+    with tempfile.TemporaryFile() as spec_file, tempfile.TemporaryFile() as result, tempfile.TemporaryFile() as log:
+        spec_file.write(json.dumps(spec).encode())
+        spec_file.seek(0)
+        cmd = [sys.executable, "-m", "calibrate.harness", "--child", "-", "--result-fd", str(result.fileno())]
         error = None
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill(proc)
-                rc = None
-                error = f"timed out after {timeout_s:g} s (killed)"
-            except BaseException:
-                _kill(proc)
-                raise
-        if result_path.exists():
-            res = json.loads(result_path.read_text())
-            path = Path(res["path"])
-            rec = json.loads(path.read_text())
+        proc = subprocess.Popen(cmd, stdin=spec_file, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, pass_fds=(result.fileno(),),
+                                preexec_fn=_die_with_parent(os.getpid()))
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            rc = None
+            error = f"timed out after {timeout_s:g} s (killed)"
+        except BaseException:
+            _kill(proc)
+            raise
+        result.seek(0)
+        rec = _result_record(result.read())
+        if rec is not None and error is None:
+            path = write_record(rec, out_dir)
             return Outcome(point, rec["status"], path, rec, 0.0)
         if error is None:
             if rc is not None and rc < 0:
                 sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
                 error = f"child killed by {sig}" + (" (the host likely ran out of memory)" if -rc == 9 else "")
             else:
-                error = f"child exited with code {rc} without writing a record"
-        tail = _tail(log_path)
-        rec = _error_record(point, device=device, command=command, gpu=gpu, git=git, host=host, versions=versions,
-                            message=f"{error}\n{tail}".strip())
-        path = write_record(rec, out_dir)
-        return Outcome(point, "error", path, rec, 0.0)
+                error = f"child exited with code {rc} without a record"
+        log.seek(0)
+        tail = _tail_text(log.read().decode(errors="replace"))
+    rec = _error_record(point, device=device, command=command, gpu=gpu, git=git, host=host, versions=versions,
+                        message=f"{error}\n{tail}".strip())
+    path = write_record(rec, out_dir)
+    return Outcome(point, "error", path, rec, 0.0)
+
+
+def _result_record(data: bytes) -> dict | None:
+    """The record a child returned (None: nothing, or not a whole JSON object: the child died while writing)."""
+    try:
+        res = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return res.get("record") if isinstance(res, dict) else None
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -444,11 +525,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
+def _tail_text(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
@@ -541,7 +618,12 @@ def _inject(phase: str) -> None:
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_ENV} at {phase})")
     if kind == "crash":
         os.abort()
-    if kind == "hang":
+    if kind in ("hang", "wedge"):
+        mark = os.environ.get(INJECT_ENV + "_MARK")
+        if mark:  # tell the test that the child is in the phase now
+            Path(mark).write_text(str(os.getpid()))
+        if kind == "wedge":  # a main thread that cannot run a Python signal handler (as inside a long native call)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         time.sleep(3600)
     if kind == "fail":
         raise _Injected(f"injected failure at {phase}")
@@ -697,6 +779,7 @@ def _run_steps(point: Point, spec: dict, gpu: dict, m: _Measurement) -> None:
         if tc.base_quant.quantized and path is None:
             m.phase = "qlora-prepare"
             tmp = tempfile.TemporaryDirectory(prefix="ftplan-qlora-")
+            _CHILD_TEMP_DIRS.append(tmp.name)
             path = _save_bf16(point, tc, dev, tmp.name)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -739,6 +822,7 @@ def _run_steps(point: Point, spec: dict, gpu: dict, m: _Measurement) -> None:
     finally:
         if tmp is not None:
             tmp.cleanup()
+            _CHILD_TEMP_DIRS.remove(tmp.name)
 
 
 def _check_nvml_index(index: int | None) -> int | None:
@@ -787,8 +871,42 @@ def _save_bf16(point: Point, tc: TrainConfig, dev: str, folder: str) -> str:
     return folder
 
 
-def child_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
+# temporary folders the child made (QLoRA's bf16 copy): removed when the parent dies
+_CHILD_TEMP_DIRS: list[str] = []
+
+
+def _die(code: int) -> None:
+    """End the child now: remove its temporary folders, exit without unwinding (and without a record)."""
+    import shutil
+
+    for d in list(_CHILD_TEMP_DIRS):
+        shutil.rmtree(d, ignore_errors=True)
+    os._exit(code)
+
+
+def _guard_parent(parent_pid: int | None) -> None:
+    """The child ends when its parent does: SIGTERM (sent by the kernel on the parent's death, see
+    `_die_with_parent`) and a watchdog thread polling the parent pid (for when the main thread is inside a long
+    native call and cannot run the signal handler yet) both end it."""
+    import threading
+
+    if not parent_pid:
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: _die(128 + signum))
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        _die(1)
+
+    threading.Thread(target=watch, name="ftplan-parent-watch", daemon=True).start()
+
+
+def child_main(spec_src: str, result_fd: int | None = None) -> int:
+    """Measure the spec (a file, or '-' for stdin). With `result_fd` the record is returned to the parent on that
+    descriptor (the parent writes it); without, it is written under the spec's out_dir (by hand, for debugging)."""
+    spec = json.load(sys.stdin) if spec_src == "-" else json.loads(Path(spec_src).read_text())
+    _guard_parent(spec.get("parent_pid"))
     try:
         rec = measure(spec)
     except BaseException as e:  # noqa: BLE001 - anything but OOM: an error record
@@ -801,22 +919,26 @@ def child_main(spec_path: str) -> int:
         rec = _error_record(point, device=spec["device"], command=spec.get("command", ""), gpu=spec.get("gpu") or {},
                             git=spec.get("git"), host=spec.get("host") or host_info(),
                             versions=spec.get("versions") or package_versions(), message=message)
-    path = write_record(rec, spec["out_dir"])
-    Path(spec["result_path"]).write_text(json.dumps({"path": str(path), "status": rec["status"]}))
+    if result_fd is None:
+        print(write_record(rec, spec["out_dir"]))
+        return 0
+    with os.fdopen(result_fd, "w") as f:
+        json.dump({"record": rec}, f)
     return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="ftplan calibrate's child process (one configuration).")
-    ap.add_argument("--child", required=True, help="spec file written by the parent")
+    ap.add_argument("--child", required=True, help="spec file written by the parent, or - for stdin")
+    ap.add_argument("--result-fd", type=int, default=None, help="descriptor to return the record on")
     args = ap.parse_args(argv)
-    return child_main(args.child)
+    return child_main(args.child, args.result_fd)
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["Point", "Outcome", "GpuBusyError", "MatrixError", "load_matrix", "run_points", "measure", "point_from_arch",
+__all__ = ["Point", "Outcome", "GpuBusyError", "Interrupted", "MatrixError", "load_matrix", "run_points", "measure", "point_from_arch",
            "warmup_steps",
            "checkpoint_folder", "detect_gpu", "check_idle", "prediction", "summary_line"]

@@ -24,6 +24,8 @@ import os
 import re
 from pathlib import Path
 
+from planner.fileio import write_text
+
 SCHEMA = "ftplan.record/1"
 STATUSES = ("ok", "oom", "error")
 KINDS = ("calibrate", "run", "import")
@@ -80,6 +82,9 @@ def validate_record(rec: dict, where: str = "record") -> None:
     """Raise RecordError naming the field if `rec` does not follow the schema."""
     if not isinstance(rec, dict):
         raise RecordError(f"{where}: not a JSON object")
+    for key in ("model", "train", "measured", "meta_info"):
+        if key in rec and not isinstance(rec[key], dict):
+            raise RecordError(f"{where}: '{key}' must be a JSON object")
     if rec.get("schema") != SCHEMA:
         raise RecordError(f"{where}: schema must be {SCHEMA!r}, got {rec.get('schema')!r}")
     for key in ("id", "status", "kind", "model", "train", "measured", "meta_info"):
@@ -120,15 +125,16 @@ def write_record(record: dict, out_dir: str | Path | None = None) -> Path:
     folder = base / gpu_folder(record)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / record_filename(record)
-    with open(path, "x") as f:  # 'x': a record is written once
-        json.dump(record, f, indent=2, sort_keys=False)
-        f.write("\n")
+    # a record is written once (exclusive), whole (a temporary name renamed) and durable (fsync)
+    write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n", fsync=True, exclusive=True)
     return path
 
 
-def load_records(paths=None) -> list[dict]:
+def load_records(paths=None, skipped: list | None = None) -> list[dict]:
     """Every record under the given files/folders (default: calibrate/results), each with `_path` added.
-    Malformed files raise RecordError naming the file."""
+
+    A file that cannot be read as a record (truncated, not JSON, not UTF-8, not the schema) raises RecordError
+    naming the file; with a `skipped` list it is left out instead and `(path, reason)` appended to the list."""
     roots = [Path(p) for p in (paths or [RESULTS_DIR])]
     files = []
     out = []
@@ -140,16 +146,32 @@ def load_records(paths=None) -> list[dict]:
         elif r.is_file():
             files.append(r)
         else:
-            raise RecordError(f"no records at {r}")
+            raise RecordError(f"no records at {r}: no such file or folder (valid: record files or folders, e.g. "
+                              "calibrate/results)")
     for f in files:
         try:
-            rec = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{f}: invalid JSON ({e.msg} at line {e.lineno})") from None
-        validate_record(rec, str(f))
+            rec = _read_record(f)
+        except RecordError as e:
+            if skipped is None:
+                raise
+            skipped.append((os.fspath(f), str(e)))
+            continue
         rec["_path"] = os.fspath(f)
         out.append(rec)
     return out
+
+
+def _read_record(f: Path) -> dict:
+    try:
+        rec = json.loads(f.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise RecordError(f"{f}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{f}: invalid JSON ({e.msg} at line {e.lineno}; truncated?)") from None
+    validate_record(rec, str(f))
+    return rec
 
 
 def _measurement_rows(path: Path) -> list[dict]:

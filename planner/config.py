@@ -167,6 +167,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         d = dict(d)
+        for f in fields(cls):  # a plan file or record is untyped text: name the field with the wrong type
+            problem = _type_problem(f.type, d.get(f.name))
+            if problem:
+                raise ValueError(f"{f.name} must be {problem}, got {d[f.name]!r}")
         if "target_modules" in d and d["target_modules"] is not None:
             d["target_modules"] = parse_target_modules(d["target_modules"])
         return cls(**{k: v for k, v in d.items() if v is not None})
@@ -197,6 +201,23 @@ def parse_target_modules(value) -> tuple[str, ...]:
     if ALL_LINEAR in items and len(items) > 1:
         raise ValueError("target_modules: 'all-linear' cannot be combined with module names")
     return items
+
+
+def _type_problem(annotation: str, value) -> str | None:
+    """What `value` should be for a field annotated `annotation` (None: acceptable, or a type not checked here)."""
+    if value is None:
+        return None
+    kind = str(annotation).replace(" | None", "")
+    if kind == "bool" and not isinstance(value, bool):
+        return "true or false"
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        return "an integer"
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "a number"
+    if kind.startswith("tuple[str") and not (isinstance(value, str) or (
+            isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+        return "a list of module names, or 'all-linear'"
+    return None
 
 
 def _choice(name: str, value, valid) -> None:

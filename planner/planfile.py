@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .config import STRATEGIES, TrainConfig
+from .fileio import write_text
 
 PLAN_VERSION = 1
 
@@ -49,6 +50,14 @@ class Schedule:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("learning_rate", "epochs", "warmup_ratio", "max_grad_norm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"schedule.{name} must be a number, got {v!r}")
+        for name in ("max_steps", "save_steps", "logging_steps", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"schedule.{name} must be an integer, got {v!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"schedule.learning_rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0:
@@ -59,7 +68,12 @@ class Schedule:
             raise ValueError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         for name in ("save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"schedule.{name} must be a positive integer")
+                raise ValueError(f"schedule.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"schedule.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for name in ("max_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -141,28 +155,43 @@ def write_plan(pf: PlanFile, path: str | Path) -> None:
         lines += ["", "[[fallback]]  # next plan on out-of-memory (same effective batch)"]
         for k, v in fb.items():
             lines.append(f"{k} = {_toml_value(v)}")
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def read_plan(path: str | Path) -> PlanFile:
     """Read and validate a plan file; ValueError names the table and field on any problem."""
     p = Path(path)
     try:
-        d = tomllib.loads(p.read_text())
+        d = tomllib.loads(p.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"no plan file at {p}") from None
+        raise ValueError(f"no plan file at {p} (valid: a plan.toml written by `ftplan recommend --save`)") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read ({e.strerror}); valid: a plan.toml file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); valid: a TOML file in UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{p}: invalid TOML ({e})") from None
-    if "model" not in d or "ref" not in d.get("model", {}):
-        raise ValueError(f"{p}: [model] ref is required")
-    if "train" not in d:
-        raise ValueError(f"{p}: [train] table is required")
+    version = d.get("version", PLAN_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= PLAN_VERSION:
+        raise ValueError(f"{p}: version {version!r} is not a plan version this ftplan reads (valid: "
+                         f"{', '.join(str(v) for v in range(1, PLAN_VERSION + 1))}); a newer ftplan wrote it?")
+    model = d.get("model")
+    if not isinstance(model, dict) or "ref" not in model:
+        raise ValueError(f"{p}: [model] ref is required (a catalog name, Hugging Face id or config.json path)")
+    for key in ("ref", "path"):
+        if not isinstance(model.get(key, ""), str):
+            raise ValueError(f"{p}: [model] {key} must be a string (a catalog name, Hugging Face id or path), "
+                             f"got {model[key]!r}")
+    if not isinstance(d.get("train"), dict):
+        raise ValueError(f"{p}: [train] table is required (the fields of `ftplan estimate`'s options)")
     try:
         train = TrainConfig.from_dict(d["train"])
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p}: [train] {e}") from None
     known = {f.name for f in fields(Schedule)}
     sched = d.get("schedule", {})
+    if not isinstance(sched, dict):
+        raise ValueError(f"{p}: [schedule] must be a table (learning_rate, epochs, ...)")
     unknown = sorted(set(sched) - known)
     if unknown:
         raise ValueError(f"{p}: [schedule] unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -171,9 +200,11 @@ def read_plan(path: str | Path) -> PlanFile:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p}: {e}") from None
     fallback = d.get("fallback", [])
+    if not isinstance(fallback, list):
+        raise ValueError(f"{p}: fallback must be [[fallback]] tables of [train] fields")
     for i, fb in enumerate(fallback):
         try:
-            train.replace(**fb)
+            TrainConfig.from_dict({**train.to_dict(), **fb})
         except (ValueError, TypeError) as e:
             raise ValueError(f"{p}: [[fallback]] #{i + 1}: {e}") from None
     return PlanFile(

@@ -83,6 +83,101 @@ def test_chat_labels_are_the_assistant_turns_with_their_end_tokens(tok):
     assert tok.decode([i for i, lab in zip(ids, labels) if lab != D.IGNORE_INDEX]) == "One plus two is three.</s>\n"
 
 
+# a template whose generation prompt ends with a space: the answer's first word merges with it into one token
+SPACE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}"
+    "{% else %}User: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+# the same with {% generation %} blocks (the tokenizer's return_assistant_tokens_mask marks the assistant tokens)
+GENERATION_TEMPLATE = SPACE_TEMPLATE.replace("Assistant: {{ m['content'] }}{{ eos_token }}",
+                                             "Assistant: {% generation %}{{ m['content'] }}{{ eos_token }}"
+                                             "{% endgeneration %}")
+
+
+@pytest.fixture
+def space_tok(tok):
+    t = tok.__class__.from_pretrained(tok.name_or_path)
+    t.chat_template = SPACE_TEMPLATE
+    return t
+
+
+def _one_token_word(tok) -> str:
+    for w in ("the", "is", "of", "three", "Lima"):
+        if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1:
+            return w
+    raise AssertionError("no one-token word in the tiny vocabulary")
+
+
+def _trained(tok, ids, labels) -> list[str]:
+    return [tok.decode([i]) for i, lab in zip(ids, labels) if lab != D.IGNORE_INDEX]
+
+
+def test_a_one_token_answer_after_a_generation_prompt_ending_in_a_space_is_trained(space_tok):
+    word = _one_token_word(space_tok)
+    msgs = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": word}]
+    prompt = space_tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("Assistant: ")
+    ids, labels = D.tokenize_record(space_tok, {"messages": msgs}, "chat")
+    assert space_tok.decode(ids) == space_tok.apply_chat_template(msgs, tokenize=False)
+    # the answer's token starts inside the generation prompt (its space) and is trained, with the end of turn
+    assert _trained(space_tok, ids, labels) == [" " + word, "</s>"]
+    first = labels.index(next(lab for lab in labels if lab != D.IGNORE_INDEX))
+    assert space_tok.decode(ids[:first]) == prompt[:-1]  # everything before it is prompt, untrained
+    # two turns: both answers, nothing of the user's
+    msgs += [{"role": "user", "content": "And now?"}, {"role": "assistant", "content": "The capital of Peru is Lima."}]
+    ids, labels = D.tokenize_record(space_tok, {"messages": msgs}, "chat")
+    assert "".join(_trained(space_tok, ids, labels)) == f" {word}</s> The capital of Peru is Lima.</s>"
+
+
+def test_generation_blocks_use_the_tokenizers_assistant_mask(space_tok):
+    """`{% generation %}` templates are masked by transformers' return_assistant_tokens_mask, and agree with the
+    offsets method on the same conversation."""
+    word = _one_token_word(space_tok)
+    rec = {"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "What is it?"},
+                        {"role": "assistant", "content": word}, {"role": "user", "content": "And?"},
+                        {"role": "assistant", "content": "One plus two is three."}]}
+    by_offsets = D.tokenize_record(space_tok, rec, "chat")
+    space_tok.chat_template = GENERATION_TEMPLATE
+    assert D._has_generation_blocks(space_tok)
+    calls = []
+    real = space_tok.apply_chat_template
+
+    def spy(*a, **kw):
+        calls.append(kw.get("return_assistant_tokens_mask", False))
+        return real(*a, **kw)
+
+    space_tok.apply_chat_template = spy
+    by_mask = D.tokenize_record(space_tok, rec, "chat")
+    assert True in calls
+    assert by_mask == by_offsets
+    trained = "".join(_trained(space_tok, *by_mask))
+    assert trained.startswith(f" {word}</s>") and trained.endswith("One plus two is three.</s>")
+    assert "And" not in trained and "What" not in trained and "short" not in trained
+
+
+def test_trl_conversational_prompt_completion_trains_the_completion(tok, space_tok, tmp_path):
+    prompt = [{"role": "system", "content": "Be short."}, {"role": "user", "content": "What is one plus two?"}]
+    completion = [{"role": "assistant", "content": "One plus two is three."}]
+    rec = {"prompt": prompt, "completion": completion}
+    assert D.detect_format(rec) == "chat"
+    ids, labels = D.tokenize_record(tok, rec, "chat")
+    assert (ids, labels) == D.tokenize_record(tok, {"messages": prompt + completion}, "chat")
+    assert "".join(_trained(tok, ids, labels)) == "One plus two is three.</s>\n"
+    assert D.tokenize_record(tok, rec, "prompt_completion") == (ids, labels)  # a forced format reads it too
+    word = _one_token_word(space_tok)
+    ids, labels = D.tokenize_record(space_tok, {"prompt": prompt[1:], "completion": [dict(completion[0], content=word)]},
+                                    "chat")
+    assert _trained(space_tok, ids, labels) == [" " + word, "</s>"]
+    # from a file, auto-detected, next to plain chat records
+    path = _write(tmp_path / "conv.jsonl", [rec, {"messages": prompt + completion}])
+    ds = D.load_dataset(path, tok, 128)
+    assert ds.format == "chat" and len(ds) == 2
+    assert ds.examples[0]["labels"].tolist() == ds.examples[1]["labels"].tolist()
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": prompt, "completion": "One plus two is three."}])
+    with pytest.raises(D.DataError, match=r"bad.jsonl:1: 'completion' must be a non-empty list of \{role, content\}"):
+        D.load_dataset(bad, tok, 128)
+
+
 def test_chat_needs_a_chat_template(tok, tmp_path):
     no_template = tok.__class__.from_pretrained(tok.name_or_path)
     no_template.chat_template = None

@@ -263,6 +263,7 @@ def test_report_command_writes_charts_csvs_and_an_offline_page(tmp_path, arch, g
         assert {f"{stem}.png", f"{stem}.csv"} <= names
         assert_sensible_png(out / f"{stem}.png")
     assert {"index.html", "report.md"} <= names
+    assert {p.name for p in out.iterdir()} == names  # each file renamed into place: no temporary left over
     page = (out / "index.html").read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page  # opens offline
     for stem in ("memory-by-method", "memory-vs-seq", "ranked-plans", "time-cost"):

@@ -4,7 +4,9 @@ Formats (detected from the first record's keys, or forced with `--format`):
 
     alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
     chat               {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
-                       (ShareGPT's {"conversations": [{"from": "human" | "gpt", "value": ...}]} is read as chat)
+                       (ShareGPT's {"conversations": [{"from": "human" | "gpt", "value": ...}]} is read as chat,
+                       and so is TRL's conversational prompt/completion {"prompt": [messages], "completion":
+                       [messages]}: the completion's messages are trained)
     prompt_completion  {"prompt": ..., "completion": ...}
     text               {"text": ...}
 
@@ -13,7 +15,10 @@ Sources: a JSON-lines file (`.jsonl`, or `.json` holding one array), or a folder
 problem is a `DataError` naming `file:line` (up to 10 at once), raised before the model is loaded.
 
 Loss is on the response only by default (alpaca `output`, `completion`, assistant turns); `text` trains on every
-token; `train_on_inputs=True` trains on everything. Sequences longer than the plan's `seq_len` are truncated and
+token; `train_on_inputs=True` trains on everything. Chat turns are masked by character offsets: the rendered
+conversation is tokenized with its offsets mapping and a token is trained when its characters overlap an assistant
+turn (so a token that starts inside the generation prompt, e.g. after a trailing space, and ends in the answer is
+trained); a template with `{% generation %}` blocks is masked by the tokenizer's own `return_assistant_tokens_mask`. Sequences longer than the plan's `seq_len` are truncated and
 counted. With `packing`, examples are concatenated in order into blocks of at most `seq_len` tokens; each keeps its
 own positions (`position_ids` restart at 0), from which transformers builds a block-diagonal attention mask (the
 batch passes `use_cache=False`: with a KV cache transformers skips that detection), so packed examples never attend
@@ -30,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,14 +113,23 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
     if p.is_dir():
         return _read_datasets_folder(p)
     errors, out = [], []
-    with p.open("r", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{p}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{p}:{line}: not UTF-8 text ({e.reason} at byte {e.start}); valid: JSON lines in UTF-8 "
+                        "(convert it, e.g. iconv -f latin1 -t utf-8)") from None
     stripped = text.lstrip()
     if p.suffix == ".json" and stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            raise DataError(f"{p}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); valid: a JSON array of "
+                            "objects, or one JSON object per line") from None
         for i, rec in enumerate(rows):
             where = f"{p}[{i}]"
             if not isinstance(rec, dict):
@@ -129,7 +144,7 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg}, column {e.colno})")
+                errors.append(f"{where}: invalid JSON ({e.msg}, column {e.colno}); valid: one JSON object per line")
                 continue
             if not isinstance(rec, dict):
                 errors.append(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -137,7 +152,7 @@ def read_records(path: str | Path) -> list[tuple[dict, str]]:
             out.append((rec, where))
     _raise_errors(errors)
     if not out:
-        raise DataError(f"{p}: no records")
+        raise DataError(f"{p}: no records (valid: one JSON object per line, e.g. {{\"text\": ...}})")
     return out
 
 
@@ -171,9 +186,15 @@ def _raise_errors(errors: list[str]) -> None:
 # -- formats ---------------------------------------------------------------------------------------------------------
 
 
+def is_conversational(record: dict) -> bool:
+    """TRL's conversational prompt/completion: `prompt` and `completion` hold lists of messages."""
+    return "prompt" in record and "completion" in record and (
+        isinstance(record["prompt"], list) or isinstance(record["completion"], list))
+
+
 def detect_format(record: dict, where: str = "record") -> str:
     keys = set(record)
-    if "messages" in keys or "conversations" in keys:
+    if "messages" in keys or "conversations" in keys or is_conversational(record):
         return "chat"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
@@ -198,18 +219,35 @@ def _check(record: dict, fmt: str, train_on_inputs: bool) -> str | None:
     if fmt == "alpaca":
         return string("instruction") or string("output") or string("input", required=False) or (
             "'output' is empty" if not record["output"] else None)
+    if fmt == "prompt_completion" and is_conversational(record):
+        fmt = "chat"
     if fmt == "prompt_completion":
         return string("prompt") or string("completion") or ("'completion' is empty" if not record["completion"] else None)
     if fmt == "text":
         return string("text") or ("'text' is empty" if not record["text"].strip() else None)
     # chat
     try:
-        msgs = chat_messages(record)
+        msgs, trained = chat_turns(record)
     except ValueError as e:
         return str(e)
-    if not train_on_inputs and not any(m["role"] == "assistant" for m in msgs):
+    if not train_on_inputs and not trained:
         return "no assistant message to train on"
     return None
+
+
+def chat_turns(record: dict) -> tuple[list[dict], list[int]]:
+    """The conversation as [{role, content}] and the indices of the messages to train: the assistant turns, or for
+    TRL's conversational prompt/completion every message of `completion` (as TRL's SFTTrainer does)."""
+    if "messages" not in record and "conversations" not in record and "prompt" in record and "completion" in record:
+        prompt, completion = record["prompt"], record["completion"]
+        for key, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"'{key}' must be a non-empty list of {{role, content}} messages (TRL's "
+                                 "conversational prompt/completion), or both 'prompt' and 'completion' strings")
+        msgs = _messages(prompt, "prompt") + _messages(completion, "completion")
+        return msgs, list(range(len(prompt), len(msgs)))
+    msgs = chat_messages(record)
+    return msgs, [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
 
 
 def chat_messages(record: dict) -> list[dict]:
@@ -220,6 +258,10 @@ def chat_messages(record: dict) -> list[dict]:
         msgs, key = record["conversations"], "conversations"
     else:
         raise ValueError("missing 'messages'")
+    return _messages(msgs, key)
+
+
+def _messages(msgs, key: str) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise ValueError(f"'{key}' must be a non-empty list of {{role, content}} objects")
     out = []
@@ -268,36 +310,65 @@ def _render(tokenizer, messages, add_generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _chat(tokenizer, messages: list[dict], train_on_inputs: bool) -> tuple[list[int], list[int]]:
-    """Render with the tokenizer's chat template; label the characters of each assistant turn (found as the
-    difference between the conversation rendered up to the turn with a generation prompt and rendered through the
-    turn, so the template's end-of-turn tokens are trained too)."""
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _has_generation_blocks(tokenizer) -> bool:
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(_GENERATION_BLOCK.search(template))
+
+
+def _chat(tokenizer, messages: list[dict], train_on_inputs: bool,
+          trained: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Tokenize the conversation rendered by the tokenizer's chat template; label the tokens of the messages in
+    `trained` (default: the assistant turns).
+
+    A template with `{% generation %}` blocks marks the assistant tokens itself (`return_assistant_tokens_mask`).
+    Otherwise each trained message's characters are found as the difference between the conversation rendered up to
+    it (with the generation prompt for an assistant turn) and rendered through it, so the template's end-of-turn
+    tokens are trained too; a template that rewrites earlier turns falls back to finding the content. A token is
+    trained when its characters (offsets mapping) overlap such a span: one that begins in the generation prompt
+    (a trailing space merged into the first word of the answer) is the answer's first token and is trained."""
+    if trained is None:
+        trained = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on_inputs:
+        ids = list(tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+        return ids, list(ids)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if trained == assistant and _has_generation_blocks(tokenizer):
+        enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        mask = list(enc["assistant_masks"])
+        if any(mask):
+            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     full = _render(tokenizer, messages)
     spans = []
-    if not train_on_inputs:
-        cursor = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-            through = _render(tokenizer, messages[: i + 1])
-            if full.startswith(through) and through.startswith(before) and len(before) < len(through):
-                spans.append((len(before), len(through)))
-                cursor = len(through)
-            else:  # a template that rewrites earlier turns: fall back to finding the content
-                at = full.find(m["content"], cursor)
-                if at >= 0:
-                    spans.append((at, at + len(m["content"])))
-                    cursor = at + len(m["content"])
+    cursor = 0
+    for i in trained:
+        m = messages[i]
+        before = _render(tokenizer, messages[:i], add_generation_prompt=m["role"] == "assistant") if i else ""
+        through = _render(tokenizer, messages[: i + 1])
+        if full.startswith(through) and through.startswith(before) and len(before) < len(through):
+            spans.append((len(before), len(through)))
+            cursor = len(through)
+        else:  # a template that rewrites earlier turns: fall back to finding the content
+            at = full.find(m["content"], cursor)
+            if at >= 0 and m["content"]:
+                spans.append((at, at + len(m["content"])))
+                cursor = at + len(m["content"])
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    if train_on_inputs:
-        return ids, list(ids)
-    labels = []
-    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
-        inside = any(s <= start < e for s, e in spans)
-        labels.append(tok if inside else IGNORE_INDEX)
+    labels = [tok if _overlaps(start, end, spans) else IGNORE_INDEX
+              for tok, (start, end) in zip(ids, enc["offset_mapping"])]
     return ids, labels
+
+
+def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """Whether the characters [start, end) of a token overlap a span (a zero-width token: lies inside one)."""
+    if end <= start:
+        return any(s <= start < e for s, e in spans)
+    return any(start < e and end > s for s, e in spans)
 
 
 def tokenize_record(tokenizer, record: dict, fmt: str, train_on_inputs: bool = False) -> tuple[list[int], list[int]]:
@@ -306,12 +377,15 @@ def tokenize_record(tokenizer, record: dict, fmt: str, train_on_inputs: bool = F
         tmpl = ALPACA_PROMPT_WITH_INPUT if inp.strip() else ALPACA_PROMPT
         return _prompt_response(tokenizer, tmpl.format(instruction=record["instruction"], input=inp),
                                 record["output"], train_on_inputs)
+    if fmt == "prompt_completion" and is_conversational(record):
+        fmt = "chat"
     if fmt == "prompt_completion":
         return _prompt_response(tokenizer, record["prompt"], record["completion"], train_on_inputs)
     if fmt == "text":
         return _text(tokenizer, record["text"])
     if fmt == "chat":
-        return _chat(tokenizer, chat_messages(record), train_on_inputs)
+        messages, trained = chat_turns(record)
+        return _chat(tokenizer, messages, train_on_inputs, trained)
     raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
@@ -329,7 +403,8 @@ def load_dataset(path: str | Path, tokenizer, seq_len: int, *, fmt: str = "auto"
         if problem:
             errors.append(f"{where}: {problem} ({fmt} format needs {FORMAT_KEYS[fmt]})")
     _raise_errors(errors)
-    if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+    chat = fmt == "chat" or (fmt == "prompt_completion" and any(is_conversational(r) for r, _ in rows))
+    if chat and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}: the chat format needs a tokenizer with a chat template, and this tokenizer has "
                         "none (add one to tokenizer_config.json, or use --format text)")
     if tokenizer.eos_token_id is None:

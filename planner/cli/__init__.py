@@ -47,6 +47,32 @@ class LazyGroup(click.Group):
 
             return unavailable
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, with errors reported by `planner.cli.errors`: the valid names added to 'no such
+        option/command', and with `--json` a JSON object on stdout instead of text (same exit code)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        import json
+        import sys
+
+        from .errors import complete, payload, wants_json
+
+        args = sys.argv[1:] if args is None else list(args)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            complete(e)
+            if wants_json(args):
+                sys.stdout.write(json.dumps(payload(e), indent=2) + "\n")
+                sys.stdout.flush()
+            else:
+                e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def format_commands(self, ctx, formatter):
         rows = [(name, help_) for name, (_, _, help_) in COMMANDS.items()]
         with formatter.section("Commands"):

@@ -16,7 +16,6 @@ from ..units import GIB
 from .options import (
     TRAIN_KEYS,
     build_train_config,
-    check_targets,
     emit_json,
     json_option,
     pop_train_kwargs,
@@ -24,6 +23,7 @@ from .options import (
     resolve_model_or_fail,
     train_options,
 )
+from .checks import check_model, given as option_given, writable_dir
 from .render import table
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -32,13 +32,19 @@ METRICS = ("allocated", "reserved", "tokens_per_s")
 
 
 
-def _load(results: tuple[str, ...]):
+def _load(results: tuple[str, ...], skipped: list | None = None):
+    """The records of --results; a file that is no readable record is skipped and named on stderr (a truncated
+    record must not hide all the others)."""
     from calibrate.record import RecordError, load_records
 
+    skipped = [] if skipped is None else skipped
     try:
-        return load_records(list(results) or None)
+        records = load_records(list(results) or None, skipped=skipped)
     except RecordError as e:
         raise click.BadParameter(str(e), param_hint="--results") from None
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason.removeprefix(path + ': ')}", err=True)
+    return records
 
 
 def _gpu_name_or_fail(ref: str) -> str:
@@ -102,9 +108,10 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
     if not matrix and not model_ref:
         raise click.UsageError("give --model (one configuration) or --matrix FILE (a sweep), or `ftplan calibrate fit`")
     if timeout <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--timeout")
+        raise click.BadParameter(f"must be > 0, got {timeout:g}", param_hint="--timeout")
     if busy_threshold < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--busy-threshold")
+        raise click.BadParameter(f"must be >= 0, got {busy_threshold:g}", param_hint="--busy-threshold")
+    writable_dir(out_dir, "--out")
     if importlib.util.find_spec("torch") is None:
         raise click.ClickException("`ftplan calibrate` needs torch, transformers and peft: pip install 'ftplan[train]'")
     from calibrate import harness
@@ -126,7 +133,7 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
         if tc.num_gpus != 1:
             raise click.BadParameter(f"calibrate measures one device; got {tc.num_gpus} (valid: 1)", param_hint="--num-gpus")
         arch, _ = resolve_model_or_fail(model_ref)
-        check_targets(arch, tc)
+        check_model(arch, tc, targets_given=option_given("target_modules"))
         points = [harness.point_from_arch(arch, tc, model_ref=model_ref, steps=steps)]
     if device == "cuda":
         _require_cuda()
@@ -136,6 +143,10 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
                                       gpu_override=gpu_ref, progress=len(points) > 1)
     except harness.GpuBusyError as e:
         raise click.ClickException(str(e)) from None
+    except harness.Interrupted as e:
+        click.echo(f"ftplan calibrate: {e}; the measuring process was killed and the configuration it measured "
+                   "is not recorded", err=True)
+        ctx.exit(128 + e.signum)
     counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("ok", "oom", "error")}
     if as_json:
         emit_json({"records": [{"path": str(o.path), "status": o.status, "label": o.point.label,
@@ -278,12 +289,14 @@ def validate(results, max_error, metric, gpu_ref, as_json):
 
     if max_error <= 0:
         raise click.BadParameter(f"must be > 0, got {max_error}", param_hint="--max-error")
-    records = _load(results)
+    skipped: list = []
+    records = _load(results, skipped)
     if gpu_ref:
         name = _gpu_name_or_fail(gpu_ref)
         records = [r for r in records if r["meta_info"].get("gpu_profile") == name]
     rows = compare(records)
     rep = report(rows, metric, max_error)
+    rep["skipped"] = [{"path": path, "reason": reason} for path, reason in skipped]
     if as_json:
         emit_json(rep)
     else:

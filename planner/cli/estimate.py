@@ -7,7 +7,6 @@ import click
 from ..plan import Workload, make_plan
 from .options import (
     build_train_config,
-    check_targets,
     emit_json,
     gpu_option,
     json_option,
@@ -18,6 +17,7 @@ from .options import (
     resolve_model_or_fail,
     train_options,
 )
+from .checks import check_model, check_provider, given
 from .render import plan_summary
 
 
@@ -42,11 +42,12 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     """
     tc = build_train_config(pop_train_kwargs(kwargs))
     arch, how = resolve_model_or_fail(model_ref)
-    check_targets(arch, tc)
+    check_model(arch, tc, targets_given=given("target_modules"))
     gpu = resolve_gpu_or_fail(gpu_ref)
     tokens = parse_tokens_option(dataset_tokens)
     if epochs <= 0:
-        raise click.BadParameter("must be > 0", param_hint="--epochs")
+        raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
+    check_provider(provider)
     plan = make_plan(arch, tc, gpu, Workload(tokens, epochs), provider=provider, model_ref=model_ref)
     d = plan.to_dict()
     traced = None

@@ -107,10 +107,16 @@ def build_train_config(values: dict) -> TrainConfig:
 
 def resolve_model_or_fail(ref: str):
     """(ModelArch, how it was resolved) or a usage error listing close matches."""
+    if not ref.strip():
+        raise click.BadParameter("empty; valid: a catalog name or alias (ftplan models list), a Hugging Face id, or "
+                                 "a config.json path", param_hint="--model")
     try:
         return resolve_model(ref)
     except (ProfileError, ArchError) as e:
         raise click.BadParameter(str(e), param_hint="--model") from None
+    except UnicodeDecodeError as e:
+        raise click.BadParameter(f"{ref}: not UTF-8 text ({e.reason} at byte {e.start}); valid: a config.json in "
+                                 "UTF-8", param_hint="--model") from None
 
 
 def resolve_gpu_or_fail(ref: str | None):

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..config import TrainConfig
 from ..methods import METHOD_CHOICES, method_label
 from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
@@ -22,6 +23,7 @@ from .options import (
     resolve_gpu_or_fail,
     resolve_model_or_fail,
 )
+from .checks import check_positions, check_provider, os_error, writable_file
 from .render import table
 
 ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
@@ -68,6 +70,12 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
             raise click.BadParameter(f"must be a positive integer, got {value}", param_hint=name)
     if not 0 <= margin < 1:
         raise click.BadParameter(f"must be in [0, 1), got {margin}", param_hint="--margin")
+    if epochs <= 0:
+        raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
+    check_positions(arch, TrainConfig(seq_len=seq_len))
+    check_provider(provider)
+    writable_file(save_path, "--save")
+    writable_file(chart_path, "--chart")
     wanted = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in wanted if m not in METHOD_CHOICES]
     if bad or not wanted:
@@ -79,13 +87,22 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
                   model_ref=model_ref)
     res = run_recommend(req)
     verified = _verify(res, min(3, top)) if verify else {}
-    if pick > max(1, len(res.ranked)) and res.ranked:
-        raise click.BadParameter(f"only {len(res.ranked)} plans fit", param_hint="--pick")
-    chosen = res.ranked[pick - 1] if res.ranked else None
+    # --pick numbers the plans as the table lists them (best per method, or every variant), at most --top
+    listed = (distinct_plans(res.ranked) if variants else best_per_family(res.ranked))[:top]
+    if listed and pick > len(listed):
+        raise click.BadParameter(f"{pick}: valid: 1 to {len(listed)} (the plans listed; --top and --variants list "
+                                 "more)", param_hint="--pick")
+    chosen = listed[pick - 1] if listed else None
     if save_path and chosen is not None:
-        _save(chosen, res, save_path)
+        try:
+            _save(chosen, res, save_path)
+        except OSError as e:
+            raise os_error(e, "--save") from None
     if chart_path:
-        _chart(res, chart_path)
+        try:
+            _chart(res, chart_path)
+        except OSError as e:
+            raise os_error(e, "--chart") from None
     if as_json:
         emit_json(_as_json(res, top, verified, save_path if chosen else None))
         return

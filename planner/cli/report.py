@@ -11,10 +11,11 @@ from pathlib import Path
 
 import click
 
-from ..config import OPTIMIZERS
+from ..config import OPTIMIZERS, TrainConfig
 from ..plan import DEFAULT_MARGIN
 from ..profiles import providers
 from ..recommend import OBJECTIVES
+from .checks import check_positions, os_error, writable_dir
 from .options import emit_json, json_option, parse_tokens_option, resolve_gpu_or_fail, resolve_model_or_fail
 
 DEFAULTS = dict(seq_len=2048, batch_size=1, rank=16, optimizer="adamw", effective_batch=16, margin=DEFAULT_MARGIN,
@@ -70,6 +71,7 @@ def report(model_refs, gpu_refs, accuracy, record_paths, seq_len, batch_size, ra
     except ModuleNotFoundError as e:
         raise click.ClickException(f"`ftplan report` needs {e.name}: pip install 'ftplan[report]'") from None
 
+    writable_dir(out_dir, "--out")
     if accuracy:
         if model_refs or gpu_refs:
             raise click.UsageError("--accuracy compares records; leave out --model/--gpu (or drop --accuracy)")
@@ -91,6 +93,8 @@ def report(model_refs, gpu_refs, accuracy, record_paths, seq_len, batch_size, ra
             raise click.BadParameter(f"unknown provider {provider!r}; valid: {', '.join(providers())}",
                                      param_hint="--provider")
         models = [(ref, resolve_model_or_fail(ref)[0]) for ref in _split(model_refs, "--model")]
+        for _, arch in models:
+            check_positions(arch, TrainConfig(seq_len=seq_len))
         gpus = [resolve_gpu_or_fail(ref) for ref in _split(gpu_refs, "--gpu")]
         cond = Conditions(seq_len=seq_len, batch_size=batch_size, rank=rank, optimizer=optimizer,
                           effective_batch=effective_batch, margin=margin, objective=objective,
@@ -104,13 +108,14 @@ def report(model_refs, gpu_refs, accuracy, record_paths, seq_len, batch_size, ra
             compare = [resolve_gpu_or_fail(g) for g in _split(compare_gpus, "--compare-gpus")] if compare_gpus else None
             out = Path(out_dir or f"reports/{_slug(arch.name)}--{gpu.name}")
             cmd = _command(["--model", ref, "--gpu", gpu_refs], given, out_dir)
-            result = build.model_gpu_report(arch, gpu, cond, out, command=cmd, compare_gpus=compare, model_ref=ref)
+            result = _write(build.model_gpu_report, arch, gpu, cond, out, command=cmd, compare_gpus=compare,
+                            model_ref=ref)
         else:
             if compare_gpus:
                 raise click.BadParameter("only with one --model and one --gpu", param_hint="--compare-gpus")
             out = Path(out_dir or "reports/fit-map")
             cmd = _command(["--models", model_refs, "--gpus", gpu_refs], given, out_dir)
-            result = build.fit_map_report(models, gpus, cond, out, command=cmd)
+            result = _write(build.fit_map_report, models, gpus, cond, out, command=cmd)
     if as_json:
         emit_json(result)
         return
@@ -122,17 +127,28 @@ def report(model_refs, gpu_refs, accuracy, record_paths, seq_len, batch_size, ra
 def _accuracy(build, record_paths, out_dir) -> dict:
     from calibrate.record import RESULTS_DIR, RecordError, load_records
 
+    skipped: list = []
     try:
-        records = load_records(list(record_paths) or None)
+        records = load_records(list(record_paths) or None, skipped=skipped)
     except RecordError as e:
         raise click.BadParameter(str(e), param_hint="--records") from None
+    for path, reason in skipped:
+        click.echo(f"skipped {path}: {reason.removeprefix(path + ': ')}", err=True)
     if not records:
         raise click.BadParameter(f"no records under {', '.join(record_paths) or str(RESULTS_DIR)}",
                                  param_hint="--records")
     out = Path(out_dir or "reports/accuracy")
     args = ["--accuracy"] + [a for p in record_paths for a in ("--records", p)]
     sources = list(record_paths) or [_relative(RESULTS_DIR)]
-    return build.accuracy_report(records, out, command=_command(args, {}, out_dir), sources=sources)
+    return _write(build.accuracy_report, records, out, command=_command(args, {}, out_dir), sources=sources)
+
+
+def _write(builder, *args, **kwargs) -> dict:
+    """Run a report builder; a folder that cannot be written is a usage error naming --out."""
+    try:
+        return builder(*args, **kwargs)
+    except OSError as e:
+        raise os_error(e, "--out") from None
 
 
 def _split(value: str | None, option: str) -> list[str]:

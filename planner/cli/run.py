@@ -19,7 +19,8 @@ from click.core import ParameterSource
 
 from ..config import TrainConfig, parse_target_modules
 from ..planfile import read_plan, write_plan
-from .options import TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
+from .checks import check_model, os_error, writable_dir
+from .options import OPTION_OF, TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
 
 DATA_FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 DEVICES = ("auto", "cuda", "cpu")
@@ -53,6 +54,49 @@ def _train_config(ctx, pf, kwargs) -> TrainConfig:
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--target-modules") from None
     return build_train_config(values)
+
+
+def _trainer(command: str, *modules: str) -> list:
+    """trainer.<modules>, or a clear error on the planner-only install (no torch, transformers or peft)."""
+    import importlib
+
+    try:
+        return [importlib.import_module(f"trainer.{m}") for m in modules]
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("trainer", "planner"):
+            raise
+        raise click.ClickException(f"`ftplan {command}` needs {e.name}, which is not installed: "
+                                   "pip install 'ftplan[train]'") from None
+
+
+def _valid_fallbacks(tc: TrainConfig, fallbacks: list[dict]) -> list[dict]:
+    """The plan's [[fallback]] entries that still make a valid configuration with the options passed on top (a
+    checkpointing fallback of a plan run with --method prefix does not), for the plan written into the run."""
+    out = []
+    for fb in fallbacks:
+        try:
+            TrainConfig.from_dict({**tc.to_dict(), **fb})
+        except (ValueError, TypeError):
+            continue
+        out.append(fb)
+    return out
+
+
+def _check_model(ctx, model_dir: str, tc: TrainConfig) -> None:
+    """The training config against the model's config.json (targets, IA3, positions), before any weight is loaded;
+    an error names the option when it was passed, else the plan's [train] field."""
+    from ..arch import ArchError
+    from ..profiles import ProfileError, resolve_model
+
+    try:
+        arch, _ = resolve_model(str(Path(model_dir) / "config.json"))
+    except (ProfileError, ArchError, UnicodeDecodeError):
+        return  # a family the planner does not model: transformers and peft will say what is wrong
+
+    def hint(field: str) -> str:
+        return OPTION_OF.get(field, field) if _passed(ctx, field) else f"PLAN [train] {field}"
+
+    check_model(arch, tc, targets_given=_passed(ctx, "target_modules"), hint=hint)
 
 
 def _schedule(pf, overrides: dict):
@@ -144,16 +188,14 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                  "there, so packed examples would attend to each other (valid with --packing: full, "
                                  "lora, qlora, ia3)", param_hint="--packing")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise click.BadParameter(f"{out} is a file", param_hint="--output-dir")
+    writable_dir(out, "--output-dir")
     if _existing_run(out) and not resume:
         if not overwrite:
             raise click.UsageError(f"{out} already holds a run (checkpoints or run_summary.json): pass --resume to "
                                    "continue it, or --overwrite to start over")
         _clear_run(out)
 
-    from trainer import data as D
-    from trainer import loop
+    D, loop = _trainer("run", "data", "loop")
 
     try:
         model_dir = loop.resolve_model_path(pf, model_path or "", plan_dir=Path(plan_path).resolve().parent)
@@ -161,6 +203,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
         loop.check_device(tc, dev)
     except loop.RunUsageError as e:
         raise click.BadParameter(str(e), param_hint=e.param_hint) from None
+    _check_model(ctx, model_dir, tc)
     if dev == "cuda" and tc.num_gpus > 1:
         import torch
 
@@ -169,9 +212,13 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                      param_hint="--num-gpus")
 
     command = "ftplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    out.mkdir(parents=True, exist_ok=True)
     eff_plan = out / "plan.toml"
-    write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command), eff_plan)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command,
+                                       fallback=_valid_fallbacks(tc, pf.fallback)), eff_plan)
+    except OSError as e:
+        raise os_error(e, "--output-dir") from None
     fallbacks = loop.fallback_chain(tc, pf.fallback)
     spec = loop.RunSpec(
         plan=str(eff_plan), data=str(data_path), output_dir=str(out), model_path=model_dir, train=tc.to_dict(),
@@ -210,11 +257,11 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
         click.echo(f"ftplan run: {e}", err=True)
         ctx.exit(128 + e.signum)
     except loop.OutOfMemory as e:
-        if as_json:
-            summary_path = out / loop.SUMMARY_NAME
-            if summary_path.exists():
-                emit_json(json.loads(summary_path.read_text()))
-        raise click.ClickException(str(e)) from None
+        err = click.ClickException(str(e))
+        summary_path = out / loop.SUMMARY_NAME
+        if as_json and summary_path.exists():  # one JSON object on stdout: the error, with the run's summary
+            err.extra = {"summary": json.loads(summary_path.read_text())}
+        raise err from None
     except loop.RunUsageError as e:
         raise click.BadParameter(str(e), param_hint=e.param_hint) from None
     except loop.RunError as e:
@@ -261,11 +308,12 @@ def merge(runs, output, combination, weights, density, majority_sign_method, bas
     adapters cannot be merged (they add virtual tokens, not weights).
     """
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise click.BadParameter(f"{out} exists and is not empty (pass --overwrite)", param_hint="--output")
+    writable_dir(out, "--output")
     for r in runs:
         if not Path(r).is_dir():
-            raise click.BadParameter(f"no such folder: {r}", param_hint="RUNS")
+            raise click.BadParameter(f"no such folder: {r} (valid: an `ftplan run` output folder)", param_hint="RUNS")
     if len(runs) > 1 and combination is None:
         raise click.BadParameter(f"{len(runs)} runs given: choose how to combine them ({', '.join(COMBINATIONS)})",
                                  param_hint="--combination")
@@ -278,11 +326,12 @@ def merge(runs, output, combination, weights, density, majority_sign_method, bas
         except ValueError:
             raise click.BadParameter(f"not a comma list of numbers: {weights!r}", param_hint="--weights") from None
         if len(wlist) != len(runs):
-            raise click.BadParameter(f"{len(wlist)} weights for {len(runs)} runs", param_hint="--weights")
+            raise click.BadParameter(f"{len(wlist)} weights for {len(runs)} runs (valid: one weight per run)",
+                                     param_hint="--weights")
     if not 0 < density <= 1:
         raise click.BadParameter(f"must be in (0, 1], got {density}", param_hint="--density")
 
-    from trainer import merge as M
+    (M,) = _trainer("merge", "merge")
 
     try:
         if len(runs) == 1:

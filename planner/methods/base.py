@@ -97,6 +97,10 @@ class Method:
         """Parameters the method adds to the model (peft's `all params` minus the base's)."""
         return 0 if self.trains_base else self.trainable_params(arch, tc)
 
+    def fixed_targets_note(self, arch: ModelArch) -> str | None:
+        """When the method chooses its own modules (IA3), a sentence naming them; None otherwise."""
+        return None
+
     # -- the step's graph ---------------------------------------------------------------------------------------
     def virtual_tokens(self, tc) -> tuple[int, int]:
         """(tokens added to every sequence the layers see, keys added to every attention)."""

@@ -41,6 +41,14 @@ class IA3(Method):
         L = arch.num_layers
         return [Trainable(1, lin.in_features if lin.name in ff else lin.out_features, L, FP32) for lin in targets]
 
+    def fixed_targets_note(self, arch) -> str | None:
+        if arch.model_type in IA3_TARGETS:
+            targets, ff = IA3_TARGETS[arch.model_type]
+            uses = f"{', '.join(targets)} (feed-forward: {', '.join(ff)})"
+        else:
+            uses = "peft's defaults"
+        return f"IA3 uses the {arch.model_type} family's targets: {uses}"
+
     def before_linear(self, b, x: int, name: str, n_in: int) -> int:
         """peft IA3 on the feed-forward projection: `(x.to(fp32) * ia3_l.flatten()).to(x dtype)` before the base
         layer; saves the fp32 copy of x."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..arch import ModelArch
+from ..fileio import atomic_path
 from ..profiles import GPUProfile
 from ..recommend import recommend
 from . import charts as C
@@ -19,7 +20,8 @@ from . import html as H
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    frame.to_csv(path, index=False)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path
 
 

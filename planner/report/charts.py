@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from ..fileio import atomic_path
 from ..units import GIB
 from . import data as D
 
@@ -91,7 +92,8 @@ def _footnote(fig: Figure, text: str, width: int = 175) -> None:
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: regenerated files diff cleanly
+    with atomic_path(path, keep_suffix=True) as tmp:  # never a half-written image under the final name
+        fig.savefig(tmp, dpi=DPI, metadata={"Software": None})  # no version stamp: regenerated files diff cleanly
     return path
 
 

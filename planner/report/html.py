@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..fileio import write_text
 from ..units import GIB
 
 # What every prediction assumes: the reference recipe (trainer/recipe.py, README "Memory-model assumptions").
@@ -66,8 +67,8 @@ def write_report(out_dir, *, title: str, command: str, conditions: list[tuple[st
     out.mkdir(parents=True, exist_ok=True)
     cond = list(conditions) + (RECIPE if recipe else [])
     paths = {"html": out / "index.html", "markdown": out / "report.md"}
-    paths["html"].write_text(_html_page(title, command, cond, sections, notes), encoding="utf-8")
-    paths["markdown"].write_text(_markdown(title, command, cond, sections, notes), encoding="utf-8")
+    write_text(paths["html"], _html_page(title, command, cond, sections, notes))
+    write_text(paths["markdown"], _markdown(title, command, cond, sections, notes))
     return paths
 
 
