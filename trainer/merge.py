@@ -57,7 +57,7 @@ def base_path(run_dir: str | Path, override: str | None = None) -> str:
     """The base model folder of a run (see the module docstring for the order)."""
     from planner.planfile import read_plan
 
-    from .loop import RunUsageError, resolve_model_path
+    from .spec import RunUsageError, resolve_model_path
 
     d = Path(run_dir)
     if override:
