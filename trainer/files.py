@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def publish_files(tmp: str | Path, dest: str | Path) -> list[Path]:
     fsync_dir(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     return moved
+
+
+TEMP_RE = re.compile(r"^.+\.(tmp|old)-\d+$")  # what write_bytes, temp_dir_for and publish_dir leave when killed
+
+
+def remove_temps(folder: str | Path) -> None:
+    """Remove the temp files and folders a killed writer left in `folder` (call it only while holding its lock)."""
+    for p in Path(folder).iterdir():
+        if TEMP_RE.match(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 class LockedError(RuntimeError):

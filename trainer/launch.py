@@ -202,8 +202,13 @@ def launch_run(spec) -> dict:
             return summary
         status = summary.get("status") if summary else None
         if status == "interrupted" or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
-            signum = abs(rc) - 128 if rc > 128 else abs(rc)
-            raise loop.Interrupted(f"stopped by signal {signum}; continue with the same command and --resume",
+            name = (summary or {}).get("signal")  # the workers' signal (the launcher itself exits 1)
+            if name in signal.Signals.__members__:
+                signum = int(signal.Signals[name])
+            else:
+                signum = abs(rc) - 128 if rc > 128 else abs(rc)
+                name = str(signum)
+            raise loop.Interrupted(f"stopped by {name}; continue with the same command and --resume",
                                    signum or signal.SIGINT, summary or {})
         if status == "oom":
             attempts.append({"config": tc.to_dict(), "describe": tc.describe(), "status": "oom",

@@ -7,6 +7,7 @@ per-step log, `checkpoint-<step>` folders every `save_steps` and on SIGINT/SIGTE
 memory, the next plan of the chain (same effective batch). The concerns live in their own modules:
 
     spec.py        RunSpec, the errors, the checks made before a model is loaded
+    attempt.py     one plan of the chain: model, resume, the step loop, evaluation, checkpoints
     step.py        the training step and the evaluation pass
     fallback.py    the fallback chain, out-of-memory detection
     checkpoint.py  checkpoint folders (atomic), resume, RNG state
@@ -31,13 +32,9 @@ import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -45,8 +42,9 @@ import torch  # noqa: E402
 from planner.config import TrainConfig  # noqa: E402
 from planner.planfile import read_plan, write_plan  # noqa: E402
 
-from . import checkpoint, files, recipe  # noqa: E402
+from . import checkpoint, files  # noqa: E402
 from . import data as D  # noqa: E402
+from .attempt import Attempt, make_scheduler  # noqa: E402,F401
 from .checkpoint import (CHECKPOINT_RE, checkpoints, compatibility_problems, latest_checkpoint,  # noqa: E402,F401
                          rng_state, set_rng_state)
 from .dist import Dist  # noqa: E402
@@ -56,23 +54,12 @@ from .report import Reporter, echo_to  # noqa: E402
 from .spec import (LOG_NAME, RECORD_NAME, SPEC_NAME, SUMMARY_NAME, Interrupted, OutOfMemory,  # noqa: E402,F401
                    RunError, RunSpec, RunUsageError, check_device, load_tokenizer, prepare_data, resolve_device,
                    resolve_model_path)
-from .step import TrainStep, evaluate  # noqa: E402
-from .supervise import Signals  # noqa: E402
 
 # bitsandbytes (imported by peft) warns on every CPU start that an optional 4-bit CPU kernel package is missing;
 # `ftplan run` never uses 4-bit on CPU (qlora needs CUDA), so the warning only confuses.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-FINAL_TMP = ".tmp-final-"  # the final model is saved into <output>/.tmp-final-<pid>, then its files renamed into place
 _echo_to = echo_to  # the name trainer.launch used
-
-
-def make_scheduler(optimizer, schedule: dict, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = math.ceil(schedule["warmup_ratio"] * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[schedule["lr_scheduler"]]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 class Run:
@@ -96,7 +83,7 @@ class Run:
         self.rep = Reporter(spec, self.pf, self.out, self.dist, self.device_type, self.train_ds, self.eval_ds)
         self.records = Recorder(spec, self.pf, self.out, self.memory, self.dist.world, self.train_ds)
         self.say = self.rep.say
-        self.current_step = 0
+        self.attempt: Attempt | None = None
 
     def run(self) -> dict:
         spec = self.spec
@@ -104,8 +91,7 @@ class Run:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             checkpoint.remove_partial(self.out)  # what a save cut short by a kill left behind
-            for p in self.out.glob(FINAL_TMP + "*"):
-                shutil.rmtree(p, ignore_errors=True)
+            files.remove_temps(self.out)
         self.dist.barrier()
         resume_from = None
         if spec.resume:
@@ -122,18 +108,22 @@ class Run:
         i = 0
         while True:
             tc = chain[i]
+            self.attempt = Attempt(self, tc, resume_from, i)
             try:
-                return self._attempt(tc, resume_from, attempt=i)
+                model, measured, eval_loss, n_trainable = self.attempt()
             except RuntimeError as e:  # torch.OutOfMemoryError is one
                 if not is_oom(e):
                     raise
                 msg = str(e).split("\n")[0]
+            else:
+                self.rep.attempts.append({"config": tc.to_dict(), "describe": tc.describe(), "status": "ok"})
+                return self._finish(tc, model, measured, eval_loss, n_trainable)
             resume_from = self._after_oom(chain, i, msg)
             i += 1
 
     def _after_oom(self, chain: list[TrainConfig], i: int, msg: str) -> Path | None:
         """Record the miss; raise OutOfMemory when no plan is left, else return the checkpoint the next one resumes."""
-        tc, step, spec = chain[i], self.current_step, self.spec
+        tc, step, spec = chain[i], self.attempt.current_step, self.spec
         gc.collect()  # the attempt's model and optimizer went with its frames
         if self.memory.cuda:
             torch.cuda.empty_cache()
@@ -163,7 +153,7 @@ class Run:
         self.say(f"  retrying {where} with the next plan: {nxt.describe()} (same effective batch {eff})\n")
         return resume_from
 
-    def _total_steps(self, tc: TrainConfig) -> int:
+    def total_steps(self, tc: TrainConfig) -> int:
         per_step = tc.batch_size * tc.grad_accum * self.dist.world
         return D.steps_for(len(self.train_ds), epochs=self.schedule["epochs"], max_steps=self.schedule["max_steps"],
                            per_step=per_step)
@@ -176,7 +166,7 @@ class Run:
             s = json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
-        same = (s.get("status") == "completed" and s.get("steps") == self._total_steps(tc)
+        same = (s.get("status") == "completed" and s.get("steps") == self.total_steps(tc)
                 and (s.get("data") or {}).get("fingerprint") == self.train_ds.fingerprint)
         return s if same else None
 
@@ -195,158 +185,6 @@ class Run:
         self.say(f"resuming with the checkpoint's micro-batch settings: {used.describe()}")
         return chain_for_checkpoint(used, chain)
 
-    # -- one attempt ------------------------------------------------------------------------------------------------
-
-    def _attempt(self, tc: TrainConfig, resume_from: Path | None, attempt: int) -> dict:
-        spec, dist = self.spec, self.dist
-        self.memory.start_attempt()
-        total = self._total_steps(tc)
-        self.rep.total_steps = total
-        self.rep.prediction, _ = predict(spec.model_path, tc, self.memory.gpu_name(self.pf.gpu))
-        self.rep.announce(tc, total, attempt)
-
-        torch.manual_seed(self.schedule["seed"])
-        random.seed(self.schedule["seed"])
-        model = recipe.build_model(None, tc, path=spec.model_path, device=str(self.device))
-        model = recipe.apply_method(model, tc)
-        params = recipe.trainable_parameters(model)
-        optimizer = recipe.make_optimizer(params, tc, lr=self.schedule["learning_rate"])
-        scheduler = make_scheduler(optimizer, self.schedule, total)
-        if dist.acc is not None:
-            model, optimizer = dist.acc.prepare(model, optimizer)
-            params = [p for p in model.parameters() if p.requires_grad]
-        train_step = TrainStep(model, optimizer, params, tc, self.device_type,
-                               max_grad_norm=self.schedule["max_grad_norm"], scheduler=scheduler,
-                               sync=lambda last: dist.no_sync(model, sync=last),
-                               backward=dist.acc.backward if dist.deepspeed else None)
-        n_trainable = sum(p.numel() for p in params)
-
-        start = 0
-        if resume_from is not None:
-            start = checkpoint.load(resume_from, model, optimizer, scheduler, dist)
-        self.rep.restart(start)
-        if resume_from is not None:
-            self.say(f"resumed from {resume_from.name}: step {start} of {total}")
-        self.current_step = start
-        self.say(f"trainable parameters: {n_trainable:,}")
-
-        step_seconds, step_tokens, stopped = self._train(train_step, tc, start, total)
-        if stopped:
-            ck = latest_checkpoint(self.out)
-            name = signal.Signals(stopped).name if stopped in signal.Signals._value2member_map_ else str(stopped)
-            summary = self.rep.summary("interrupted", tc, measured=self.memory.measured(step_seconds, step_tokens))
-            summary["signal"] = name
-            summary["checkpoint"] = str(ck) if ck else None
-            self.rep.write_summary(summary)
-            raise Interrupted(f"stopped by {name} at step {self.current_step} of {total}; checkpoint: {ck}. "
-                              "Continue with the same command and --resume.", stopped, summary)
-        eval_loss = self._evaluate(model, tc, total) if self.eval_ds is not None else None
-        measured = self.memory.measured(step_seconds, step_tokens)  # the peaks include the final evaluation
-        self.rep.attempts.append({"config": tc.to_dict(), "describe": tc.describe(), "status": "ok"})
-        return self._finish(tc, model, measured, eval_loss, n_trainable)
-
-    def _train(self, train_step: TrainStep, tc: TrainConfig, start: int, total: int) -> tuple:
-        """Optimizer steps `start`..`total`; returns (step seconds, step tokens, the signal that stopped it or None)."""
-        dist, world, ga, sched = self.dist, self.dist.world, tc.grad_accum, self.schedule
-        step_seconds, step_tokens = [], []
-        stopped = None
-        train_step.model.train()
-        bar = self.rep.progress(total, start)
-        t_attempt = time.perf_counter()
-        with Signals() as sig:
-            for step in range(start, total):
-                self.current_step = step
-                t0 = time.perf_counter()
-                seen, tokens = [], [0]
-                lr = train_step.scheduler.get_last_lr()[0]  # the rate this step uses
-                res = train_step(self._batches(tc, step, seen, tokens))
-                if world > 1:  # mean loss, total tokens, and whether any process got a signal
-                    stats = torch.stack([res.loss / ga, torch.tensor(float(tokens[0]), device=self.device)])
-                    loss, tokens_all = dist.all_reduce(stats).tolist()
-                    loss /= world
-                    sig_any = int(dist.all_reduce(torch.tensor(float(sig.signum or 0), device=self.device), "max"))
-                else:
-                    loss, tokens_all, sig_any = res.loss.item() / ga, tokens[0], sig.signum
-                dt = time.perf_counter() - t0
-                step_seconds.append(dt)
-                step_tokens.append(int(tokens_all))
-                rec = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(res.grad_norm), 6),
-                       "tokens": int(tokens_all), "seconds": round(dt, 6),
-                       "time": round(time.perf_counter() - t_attempt, 6), "examples": seen}
-                if world > 1:  # every process's indices (deterministic: no need to gather them)
-                    rec["examples"] = [i for m in range(ga) for r in range(world)
-                                       for i in D.micro_batch_indices(self.order, step, m, batch_size=tc.batch_size,
-                                                                      grad_accum=ga, world_size=world, rank=r)]
-                self.rep.step(rec)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"loss {loss:.4f}, {tokens_all / dt:,.0f} tok/s, lr {lr:.2e}", refresh=False)
-                done = step + 1
-                self.current_step = done
-                if self.spec.eval_steps and self.eval_ds is not None and done % self.spec.eval_steps == 0 \
-                        and done < total:
-                    self._evaluate(train_step.model, tc, done)
-                if done % sched["logging_steps"] == 0:
-                    self.rep.log.flush()
-                if sig_any:
-                    stopped = int(sig_any) if sig.signum is None else sig.signum
-                if stopped or (done % sched["save_steps"] == 0 and done < total):
-                    self._save_checkpoint(done, tc, train_step)
-                if stopped:
-                    break
-        if bar is not None:
-            bar.close()
-        self.rep.log.flush()
-        train_step.release()
-        return step_seconds, step_tokens, stopped
-
-    def _batches(self, tc: TrainConfig, step: int, seen: list, tokens: list):
-        """The micro-batches of optimizer `step` for this process, built as each micro-step starts; their example
-        indices go into `seen`, their tokens into tokens[0]."""
-        for m in range(tc.grad_accum):
-            idx = D.micro_batch_indices(self.order, step, m, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                                        world_size=self.dist.world, rank=self.dist.rank)
-            exs = [self.train_ds.examples[i] for i in idx]
-            batch = D.collate(exs, self.tokenizer.pad_token_id, max_len=tc.seq_len)
-            tokens[0] += D.batch_tokens(exs)
-            seen += idx
-            yield {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def _evaluate(self, model, tc: TrainConfig, step: int) -> float:
-        """Token-weighted mean loss over the eval set (each process a strided shard, summed across processes)."""
-        ds, world, rank = self.eval_ds, self.dist.world, self.dist.rank
-        mine = list(range(rank, len(ds), world))
-        per_rank = -(-len(ds) // world)
-        n_batches = -(-per_rank // tc.batch_size)  # the same on every process
-
-        def batches():
-            for b in range(n_batches):
-                idx = mine[b * tc.batch_size:(b + 1) * tc.batch_size]
-                real = len(idx)
-                exs = [ds.examples[i] for i in (idx or [0])]  # an empty shard still runs: processes stay in step
-                batch = D.collate(exs, self.tokenizer.pad_token_id, max_len=tc.seq_len)
-                n = int((batch["labels"][:, 1:] != D.IGNORE_INDEX).sum()) if real else 0
-                yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}, n
-
-        stats = self.dist.all_reduce(evaluate(model, batches(), tc, self.device))
-        loss = float(stats[0] / stats[1]) if float(stats[1]) > 0 else float("nan")
-        self.rep.evaluated(step, loss)
-        return loss
-
-    def _save_checkpoint(self, step: int, tc: TrainConfig, train_step: TrainStep) -> Path:
-        dist, state = self.dist, {}
-        if dist.main:
-            self.rep.log.flush(fsync=True)  # the log holds every step the checkpoint has before the checkpoint exists
-            seen = step * tc.batch_size * tc.grad_accum * dist.world
-            epoch, index = self.order.position(seen)
-            state = {"step": step, "total_steps": self.rep.total_steps, "micro_steps": step * tc.grad_accum,
-                     "examples_seen": seen, "epoch": epoch, "index_in_epoch": index, "world_size": dist.world,
-                     "train": tc.to_dict(), "schedule": self.schedule, "data_fingerprint": self.train_ds.fingerprint,
-                     "data_examples": len(self.train_ds), "seed": self.schedule["seed"],
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        return checkpoint.save(self.out, step, state, train_step.model, train_step.optimizer, train_step.scheduler,
-                               dist, keep=self.spec.keep_checkpoints)
-
     # -- outputs -------------------------------------------------------------------------------------------------------
 
     def _finish(self, tc: TrainConfig, model, measured: dict, eval_loss, n_trainable: int) -> dict:
@@ -356,7 +194,7 @@ class Run:
         state_dict = dist.acc.get_state_dict(model) if dist.fsdp or dist.deepspeed else None
         outputs = {}
         if dist.main:
-            tmp = out / f"{FINAL_TMP}{os.getpid()}"
+            tmp = files.temp_dir_for(out / ".final")  # .final.tmp-<pid>: its files are renamed into place
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             dist.unwrap(model).save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
