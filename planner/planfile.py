@@ -13,6 +13,7 @@ Written with a small TOML writer (flat tables of str/int/float/bool/list); read 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,15 @@ class Schedule:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            v, kinds = getattr(self, f.name), _SCHEDULE_TYPES[f.name]
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                what = "a string" if kinds is str else "an integer" if kinds is int else "a number"
+                raise ValueError(f"schedule.{f.name} must be {what}, got {v!r}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"schedule.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.max_steps < 0:
+            raise ValueError(f"schedule.max_steps must be >= 0, got {self.max_steps}")
         if self.learning_rate <= 0:
             raise ValueError(f"schedule.learning_rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0:
@@ -60,6 +70,11 @@ class Schedule:
         for name in ("save_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"schedule.{name} must be a positive integer")
+
+
+_SCHEDULE_TYPES = {"learning_rate": (int, float), "epochs": (int, float), "max_steps": int, "warmup_ratio": (int, float),
+                   "lr_scheduler": str, "max_grad_norm": (int, float), "save_steps": int, "logging_steps": int,
+                   "seed": int}
 
 
 @dataclass
@@ -137,7 +152,18 @@ def write_plan(pf: PlanFile, path: str | Path) -> None:
         lines += ["", "[[fallback]]  # next plan on out-of-memory (same effective batch)"]
         for k, v in fb.items():
             lines.append(f"{k} = {_toml_value(v)}")
-    Path(path).write_text("\n".join(lines) + "\n")
+    _write_atomic(Path(path), "\n".join(lines) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp name in the same folder, then rename: a reader never sees half a plan."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_plan(path: str | Path) -> PlanFile:

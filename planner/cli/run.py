@@ -62,6 +62,33 @@ def _schedule(pf, overrides: dict):
         raise click.BadParameter(msg, param_hint=hint) from None
 
 
+def _import_trainer(command: str):
+    """(trainer.data, trainer.loop), or a usage error saying what to install (no traceback)."""
+    try:
+        from trainer import data, loop
+    except ImportError as e:
+        raise click.UsageError(f"`ftplan {command}` needs torch, transformers and peft, which cannot be imported here "
+                               f"({e}): pip install 'ftplan[train]'") from None
+    return data, loop
+
+
+def _check_targets(model_dir: str, tc: TrainConfig) -> None:
+    """LoRA target modules the model lacks: a usage error naming the valid ones (before a model is loaded)."""
+    if tc.method not in ("lora", "qlora"):
+        return
+    from ..arch import arch_from_config
+    from ..methods import TargetError, lora_targets
+
+    try:
+        arch = arch_from_config(json.loads((Path(model_dir) / "config.json").read_text()), name=Path(model_dir).name)
+    except (ValueError, OSError):
+        return  # a model the planner cannot describe: peft will say what it lacks
+    try:
+        lora_targets(arch, tc)
+    except TargetError as e:
+        raise click.BadParameter(str(e), param_hint="--target-modules") from None
+
+
 def _existing_run(out: Path) -> bool:
     if not out.is_dir():
         return False
@@ -144,21 +171,26 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise click.BadParameter(f"{out} is a file", param_hint="--output-dir")
+    from trainer import files  # no torch: the lock is taken before anything heavy is imported
+
+    try:  # one run per output folder, held until this command ends (the kernel drops it if the process dies)
+        ctx.with_resource(files.OutputLock(out))
+    except files.LockedError as e:
+        raise click.BadParameter(str(e), param_hint="--output-dir") from None
     if _existing_run(out) and not resume:
         if not overwrite:
             raise click.UsageError(f"{out} already holds a run (checkpoints or run_summary.json): pass --resume to "
                                    "continue it, or --overwrite to start over")
         _clear_run(out)
 
-    from trainer import data as D
-    from trainer import loop
-
+    D, loop = _import_trainer("run")
     try:
         model_dir = loop.resolve_model_path(pf, model_path or "", plan_dir=Path(plan_path).resolve().parent)
         dev = loop.resolve_device(device)
         loop.check_device(tc, dev)
     except loop.RunUsageError as e:
         raise click.BadParameter(str(e), param_hint=e.param_hint) from None
+    _check_targets(model_dir, tc)
     if dev == "cuda" and tc.num_gpus > 1:
         import torch
 
@@ -169,8 +201,11 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
     command = "ftplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     out.mkdir(parents=True, exist_ok=True)
     eff_plan = out / "plan.toml"
-    write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command), eff_plan)
-    fallbacks = loop.fallback_chain(tc, pf.fallback)
+    from trainer.fallback import fallback_tables
+
+    fallbacks = loop.fallback_chain(tc, pf.fallback)  # the plan's tables that still apply after the overrides
+    write_plan(dataclasses.replace(pf, train=tc, schedule=schedule, model_path=model_dir, command=command,
+                                   fallback=fallback_tables(tc, fallbacks)), eff_plan)
     spec = loop.RunSpec(
         plan=str(eff_plan), data=str(data_path), output_dir=str(out), model_path=model_dir, train=tc.to_dict(),
         fallbacks=[c.to_dict() for c in fallbacks], eval_data=eval_path, tokenizer=tokenizer_path or "",
@@ -280,7 +315,11 @@ def merge(runs, output, combination, weights, density, majority_sign_method, bas
     if not 0 < density <= 1:
         raise click.BadParameter(f"must be in (0, 1], got {density}", param_hint="--density")
 
-    from trainer import merge as M
+    try:
+        from trainer import merge as M
+    except ImportError as e:
+        raise click.UsageError(f"`ftplan merge` needs torch, transformers and peft, which cannot be imported here "
+                               f"({e}): pip install 'ftplan[train]'") from None
 
     try:
         if len(runs) == 1:
