@@ -6,8 +6,8 @@
    transformers' model classes, peft, the tokenizer) once, with one thread;
 2. `kills` times: a run into OUT with --resume, forked from this warm process (a fork costs milliseconds; a fresh
    interpreter importing torch costs seconds, which would make 20 kills take minutes), then SIGKILLed: one time in
-   five at a random moment of its start-up, else after it has published 1 or 2 new checkpoints plus a random part
-   of a step (so during a step, a checkpoint write, or the final save);
+   five at a random moment of its start-up, else once it has published a new checkpoint, after a random part of a
+   step (so during a step, a checkpoint write, or the final save);
 3. a last run into OUT with --resume, to the end.
 
 Every run is a real process killed by a real SIGKILL. Prints one JSON line: the exit statuses and the seconds.
@@ -108,7 +108,7 @@ def main() -> int:
         if rng.random() < 0.2:
             time.sleep(rng.uniform(0.0, 0.5))
         else:
-            target, deadline = before + rng.randint(1, 2), time.monotonic() + 120
+            target, deadline = before + 1, time.monotonic() + 120
             while _latest_step(a.out) < target and time.monotonic() < deadline:
                 r = os.waitpid(pid, os.WNOHANG)
                 if r != (0, 0):
