@@ -734,6 +734,7 @@ def _run_steps(point: Point, spec: dict, gpu: dict, m: _Measurement) -> None:
     import torch
 
     from trainer import recipe
+    from trainer.step import TrainStep
 
     from .nvml import NvmlSampler
 
@@ -801,23 +802,17 @@ def _run_steps(point: Point, spec: dict, gpu: dict, m: _Measurement) -> None:
         m.extra["trainable_params"] = sum(p.numel() for p in params)
 
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        outputs = None
+        # the run's own step (trainer.step): the previous outputs (logits) stay alive until the next forward returns
+        train_step = TrainStep(model, optimizer, params, tc, torch.device(dev).type, max_grad_norm=1.0)
         for step in range(1, point.steps + 1):
             m.phase = f"step{step}"
             _inject(m.phase)
             sync()
             t0 = time.perf_counter()
-            for _ in range(tc.grad_accum):
-                # a plain loop: the previous outputs (logits) stay alive until this forward returns
-                outputs = recipe.forward(model, batch, tc, torch.device(dev).type)
-                if tc.grad_accum > 1:
-                    (outputs.loss / tc.grad_accum).backward()
-                else:
-                    outputs.loss.backward()
-            recipe.optimizer_step(params, optimizer, 1.0)
+            train_step([batch] * tc.grad_accum)
             sync()
             m.step_seconds.append(time.perf_counter() - t0)
-            m.losses.append(float(outputs.loss.detach().float().item()))
+            m.losses.append(float(train_step.outputs.loss.detach().float().item()))  # the last micro-batch's
         m.phase = "done"
     finally:
         if tmp is not None:

@@ -1,10 +1,10 @@
 """`ftplan estimate --trace`: run the real training step on fake tensors and record what CUDA would allocate.
 
-The model is the real transformers model, the method the real peft code, the step the recipe's own
-(`trainer.recipe`): only the tensors are fake (`torch._subclasses.FakeTensorMode`), so nothing is allocated and
-any size (70B included) traces on a CPU in seconds. A `TorchDispatchMode` keeps the set of live storages, each
-rounded up to the CUDA caching allocator's 512-byte block, and its running peak: that is the predicted
-`torch.cuda.max_memory_allocated()`.
+The model is the real transformers model, the method the real peft code, the step the one `ftplan run` takes
+(`trainer.step.TrainStep`, one micro-batch per step): only the tensors are fake (`torch._subclasses.FakeTensorMode`),
+so nothing is allocated and any size (70B included) traces on a CPU in seconds. A `TorchDispatchMode` keeps the
+set of live storages, each rounded up to the CUDA caching allocator's 512-byte block, and its running peak: that is
+the predicted `torch.cuda.max_memory_allocated()`.
 
 The fake tensors live on the CPU device (a CPU build of torch cannot fake CUDA through autograd), so where CUDA
 and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
@@ -43,10 +43,12 @@ from torch.utils._pytree import tree_flatten
 
 from planner.config import TrainConfig
 from trainer import recipe
+from trainer.step import TrainStep
 
 BLOCK_BYTES = 512  # CUDA caching allocator: every block is a multiple of 512 bytes (kMinBlockSize)
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes get_state_buffer: paged only from 1e5 elements
 MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer2State: smaller tensors keep fp32 state
+PHASE_TAGS = {"forward": "activations", "backward": "temporaries", "optimizer": "optimizer_state"}  # new storages
 
 
 def _round_block(n: int) -> int:
@@ -465,19 +467,18 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
             if tc.base_quant.quantized:
                 notes.append("4-bit weights: bitsandbytes NF4 storage and dequantize+matmul path emulated")
             vocab = int(config["vocab_size"])
-            outputs = None
-            for step in range(steps):
+            step_no = 0
+
+            def phase(name: str) -> None:
+                tracker.phase, tracker.default_tag = f"{name}{step_no}", PHASE_TAGS[name]
+
+            # the run's own step (trainer.step), one micro-batch per step; the norm is dropped at once
+            train_step = TrainStep(model, opt, params, tc, "cpu", max_grad_norm=1.0, foreach=True,
+                                   keep_grad_norm=False, phase=phase)
+            for step_no in range(steps):
                 batch = recipe.synthetic_batch(vocab, tc, device="cpu")
-                tracker.phase, tracker.default_tag = f"forward{step}", "activations"
-                # a plain loop: the previous step's outputs (logits) live until this forward returns
-                outputs = recipe.forward(model, batch, tc, "cpu")
-                tracker.phase, tracker.default_tag = f"backward{step}", "temporaries"
-                outputs.loss.backward()
-                tracker.phase, tracker.default_tag = f"optimizer{step}", "optimizer_state"
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            del outputs
+                train_step([batch], micro_steps=1)
+            train_step.release()
     peak_by_tag = {k: v for k, v in tracker.peak_by_tag.items() if v}
     if cuda_workspace_bytes:
         peak_by_tag["cuda_workspace"] = cuda_workspace_bytes

@@ -40,7 +40,7 @@ from pathlib import Path
 from .arch import ModelArch
 from .config import TrainConfig
 from .layers import regime
-from .methods import get_method, trainable_params
+from .methods import trainable_params
 from .memory import gradient_bytes, optimizer_state_bytes
 from .strategies import OPTIMIZER_STATE, strategy_of
 

@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
-from .units import BF16, BOOL, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
+from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ def position_cap(arch) -> int:
 
 
 def virtual_tokens(tc) -> int:
-    return tc.num_virtual_tokens if tc.method in ("prefix", "prompt") else 0
+    """Positions the method adds ahead of every sequence (prefix and prompt tuning's virtual tokens)."""
+    return tc.num_virtual_tokens if tc.spec.uses_virtual_tokens else 0
 
 
 def position_error(arch, tc) -> tuple[str, str] | None:

@@ -50,14 +50,11 @@ class Schedule:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("learning_rate", "epochs", "warmup_ratio", "max_grad_norm"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"schedule.{name} must be a number, got {v!r}")
-        for name in ("max_steps", "save_steps", "logging_steps", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"schedule.{name} must be an integer, got {v!r}")
+        for f in fields(self):
+            v, kinds = getattr(self, f.name), _SCHEDULE_TYPES[f.name]
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                what = "a string" if kinds is str else "an integer" if kinds is int else "a number"
+                raise ValueError(f"schedule.{f.name} must be {what}, got {v!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"schedule.learning_rate must be > 0, got {self.learning_rate}")
         if self.epochs <= 0:
@@ -74,6 +71,11 @@ class Schedule:
         for name in ("max_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
+
+
+_SCHEDULE_TYPES = {"learning_rate": (int, float), "epochs": (int, float), "max_steps": int, "warmup_ratio": (int, float),
+                   "lr_scheduler": str, "max_grad_norm": (int, float), "save_steps": int, "logging_steps": int,
+                   "seed": int}
 
 
 @dataclass

@@ -123,18 +123,20 @@ def _spec(tmp_path, tc: TrainConfig, steps=3, checkpoint=None) -> dict:
 
 
 def test_the_child_runs_the_reference_recipe(tmp_path, monkeypatch):
-    """One recipe: the harness's step is trainer.recipe's forward / optimizer_step, grad_accum micro-steps each."""
-    from trainer import recipe
+    """One recipe: the harness's step is the run's (trainer.step: recipe.forward per micro-step, then
+    optimizer_step), grad_accum micro-steps each."""
+    from trainer import recipe, step
 
     calls = {"forward": 0, "optimizer_step": 0, "build_model": 0, "apply_method": 0}
     for name in calls:
-        orig = getattr(recipe, name)
+        module = step if name == "optimizer_step" else recipe
+        orig = getattr(module, name)
 
         def wrapped(*a, _orig=orig, _name=name, **k):
             calls[_name] += 1
             return _orig(*a, **k)
 
-        monkeypatch.setattr(recipe, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
     tc = TrainConfig(method="lora", seq_len=16, batch_size=2, grad_accum=2)
     rec = harness.measure(_spec(tmp_path, tc, steps=3))
     assert rec["status"] == "ok"

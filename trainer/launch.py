@@ -24,10 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -164,34 +162,20 @@ def launch_command(config_path: str | Path, spec_path: str | Path) -> list[str]:
             "-m", "trainer.loop", "--spec", str(spec_path)]
 
 
-def _launch(cmd: list[str], env: dict) -> int:
-    """Run the launcher; SIGINT reaches it through the terminal's process group, SIGTERM is passed on, and this
-    process waits for the checkpoint instead of dying first."""
-    proc = subprocess.Popen(cmd, env=env)
-    old = {}
+def _launch(cmd: list[str], env: dict, out: Path | None = None) -> int:
+    """Run the launcher under `trainer.supervise.run_child`: in its own session, SIGINT/SIGTERM passed on once, and
+    stopped (parent-death signal) when this process dies; it inherits the output folder's lock, so the folder stays
+    locked until the launcher and its workers are gone."""
+    from . import files, supervise
 
-    def forward(signum, frame):
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        old[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
-        old[signal.SIGINT] = signal.signal(signal.SIGINT, lambda s, f: None)
-    try:
-        return proc.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    fd = files.held_lock_fd(out) if out is not None else None
+    return supervise.run_child(cmd, env, pass_fds=(fd,) if fd is not None else ())
 
 
 def launch_run(spec) -> dict:
     """Run `spec` (a `trainer.loop.RunSpec` with num_gpus > 1) through `accelerate launch`, relaunching with the next
     plan of the fallback chain after an out-of-memory. Returns the summary of rank 0."""
-    from . import loop
+    from . import files, loop
 
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +193,7 @@ def launch_run(spec) -> dict:
         child = dataclasses.replace(spec, train=tc.to_dict(), fallbacks=[], fallback=False, resume=resume,
                                     resume_as_given=i > 0)
         spec_path = out / loop.SPEC_NAME
-        spec_path.write_text(child.to_json() + "\n")
+        files.write_text(spec_path, child.to_json() + "\n")
         cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm)
         cmd = launch_command(cfg, spec_path)
         echo(f"launch {tc.num_gpus} processes: {' '.join(cmd[1:])}")
@@ -218,7 +202,7 @@ def launch_run(spec) -> dict:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         started = time.time()
-        rc = _launch(cmd, env)
+        rc = _launch(cmd, env, out)
         summary_path = out / loop.SUMMARY_NAME
         summary = None
         if summary_path.exists() and summary_path.stat().st_mtime >= started - 1:
@@ -226,12 +210,17 @@ def launch_run(spec) -> dict:
         if rc == 0 and summary is not None and summary.get("status") == "completed":
             summary["attempts"] = attempts + summary.get("attempts", [])
             summary["fallback_used"] = bool(attempts)
-            summary_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            files.write_json(summary_path, summary)
             return summary
         status = summary.get("status") if summary else None
         if status == "interrupted" or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
-            signum = abs(rc) - 128 if rc > 128 else abs(rc)
-            raise loop.Interrupted(f"stopped by signal {signum}; continue with the same command and --resume",
+            name = (summary or {}).get("signal")  # the workers' signal (the launcher itself exits 1)
+            if name in signal.Signals.__members__:
+                signum = int(signal.Signals[name])
+            else:
+                signum = abs(rc) - 128 if rc > 128 else abs(rc)
+                name = str(signum)
+            raise loop.Interrupted(f"stopped by {name}; continue with the same command and --resume",
                                    signum or signal.SIGINT, summary or {})
         if status == "oom":
             attempts.append({"config": tc.to_dict(), "describe": tc.describe(), "status": "oom",
@@ -242,8 +231,7 @@ def launch_run(spec) -> dict:
             nxt = chain[i + 1]
             ck = loop.latest_checkpoint(out)
             if ck is not None and json.loads((ck / "state.json").read_text())["train"]["optimizer"] != nxt.optimizer:
-                for _, p in loop.checkpoints(out):
-                    shutil.rmtree(p, ignore_errors=True)
+                loop.checkpoint.remove_all(out)
             echo(f"OUT OF MEMORY with {tc.describe()}: relaunching with the next plan {nxt.describe()}")
             resume = True
             i += 1

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import files
+
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see trainer/loop.py
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,7 +59,7 @@ def base_path(run_dir: str | Path, override: str | None = None) -> str:
     """The base model folder of a run (see the module docstring for the order)."""
     from planner.planfile import read_plan
 
-    from .loop import RunUsageError, resolve_model_path
+    from .spec import RunUsageError, resolve_model_path
 
     d = Path(run_dir)
     if override:
@@ -103,6 +105,16 @@ def _save_tokenizer(sources: list[Path], base: str, out: Path) -> str | None:
     return None
 
 
+def _temp_folder(out: Path) -> Path:
+    """`<out>/.merge.tmp-<pid>`: the merged files are saved there, then each renamed into `out` (a kill leaves no
+    half-written weight file; merge_info.json, written last, marks a complete merge)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files.remove_temps(out)
+    tmp = files.temp_dir_for(out / ".merge")
+    tmp.mkdir()
+    return tmp
+
+
 def _dtype_name(model) -> str:
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
@@ -121,16 +133,17 @@ def merge_adapter(run_dir: str | Path, output: str | Path, *, base: str | None =
     model = PeftModel.from_pretrained(_load_base(bpath, dtype), str(run_dir))
     merged = model.merge_and_unload()
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    tok_src = _save_tokenizer([Path(run_dir)], bpath, out)
+    tmp = _temp_folder(out)
+    merged.save_pretrained(tmp)
+    tok_src = _save_tokenizer([Path(run_dir)], bpath, tmp)
+    files.publish_files(tmp, out)
     summary = {
         "output": str(out), "runs": [str(run_dir)], "base": bpath, "peft_type": info["peft_type"],
         "description": f"{info['peft_type'].lower()} adapter of {run_dir} merged into {Path(bpath).name}",
         "dtype": _dtype_name(merged), "parameters": sum(p.numel() for p in merged.parameters()),
         "tokenizer_from": tok_src, "adapter_only": False, "seconds": round(time.time() - t0, 2),
     }
-    (out / "merge_info.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_json(out / "merge_info.json", summary)  # last: the merge is complete when it exists
     return summary
 
 
@@ -178,14 +191,15 @@ def combine_adapters(run_dirs: list, output: str | Path, *, combination: str, we
     for name in names:
         model.delete_adapter(name)
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_folder(out)
     if adapter_only:
-        model.save_pretrained(out)
+        model.save_pretrained(tmp)
         final = model
     else:
         final = model.merge_and_unload()
-        final.save_pretrained(out)
-    tok_src = _save_tokenizer([Path(r) for r in run_dirs], bpath, out)
+        final.save_pretrained(tmp)
+    tok_src = _save_tokenizer([Path(r) for r in run_dirs], bpath, tmp)
+    files.publish_files(tmp, out)
     summary = {
         "output": str(out), "runs": [str(r) for r in run_dirs], "base": bpath, "combination": combination,
         "weights": list(weights), "density": kw.get("density"), "majority_sign_method": kw.get("majority_sign_method"),
@@ -195,5 +209,5 @@ def combine_adapters(run_dirs: list, output: str | Path, *, combination: str, we
         "dtype": _dtype_name(final), "parameters": sum(p.numel() for p in final.parameters()),
         "tokenizer_from": tok_src, "seconds": round(time.time() - t0, 2),
     }
-    (out / "merge_info.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_json(out / "merge_info.json", summary)
     return summary

@@ -7,9 +7,10 @@ What `ftplan estimate` predicts is exactly what this module does (see README "Me
   `peft.prepare_model_for_kbit_training` (non-quantized parameters cast to fp32), then LoRA;
 - LoRA: `LoraConfig(r, lora_alpha=2r, lora_dropout=0.05, target_modules=...)`; prefix / prompt / IA3 with peft defaults;
 - gradient checkpointing, where on: `gradient_checkpointing_enable(use_reentrant=False)`;
-- each micro-step, a plain loop: `outputs = model(**batch)` (under bf16 autocast for `mixed`), then
-  `outputs.loss.backward()`, `clip_grad_norm_(..., 1.0)`, `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`;
-  the outputs (and so the logits) stay referenced until the next forward returns;
+- the step (`trainer.step.TrainStep`, written once for all three): each micro-batch `outputs = model(**batch)`
+  (`forward` here: bf16 autocast for `mixed`), `outputs.loss.backward()`; then `clip_grad_norm_(..., 1.0)`,
+  `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; the outputs (and so the logits) stay referenced until
+  the next forward returns;
 - optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
   transformers `Adafactor` as the `Trainer` configures it.
 
@@ -129,16 +130,6 @@ def forward(model, batch: dict, tc: TrainConfig, device_type: str):
     plain `out = model(**batch); out.loss.backward(); opt.step()` loop; the estimate counts them there."""
     with autocast_context(tc, device_type):
         return model(**batch)
-
-
-def optimizer_step(params, optimizer, max_grad_norm: float = 1.0, scheduler=None):
-    """Clip, step, zero_grad(set_to_none=True). Returns the pre-clip gradient norm (a tensor)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
 
 
 def synthetic_batch(vocab_size: int, tc: TrainConfig, device, generator: torch.Generator | None = None) -> dict:

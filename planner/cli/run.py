@@ -189,6 +189,12 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                  "lora, qlora, ia3)", param_hint="--packing")
     out = Path(output_dir)
     writable_dir(out, "--output-dir")
+    from trainer import files  # no torch: the lock is taken before anything heavy is imported
+
+    try:  # one run per output folder, held until this command ends (the kernel drops it if the process dies)
+        ctx.with_resource(files.OutputLock(out))
+    except files.LockedError as e:
+        raise click.BadParameter(str(e), param_hint="--output-dir") from None
     if _existing_run(out) and not resume:
         if not overwrite:
             raise click.UsageError(f"{out} already holds a run (checkpoints or run_summary.json): pass --resume to "
