@@ -23,10 +23,13 @@ each running `python -m trainer.loop --spec <output>/run_spec.json`.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # one process of a launched run: it dies with the launcher (set before the slow imports)
-    from trainer.supervise import die_with_parent
+if __name__ == "__main__":  # one process of a launched run dies with its launcher (set before the slow imports)
+    import os as _os
 
-    die_with_parent()
+    if int(_os.environ.get("WORLD_SIZE", "1")) > 1:
+        from trainer.supervise import die_with_parent
+
+        die_with_parent()
 
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
