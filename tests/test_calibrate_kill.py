@@ -95,3 +95,33 @@ def test_a_child_returns_its_record_and_the_parent_writes_it(tmp_path, monkeypat
     assert o.status == "error" and "injected failure at step2" in o.record["error"]
     assert o.path.parent == tmp_path / "r" / "cpu" and json.loads(o.path.read_text())["id"] == o.record["id"]
     assert not [p for p in (tmp_path / "tmp").iterdir() if not p.name.startswith("torchinductor_")]  # torch's cache
+
+
+def test_one_calibrate_per_results_folder(tmp_path):
+    """While another process measures into a results folder, a second `ftplan calibrate` into it exits 2 at once,
+    naming the pid that holds it; once that process dies the kernel releases the lock and the folder is usable."""
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+
+    out = tmp_path / "results"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trainer.files import OutputLock; "
+         f"OutputLock({str(out)!r}, 'ftplan calibrate', '--out').acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = tmp_path / "config.json"
+        cfg.write_text(json.dumps(TINY_LLAMA_CONFIG))
+        r = CliRunner().invoke(cli, ["calibrate", "--model", str(cfg), "--device", "cpu", "--seq-len", "32",
+                                     "--out", str(out)])
+        assert r.exit_code == 2 and "Traceback" not in r.output
+        text = " ".join(r.output.split())
+        assert f"pid {holder.pid}" in text and "--out" in text and "ftplan calibrate" in text
+    finally:
+        holder.kill()
+        holder.wait()
+    from trainer.files import OutputLock
+
+    with OutputLock(out, "ftplan calibrate", "--out"):  # a dead holder's lock is gone
+        pass

@@ -114,7 +114,7 @@ def test_each_cpu_method_trains_and_its_output_loads(tiny_plan, tmp_path, monkey
         model = AutoPeftModelForCausalLM.from_pretrained(out)
         assert model.peft_config["default"].peft_type.value.lower().startswith(
             {"lora": "lora", "dora": "lora", "prefix": "prefix", "prompt": "prompt", "ia3": "ia3"}[method])
-        assert model.peft_config["default"].use_dora == (method == "dora")
+        assert getattr(model.peft_config["default"], "use_dora", False) == (method == "dora")
     generate(model.eval(), tok)
 
 

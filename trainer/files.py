@@ -128,10 +128,10 @@ def remove_temps(folder: str | Path) -> None:
 class LockedError(RuntimeError):
     """The output folder is in use by another run; `pid` is what the lock file says (None when unreadable)."""
 
-    def __init__(self, path: Path, pid: int | None):
+    def __init__(self, path: Path, pid: int | None, command: str = "ftplan run", option: str = "--output-dir"):
         who = f"pid {pid}" if pid else "another process"
-        super().__init__(f"{path.parent} is in use by another `ftplan run` ({who} holds {path.name}): wait for it to "
-                         "finish or stop it, or use another --output-dir")
+        super().__init__(f"{path.parent} is in use by another `{command}` ({who} holds {path.name}): wait for it to "
+                         f"finish or stop it, or use another {option}")
         self.path, self.pid = path, pid
 
 
@@ -143,8 +143,9 @@ class OutputLock:
 
     `with OutputLock(out) as lock:` raises LockedError at once when another process holds it."""
 
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, command: str = "ftplan run", option: str = "--output-dir"):
         self.dir = Path(output_dir)
+        self.command, self.option = command, option
         self.path = self.dir / LOCK_NAME
         self.key = ""
         self.fd: int | None = None
@@ -162,7 +163,7 @@ class OutputLock:
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
-            raise LockedError(self.path, pid) from None
+            raise LockedError(self.path, pid, self.command, self.option) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         _held[self.key] = [fd, 1]

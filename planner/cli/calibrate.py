@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -137,6 +138,12 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
         points = [harness.point_from_arch(arch, tc, model_ref=model_ref, steps=steps)]
     if device == "cuda":
         _require_cuda()
+    from trainer import files  # no torch
+
+    try:  # one calibrate per results folder: records of two runs must not interleave (the kernel frees it on death)
+        ctx.with_resource(files.OutputLock(Path(out_dir) if out_dir else harness.RESULTS_DIR, "ftplan calibrate", "--out"))
+    except files.LockedError as e:
+        raise click.BadParameter(str(e), param_hint="--out") from None
     try:
         outcomes = harness.run_points(points, device=device, out_dir=out_dir, force=force,
                                       busy_threshold_bytes=int(busy_threshold * GIB), timeout_s=timeout,
