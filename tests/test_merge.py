@@ -149,3 +149,26 @@ def test_merge_user_errors_exit_2(runs, tmp_path, args, hint, words):
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert hint in text and words in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_the_readme_cpu_loop_runs_as_written(tmp_path, tiny_model_dir, monkeypatch):
+    """The README's recommend -> run -> merge loop, its commands read from the README itself (a tiny model stands
+    in for ./my-model), so the documented loop cannot drift into one that fails."""
+    import re
+    import shlex
+
+    import calibrate.record
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    para = text[text.index("Try the whole loop on CPU"):]
+    cmds = re.findall(r"`(ftplan (?:recommend|run|merge) [^`]+)`", para)[:3]
+    assert [c.split()[1] for c in cmds] == ["recommend", "run", "merge"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(calibrate.record, "RESULTS_DIR", tmp_path / "results")
+    for cmd in cmds:
+        args = [a.replace("./my-model", str(tiny_model_dir)).replace("examples/", EXAMPLES_DIR + "/")
+                for a in shlex.split(cmd)[1:]]
+        r = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert r.exit_code == 0, f"{cmd}\n{r.output}"
+    assert (tmp_path / "merged" / "config.json").exists() and not (tmp_path / "merged" / "adapter_config.json").exists()
