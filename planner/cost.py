@@ -41,7 +41,7 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .layers import regime
 from .methods import trainable_params
-from .memory import gradient_bytes, optimizer_state_bytes
+from .memory import batch_free, gradient_bytes, optimizer_state_bytes
 from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -107,14 +107,15 @@ def fp32_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     return 4.0 * arch.vocab_size * arch.hidden_size + attn * (2.5 + (1.0 if tc.grad_ckpt else 0.0))
 
 
-@functools.lru_cache(maxsize=4096)
 def adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """Bandwidth-bound bytes per token that the adapters' elementwise ops move in one micro-step (all layers).
+    """Bandwidth-bound bytes per token that the adapters' elementwise ops move in one micro-step (all layers): the
+    method's `Method.adapter_bytes_per_token` (LoRA's wrapper casts, dropout, scale and add; IA3's fp32 products;
+    DoRA's combination; none for prefix and prompt tuning). Cached per configuration without batch."""
+    return _adapter_bytes_per_token(arch, batch_free(tc))
 
-    LoRA / QLoRA: `_adapter_bytes_per_element` over every adapted linear's (in, out) widths. IA3: peft scales the
-    output of k/v (or q/v) and the input of the feed-forward projection in fp32: cast, multiply, cast back (2 x act
-    + 2 x 4 B, forward) and in backward the same plus the vector's gradient reduction (2 x act + 3 x 4 B).
-    Prefix and prompt tuning add no per-layer elementwise work. Checkpointing repeats the forward part."""
+
+@functools.lru_cache(maxsize=4096)
+def _adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     return tc.spec.adapter_bytes_per_token(arch, tc, regime(tc).lin)
 
 
@@ -128,10 +129,14 @@ def quantized_cast_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     return (recompute + 1) * 6.0 * widths * arch.num_layers
 
 
-@functools.lru_cache(maxsize=4096)
 def optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     """Bytes the optimizer step reads and writes: parameters (read, write), gradients (read), state (read,
     write), once per optimizer step; bitsandbytes 8-bit and AdamW alike are bandwidth-bound."""
+    return _optimizer_bytes_per_step(arch, batch_free(tc))
+
+
+@functools.lru_cache(maxsize=4096)
+def _optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     grads = gradient_bytes(arch, tc)
     state = optimizer_state_bytes(arch, tc)
     state_bytes = state["state"] + state["paged"]

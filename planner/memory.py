@@ -90,10 +90,14 @@ def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     return sum(param_bytes(t.numel, t.dtype_bytes) * t.count for t in trainable_tensors(arch, tc))
 
 
-@functools.lru_cache(maxsize=4096)
 def gradient_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     """Gradients of all trainable tensors, in each tensor's dtype (bf16 grads for a bf16 model, fp32 for
-    mixed/fp32 master weights and for adapters)."""
+    mixed/fp32 master weights and for adapters). Cached per configuration without batch."""
+    return _gradient_bytes(arch, _static_key(tc))
+
+
+@functools.lru_cache(maxsize=4096)
+def _gradient_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     return sum(param_bytes(t.numel, t.dtype_bytes) * t.count for t in trainable_tensors(arch, tc))
 
 
@@ -404,6 +408,11 @@ class MemoryEstimate:
 
 
 _static_configs: dict = {}
+
+
+def batch_free(tc: TrainConfig) -> TrainConfig:
+    """`tc` without batch and accumulation: the key of everything that does not depend on them (memoized)."""
+    return _static_key(tc)
 
 
 def _static_key(tc: TrainConfig) -> TrainConfig:
