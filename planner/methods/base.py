@@ -146,6 +146,33 @@ class Method:
         return None
 
 
+class VirtualTokenMethod(Method):
+    """Prefix and prompt tuning: `num_virtual_tokens` trained positions, nothing to merge into the weights, and
+    rows that peft prepends to (so no packing)."""
+
+    uses_virtual_tokens = True
+    supports_merge = False  # virtual tokens are not a weight delta
+    supports_packing = False  # peft prepends the virtual tokens to every row and ignores position_ids
+    quality_tier = 4.0
+    default_lr = 3e-2
+    family_name = ""  # how recommend's tables name it
+
+    def validate(self, tc) -> None:
+        super().validate(tc)
+        n = tc.num_virtual_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+
+    def config_label(self, tc) -> str:
+        return f"{self.label} {tc.num_virtual_tokens} tok"
+
+    def families(self) -> list[dict]:
+        return [dict(method=self.name, num_virtual_tokens=20)]
+
+    def family_label(self, fam: dict) -> str:
+        return self.family_name
+
+
 def rank_label(prefix: str, tc) -> str:
     from ..config import ALL_LINEAR
 

@@ -4,37 +4,19 @@ from __future__ import annotations
 
 from ..graph import Graph
 from ..units import FP32, param_bytes
-from .base import Method, Trainable
-from .prompt import _positive_tokens
+from .base import Trainable, VirtualTokenMethod
 
 
-class Prefix(Method):
+class Prefix(VirtualTokenMethod):
     name = "prefix"
     label = "Prefix"
+    family_name = "Prefix tuning"
     description = "trained key/value prefix in every layer"
-    uses_virtual_tokens = True
     supports_grad_ckpt = False
     grad_ckpt_reason = ("prefix tuning does not work with gradient checkpointing (peft refuses it: the prefix "
                         "key/values enter every layer as a cache)")
-    supports_merge = False
-    supports_packing = False
-    quality_tier = 4.0
     quality_reason = "prefix tuning trails LoRA at model sizes people fine-tune (arXiv:2101.00190)"
-    default_lr = 3e-2
     peft_type = "PREFIX_TUNING"
-
-    def validate(self, tc) -> None:
-        super().validate(tc)
-        _positive_tokens(tc)
-
-    def config_label(self, tc) -> str:
-        return f"{self.label} {tc.num_virtual_tokens} tok"
-
-    def families(self) -> list[dict]:
-        return [dict(method=self.name, num_virtual_tokens=20)]
-
-    def family_label(self, fam: dict) -> str:
-        return "Prefix tuning"
 
     def trainable_tensors(self, arch, tc) -> list[Trainable]:
         """num_virtual_tokens x (layers x 2 (key, value) x num_key_value_heads x head_dim): peft's PrefixEncoder

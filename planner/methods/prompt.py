@@ -3,33 +3,16 @@
 from __future__ import annotations
 
 from ..units import FP32, param_bytes
-from .base import Method, Trainable
+from .base import Trainable, VirtualTokenMethod
 
 
-class Prompt(Method):
+class Prompt(VirtualTokenMethod):
     name = "prompt"
     label = "Prompt"
+    family_name = "Prompt tuning"
     description = "trained virtual-token embeddings before the input"
-    uses_virtual_tokens = True
-    supports_merge = False  # a prompt is not a weight delta
-    supports_packing = False  # peft prepends the virtual tokens to every row
-    quality_tier = 4.0
     quality_reason = "prompt tuning trails LoRA at model sizes people fine-tune (arXiv:2104.08691)"
-    default_lr = 3e-2
     peft_type = "PROMPT_TUNING"
-
-    def validate(self, tc) -> None:
-        super().validate(tc)
-        _positive_tokens(tc)
-
-    def config_label(self, tc) -> str:
-        return f"{self.label} {tc.num_virtual_tokens} tok"
-
-    def families(self) -> list[dict]:
-        return [dict(method=self.name, num_virtual_tokens=20)]
-
-    def family_label(self, fam: dict) -> str:
-        return "Prompt tuning"
 
     def trainable_tensors(self, arch, tc) -> list[Trainable]:
         """num_virtual_tokens x hidden_size: peft's PromptEmbedding, fp32."""
@@ -60,12 +43,6 @@ class Prompt(Method):
         import peft
 
         return peft.PromptTuningConfig(num_virtual_tokens=tc.num_virtual_tokens, task_type="CAUSAL_LM")
-
-
-def _positive_tokens(tc) -> None:
-    n = tc.num_virtual_tokens
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"num_virtual_tokens must be a positive integer, got {n!r}")
 
 
 METHOD = Prompt()
