@@ -292,16 +292,3 @@ def test_a_method_override_on_a_recommended_plan_keeps_only_valid_fallbacks(tiny
 
     pf = read_plan(out / "plan.toml")
     assert pf.train.method == "prefix" and all(not fb.get("grad_ckpt") for fb in pf.fallback)
-
-
-@pytest.mark.parametrize("command", ["run", "merge"])
-def test_run_and_merge_without_torch_exit_2(tiny_plan, tmp_path, command):
-    code = "import sys; sys.modules['torch'] = None; from planner.cli import cli; cli()"
-    if command == "run":
-        args = ["run", str(tiny_plan()), "--data", TEXT, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
-    else:
-        (tmp_path / "r").mkdir()
-        args = ["merge", str(tmp_path / "r"), "--output", str(tmp_path / "m")]
-    r = subprocess.run([sys.executable, "-c", code, *args], env=_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "pip install 'ftplan[train]'" in r.stderr and "Traceback" not in r.stderr
