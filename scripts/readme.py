@@ -88,6 +88,17 @@ def accuracy_block() -> str:
         f"{len(models)} models from 0.5B to 70B): median error {100 * statistics.median(errs):.3f}%, "
         f"max {100 * max(errs):.2f}%, {sum(e > 0.02 for e in errs)} above 2%."
     )
+    dora = [json.loads(line) for line in (ROOT / "calibrate/reference/trace-points-dora.jsonl").read_text().splitlines()
+            if line]
+    derr = [abs(estimate_memory(load_model(p["model"]), TrainConfig.from_dict(p["train"])).peak_allocated_bytes
+                - p["trace"]["peak_allocated_bytes"]) / p["trace"]["peak_allocated_bytes"] for p in dora]
+    out.append("")
+    out.append(
+        f"DoRA, QDoRA and rsLoRA (`planner/methods/dora.py`, one module), against {len(dora)} configurations of the real "
+        f"peft DoRA code traced the same way (`calibrate/reference/trace-points-dora.jsonl`): median error "
+        f"{100 * statistics.median(derr):.3f}%, max {100 * max(derr):.2f}%, {sum(e > 0.02 for e in derr)} above 2%; "
+        f"no GPU measurement of DoRA yet (`calibrate/matrix.toml` has the points)."
+    )
     return "\n".join(out) + "\n"
 
 
