@@ -73,7 +73,9 @@ def test_killing_the_parent_leaves_no_child_no_record_and_no_temporary_files(tmp
         if mark.exists() and mark.read_text().strip() and _alive(int(mark.read_text())):
             os.kill(int(mark.read_text()), signal.SIGKILL)
     time.sleep(0.5)  # a record written late would show up now
-    assert not out.exists() or not list(out.rglob("*")), list(out.rglob("*"))
+    # nothing but the folder's lock (one calibrate per results folder; the kernel released it with the parent)
+    left = [p for p in out.rglob("*") if p.name != ".ftplan.lock"] if out.exists() else []
+    assert not left, left
     assert not list(tmp.iterdir()), list(tmp.iterdir())
 
 
