@@ -14,6 +14,7 @@ import click
 COMMANDS = {
     "estimate": ("planner.cli.estimate", "estimate", "Memory, speed and cost of one configuration."),
     "recommend": ("planner.cli.recommend", "recommend", "Rank the plans that fit a GPU; save the chosen one."),
+    "limits": ("planner.cli.limits", "limits", "Longest sequence, largest batch and rank that fit a GPU."),
     "gpus": ("planner.cli.catalog", "gpus", "GPU profiles (list, show)."),
     "models": ("planner.cli.catalog", "models", "Model profiles (list, show)."),
     "calibrate": ("planner.cli.calibrate", "calibrate", "Measure real training steps and record them (GPU or CPU)."),

@@ -50,6 +50,9 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     check_provider(provider)
     plan = make_plan(arch, tc, gpu, Workload(tokens, epochs), provider=provider, model_ref=model_ref)
     d = plan.to_dict()
+    fit_line = None
+    if plan.fits is False:
+        fit_line = _fits_up_to(arch, tc, gpu, d)
     traced = None
     if trace:
         traced = _trace(arch, tc, gpu)
@@ -62,9 +65,31 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     click.echo(f"config: {tc.describe()}" + (f"  |  gpu: {gpu.display_name}" if gpu else ""))
     click.echo("")
     click.echo(plan_summary(d))
+    if fit_line:
+        click.echo(fit_line)
     if traced is not None:
         click.echo("")
         click.echo(_trace_summary(traced, d["peak_allocated_bytes"]))
+
+
+def _fits_up_to(arch, tc, gpu, d: dict) -> str:
+    """For a configuration that does not fit: the longest sequence at its batch and the largest batch at its
+    sequence length that do (`planner.fitlimits`, at recommend's margin); adds `max_seq_len_that_fits` and
+    `max_batch_that_fits` to `d` and returns the human line."""
+    from ..fitlimits import max_batch, max_seq_len
+    from ..plan import DEFAULT_MARGIN
+
+    seq = max_seq_len(arch, tc, gpu, DEFAULT_MARGIN).value
+    batch = max_batch(arch, tc, gpu, DEFAULT_MARGIN).value
+    d["max_seq_len_that_fits"] = seq
+    d["max_batch_that_fits"] = batch
+    keep = f"keeping {DEFAULT_MARGIN:.0%} of the GPU free"
+    if not seq and not batch:
+        return f"fits at no sequence length at this batch, nor with one sequence at this length ({keep})"
+    first = (f"fits up to {seq:,} tokens per sequence at this batch" if seq
+             else "fits at no sequence length at this batch")
+    second = f"up to {batch:,} sequences at this length" if batch else "not with one sequence at this length"
+    return f"{first} (and {second}), {keep}; `ftplan limits` says more"
 
 
 def _trace(arch, tc, gpu) -> dict:
