@@ -1,0 +1,191 @@
+"""Any Hugging Face id through a hub cache the test writes (never the network: conftest sets HF_HUB_OFFLINE=1 and
+HF_HOME to a temporary folder), and the required keys of every config.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from planner.arch import REQUIRED_KEYS, ArchError, arch_from_config
+from planner.cli import cli
+from planner.profiles import ProfileError, resolve_model
+
+# Qwen2.5-7B-Instruct's config.json (the fields ftplan reads), and a smaller variant for another revision.
+QWEN_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "max_position_embeddings": 32768, "tie_word_embeddings": False,
+}
+SMALL = dict(QWEN_7B, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+MAIN_SHA = "a" * 40
+OLD_SHA = "b" * 40
+
+
+def cache_repo(hf_home, repo_id: str, snapshots: dict[str, dict | None], refs: dict[str, str]) -> None:
+    """The hub's cache layout (huggingface_hub 1.33.0 file_download.py, `_cache_commit_hash_for_specific_revision`
+    and `try_to_load_from_cache`): <HF_HOME>/hub/models--Org--Name/refs/<rev> holds the commit hash,
+    snapshots/<hash>/config.json the file; a None config is cached as missing (.no_exist/<hash>/config.json)."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    for sha, config in snapshots.items():
+        if config is None:
+            (repo / ".no_exist" / sha).mkdir(parents=True, exist_ok=True)
+            (repo / ".no_exist" / sha / "config.json").write_text("")
+            (repo / "snapshots" / sha).mkdir(parents=True, exist_ok=True)
+        else:
+            (repo / "snapshots" / sha).mkdir(parents=True, exist_ok=True)
+            (repo / "snapshots" / sha / "config.json").write_text(json.dumps(config))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for ref, sha in refs.items():
+        (repo / "refs" / ref).write_text(sha)
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache_repo(home, "Org/Name", {MAIN_SHA: QWEN_7B, OLD_SHA: SMALL}, {"main": MAIN_SHA, "v1": OLD_SHA})
+    return home
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cached_id_resolves_to_its_own_config(hf_home):
+    arch, how = resolve_model("Org/Name")
+    assert (arch.name, arch.hf_id, arch.model_type) == ("Org/Name", "Org/Name", "qwen2")
+    assert (arch.hidden_size, arch.num_layers, arch.vocab_size) == (3584, 28, 152064)
+    assert 7.5e9 < arch.total_params < 7.7e9  # Qwen2.5-7B: 7.62B
+    assert MAIN_SHA in how and "hub config.json" in how
+
+
+def test_estimate_with_a_cached_id(hf_home):
+    r = run("estimate", "--model", "Org/Name", "--gpu", "a100-80", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["model"] == "Org/Name"
+    r = run("estimate", "--model", "Org/Name", "--gpu", "a100-80")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Org/Name (Org/Name -> hub config.json at ")
+
+
+def test_revision_picks_another_snapshot(hf_home):
+    main = json.loads(run("estimate", "--model", "Org/Name", "--json").output)
+    for rev in ("v1", OLD_SHA):
+        r = run("estimate", "--model", "Org/Name", "--revision", rev, "--json")
+        assert r.exit_code == 0, r.output
+        old = json.loads(r.output)
+        assert old["trainable_params"] < main["trainable_params"]
+    arch, how = resolve_model("Org/Name", "v1")
+    assert arch.hidden_size == 896 and "Org/Name@v1" in how
+
+
+def test_recommend_takes_a_cached_id_and_revision(hf_home):
+    r = run("recommend", "--model", "Org/Name", "--revision", "v1", "--gpu", "4090", "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_uncached_id_offline_says_what_to_do(hf_home):
+    r = run("estimate", "--model", "Org/Missing", "--gpu", "a100-80")
+    assert r.exit_code == 2
+    assert "Traceback" not in r.output
+    assert "--model" in r.output and "Org/Missing" in r.output
+    assert "HF_HUB_OFFLINE" in r.output and "HF_HOME" in r.output and "local folder" in r.output
+
+
+def test_unknown_revision_offline(hf_home):
+    r = run("estimate", "--model", "Org/Name", "--revision", "v9")
+    assert r.exit_code == 2
+    assert "revision 'v9'" in r.output and "HF_HUB_OFFLINE" in r.output
+
+
+def test_repo_without_config_json(hf_home):
+    cache_repo(hf_home, "Org/Gguf", {MAIN_SHA: None}, {"main": MAIN_SHA})
+    r = run("estimate", "--model", "Org/Gguf")
+    assert r.exit_code == 2
+    assert "Org/Gguf has no config.json" in r.output
+
+
+def test_unsupported_model_type_names_it(hf_home):
+    cache_repo(hf_home, "Org/Moe", {MAIN_SHA: dict(QWEN_7B, model_type="qwen7_moe",
+                                                    architectures=["Qwen7MoeForCausalLM"])}, {"main": MAIN_SHA})
+    with pytest.raises(ProfileError, match=r"Org/Moe: model_type 'qwen7_moe' is not a supported"):
+        resolve_model("Org/Moe")
+    r = run("estimate", "--model", "Org/Moe")
+    assert r.exit_code == 2 and "qwen7_moe" in r.output and "llama" in r.output
+
+
+def test_catalog_hf_id_and_aliases_need_no_hub(hf_home):
+    arch, how = resolve_model("meta-llama/Llama-3.1-8B")  # the catalog profile, no hub lookup (nothing is cached)
+    assert arch.name == "llama-3.1-8b" and arch.source.endswith("llama-3.1-8b.toml")
+    assert resolve_model("8b")[0].name == "llama-3.1-8b"
+    # an Instruct variant is not the base profile: it goes to the hub (here: not cached, offline)
+    with pytest.raises(ProfileError, match="Llama-3.1-8B-Instruct.*HF_HUB_OFFLINE"):
+        resolve_model("meta-llama/Llama-3.1-8B-Instruct")
+
+
+def test_revision_only_for_hub_ids(hf_home):
+    r = run("estimate", "--model", "8b", "--revision", "v1")
+    assert r.exit_code == 2 and "--revision 'v1' applies to a Hugging Face id" in r.output
+    with pytest.raises(ProfileError, match="not a branch, tag or commit"):
+        resolve_model("Org/Name", "../../etc")
+
+
+def test_bare_typo_still_gets_did_you_mean(hf_home):
+    r = run("estimate", "--model", "llama-2-7")
+    assert r.exit_code == 2 and "did you mean" in r.output
+
+
+def test_hf_hub_cache_overrides_hf_home(hf_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ProfileError, match="no cached config.json"):
+        resolve_model("Org/Name")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))
+    assert resolve_model("Org/Name")[0].hidden_size == 3584
+
+
+def test_catalog_estimate_does_not_import_huggingface_hub():
+    code = ("from click.testing import CliRunner\nfrom planner.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['estimate', '--model', '8b', '--gpu', 'a100-80', '--json'])\n"
+            "assert r.exit_code == 0, r.output\nimport sys\nprint('huggingface_hub' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- required keys of every config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", REQUIRED_KEYS)
+def test_missing_required_key_is_named(key):
+    config = {k: v for k, v in QWEN_7B.items() if k != key}
+    with pytest.raises(ArchError, match=f"missing required key '{key}'"):
+        arch_from_config(config, name="x")
+
+
+def test_mostly_empty_config_is_rejected_not_planned_with_defaults(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    r = run("estimate", "--model", str(tmp_path / "config.json"))
+    assert r.exit_code == 2
+    assert "missing required keys 'hidden_size', 'num_hidden_layers'" in r.output
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", "4096"), ("vocab_size", 0), ("num_hidden_layers", True),
+                                       ("num_key_value_heads", 2.0), ("head_dim", -1)])
+def test_mistyped_key_is_named(key, value):
+    with pytest.raises(ArchError, match=f"'{key}' must be a positive integer"):
+        arch_from_config(dict(QWEN_7B, **{key: value}), name="x")
+
+
+def test_cached_config_missing_a_key_names_the_id_and_the_key(hf_home):
+    # a cached id whose config.json lacks a required key: the ArchError names the id and the key
+    cache_repo(hf_home, "Org/Broken", {MAIN_SHA: {"model_type": "qwen2"}}, {"main": MAIN_SHA})
+    r = run("estimate", "--model", "Org/Broken")
+    assert r.exit_code == 2 and "Org/Broken: missing required keys 'hidden_size'" in r.output
