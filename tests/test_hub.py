@@ -189,3 +189,83 @@ def test_cached_config_missing_a_key_names_the_id_and_the_key(hf_home):
     cache_repo(hf_home, "Org/Broken", {MAIN_SHA: {"model_type": "qwen2"}}, {"main": MAIN_SHA})
     r = run("estimate", "--model", "Org/Broken")
     assert r.exit_code == 2 and "Org/Broken: missing required keys 'hidden_size'" in r.output
+
+
+# -- the download path, against a fake hub served in-process (httpx.MockTransport: no socket is opened) ----------
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub's own client (its request hook, redirects) on a transport that answers as huggingface.co
+    does for `resolve/<rev>/config.json` (HEAD for the metadata, then GET), with the X-Error-Code headers its
+    `hf_raise_for_status` (huggingface_hub 1.33.0 utils/_http.py) turns into GatedRepoError, RepositoryNotFoundError,
+    RevisionNotFoundError and RemoteEntryNotFoundError. Returns the list of requested URLs."""
+    httpx = pytest.importorskip("httpx")
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read at its import, when conftest had set it
+    # huggingface_hub's own best-effort agent-registry fetch (utils/_detect_agent.py) caches into this import-time path
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
+    # an unreachable hub is retried 5 times with 1-8 s waits (`http_backoff`, utils/_http.py): skip the waits only
+    import time
+    import types
+
+    no_wait = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    no_wait.sleep = lambda seconds: None
+    monkeypatch.setattr(_http, "time", no_wait)
+    body = json.dumps(QWEN_7B).encode()
+    seen = []
+
+    def answer(request):
+        url = str(request.url)
+        seen.append(url)
+        if "/resolve/" not in url:  # huggingface_hub's own /api/agent-harnesses registry (see above)
+            return httpx.Response(404, request=request)
+        repo = url.split("huggingface.co/")[1].split("/resolve/")[0]
+        errors = {"Org/Gated": (401, "GatedRepo"), "Org/Missing": (401, "RepoNotFound"),
+                  "Org/NoConfig": (404, "EntryNotFound")}
+        if repo == "Org/Down":
+            raise httpx.ConnectError("unreachable", request=request)
+        if repo in errors or "/resolve/v9/" in url:
+            status, code = errors.get(repo, (404, "RevisionNotFound"))
+            return httpx.Response(status, headers={"X-Error-Code": code}, request=request)
+        headers = {"X-Repo-Commit": MAIN_SHA, "ETag": '"abc"', "Content-Length": str(len(body))}
+        return httpx.Response(200, headers=headers, content=b"" if request.method == "HEAD" else body,
+                              request=request)
+
+    transport = httpx.MockTransport(answer)
+    _http.set_client_factory(lambda: httpx.Client(transport=transport, event_hooks={
+        "request": [_http.hf_request_event_hook]}, follow_redirects=True))
+    yield seen
+    _http.set_client_factory(_http.default_client_factory)
+
+
+def test_download_fetches_config_json_alone_then_uses_the_cache(fake_hub, tmp_path):
+    arch, how = resolve_model("Org/Fresh")
+    assert arch.hidden_size == 3584 and "hub config.json" in how
+    files = [u for u in fake_hub if "/resolve/" in u]
+    assert files and all(u.endswith("/Org/Fresh/resolve/main/config.json") for u in files)  # never the weights
+    cached = tmp_path / "hf" / "hub" / "models--Org--Fresh" / "snapshots" / MAIN_SHA / "config.json"
+    assert json.loads(cached.read_text()) == QWEN_7B
+    n = len(fake_hub)
+    assert resolve_model("Org/Fresh")[0].hidden_size == 3584
+    assert len(fake_hub) == n  # the second time from the cache, no request
+
+
+@pytest.mark.parametrize("repo,revision,says", [
+    ("Org/Gated", "main", ["gated repo", "hf auth login", "HF_TOKEN", "https://huggingface.co/Org/Gated"]),
+    ("Org/Missing", "main", ["no model repo 'Org/Missing'", "check the id"]),
+    ("Org/Fresh", "v9", ["has no revision 'v9'", "--revision"]),
+    ("Org/NoConfig", "main", ["Org/NoConfig has no config.json"]),
+    ("Org/Down", "main", ["hub is unreachable", "HF_HOME", "local folder"]),
+])
+def test_hub_errors_say_what_to_do(fake_hub, repo, revision, says):
+    r = run("estimate", "--model", repo, "--revision", revision)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "--model" in r.output
+    for text in says:
+        assert text in r.output, (text, r.output)
