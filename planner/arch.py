@@ -230,6 +230,30 @@ class ArchError(ValueError):
     """A config that ftplan cannot model (not a causal LM, unsupported family, missing fields)."""
 
 
+# Keys every causal-LM config.json of the supported families writes (transformers 5.17 `PretrainedConfig.to_dict`
+# writes all of them) and that decide the parameter count: a config missing one is not planned with a family
+# default (a config.json with most keys missing was silently planned as a 6.74B llama).
+REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+# Optional keys that, when present and not null, must be positive integers.
+_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim")
+
+
+def _check_required(config: dict, label: str) -> None:
+    """ArchError naming the first required key that is missing, or a key whose value is not a positive integer."""
+    missing = [k for k in REQUIRED_KEYS if k not in config or config[k] is None]
+    if missing:
+        raise ArchError(
+            f"{label}: missing required key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)} "
+            f"(a causal-LM config.json has {', '.join(REQUIRED_KEYS)})"
+        )
+    for key in REQUIRED_KEYS + _OPTIONAL_INT_KEYS:
+        v = config.get(key)
+        if key in _OPTIONAL_INT_KEYS and v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ArchError(f"{label}: '{key}' must be a positive integer, got {v!r}")
+
+
 def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, aliases=(), source: str = "") -> ModelArch:
     """Build a `ModelArch` from the fields of a Hugging Face `config.json`.
 
@@ -250,6 +274,7 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
             f"{name or 'config'}: model_type {model_type!r} is not a supported causal LM; "
             f"valid: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    _check_required(config, name or "config")
     c = dict(_FAMILY_DEFAULTS[model_type])
     c.update(config)  # an explicit null (e.g. Mistral v0.3 sliding_window) overrides the family default
 

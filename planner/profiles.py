@@ -9,12 +9,16 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import ArchError, ModelArch, arch_from_config, arch_from_path
 from .units import MIB
+
+
+DEFAULT_REVISION = "main"
 
 
 class ProfileError(ValueError):
@@ -224,28 +228,65 @@ def _model_index(folder: str) -> dict[str, str]:
     return idx
 
 
-def load_model(ref: str) -> ModelArch:
-    """A model by catalog name, alias (`8b`, `70b`), Hugging Face id (`meta-llama/Llama-3.1-8B`), or a path to a
-    `config.json` or a folder holding one. ProfileError (or ArchError) says what went wrong and lists close matches."""
-    return resolve_model(ref)[0]
+def load_model(ref: str, revision: str = DEFAULT_REVISION) -> ModelArch:
+    """A model by catalog name, alias (`8b`, `70b`), Hugging Face id (`meta-llama/Llama-3.1-8B`, or any `Org/Name`
+    on the hub: `planner.hub`), or a path to a `config.json` or a folder holding one. ProfileError (or ArchError)
+    says what went wrong and lists close matches."""
+    return resolve_model(ref, revision)[0]
 
 
-def resolve_model(ref: str) -> tuple[ModelArch, str]:
-    """Like `load_model`, also saying how `ref` was resolved (for 'alias 70b -> llama-3.1-70b' messages)."""
+def resolve_model(ref: str, revision: str = DEFAULT_REVISION) -> tuple[ModelArch, str]:
+    """Like `load_model`, also saying how `ref` was resolved (for 'alias 70b -> llama-3.1-70b' messages).
+
+    Order: a local path; a catalog name, alias or catalog hf_id (no network; at the default revision only, since
+    a profile describes `main`); any other `Org/Name` through the Hugging Face cache or hub (`planner.hub`).
+    `revision` (a branch, tag or commit hash) applies to hub ids only."""
     text = ref.strip()
+    revision = (revision or DEFAULT_REVISION).strip()
     p = Path(text).expanduser()
     if text.endswith(".json") or os.sep in text and p.exists() or p.is_dir():
+        _revision_only_for_hub(revision, text)
         if p.exists():
             return arch_from_path(p), f"config.json at {p}"
         raise ProfileError(f"no such file or folder: {text}")
     folder = str(profiles_dir())
     idx = _model_index(folder)
     key = text.lower()
-    if key in idx:
+    from . import hub  # light: huggingface_hub itself is imported only inside hub.fetch_config
+
+    is_hub_id = hub.looks_like_hub_id(text)
+    if key in idx and (revision == DEFAULT_REVISION or not is_hub_id):
+        _revision_only_for_hub(revision, text)
         name = idx[key]
         how = name if key == name else f"{text} -> {name}"
         return _model_arch(folder, name), how
-    raise ProfileError(_unknown("model", text, idx, "ftplan models list", extra="or a path to a config.json"))
+    if is_hub_id:
+        return _hub_model(text, revision)
+    _revision_only_for_hub(revision, text)
+    raise ProfileError(_unknown("model", text, idx, "ftplan models list",
+                                extra="a Hugging Face id (Org/Name) or a path to a config.json"))
+
+
+def _revision_only_for_hub(revision: str, text: str) -> None:
+    if revision != DEFAULT_REVISION:
+        raise ProfileError(f"--revision {revision!r} applies to a Hugging Face id (Org/Name); {text!r} is a catalog "
+                           "name or a local path: drop --revision, or pass the Org/Name id")
+
+
+def _hub_model(repo_id: str, revision: str) -> tuple[ModelArch, str]:
+    """A hub id through its config.json (cache, else download of that file alone). HubError/ArchError: ProfileError."""
+    from . import hub
+
+    if not re.fullmatch(r"[\w\-./]{1,200}", revision) or ".." in revision or revision.startswith("/"):
+        raise ProfileError(f"--revision {revision!r} is not a branch, tag or commit hash")
+    try:
+        config, path = hub.fetch_config(repo_id, revision)
+        arch = arch_from_config(config, name=repo_id, hf_id=repo_id, source=str(path))
+    except (hub.HubError, ArchError) as e:
+        msg = str(e)
+        raise ProfileError(msg if repo_id in msg else f"{repo_id}: {msg}") from None
+    at = f"@{revision}" if revision != DEFAULT_REVISION else ""
+    return arch, f"{repo_id}{at} -> hub config.json at {path}"
 
 
 def _unknown(kind: str, name: str, idx: dict, hint: str, extra: str = "") -> str:

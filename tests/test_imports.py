@@ -14,8 +14,9 @@ def _modules_after(code: str) -> set:
 
 
 def test_import_planner_is_light():
-    mods = _modules_after("import planner, planner.plan, planner.recommend, planner.memory, planner.cost")
+    mods = _modules_after("import planner, planner.plan, planner.recommend, planner.memory, planner.cost, planner.hub")
     assert not mods & set(HEAVY), mods & set(HEAVY)
+    assert "huggingface_hub" not in mods  # imported only when a hub id is resolved (planner/hub.py)
 
 
 def test_estimate_and_recommend_commands_are_light():

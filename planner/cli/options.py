@@ -13,7 +13,7 @@ from ..arch import ArchError
 from ..config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
 from ..methods import METHOD_CHOICES, TargetError, lora_targets
 from ..quant import QUANTS
-from ..profiles import ProfileError, load_gpu, resolve_model
+from ..profiles import DEFAULT_REVISION, ProfileError, load_gpu, resolve_model
 from ..units import parse_count
 
 # TrainConfig field -> CLI option, for error messages
@@ -25,10 +25,27 @@ OPTION_OF = {
 }
 
 
+_REVISION_KEY = "ftplan.revision"
+
+
+def _store_revision(ctx, param, value):
+    ctx.meta[_REVISION_KEY] = value
+    return value
+
+
 def model_option(f):
+    """--model, and --revision for a Hugging Face id. The revision is kept in the click context (not passed to the
+    command function), where `resolve_model_or_fail` reads it, so commands keep their signatures."""
+    f = click.option(
+        "--revision", default=DEFAULT_REVISION, show_default=True, metavar="REV", expose_value=False,
+        callback=_store_revision,
+        help="Branch, tag or commit hash of a Hugging Face id given to --model (its config.json is read from the "
+             "HF cache, or downloaded alone; HF_HUB_OFFLINE and HF_TOKEN apply).",
+    )(f)
     return click.option(
         "--model", "model_ref", required=True, metavar="NAME|PATH",
-        help="Catalog name or alias (7b, 8b, 70b, llama-3.1-8b), Hugging Face id, or a config.json (or its folder).",
+        help="Catalog name or alias (7b, 8b, 70b, llama-3.1-8b), any Hugging Face id (Org/Name; config.json only, "
+             "from the HF cache or the hub), or a config.json (or its folder).",
     )(f)
 
 
@@ -105,13 +122,17 @@ def build_train_config(values: dict) -> TrainConfig:
         raise click.BadParameter(str(e), param_hint=_option_for(str(e)) or "configuration") from None
 
 
-def resolve_model_or_fail(ref: str):
-    """(ModelArch, how it was resolved) or a usage error listing close matches."""
+def resolve_model_or_fail(ref: str, revision: str | None = None):
+    """(ModelArch, how it was resolved) or a usage error listing close matches. `revision` defaults to the
+    command's --revision (`model_option`), else "main"."""
     if not ref.strip():
         raise click.BadParameter("empty; valid: a catalog name or alias (ftplan models list), a Hugging Face id, or "
                                  "a config.json path", param_hint="--model")
+    if revision is None:
+        ctx = click.get_current_context(silent=True)
+        revision = (ctx.meta.get(_REVISION_KEY) if ctx is not None else None) or DEFAULT_REVISION
     try:
-        return resolve_model(ref)
+        return resolve_model(ref, revision)
     except (ProfileError, ArchError) as e:
         raise click.BadParameter(str(e), param_hint="--model") from None
     except UnicodeDecodeError as e:
