@@ -139,3 +139,16 @@ def test_recommend_objectives_reorder():
 def test_recommend_bad_methods_and_margin():
     assert "valid" in run("recommend", "--model", "8b", "--gpu", "l4", "--methods", "lora,bogus", code=2).output
     run("recommend", "--model", "8b", "--gpu", "l4", "--margin", "1.5", code=2)
+
+
+def test_lora_defaults_to_the_familys_targets_when_none_are_named():
+    """Phi-3 fuses q, k and v: with no --target-modules LoRA takes its `qkv_proj` (peft has no default for phi3),
+    other families keep peft's q_proj, v_proj; a name the family lacks is still an error."""
+    phi = json.loads(run("estimate", "--model", "phi-3-mini", "--json").output)
+    assert phi["config"]["target_modules"] == ["qkv_proj"] and phi["trainable_params"] > 0
+    llama = json.loads(run("estimate", "--model", "llama-3.2-1b", "--json").output)
+    assert llama["config"]["target_modules"] == ["q_proj", "v_proj"]
+    dora = json.loads(run("estimate", "--model", "phi-3-mini", "--method", "dora", "--json").output)
+    assert dora["config"]["target_modules"] == ["qkv_proj"]
+    r = run("estimate", "--model", "phi-3-mini", "--target-modules", "q_proj,v_proj", code=2)
+    assert "qkv_proj" in r.output

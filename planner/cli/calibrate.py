@@ -134,7 +134,7 @@ def calibrate(ctx, model_ref, matrix, device, steps, out_dir, force, busy_thresh
         if tc.num_gpus != 1:
             raise click.BadParameter(f"calibrate measures one device; got {tc.num_gpus} (valid: 1)", param_hint="--num-gpus")
         arch, _ = resolve_model_or_fail(model_ref)
-        check_model(arch, tc, targets_given=option_given("target_modules"))
+        tc = check_model(arch, tc, targets_given=option_given("target_modules"))
         points = [harness.point_from_arch(arch, tc, model_ref=model_ref, steps=steps)]
     if device == "cuda":
         _require_cuda()

@@ -38,10 +38,14 @@ def check_ia3_targets(arch, tc: TrainConfig, targets_given: bool, hint=option_hi
                                  f"{tc.method})", param_hint=hint("target_modules"))
 
 
-def check_model(arch, tc: TrainConfig, *, targets_given: bool = False, hint=option_hint, warn=True) -> None:
-    """Every check of `tc` against `arch`: LoRA targets and rank, IA3 targets, positions."""
+def check_model(arch, tc: TrainConfig, *, targets_given: bool = False, hint=option_hint, warn=True) -> TrainConfig:
+    """Every check of `tc` against `arch`: LoRA targets and rank, IA3 targets, positions. Returns `tc`, with the
+    family's default LoRA targets when the user named none (Phi-3's fused `qkv_proj` instead of q_proj, v_proj)."""
     from ..methods import TargetError, lora_targets
+    from ..methods.lora import DEFAULT_TARGETS, family_default_targets
 
+    if tc.spec.uses_rank and not targets_given and tuple(tc.target_modules) == DEFAULT_TARGETS:
+        tc = tc.replace(target_modules=family_default_targets(arch))
     if tc.spec.uses_rank:
         try:
             lora_targets(arch, tc)
@@ -50,6 +54,7 @@ def check_model(arch, tc: TrainConfig, *, targets_given: bool = False, hint=opti
             raise click.BadParameter(str(e), param_hint=hint(field)) from None
     check_ia3_targets(arch, tc, targets_given, hint)
     check_positions(arch, tc, hint, warn=warn)
+    return tc
 
 
 def given(name: str) -> bool:

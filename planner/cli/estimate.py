@@ -42,7 +42,7 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     """
     tc = build_train_config(pop_train_kwargs(kwargs))
     arch, how = resolve_model_or_fail(model_ref)
-    check_model(arch, tc, targets_given=given("target_modules"))
+    tc = check_model(arch, tc, targets_given=given("target_modules"))
     gpu = resolve_gpu_or_fail(gpu_ref)
     tokens = parse_tokens_option(dataset_tokens)
     if epochs <= 0:

@@ -38,7 +38,7 @@ def limits(model_ref, gpu_ref, as_json, **kwargs):
     """
     tc = build_train_config(pop_train_kwargs(kwargs))
     arch, _ = resolve_model_or_fail(model_ref)
-    check_model(arch, tc, targets_given=given("target_modules"))
+    tc = check_model(arch, tc, targets_given=given("target_modules"))
     gpu = resolve_gpu_or_fail(gpu_ref)
     res = fit_limits(arch, tc, gpu, DEFAULT_MARGIN)
     if as_json:

@@ -11,6 +11,15 @@ from ..units import BF16, BOOL, FP32, param_bytes
 from .base import Method, TargetError, Trainable, rank_label
 
 RANKS = (8, 16, 64)  # what recommend tries
+# peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj for llama, mistral,
+# qwen2, qwen3, gemma, gemma2; Phi-3 has no entry (peft asks for target_modules): its fused q/k/v projection.
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+FUSED_DEFAULT_TARGETS = ("qkv_proj",)
+
+
+def family_default_targets(arch) -> tuple:
+    """The target modules LoRA uses on `arch` when the user names none."""
+    return DEFAULT_TARGETS if set(DEFAULT_TARGETS) <= set(arch.linear_names) else FUSED_DEFAULT_TARGETS
 
 
 def lora_targets(arch, tc) -> tuple:
