@@ -56,7 +56,7 @@ def assert_same_result(out: Path, ref: Path, n_steps: int) -> None:
     a, b = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((out / "run_summary.json").read_text())["status"] == "completed"
-    leftovers = [p.name for p in out.iterdir() if re.search(r"\.(tmp|old)-\d+$|^\.tmp-", p.name)]
+    leftovers = [p.name for p in out.iterdir() if re.search(r"\.(tmp|old)-\d+(-[0-9a-f]+)?$|^\.tmp-", p.name)]
     assert not leftovers, leftovers
 
 

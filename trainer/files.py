@@ -1,6 +1,6 @@
 """Files a run leaves behind: written whole or not at all, and one run per output folder at a time.
 
-- `write_text` / `write_json`: a temp name in the same folder, fsync, `os.replace`, fsync of the folder: after a
+- `write_text` / `write_json`: `planner.fileio`'s temp name in the same folder, fsync, rename, fsync of the folder: after a
   crash (kill -9, power loss) the file is the old one or the new one, never a torn one.
 - `fsync_tree`, `fsync_dir`: what `os.replace` of a folder needs first (its files on disk) and after (the rename).
 - `publish_dir(tmp, final)`: a folder saved under a temp name (`<name>.tmp-<pid>`) takes its final name.
@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from planner import fileio
 
 LOCK_NAME = ".ftplan.lock"
 
@@ -48,26 +50,9 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(d)
 
 
-def write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write `data` to `path` atomically (temp name in the same folder, then `os.replace`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_dir(path.parent)
-
-
 def write_text(path: str | Path, text: str, *, fsync: bool = True) -> None:
-    write_bytes(path, text.encode(), fsync=fsync)
+    """`planner.fileio.write_text` (temp name, rename), durable by default: a run's files must survive a crash."""
+    fileio.write_text(path, text, fsync=fsync)
 
 
 def write_json(path: str | Path, obj, *, fsync: bool = True) -> None:
@@ -112,7 +97,8 @@ def publish_files(tmp: str | Path, dest: str | Path) -> list[Path]:
     return moved
 
 
-TEMP_RE = re.compile(r"^.+\.(tmp|old)-\d+$")  # what write_bytes, temp_dir_for and publish_dir leave when killed
+# what planner.fileio (`.name.tmp-<pid>-<hex>`), temp_dir_for and publish_dir leave when killed
+TEMP_RE = re.compile(r"^.+\.(tmp|old)-\d+(-[0-9a-f]+)?$")
 
 
 def remove_temps(folder: str | Path) -> None:

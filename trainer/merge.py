@@ -20,12 +20,18 @@ from pathlib import Path
 
 import torch
 
+from planner.methods import METHODS
+
 from . import files
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # see trainer/loop.py
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-UNMERGEABLE = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+# peft types whose adapters add virtual tokens, not weights: the registered methods that say so
+# (Method.supports_merge), and peft's other prompt-learning types, which ftplan does not train but may be handed
+UNMERGEABLE = tuple(m.peft_type for m in METHODS.values() if m.peft_type and not m.supports_merge) + (
+    "P_TUNING", "MULTITASK_PROMPT_TUNING")
+MERGEABLE = ", ".join(m.name for m in METHODS.values() if m.peft_type and m.supports_merge)  # lora (and over nf4), dora, ia3
 DENSITY_TYPES = ("ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd", "magnitude_prune",
                  "magnitude_prune_svd")
 SIGN_TYPES = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
@@ -127,7 +133,7 @@ def merge_adapter(run_dir: str | Path, output: str | Path, *, base: str | None =
     if info["peft_type"] in UNMERGEABLE:
         raise MergeError(f"{run_dir} is a {info['peft_type'].lower().replace('_', ' ')} adapter: it adds virtual "
                          "tokens, not weights, so it cannot be merged; deploy it with peft "
-                         "(PeftModel.from_pretrained) instead (mergeable: lora, qlora, ia3)", "RUNS")
+                         f"(PeftModel.from_pretrained) instead (mergeable: {MERGEABLE})", "RUNS")
     bpath = base_path(run_dir, base)
     t0 = time.time()
     model = PeftModel.from_pretrained(_load_base(bpath, dtype), str(run_dir))
