@@ -75,7 +75,7 @@ def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
     """Every trainable tensor (`planner.methods.Trainable`: shape, count, bytes per element), from the method:
     all base parameters for full FT (in the weights' dtype), else the adapters (fp32). Cached per model and
     configuration without batch (recommend asks for the same tensors at every micro-batch)."""
-    return _trainable_tensors(arch, _static_key(tc))
+    return _trainable_tensors(arch, batch_free(tc))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -93,7 +93,7 @@ def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
 def gradient_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     """Gradients of all trainable tensors, in each tensor's dtype (bf16 grads for a bf16 model, fp32 for
     mixed/fp32 master weights and for adapters). Cached per configuration without batch."""
-    return _gradient_bytes(arch, _static_key(tc))
+    return _gradient_bytes(arch, batch_free(tc))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -107,7 +107,7 @@ MIN_8BIT_NUMEL = 4096  # bitsandbytes Optimizer2State: smaller tensors keep fp32
 
 def optimizer_state_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
     """See `_optimizer_state_bytes` (cached per model and configuration without batch)."""
-    return dict(_optimizer_state_bytes(arch, _static_key(tc)))
+    return dict(_optimizer_state_bytes(arch, batch_free(tc)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -411,12 +411,8 @@ _static_configs: dict = {}
 
 
 def batch_free(tc: TrainConfig) -> TrainConfig:
-    """`tc` without batch and accumulation: the key of everything that does not depend on them (memoized)."""
-    return _static_key(tc)
-
-
-def _static_key(tc: TrainConfig) -> TrainConfig:
-    """The configuration without batch and accumulation (static terms do not depend on them), memoized."""
+    """`tc` without batch and accumulation: the cache key of everything that does not depend on them (the static
+    terms, trainable tensors, optimizer state; `planner.cost`'s per-configuration bytes), memoized."""
     if tc.batch_size == 1 and tc.grad_accum == 1:
         return tc
     key = (tuple(getattr(tc, f) for f in _PIECE_FIELDS), tc.optimizer, tc.num_gpus, tc.strategy, tc.cpu_offload)
@@ -449,7 +445,7 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
 
 def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
     """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
-    static, grads, opt_temp, offload, sharding_notes, paged, params = _static_terms(arch, _static_key(tc),
+    static, grads, opt_temp, offload, sharding_notes, paged, params = _static_terms(arch, batch_free(tc),
                                                                                       cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
     events = timeline_events(arch, tc, static, grads, opt_temp)

@@ -52,7 +52,6 @@ class LoRA(Method):
     quality_tier = 2.0
     quality_reason = ("LoRA 2.0 at rank >= 64, +0.1 at rank 16-63, +0.2 below (LoRA arXiv:2106.09685; "
                       "LoRA Learns Less and Forgets Less arXiv:2405.09673)")
-    efficiency_keys = ()
     peft_type = "LORA"
 
     def validate(self, tc) -> None:
