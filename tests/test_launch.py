@@ -130,3 +130,73 @@ def test_out_of_memory_in_a_launched_run_relaunches_with_the_next_plan(tiny_plan
     from calibrate.record import load_records
 
     assert {r["status"] for r in load_records([out / "records"])} == {"oom"}
+
+
+def _run(plan, out, *extra):
+    return CliRunner().invoke(cli, ["run", str(plan), "--data", os.path.join(EXAMPLES_DIR, "alpaca.jsonl"),
+                                    "--output-dir", str(out), "--device", "cpu", "--num-gpus", "2", "--no-progress",
+                                    "--json", *extra], catch_exceptions=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_process_cpu_fsdp2_run_shards_saves_and_loads(tiny_plan, tmp_path, method):
+    """FSDP2 over 2 gloo processes (`trainer.fsdp`): each process holds half of every sharded parameter, the
+    checkpoint is sharded (torch.distributed.checkpoint), and the gathered final model loads in transformers/peft
+    with the weights the processes trained."""
+    out = tmp_path / "out"
+    plan = tiny_plan(method=method, max_steps=4, batch_size=2, save_steps=2, strategy="fsdp", num_gpus=2)
+    res = _run(plan, out)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["status"] == "completed" and summary["processes"] == 2 and summary["optimizer_steps"] == 4
+    assert summary["config"]["strategy"] == "fsdp"
+    ck = out / "checkpoint-2"
+    assert (ck / "fsdp" / ".metadata").exists() and len(list((ck / "fsdp").glob("*.distcp"))) == 2
+    steps = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    losses = [s["loss"] for s in steps if "loss" in s]
+    assert len(losses) == 4 and all(l == l for l in losses)  # finite, one per step
+    if method == "lora":
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(out)
+        b = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert b and any(float(p.abs().sum()) > 0 for p in b)  # trained (B starts at zero), gathered whole
+    else:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_fsdp2_resume_continues_the_uninterrupted_run(tiny_plan, tmp_path):
+    """Stopped at step 2 (a run of max_steps 2 writes its checkpoint... here: max_steps 4 with a checkpoint at 2, then
+    the checkpoint of step 4 removed), resumed: the resumed steps 3-4 match the uninterrupted run's losses."""
+    full = tmp_path / "full"
+    plan = tiny_plan(method="lora", max_steps=4, batch_size=2, save_steps=2, strategy="fsdp", num_gpus=2)
+    res = _run(plan, full)
+    assert res.exit_code == 0, res.output
+    ref = [json.loads(line) for line in (full / "trainer_log.jsonl").read_text().splitlines()]
+    ref = {s["step"]: s["loss"] for s in ref if "loss" in s}
+    # a copy of the run as it stood at step 2: its checkpoint, its log up to step 2
+    import shutil
+
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    log = [line for line in (full / "trainer_log.jsonl").read_text().splitlines()
+           if json.loads(line).get("step", 0) <= 2]
+    (part / "trainer_log.jsonl").write_text("\n".join(log) + "\n")
+    shutil.copy(full / "plan.toml", part / "plan.toml")
+    res = _run(plan, part, "--resume")
+    assert res.exit_code == 0, res.output
+    got = [json.loads(line) for line in (part / "trainer_log.jsonl").read_text().splitlines()]
+    got = {s["step"]: s["loss"] for s in got if "loss" in s}
+    assert got[3] == pytest.approx(ref[3], rel=1e-5) and got[4] == pytest.approx(ref[4], rel=1e-5)
+
+
+def test_cpu_processes_refuse_deepspeed_and_offload(tiny_plan, tmp_path):
+    for extra, option in ((["--strategy", "zero2"], "--strategy"), (["--strategy", "fsdp", "--cpu-offload"],
+                                                                       "--cpu-offload")):
+        res = _run(tiny_plan(method="lora", max_steps=2), tmp_path / option.strip("-"), *extra)
+        assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output

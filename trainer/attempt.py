@@ -57,12 +57,12 @@ class Attempt:
         torch.manual_seed(self.schedule["seed"])
         random.seed(self.schedule["seed"])
         model = recipe.build_model(None, tc, path=run.spec.model_path, device=str(self.device))
-        model = recipe.apply_method(model, tc)
+        model = dist.shard(recipe.apply_method(model, tc), tc.precision)
         params = recipe.trainable_parameters(model)
         optimizer = recipe.make_optimizer(params, tc, lr=self.schedule["learning_rate"])
         scheduler = make_scheduler(optimizer, self.schedule, total)
         if dist.acc is not None:
-            model, optimizer = dist.acc.prepare(model, optimizer)
+            model, optimizer = dist.prepare(model, optimizer)
             params = [p for p in model.parameters() if p.requires_grad]
         train_step = TrainStep(model, optimizer, params, tc, run.device_type,
                                max_grad_norm=self.schedule["max_grad_norm"], scheduler=scheduler,

@@ -77,7 +77,7 @@ class Run:
             raise RunUsageError(str(e), "PLAN") from None
         self.schedule = dataclasses.asdict(self.pf.schedule)
         device_name = resolve_device(spec.device)
-        self.dist = Dist(device_name)
+        self.dist = Dist(device_name, spec.train_config().strategy)
         self.device = self.dist.device(device_name)
         self.device_type = self.device.type
         self.tokenizer, self.train_ds, self.eval_ds = prepared or prepare_data(spec)
@@ -194,7 +194,7 @@ class Run:
         """Save the model, tokenizer, plan and loss curve (into a temp folder, then each file renamed into the output
         folder), the run record, and last the summary: a run is complete when run_summary.json says so."""
         dist, out = self.dist, self.out
-        state_dict = dist.acc.get_state_dict(model) if dist.fsdp or dist.deepspeed else None
+        state_dict = dist.full_state_dict(model)
         outputs = {}
         if dist.main:
             tmp = files.temp_dir_for(out / ".final")  # .final.tmp-<pid>: its files are renamed into place

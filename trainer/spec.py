@@ -160,6 +160,10 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# several CPU processes over gloo: DDP through accelerate, FSDP2 applied directly (`trainer.fsdp`)
+CPU_STRATEGIES = ("ddp", "fsdp")
+
+
 def check_device(tc: TrainConfig, device: str) -> None:
     """What needs CUDA (bitsandbytes) or a launcher that CPU lacks: usage errors naming the option."""
     if device == "cuda":
@@ -170,9 +174,12 @@ def check_device(tc: TrainConfig, device: str) -> None:
     if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
         raise RunUsageError(f"optimizer {tc.optimizer} needs CUDA (bitsandbytes); on CPU valid optimizers are "
                             "adamw, sgd, adafactor", "--optimizer")
-    if tc.num_gpus > 1 and (tc.strategy != "ddp" or tc.cpu_offload):
-        raise RunUsageError(f"strategy {tc.strategy} needs GPUs; several CPU processes run DDP only (valid on CPU: "
-                            "ddp)", "--strategy")
+    if tc.num_gpus > 1 and tc.strategy not in CPU_STRATEGIES:
+        raise RunUsageError(f"strategy {tc.strategy} needs GPUs (DeepSpeed); several CPU processes run "
+                            f"{' or '.join(CPU_STRATEGIES)} (valid on CPU: {', '.join(CPU_STRATEGIES)})", "--strategy")
+    if tc.num_gpus > 1 and tc.cpu_offload:
+        raise RunUsageError("--cpu-offload moves GPU memory to the host: on CPU there is nothing to offload "
+                            "(drop --cpu-offload, or run on cuda)", "--cpu-offload")
 
 
 def prepare_data(spec: RunSpec, tokenizer=None) -> tuple:
