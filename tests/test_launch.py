@@ -200,3 +200,86 @@ def test_cpu_processes_refuse_deepspeed_and_offload(tiny_plan, tmp_path):
                                                                        "--cpu-offload")):
         res = _run(tiny_plan(method="lora", max_steps=2), tmp_path / option.strip("-"), *extra)
         assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output
+
+
+def test_print_launch_shows_each_machines_command(tiny_plan, tmp_path):
+    plan = tiny_plan(method="lora", num_gpus=4, strategy="fsdp")
+    out = tmp_path / "out"
+    args = ["run", str(plan), "--data", "train.jsonl", "--output-dir", str(out), "--num-machines", "2",
+            "--main-process-ip", "10.0.0.1", "--print-launch", "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["num_machines"] == 2 and got["num_processes"] == 4 and [n["machine_rank"] for n in got["nodes"]] == [0, 1]
+    for n in got["nodes"]:
+        assert n["processes"] == 2 and "--print-launch" not in n["ftplan"]
+        assert n["ftplan"][-2:] == ["--machine-rank", str(n["machine_rank"])]
+        assert f"accelerate_config.node{n['machine_rank']}.yaml" in " ".join(n["accelerate"])
+    assert not out.exists()  # nothing written, nothing run
+    text = CliRunner().invoke(cli, args[:-1]).output
+    assert "machine 1: 2 process(es)" in text and "10.0.0.1:29500" in text
+
+
+def test_each_machine_writes_its_accelerate_config(tmp_path):
+    tc = TrainConfig(method="lora", num_gpus=8, strategy="fsdp")
+    nodes = launch.Nodes(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
+    cfg = _load(launch.write_configs(tmp_path, tc, device="cuda", model_type="llama", nodes=nodes))
+    assert (cfg.num_machines, cfg.machine_rank, cfg.num_processes) == (2, 1, 8)
+    assert cfg.main_process_ip == "10.0.0.1" and cfg.main_process_port == 29500
+    assert (tmp_path / "accelerate_config.node1.yaml").exists()
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--num-machines", "2", "--machine-rank", "2", "--main-process-ip", "h"], "--machine-rank"),
+    (["--num-machines", "3", "--main-process-ip", "h"], "--num-machines"),
+    (["--num-machines", "2"], "--main-process-ip"),
+    (["--num-machines", "0"], "--num-machines"),
+    (["--num-machines", "2", "--main-process-ip", "h", "--main-process-port", "70000"], "--main-process-port"),
+])
+def test_bad_machine_options_exit_2_naming_the_option(tiny_plan, tmp_path, args, option):
+    plan = tiny_plan(method="lora", num_gpus=4, strategy="fsdp")
+    res = CliRunner().invoke(cli, ["run", str(plan), "--data", "x.jsonl", "--output-dir", str(tmp_path / "o"),
+                                   "--print-launch", *args])
+    assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output
+
+
+def test_plan_launch_table_round_trips_and_is_validated(tiny_plan, tmp_path):
+    import dataclasses
+
+    from planner.planfile import read_plan, write_plan
+
+    pf = dataclasses.replace(read_plan(tiny_plan(num_gpus=4)), launch={"num_machines": 2, "main_process_ip": "h1"})
+    write_plan(pf, tmp_path / "p.toml")
+    assert read_plan(tmp_path / "p.toml").launch == {"num_machines": 2, "main_process_ip": "h1"}
+    text = (tmp_path / "p.toml").read_text().replace('main_process_ip = "h1"', "main_process_ip = 3")
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(ValueError, match=r"\[launch\] main_process_ip must be a string"):
+        read_plan(tmp_path / "bad.toml")
+
+
+@pytest.mark.slow
+def test_two_machines_on_localhost_train_one_ddp_run(tiny_plan, tmp_path):
+    """Two `ftplan run` commands, machine rank 0 and 1 of 2, one process each, rendezvous on 127.0.0.1: one run of 2
+    processes whose results machine 0 writes (the output folder is shared, as on a cluster filesystem)."""
+    import subprocess
+    import sys
+
+    plan = tiny_plan(method="lora", max_steps=3, batch_size=2, num_gpus=2)
+    out = tmp_path / "out"
+    port = str(launch.free_port())
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-c", "from planner.cli import main; main()", "run", str(plan), "--data", os.path.join(EXAMPLES_DIR, "alpaca.jsonl"),
+           "--output-dir", str(out), "--device", "cpu", "--no-progress", "--json", "--num-machines", "2",
+           "--main-process-ip", "127.0.0.1", "--main-process-port", port]
+    procs = [subprocess.Popen(cmd + ["--machine-rank", str(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    main = json.loads(outs[0][0])
+    assert main["status"] == "completed" and main["processes"] == 2 and main["optimizer_steps"] == 3
+    assert json.loads(outs[1][0])["status"] == "completed"
+    assert (out / "accelerate_config.node0.yaml").exists() and (out / "accelerate_config.node1.yaml").exists()

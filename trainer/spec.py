@@ -74,6 +74,7 @@ class RunSpec:
     progress: bool = True
     command: str = ""
     resume_as_given: bool = False  # a fallback relaunch: run `train` even where the checkpoint's micro-batch differs
+    nodes: dict = field(default_factory=dict)  # `trainer.launch.Nodes` fields of a run over several machines
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.train)
