@@ -283,3 +283,27 @@ def test_two_machines_on_localhost_train_one_ddp_run(tiny_plan, tmp_path):
     assert main["status"] == "completed" and main["processes"] == 2 and main["optimizer_steps"] == 3
     assert json.loads(outs[1][0])["status"] == "completed"
     assert (out / "accelerate_config.node0.yaml").exists() and (out / "accelerate_config.node1.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_process_is_named_by_rank_and_no_process_is_left(tiny_plan, tmp_path, monkeypatch):
+    """Rank 1 crashes in its first forward (injected at interpreter start, as in the out-of-memory test): the run
+    fails with the rank, host and error in its message, and no training process survives."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if '--spec' in sys.argv and os.environ.get('RANK') == '1':\n"
+        "    from trainer import recipe\n"
+        "    def forward(model, batch, tc, device_type):\n"
+        "        raise RuntimeError('injected failure on rank 1')\n"
+        "    recipe.forward = forward\n")
+    monkeypatch.setenv("PYTHONPATH", str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "out"
+    res = _run(tiny_plan(method="lora", max_steps=2, batch_size=2, num_gpus=2), out)
+    assert res.exit_code == 1, res.output
+    assert "rank 1" in res.output and "injected failure on rank 1" in res.output and "Traceback" not in res.stdout
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", str(out / "run_spec.json")], capture_output=True, text=True).stdout
+    assert left == "", left

@@ -295,10 +295,13 @@ def launch_run(spec) -> dict:
             resume = True
             i += 1
             continue
+        failed = "; ".join(f"rank {f['rank']} ({f.get('host', '?')}): {f['error']}" for f in loop.failures(out, started))
         if rc == 2:
-            raise loop.RunUsageError("the launched run stopped on a usage error (exit 2); see its messages above")
-        raise loop.RunError(f"`accelerate launch` exited with code {rc}" + (f": {summary.get('error')}" if summary
-                                                                            and summary.get("error") else ""))
+            raise loop.RunUsageError("the launched run stopped on a usage error (exit 2)"
+                                     + (f": {failed}" if failed else "; see its messages above"))
+        raise loop.RunError(f"`accelerate launch` exited with code {rc}"
+                            + (f": {failed}" if failed else f": {summary.get('error')}" if summary and summary.get("error")
+                               else ""))
 
 
 def node_commands(argv: list[str], nodes: Nodes, out: str | Path, num_processes: int) -> list[dict]:

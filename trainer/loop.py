@@ -254,11 +254,43 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except OutOfMemory as e:
         print(f"ftplan run: {e}", file=sys.stderr)
+        _report_failure(spec, e)
         return 3
     except RunError as e:
         print(f"ftplan run: {e}", file=sys.stderr)
+        _report_failure(spec, e)
         return 2 if isinstance(e, RunUsageError) else 1
+    except BaseException as e:  # noqa: BLE001 - any crash: say which process, then let it propagate
+        _report_failure(spec, e)
+        raise
     return 0
+
+
+FAILURE_PREFIX = "failed-rank"
+
+
+def _report_failure(spec: RunSpec, e: BaseException) -> None:
+    """`<output>/failed-rank<R>.json`: which process of a launched run failed and why (the launcher reads them)."""
+    import platform
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        files.write_json(Path(spec.output_dir) / f"{FAILURE_PREFIX}{rank}.json",
+                         {"rank": rank, "host": platform.node(), "error": f"{type(e).__name__}: {e}".split("\n")[0]})
+    except OSError:
+        pass
+
+
+def failures(out: Path, since: float) -> list[dict]:
+    """The failure reports that processes wrote since `since` (a time.time()), by rank."""
+    found = []
+    for p in sorted(Path(out).glob(f"{FAILURE_PREFIX}*.json")):
+        try:
+            if p.stat().st_mtime >= since - 1:
+                found.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda d: d.get("rank", 0))
 
 
 if __name__ == "__main__":
