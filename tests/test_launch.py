@@ -195,11 +195,62 @@ def test_two_process_cpu_fsdp2_resume_continues_the_uninterrupted_run(tiny_plan,
     assert got[3] == pytest.approx(ref[3], rel=1e-5) and got[4] == pytest.approx(ref[4], rel=1e-5)
 
 
-def test_cpu_processes_refuse_deepspeed_and_offload(tiny_plan, tmp_path):
-    for extra, option in ((["--strategy", "zero2"], "--strategy"), (["--strategy", "fsdp", "--cpu-offload"],
-                                                                       "--cpu-offload")):
+def test_cpu_processes_refuse_offload_and_deepspeed_when_it_is_missing(tiny_plan, tmp_path):
+    from trainer import zero
+
+    cases = [(["--strategy", "fsdp", "--cpu-offload"], "--cpu-offload", "nothing to offload")]
+    if not zero.available():
+        cases.append((["--strategy", "zero2"], "--strategy", "pip install 'ftplan[deepspeed]'"))
+    for extra, option, words in cases:
         res = _run(tiny_plan(method="lora", max_steps=2), tmp_path / option.strip("-"), *extra)
-        assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output, res.output
+        assert res.exit_code == 2 and option in res.output and words in res.output, res.output
+        assert "Traceback" not in res.output
+
+
+needs_deepspeed = pytest.mark.skipif("not __import__('trainer.zero').zero.available()",
+                                     reason="deepspeed not installed (pip install 'ftplan[deepspeed]')")
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("strategy,method", [("zero2", "lora"), ("zero3", "full")])
+def test_two_process_cpu_deepspeed_run_checkpoints_resumes_and_saves(tiny_plan, tmp_path, strategy, method):
+    """The DeepSpeed engine over 2 gloo processes (`trainer.zero`): it trains with the plan's ZeRO stage, writes
+    DeepSpeed's partitioned checkpoint, resumes from it to the uninterrupted run's losses, and the gathered final
+    weights load in transformers / peft."""
+    import shutil
+
+    full = tmp_path / "full"
+    plan = tiny_plan(method=method, max_steps=4, batch_size=2, grad_accum=2, save_steps=2, strategy=strategy,
+                     num_gpus=2)
+    res = _run(plan, full)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["status"] == "completed" and summary["config"]["strategy"] == strategy
+    ck = full / "checkpoint-2" / "deepspeed" / "state"
+    assert ck.is_dir() and any(ck.glob("*optim_states.pt"))
+    ref = {s["step"]: s for s in map(json.loads, (full / "trainer_log.jsonl").read_text().splitlines()) if "loss" in s}
+    assert all(ref[i]["grad_norm"] > 0 for i in ref)  # DeepSpeed's own norm of the partitioned gradients
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
+    (part / "trainer_log.jsonl").write_text("".join(
+        line + "\n" for line in (full / "trainer_log.jsonl").read_text().splitlines()
+        if json.loads(line).get("step", 0) <= 2))
+    res = _run(plan, part, "--resume")
+    assert res.exit_code == 0, res.output
+    got = {s["step"]: s for s in map(json.loads, (part / "trainer_log.jsonl").read_text().splitlines()) if "loss" in s}
+    assert [got[i]["loss"] for i in (3, 4)] == pytest.approx([ref[i]["loss"] for i in (3, 4)], rel=1e-5)
+    if method == "lora":
+        from peft import AutoPeftModelForCausalLM
+
+        AutoPeftModelForCausalLM.from_pretrained(full)
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(full)
+        assert all(p.numel() > 0 and torch.isfinite(p).all() for p in m.parameters())  # gathered, not partitions
 
 
 def test_print_launch_shows_each_machines_command(tiny_plan, tmp_path):

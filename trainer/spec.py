@@ -161,8 +161,9 @@ def resolve_device(device: str) -> str:
     return device
 
 
-# several CPU processes over gloo: DDP through accelerate, FSDP2 applied directly (`trainer.fsdp`)
-CPU_STRATEGIES = ("ddp", "fsdp")
+# several CPU processes over gloo: DDP through accelerate, FSDP2 applied directly (`trainer.fsdp`), ZeRO through the
+# DeepSpeed engine directly (`trainer.zero`) when deepspeed is installed
+CPU_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 def check_device(tc: TrainConfig, device: str) -> None:
@@ -176,8 +177,14 @@ def check_device(tc: TrainConfig, device: str) -> None:
         raise RunUsageError(f"optimizer {tc.optimizer} needs CUDA (bitsandbytes); on CPU valid optimizers are "
                             "adamw, sgd, adafactor", "--optimizer")
     if tc.num_gpus > 1 and tc.strategy not in CPU_STRATEGIES:
-        raise RunUsageError(f"strategy {tc.strategy} needs GPUs (DeepSpeed); several CPU processes run "
-                            f"{' or '.join(CPU_STRATEGIES)} (valid on CPU: {', '.join(CPU_STRATEGIES)})", "--strategy")
+        raise RunUsageError(f"strategy {tc.strategy} does not run on CPU processes (valid on CPU: "
+                            f"{', '.join(CPU_STRATEGIES)})", "--strategy")
+    if tc.num_gpus > 1 and tc.strategy.startswith("zero"):
+        from . import zero
+
+        if not zero.available():
+            raise RunUsageError(f"strategy {tc.strategy} runs on DeepSpeed, which is not installed: pip install "
+                                "'ftplan[deepspeed]' (or use ddp or fsdp)", "--strategy")
     if tc.num_gpus > 1 and tc.cpu_offload:
         raise RunUsageError("--cpu-offload moves GPU memory to the host: on CPU there is nothing to offload "
                             "(drop --cpu-offload, or run on cuda)", "--cpu-offload")
