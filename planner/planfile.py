@@ -6,6 +6,7 @@
     [schedule]    learning rate, epochs, warm-up, checkpoint interval, seed
     [prediction]  what ftplan predicted (compared with the measured run at the end)
     [[fallback]]  the next plans in recommendation order with the same effective batch (used on out-of-memory)
+    [launch]      optional: the machines of a multi-node run (num_machines, main_process_ip, main_process_port)
 
 Written with a small TOML writer (flat tables of str/int/float/bool/list); read with `tomllib`.
 """
@@ -89,6 +90,7 @@ class PlanFile:
     fallback: list = field(default_factory=list)  # list of dicts of TrainConfig fields that change
     created: str = ""
     command: str = ""
+    launch: dict = field(default_factory=dict)  # [launch]: num_machines, main_process_ip, main_process_port
 
     def fallback_configs(self) -> list[TrainConfig]:
         return [self.train.replace(**{k: v for k, v in fb.items()}) for fb in self.fallback]
@@ -153,6 +155,9 @@ def write_plan(pf: PlanFile, path: str | Path) -> None:
         for k, v in pf.prediction.items():
             if v is not None and not isinstance(v, dict):
                 lines.append(f"{k} = {_toml_value(v)}")
+    if pf.launch:
+        lines += ["", "[launch]  # machines of a multi-node run; each node: ftplan run ... --machine-rank R"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in pf.launch.items() if v is not None]
     for fb in pf.fallback:
         lines += ["", "[[fallback]]  # next plan on out-of-memory (same effective batch)"]
         for k, v in fb.items():
@@ -209,7 +214,17 @@ def read_plan(path: str | Path) -> PlanFile:
             TrainConfig.from_dict({**train.to_dict(), **fb})
         except (ValueError, TypeError) as e:
             raise ValueError(f"{p}: [[fallback]] #{i + 1}: {e}") from None
+    launch = d.get("launch", {})
+    types = {"num_machines": int, "main_process_ip": str, "main_process_port": int}
+    if not isinstance(launch, dict):
+        raise ValueError(f"{p}: [launch] must be a table of {', '.join(types)}")
+    for k, v in launch.items():
+        if k not in types:
+            raise ValueError(f"{p}: [launch] unknown field {k}; valid: {', '.join(types)}")
+        if isinstance(v, bool) or not isinstance(v, types[k]):
+            raise ValueError(f"{p}: [launch] {k} must be {'an integer' if types[k] is int else 'a string'}, got {v!r}")
     return PlanFile(
+        launch=launch,
         model=d["model"]["ref"],
         model_path=d["model"].get("path", ""),
         train=train,

@@ -57,17 +57,21 @@ class Attempt:
         torch.manual_seed(self.schedule["seed"])
         random.seed(self.schedule["seed"])
         model = recipe.build_model(None, tc, path=run.spec.model_path, device=str(self.device))
-        model = recipe.apply_method(model, tc)
+        model = dist.shard(recipe.apply_method(model, tc), tc.precision)
         params = recipe.trainable_parameters(model)
         optimizer = recipe.make_optimizer(params, tc, lr=self.schedule["learning_rate"])
         scheduler = make_scheduler(optimizer, self.schedule, total)
         if dist.acc is not None:
-            model, optimizer = dist.acc.prepare(model, optimizer)
+            ds_config = None
+            if dist.ds_direct:
+                from .launch import deepspeed_config
+
+                ds_config = deepspeed_config(tc, max_grad_norm=self.schedule["max_grad_norm"])
+            model, optimizer = dist.prepare(model, optimizer, ds_config)
             params = [p for p in model.parameters() if p.requires_grad]
         train_step = TrainStep(model, optimizer, params, tc, run.device_type,
                                max_grad_norm=self.schedule["max_grad_norm"], scheduler=scheduler,
-                               sync=lambda last: dist.no_sync(model, sync=last),
-                               backward=dist.acc.backward if dist.deepspeed else None)
+                               sync=lambda last: dist.no_sync(model, sync=last), backward=dist.backward_fn(model))
         n_trainable = sum(p.numel() for p in params)
 
         start = 0
@@ -110,7 +114,7 @@ class Attempt:
                 dt = time.perf_counter() - t0
                 self.step_seconds.append(dt)
                 self.step_tokens.append(int(tokens_all))
-                rec = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(res.grad_norm), 6),
+                rec = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "grad_norm": round(dist.grad_norm(train_step.model, res.grad_norm), 6),
                        "tokens": int(tokens_all), "seconds": round(dt, 6),
                        "time": round(time.perf_counter() - t_attempt, 6), "examples": seen}
                 if world > 1:  # every process's indices (deterministic: no need to gather them)

@@ -117,7 +117,7 @@ def save(out: Path, step: int, state: dict, model, optimizer, scheduler, dist, *
     dist.barrier()
     torch.save(rng_state(), tmp / f"rng-{dist.rank}.pt")
     if dist.fsdp or dist.deepspeed:
-        dist.acc.save_state(str(tmp / "accelerate"))
+        dist.save_state(tmp, model, optimizer)
     elif dist.main:
         unwrapped = dist.unwrap(model)
         trainable = {n: p.detach() for n, p in unwrapped.named_parameters() if p.requires_grad}
@@ -142,7 +142,7 @@ def load(ckpt: Path, model, optimizer, scheduler, dist) -> int:
     """Restore the trainable parameters, optimizer, scheduler and this process's RNG state; returns the step."""
     state = json.loads((ckpt / "state.json").read_text())
     if dist.fsdp or dist.deepspeed:
-        dist.acc.load_state(str(ckpt / "accelerate"))
+        dist.load_state(ckpt, model, optimizer)
     else:
         unwrapped = dist.unwrap(model)
         saved = torch.load(ckpt / "trainable.pt", map_location="cpu", weights_only=True)

@@ -1,4 +1,8 @@
-"""One process, or one of several started by `accelerate launch` (`trainer.launch`)."""
+"""One process, or one of several started by `accelerate launch` (`trainer.launch`).
+
+Several CPU processes with the fsdp strategy are sharded here with FSDP2 directly (`trainer.fsdp`), and with a ZeRO
+strategy run the DeepSpeed engine directly (`trainer.zero`): accelerate 1.15 turns an FSDP config into DDP on CPU and
+does not start DeepSpeed there. Every other multi-process run is prepared by accelerate."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ class Dist:
     """One process, or one of several started by `accelerate launch` (then an `Accelerator` prepares the model and
     the optimizer: DDP, FSDP or DeepSpeed from the launcher's config)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, strategy: str = "ddp"):
         self.acc = None
         self.rank, self.world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -22,7 +26,12 @@ class Dist:
             self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.kind = "single" if self.acc is None else str(self.acc.distributed_type).split(".")[-1].lower()
         self.deepspeed = self.kind == "deepspeed"
-        self.fsdp = self.kind == "fsdp"
+        # FSDP2 applied by `trainer.fsdp` (CPU processes), or by accelerate's FSDP plugin (CUDA)
+        self.fsdp_direct = self.acc is not None and device == "cpu" and strategy == "fsdp"
+        self.fsdp = self.kind == "fsdp" or self.fsdp_direct
+        self.ds_direct = self.acc is not None and device == "cpu" and strategy in ("zero1", "zero2", "zero3")
+        self.deepspeed = self.deepspeed or self.ds_direct
+        self._boundary = True  # DeepSpeed: whether this micro-step ends the accumulation (set by no_sync)
 
     @property
     def main(self) -> bool:
@@ -46,10 +55,92 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
 
+    def shard(self, model, precision: str):
+        """FSDP2 over the CPU processes (before the optimizer is built: it must see the sharded parameters)."""
+        if not self.fsdp_direct:
+            return model
+        from . import fsdp
+
+        return fsdp.shard(model, precision)
+
+    def prepare(self, model, optimizer, ds_config: dict | None = None):
+        """accelerate's wrapping (DDP, FSDP, DeepSpeed); the directly sharded model is ready as it is; CPU ZeRO
+        starts the DeepSpeed engine with `ds_config` (`trainer.launch.deepspeed_config`)."""
+        if self.ds_direct:
+            from . import zero
+
+            return zero.initialize(model, optimizer, ds_config)
+        if self.acc is None or self.fsdp_direct:
+            return model, optimizer
+        return self.acc.prepare(model, optimizer)
+
+    def backward_fn(self, model):
+        """What the training step calls instead of `loss.backward()`, or None (DeepSpeed steps inside backward)."""
+        if self.ds_direct:
+            from . import zero
+
+            return lambda loss: zero.backward(model, loss, self._boundary)
+        if self.deepspeed:
+            return self.acc.backward
+        return None
+
+    def save_state(self, folder, model, optimizer) -> None:
+        """Sharded model and optimizer state of an FSDP / DeepSpeed run (every process writes its part)."""
+        if self.fsdp_direct:
+            from . import fsdp
+
+            fsdp.save_state(folder / "fsdp", model, optimizer)
+        elif self.ds_direct:
+            from . import zero
+
+            zero.save_state(folder / "deepspeed", model)
+        else:
+            self.acc.save_state(str(folder / "accelerate"))
+
+    def load_state(self, folder, model, optimizer) -> None:
+        if self.fsdp_direct:
+            from . import fsdp
+
+            fsdp.load_state(folder / "fsdp", model, optimizer)
+        elif self.ds_direct:
+            from . import zero
+
+            zero.load_state(folder / "deepspeed", model)
+        else:
+            self.acc.load_state(str(folder / "accelerate"))
+
+    def full_state_dict(self, model):
+        """The whole state dict gathered for saving (every process calls it), or None where the model holds it."""
+        if self.fsdp_direct:
+            from . import fsdp
+
+            return fsdp.full_state(model)
+        if self.ds_direct:
+            from . import zero
+
+            return zero.full_state(model)
+        if self.fsdp or self.deepspeed:
+            return self.acc.get_state_dict(model)
+        return None
+
+    def grad_norm(self, model, norm) -> float:
+        """The pre-clip gradient norm of the step: DeepSpeed computes it inside its step (the partitioned gradients
+        are gone by the time the training step would measure them)."""
+        if self.ds_direct:
+            return float(model.get_global_grad_norm() or 0.0)
+        return float(norm)
+
     def unwrap(self, model):
+        if self.ds_direct:
+            return model.module
         return self.acc.unwrap_model(model) if self.acc is not None else model
 
     def no_sync(self, model, sync: bool):
+        self._boundary = sync
         if self.acc is None or sync or self.deepspeed:
             return contextlib.nullcontext()
+        if self.fsdp_direct:
+            from . import fsdp
+
+            return fsdp.no_sync(model, sync)
         return self.acc.no_sync(model)

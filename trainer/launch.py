@@ -15,6 +15,13 @@ Several CPU processes (DDP on gloo) use `distributed_type: MULTI_GPU` with `use_
 `MULTI_CPU` config, like `accelerate launch --cpu --num_processes 2`, as one process unless an mpirun hostfile is given,
 while the MULTI_GPU launcher (torchrun) starts all of them and each process then runs on the CPU with gloo.
 
+Several machines (`ftplan run --num-machines M --machine-rank R --main-process-ip HOST`, or the plan's `[launch]`
+table): the same command on every node with its own rank; each node writes `accelerate_config.node<R>.yaml` (the
+plan's processes split evenly over the machines, `num_machines`, `machine_rank`, `main_process_ip`/`port` as
+accelerate's static rendezvous takes them) and starts its share of the processes. The output folder must be on a
+filesystem every node sees (sharded checkpoints are written by every process); the main node (rank 0) holds its lock
+and writes the plan and the results. `ftplan run --print-launch` prints each node's command and stops.
+
 An out-of-memory in one process ends the launch (torchrun stops the others); the next plan of the fallback chain is
 then launched again, continuing from the latest checkpoint.
 """
@@ -40,6 +47,46 @@ DECODER_LAYERS = {
 }
 CONFIG_NAME = "accelerate_config.yaml"
 DS_CONFIG_NAME = "ds_config.json"
+
+
+DEFAULT_PORT = 29500  # torchrun's / accelerate's default rendezvous port: every node must name the same one
+
+
+@dataclasses.dataclass(frozen=True)
+class Nodes:
+    """The machines of a launch: `num_machines`, this node's `machine_rank`, the main node's address and port."""
+
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+
+    def check(self, num_processes: int) -> None:
+        """Usage errors naming the option: ranks outside the machines, processes that do not split evenly, no main
+        address for several machines."""
+        if self.num_machines < 1:
+            raise ValueError(f"--num-machines must be >= 1, got {self.num_machines}")
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise ValueError(f"--machine-rank {self.machine_rank} is outside the {self.num_machines} machine(s): "
+                             f"valid 0..{self.num_machines - 1}")
+        if num_processes % self.num_machines:
+            raise ValueError(f"--num-machines {self.num_machines} does not divide the plan's {num_processes} GPUs "
+                             f"(--num-gpus): each machine runs the same number of processes")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("--main-process-ip is needed with --num-machines > 1: the address of machine rank 0, "
+                             "which every node connects to")
+        if self.main_process_port is not None and not 0 < self.main_process_port < 65536:
+            raise ValueError(f"--main-process-port must be 1..65535, got {self.main_process_port}")
+
+    @property
+    def several(self) -> bool:
+        return self.num_machines > 1
+
+    def config_name(self) -> str:
+        return f"accelerate_config.node{self.machine_rank}.yaml" if self.several else CONFIG_NAME
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def free_port() -> int:
@@ -78,14 +125,16 @@ def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
 
 
 def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = None, port: int | None = None,
-                      ds_config_file: str | None = None) -> dict:
-    """The accelerate config (as a dict) of a plan with `tc.num_gpus` processes."""
+                      ds_config_file: str | None = None, nodes: Nodes = Nodes()) -> dict:
+    """The accelerate config (as a dict) of a plan with `tc.num_gpus` processes over `nodes.num_machines` machines."""
+    if nodes.several:
+        port = port or nodes.main_process_port or DEFAULT_PORT
     cfg = {
         "compute_environment": "LOCAL_MACHINE",
         "debug": False,
-        "num_machines": 1,
-        "machine_rank": 0,
-        "num_processes": tc.num_gpus,
+        "num_machines": nodes.num_machines,
+        "machine_rank": nodes.machine_rank,
+        "num_processes": tc.num_gpus,  # all machines together (accelerate divides by num_machines)
         "main_training_function": "main",
         "mixed_precision": "no",  # the recipe's own bf16 autocast / bf16 weights
         "downcast_bf16": "no",
@@ -93,8 +142,10 @@ def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = 
         "same_network": True,
         "use_cpu": device == "cpu",
         "gpu_ids": "all",
-        "main_process_port": port or free_port(),
+        "main_process_port": port or nodes.main_process_port or free_port(),
     }
+    if nodes.several:
+        cfg["main_process_ip"] = nodes.main_process_ip
     strategy = strategy_of(tc)
     launcher = strategy.launcher
     if device == "cpu" or launcher.distributed_type == "MULTI_GPU":
@@ -142,7 +193,7 @@ def _yaml(cfg: dict) -> str:
 
 
 def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_type: str | None = None,
-                  max_grad_norm: float = 1.0) -> Path:
+                  max_grad_norm: float = 1.0, nodes: Nodes = Nodes()) -> Path:
     """Write accelerate_config.yaml (and ds_config.json for ZeRO) into `out_dir`; returns the yaml's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,8 +201,9 @@ def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_ty
     if device != "cpu" and strategy_of(tc).launcher.deepspeed_stage is not None:
         ds_file = out / DS_CONFIG_NAME
         ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm), indent=2) + "\n")
-    cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None)
-    path = out / CONFIG_NAME
+    cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None,
+                            nodes=nodes)
+    path = out / nodes.config_name()
     path.write_text("# written by `ftplan run` for this run's plan; `accelerate launch --config_file` reads it\n"
                     + _yaml(cfg))
     return path
@@ -179,6 +231,7 @@ def launch_run(spec) -> dict:
 
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    nodes = Nodes(**spec.nodes)
     model_type = json.loads((Path(spec.model_path) / "config.json").read_text()).get("model_type")
     from planner.planfile import read_plan
 
@@ -192,11 +245,14 @@ def launch_run(spec) -> dict:
         tc = chain[i]
         child = dataclasses.replace(spec, train=tc.to_dict(), fallbacks=[], fallback=False, resume=resume,
                                     resume_as_given=i > 0)
-        spec_path = out / loop.SPEC_NAME
+        spec_path = out / (f"run_spec.node{nodes.machine_rank}.json" if nodes.several else loop.SPEC_NAME)
         files.write_text(spec_path, child.to_json() + "\n")
-        cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm)
+        cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm,
+                            nodes=nodes)
         cmd = launch_command(cfg, spec_path)
-        echo(f"launch {tc.num_gpus} processes: {' '.join(cmd[1:])}")
+        echo(f"launch {tc.num_gpus // nodes.num_machines} of {tc.num_gpus} processes"
+             + (f" (machine {nodes.machine_rank} of {nodes.num_machines})" if nodes.several else "")
+             + f": {' '.join(cmd[1:])}")
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tc.num_gpus)))
         root = str(Path(__file__).resolve().parent.parent)
@@ -207,6 +263,9 @@ def launch_run(spec) -> dict:
         summary = None
         if summary_path.exists() and summary_path.stat().st_mtime >= started - 1:
             summary = json.loads(summary_path.read_text())
+        if rc == 0 and summary is None and nodes.machine_rank > 0:  # machine 0 writes the results, maybe elsewhere
+            return {"status": "completed", "machine_rank": nodes.machine_rank, "num_machines": nodes.num_machines,
+                    "processes": tc.num_gpus // nodes.num_machines, "output_dir": str(out)}
         if rc == 0 and summary is not None and summary.get("status") == "completed":
             summary["attempts"] = attempts + summary.get("attempts", [])
             summary["fallback_used"] = bool(attempts)
@@ -236,7 +295,37 @@ def launch_run(spec) -> dict:
             resume = True
             i += 1
             continue
+        failed = "; ".join(f"rank {f['rank']} ({f.get('host', '?')}): {f['error']}" for f in loop.failures(out, started))
         if rc == 2:
-            raise loop.RunUsageError("the launched run stopped on a usage error (exit 2); see its messages above")
-        raise loop.RunError(f"`accelerate launch` exited with code {rc}" + (f": {summary.get('error')}" if summary
-                                                                            and summary.get("error") else ""))
+            raise loop.RunUsageError("the launched run stopped on a usage error (exit 2)"
+                                     + (f": {failed}" if failed else "; see its messages above"))
+        raise loop.RunError(f"`accelerate launch` exited with code {rc}"
+                            + (f": {failed}" if failed else f": {summary.get('error')}" if summary and summary.get("error")
+                               else ""))
+
+
+def node_commands(argv: list[str], nodes: Nodes, out: str | Path, num_processes: int) -> list[dict]:
+    """What `ftplan run --print-launch` shows: for every machine, the `ftplan run` command to type there (this
+    command with its own --machine-rank) and the accelerate launch that command starts."""
+    out = Path(out)
+    base, skip = [], False
+    for a in argv:  # this command without --print-launch and --machine-rank
+        if skip:
+            skip = False
+            continue
+        if a == "--print-launch":
+            continue
+        if a == "--machine-rank":
+            skip = True
+            continue
+        if a.startswith("--machine-rank="):
+            continue
+        base.append(a)
+    rows = []
+    for rank in range(nodes.num_machines):
+        node = dataclasses.replace(nodes, machine_rank=rank)
+        ftplan = ["ftplan", *base] + (["--machine-rank", str(rank)] if nodes.several else [])
+        spec = out / (f"run_spec.node{rank}.json" if nodes.several else "run_spec.json")
+        rows.append({"machine_rank": rank, "processes": num_processes // nodes.num_machines,
+                     "ftplan": ftplan, "accelerate": ["python", *launch_command(out / node.config_name(), spec)[1:]]})
+    return rows

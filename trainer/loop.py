@@ -77,7 +77,7 @@ class Run:
             raise RunUsageError(str(e), "PLAN") from None
         self.schedule = dataclasses.asdict(self.pf.schedule)
         device_name = resolve_device(spec.device)
-        self.dist = Dist(device_name)
+        self.dist = Dist(device_name, spec.train_config().strategy)
         self.device = self.dist.device(device_name)
         self.device_type = self.device.type
         self.tokenizer, self.train_ds, self.eval_ds = prepared or prepare_data(spec)
@@ -194,7 +194,7 @@ class Run:
         """Save the model, tokenizer, plan and loss curve (into a temp folder, then each file renamed into the output
         folder), the run record, and last the summary: a run is complete when run_summary.json says so."""
         dist, out = self.dist, self.out
-        state_dict = dist.acc.get_state_dict(model) if dist.fsdp or dist.deepspeed else None
+        state_dict = dist.full_state_dict(model)
         outputs = {}
         if dist.main:
             tmp = files.temp_dir_for(out / ".final")  # .final.tmp-<pid>: its files are renamed into place
@@ -254,11 +254,43 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except OutOfMemory as e:
         print(f"ftplan run: {e}", file=sys.stderr)
+        _report_failure(spec, e)
         return 3
     except RunError as e:
         print(f"ftplan run: {e}", file=sys.stderr)
+        _report_failure(spec, e)
         return 2 if isinstance(e, RunUsageError) else 1
+    except BaseException as e:  # noqa: BLE001 - any crash: say which process, then let it propagate
+        _report_failure(spec, e)
+        raise
     return 0
+
+
+FAILURE_PREFIX = "failed-rank"
+
+
+def _report_failure(spec: RunSpec, e: BaseException) -> None:
+    """`<output>/failed-rank<R>.json`: which process of a launched run failed and why (the launcher reads them)."""
+    import platform
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        files.write_json(Path(spec.output_dir) / f"{FAILURE_PREFIX}{rank}.json",
+                         {"rank": rank, "host": platform.node(), "error": f"{type(e).__name__}: {e}".split("\n")[0]})
+    except OSError:
+        pass
+
+
+def failures(out: Path, since: float) -> list[dict]:
+    """The failure reports that processes wrote since `since` (a time.time()), by rank."""
+    found = []
+    for p in sorted(Path(out).glob(f"{FAILURE_PREFIX}*.json")):
+        try:
+            if p.stat().st_mtime >= since - 1:
+                found.append(json.loads(p.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda d: d.get("rank", 0))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class RunSpec:
     progress: bool = True
     command: str = ""
     resume_as_given: bool = False  # a fallback relaunch: run `train` even where the checkpoint's micro-batch differs
+    nodes: dict = field(default_factory=dict)  # `trainer.launch.Nodes` fields of a run over several machines
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.train)
@@ -160,6 +161,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# several CPU processes over gloo: DDP through accelerate, FSDP2 applied directly (`trainer.fsdp`), ZeRO through the
+# DeepSpeed engine directly (`trainer.zero`) when deepspeed is installed
+CPU_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
 def check_device(tc: TrainConfig, device: str) -> None:
     """What needs CUDA (bitsandbytes) or a launcher that CPU lacks: usage errors naming the option."""
     if device == "cuda":
@@ -170,9 +176,18 @@ def check_device(tc: TrainConfig, device: str) -> None:
     if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
         raise RunUsageError(f"optimizer {tc.optimizer} needs CUDA (bitsandbytes); on CPU valid optimizers are "
                             "adamw, sgd, adafactor", "--optimizer")
-    if tc.num_gpus > 1 and (tc.strategy != "ddp" or tc.cpu_offload):
-        raise RunUsageError(f"strategy {tc.strategy} needs GPUs; several CPU processes run DDP only (valid on CPU: "
-                            "ddp)", "--strategy")
+    if tc.num_gpus > 1 and tc.strategy not in CPU_STRATEGIES:
+        raise RunUsageError(f"strategy {tc.strategy} does not run on CPU processes (valid on CPU: "
+                            f"{', '.join(CPU_STRATEGIES)})", "--strategy")
+    if tc.num_gpus > 1 and tc.strategy.startswith("zero"):
+        from . import zero
+
+        if not zero.available():
+            raise RunUsageError(f"strategy {tc.strategy} runs on DeepSpeed, which is not installed: pip install "
+                                "'ftplan[deepspeed]' (or use ddp or fsdp)", "--strategy")
+    if tc.num_gpus > 1 and tc.cpu_offload:
+        raise RunUsageError("--cpu-offload moves GPU memory to the host: on CPU there is nothing to offload "
+                            "(drop --cpu-offload, or run on cuda)", "--cpu-offload")
 
 
 def prepare_data(spec: RunSpec, tokenizer=None) -> tuple:

@@ -99,6 +99,41 @@ def _check_model(ctx, model_dir: str, tc: TrainConfig) -> None:
     check_model(arch, tc, targets_given=_passed(ctx, "target_modules"), hint=hint)
 
 
+def _nodes(pf, tc, num_machines, machine_rank, main_process_ip, main_process_port):
+    """The machines of this run: the options, else the plan's [launch] table, else one machine."""
+    from trainer.launch import Nodes
+
+    launch = pf.launch or {}
+    nodes = Nodes(num_machines=num_machines if num_machines is not None else launch.get("num_machines", 1),
+                  machine_rank=machine_rank,
+                  main_process_ip=main_process_ip or launch.get("main_process_ip"),
+                  main_process_port=main_process_port or launch.get("main_process_port"))
+    try:
+        nodes.check(tc.num_gpus)
+    except ValueError as e:
+        msg = str(e)
+        hint = next((o for o in ("--machine-rank", "--main-process-ip", "--main-process-port", "--num-machines")
+                     if msg.startswith(o)), "--num-machines")
+        raise click.BadParameter(msg, param_hint=hint) from None
+    return nodes
+
+
+def _print_launch(nodes, out: Path, tc, as_json: bool) -> None:
+    from trainer.launch import node_commands
+
+    rows = node_commands(sys.argv[1:], nodes, out, tc.num_gpus)
+    if as_json:
+        emit_json({"num_machines": nodes.num_machines, "main_process_ip": nodes.main_process_ip,
+                   "num_processes": tc.num_gpus, "nodes": rows})
+        return
+    where = f", main {nodes.main_process_ip}:{nodes.main_process_port or 29500}" if nodes.several else ""
+    click.echo(f"{tc.num_gpus} processes on {nodes.num_machines} machine(s){where}; run on each machine:")
+    for r in rows:
+        click.echo(f"\n# machine {r['machine_rank']}: {r['processes']} process(es)")
+        click.echo(" ".join(shlex.quote(a) for a in r["ftplan"]))
+        click.echo("#   which starts: " + " ".join(shlex.quote(a) for a in r["accelerate"]))
+
+
 def _schedule(pf, overrides: dict):
     try:
         return dataclasses.replace(pf.schedule, **overrides)
@@ -155,11 +190,19 @@ def _clear_run(out: Path) -> None:
 @click.option("--eval-steps", type=int, default=0, show_default=True, help="Also evaluate every N steps (0: at the end only).")
 @click.option("--keep-checkpoints", type=int, default=2, show_default=True, help="Checkpoints kept (the latest ones).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--num-machines", type=int, default=None,
+              help="Machines the plan's GPUs are spread over (run the same command on each)  [default: the plan's "
+                   "[launch] table, else 1]")
+@click.option("--machine-rank", type=int, default=0, show_default=True, help="This machine's rank (0: the main one).")
+@click.option("--main-process-ip", default=None, metavar="HOST", help="Address of machine rank 0 (several machines).")
+@click.option("--main-process-port", type=int, default=None, metavar="PORT",
+              help="Rendezvous port on machine rank 0, the same on every node  [default: 29500 with several machines]")
+@click.option("--print-launch", is_flag=True, help="Print each machine's command and the launch it starts; run nothing.")
 @json_option
 @click.pass_context
 def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_inputs, packing, resume, overwrite,
-        device, no_fallback, no_record, model_path, tokenizer_path, eval_steps, keep_checkpoints, no_progress, as_json,
-        **kwargs):
+        device, no_fallback, no_record, model_path, tokenizer_path, eval_steps, keep_checkpoints, no_progress,
+        num_machines, machine_rank, main_process_ip, main_process_port, print_launch, as_json, **kwargs):
     """Execute a saved plan on your data with transformers + peft (the recipe `ftplan estimate` predicts).
 
     \b
@@ -188,14 +231,19 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
                                  "there, so packed examples would attend to each other (valid with --packing: full, "
                                  "lora, qlora, ia3)", param_hint="--packing")
     out = Path(output_dir)
+    nodes = _nodes(pf, tc, num_machines, machine_rank, main_process_ip, main_process_port)
+    if print_launch:
+        _print_launch(nodes, out, tc, as_json)
+        return
     writable_dir(out, "--output-dir")
     from trainer import files  # no torch: the lock is taken before anything heavy is imported
 
-    try:  # one run per output folder, held until this command ends (the kernel drops it if the process dies)
-        ctx.with_resource(files.OutputLock(out))
-    except files.LockedError as e:
-        raise click.BadParameter(str(e), param_hint="--output-dir") from None
-    if _existing_run(out) and not resume:
+    if nodes.machine_rank == 0:  # one run per output folder (the main machine holds it for all of them)
+        try:  # held until this command ends (the kernel drops it if the process dies)
+            ctx.with_resource(files.OutputLock(out))
+        except files.LockedError as e:
+            raise click.BadParameter(str(e), param_hint="--output-dir") from None
+    if _existing_run(out) and not resume and nodes.machine_rank == 0:
         if not overwrite:
             raise click.UsageError(f"{out} already holds a run (checkpoints or run_summary.json): pass --resume to "
                                    "continue it, or --overwrite to start over")
@@ -213,9 +261,11 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
     if dev == "cuda" and tc.num_gpus > 1:
         import torch
 
-        if torch.cuda.device_count() < tc.num_gpus:
-            raise click.BadParameter(f"the plan needs {tc.num_gpus} GPUs and {torch.cuda.device_count()} are visible",
-                                     param_hint="--num-gpus")
+        here = tc.num_gpus // nodes.num_machines
+        if torch.cuda.device_count() < here:
+            raise click.BadParameter(f"the plan needs {here} GPUs on this machine"
+                                     + (f" ({tc.num_gpus} over {nodes.num_machines} machines)" if nodes.several else "")
+                                     + f" and {torch.cuda.device_count()} are visible", param_hint="--num-gpus")
 
     command = "ftplan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     eff_plan = out / "plan.toml"
@@ -231,7 +281,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
         fallbacks=[c.to_dict() for c in fallbacks], eval_data=eval_path, tokenizer=tokenizer_path or "",
         data_format=data_format, train_on_inputs=train_on_inputs, packing=packing, device=dev, resume=resume,
         fallback=not no_fallback, record=not no_record, keep_checkpoints=keep_checkpoints, eval_steps=eval_steps,
-        quiet=as_json, progress=not no_progress, command=command,
+        quiet=as_json, progress=not no_progress, command=command, nodes=nodes.to_dict() if nodes.several else {},
     )
 
     # every record is checked (and tokenized) before a model is loaded
@@ -251,7 +301,7 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
             raise click.BadParameter("\n" + str(e), param_hint=hint) from None
 
     try:
-        if tc.num_gpus > 1:
+        if tc.num_gpus > 1 or nodes.several:
             from trainer.launch import launch_run
 
             summary = launch_run(spec)
