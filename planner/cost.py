@@ -43,7 +43,7 @@ from .config import TrainConfig
 from .kernels import step_ops
 from .layers import regime
 from .methods import trainable_params
-from .memory import batch_free, gradient_bytes, optimizer_state_bytes
+from .memory import _piece_key, batch_free, gradient_bytes, optimizer_state_bytes
 from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ def attention_seconds(arch: ModelArch, tc: TrainConfig, batch: int, kernel: str,
 def _micro_step(arch: ModelArch, tc: TrainConfig, batch: int, gpu, params: ThroughputParams) -> tuple:
     """Seconds of one micro-step (forward and backward) by part, for `tc` without its batch at micro-batch
     `batch` (`planner.kernels.step_ops`)."""
-    ops = step_ops(arch, tc)
+    ops = step_ops(arch, _piece_key(tc))  # the graph depends on no batch, optimizer or GPU count
     peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
     # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores
     peak16 = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
