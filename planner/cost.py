@@ -1,33 +1,31 @@
 """Throughput, training time and dollars of a configuration on a GPU.
 
-Step time on one device is a sum of named parts (`Throughput.parts_seconds`), each work / (peak x efficiency):
+A micro-step is timed kernel by kernel from the ops of the graph the memory model replays (`planner.kernels`:
+the same ops, so a new method or recipe option times itself), from the GPU's physical figures (dense tensor-core
+and fp32 peaks, memory bandwidth, SM count: `profiles/gpus/*.toml`) and a few parameters fitted per architecture
+(`ThroughputParams`, `ftplan calibrate fit`). Parts (`Throughput.parts_seconds`, per optimizer step):
 
-- `compute`: bf16 tensor-core matmul FLOPs / (dense bf16 peak x matmul efficiency). FLOPs per token
-  (`flops_per_token`): 2 per multiply-add; forward 2N over the matmul weights (decoder linears and lm_head; the
-  embedding lookup is free), backward 2N for input gradients plus 2N for the weight gradients of *trained* weights
-  only (frozen weights skip theirs: LoRA's backward is ~2/3 of full FT's), causal attention 2 x q_dim x S forward
-  per layer (flash skips the masked half) and 2.5x that backward, adapters' own matmuls, and one more forward of
-  every layer with checkpointing (Chinchilla appendix F / arXiv:2203.15556; Korthikanti et al. arXiv:2205.05198).
-- `fp32_compute`: matmuls that run in fp32 on the CUDA cores (torch keeps TF32 off for matmuls by default), at the
-  fp32 peak x `fp32_efficiency`: every matmul with `--precision fp32`; with QLoRA the lm_head (fp32 after peft's
-  `prepare_model_for_kbit_training`) and attention (bitsandbytes' `Linear4bit` returns its input's dtype, so
-  q, k and v are fp32 and sdpa runs its fp32 kernel; `fp32_flops_per_token`).
-- `adapters`: bandwidth-bound traffic of the adapters' elementwise ops per token (`adapter_bytes_per_token`): peft
-  keeps LoRA and IA3 weights in fp32, so each adapted linear casts its input to fp32, applies dropout, scales, adds
-  and casts back, in forward and backward, on (tokens x in) and (tokens x out) tensors.
-- `dequant`: QLoRA dequantizes every 4-bit weight to bf16 in each forward and backward (a third time when
-  checkpointing recomputes): read N/2 + write 2N bytes per pass (`dequant_bytes_per_micro_step`), plus the casts
-  around each 4-bit linear (fp32 input to bf16 and the bf16 output back to fp32, `quantized_cast_bytes_per_token`).
-- `optimizer`: the optimizer step reads and writes parameters, gradients and state once per step
-  (`optimizer_bytes_per_step`).
+- `gemm`: tensor-core GEMMs by shape (M = tokens, N and K from the layer's weights; forward, input gradient,
+  weight gradient of trained weights, checkpointed recompute), each the waves of its best tile over the SMs
+  (`gemm_seconds`: tile and wave quantization, split-K) at `gemm_efficiency` x the dense bf16/fp16 peak;
+- `fp32_gemm`: GEMMs with fp32 operands on the CUDA cores (torch keeps TF32 off): peft's fp32 LoRA matrices,
+  QLoRA's fp32 lm_head, `--precision fp32`, at `fp32_efficiency` x the fp32 peak;
+- `attention`: sdpa's FLOPs (4 x q_dim x keys per token forward, 2.5x backward; flash skips the causal half) at
+  the published FlashAttention efficiency of the architecture (`ATTENTION_EFFICIENCY`), the memory-efficient
+  kernel (a materialized mask, fp32 operands) at half of it;
+- `memory`: every other op by the bytes its operands move (norms, activations, rotary, casts, dropout, the loss,
+  peft's adapter arithmetic) at `bandwidth_efficiency` x the memory bandwidth;
+- `dequant`: bitsandbytes dequantizing each NF4 weight per pass (read 0.5, write 2 bytes per element);
+- `launch`: the time the GPU waits for the host: eager PyTorch issues every kernel from the CPU
+  (`launch_seconds` each), asynchronously, so a micro-step takes max(GPU work, kernels x launch_seconds); this
+  part is the excess of the host over the GPU (small models at short sequences are host-bound);
+- `optimizer`: the optimizer step and gradient clipping by the bytes their passes move (`optimizer_bytes_per_step`);
 - `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
   reduce-scatter gradients ((n-1)/n x (2W + G)) over the interconnect, half of it hidden behind compute.
 
-Bandwidth-bound parts run at HBM bandwidth x `bandwidth_efficiency`. The matmul efficiency (achieved fraction of the
-dense peak) depends on the method and on the size of the matmuls: e_method x s / (s + width_half) with s = hidden
-size x tokens per micro-step / 4096. Defaults below;
-per-GPU values fitted by `ftplan calibrate fit` from measured records (`profiles/calibration/<gpu>.toml`) replace
-them. Every parameter is one named physical quantity; none is per configuration.
+The fitted values are fractions of each GPU's own peaks (and one host cost per kernel), so a calibration on one
+GPU times every GPU of its architecture (`throughput_params`: calibrated, transferred, extrapolated, each with
+its expected error). `flops_per_token` (the model FLOPs behind MFU) is counted separately from the kernels.
 """
 
 from __future__ import annotations
@@ -247,7 +245,7 @@ class ThroughputParams:
 
     gemm_efficiency: float = 0.7
     bandwidth_efficiency: float = 0.7
-    launch_seconds: float = 5e-6
+    launch_seconds: float = 20e-6
     fp32_efficiency: float = 0.7
     allocator_overhead: float = 0.06
     cuda_context_bytes: int = 536_870_912
@@ -411,7 +409,10 @@ def _micro_step(arch: ModelArch, tc: TrainConfig, batch: int, gpu, params: Throu
                     for c, f in ((fwd_calls, 1.0), (bwd_calls, 2.5)))
     memory = (ops.memory_bytes[0] * batch + ops.memory_bytes[1]) / bw
     dequant = ops.dequant_bytes / bw
-    launch = ops.kernels * params.launch_seconds
+    # the GPU waits for the host when issuing the kernels takes longer than running them (eager PyTorch: small
+    # models are bound by the framework's per-op CPU time); kernels are issued asynchronously, so the two overlap
+    cpu = (ops.kernels[0] + ops.kernels[1]) * params.launch_seconds
+    launch = max(0.0, cpu - (gemm + gemm32 + attention + memory + dequant))
     return gemm, gemm32, attention, memory, dequant, launch
 
 

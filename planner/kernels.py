@@ -57,7 +57,8 @@ class StepOps:
     """The kernels of one micro-step of one configuration, batch size aside.
 
     gemms: the GEMMs (shapes per sequence); memory_bytes: (per sequence, fixed) bytes moved by bandwidth-bound
-    ops; dequant_bytes: fixed bytes moved dequantizing 4-bit weights; kernels: (per step) kernel launches;
+    ops; dequant_bytes: fixed bytes moved dequantizing 4-bit weights; kernels: (forward, backward) kernel
+    launches (forward ops are issued by Python module code, backward ones by the C++ autograd engine);
     attention: ((kernel, causal, forward calls, backward calls), ...) with kernel `flash`, `efficient` or
     `efficient_fp32` and causal whether the kernel skips the masked half."""
 
@@ -82,7 +83,7 @@ class _Walk:
         self.gemms: dict = {}
         self.mem = [0, 0]
         self.dequant = 0
-        self.kernels = 0
+        self.kernels = [0, 0]  # forward (Python-side ops), backward (autograd engine)
         self.attn: dict = {}
 
     def gemm(self, tokens, n, k, dtype, phase, times) -> None:
@@ -105,22 +106,22 @@ class _Walk:
                     N = g.tensors[y].size[0] // (seq * dt[y])
                     d = dt[x]
                     self.gemm(seq, N, K, d, phase, times)
-                    self.kernels += times
+                    self.kernels[0] += times
                     if n.name == "matmul_4bit":
                         self.dequant += times * int(2.5 * N * K)
-                        self.kernels += times
+                        self.kernels[0] += times
                     if run_bwd:
                         if g.tensors[x].rg:
                             self.gemm(seq, K, N, d, "input_grad", times)
-                            self.kernels += times
+                            self.kernels[1] += times
                             if n.name == "matmul_4bit":
                                 self.dequant += times * int(2.5 * N * K)
-                                self.kernels += times
+                                self.kernels[1] += times
                         trained_w = n.param_grad != (0, 0) or any(
                             g.tensors[t].rg and g.tensors[t].size[0] == 0 for t in n.inputs)
                         if trained_w:
                             self.gemm(seq, N, K, d, "weight_grad", times)
-                            self.kernels += times
+                            self.kernels[1] += times
                     continue
             if n.name == "sdpa":
                 x = _first_activation(g, n.inputs)
@@ -128,10 +129,10 @@ class _Walk:
                 kernel = "efficient_fp32" if fp32 else "efficient" if masked else "flash"
                 acc = self.attn.setdefault((kernel, not masked), [0, 0])
                 acc[0] += times
-                self.kernels += times
+                self.kernels[0] += times
                 if run_bwd:
                     acc[1] += times
-                    self.kernels += times
+                    self.kernels[1] += times
                 continue
             # bandwidth-bound: read inputs, write outputs
             size = [0, 0]
@@ -143,7 +144,7 @@ class _Walk:
                 size[1] += 2 * sum(g.tensors[t].size[1] for t in n.outputs)
             self.mem[0] += times * size[0]
             self.mem[1] += times * size[1]
-            self.kernels += times
+            self.kernels[0] += times
             if not run_bwd:
                 continue
             grads = [t for t in n.inputs if g.tensors[t].rg and t not in n.grad_alias]
@@ -157,12 +158,12 @@ class _Walk:
             out[1] += n.param_grad[1]
             self.mem[0] += times * out[0]
             self.mem[1] += times * out[1]
-            self.kernels += times * (len(grads) + (n.param_grad != (0, 0)))
+            self.kernels[1] += times * (len(grads) + (n.param_grad != (0, 0)))
 
     def result(self) -> StepOps:
         gemms = tuple(Gemm(*k, count=c) for k, c in sorted(self.gemms.items()))
         attn = tuple((k, causal, f, b) for (k, causal), (f, b) in sorted(self.attn.items()))
-        return StepOps(gemms, tuple(self.mem), self.dequant, self.kernels, attn)
+        return StepOps(gemms, tuple(self.mem), self.dequant, tuple(self.kernels), attn)
 
 
 @functools.lru_cache(maxsize=4096)

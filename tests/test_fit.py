@@ -59,7 +59,7 @@ def test_fit_improves_on_the_priors_and_reports_held_out_error(h100_fit):
     assert e["after"]["tokens_per_s"]["median"] < e["defaults"]["tokens_per_s"]["median"]
     loo = e["leave_one_out"]["tokens_per_s"]
     assert loo["n"] == 8 and loo["median"] >= e["after"]["tokens_per_s"]["median"]  # the honest, larger figure
-    assert loo["median"] < 0.25  # a regression guard, not the issue's 10% target (see reports/throughput-loo.md)
+    assert loo["median"] < 0.10  # issue 14's target (its other, no record over 25%, is not met: reports/throughput-loo.md)
     assert e["after"]["reserved"]["max"] < 0.10
     x = h100_fit.expected_error
     assert x["calibrated"] == loo["median"] < x["transferred"] < x["extrapolated"]
@@ -186,6 +186,8 @@ def _synthetic(tmp_path, truth: ThroughputParams, gpu, context=None) -> list[dic
             ("llama-2-7b", dict(method="prefix", batch_size=1)),
             ("llama-2-7b", dict(method="prompt", batch_size=2)),
             ("qwen2.5-0.5b", dict(method="prompt", batch_size=8, seq_len=512)),
+            ("qwen2.5-0.5b", dict(method="lora", batch_size=1, seq_len=256)),  # host-bound: sets launch_seconds
+            ("llama-3.2-1b", dict(method="full", batch_size=1, seq_len=512)),
             ("qwen2.5-0.5b", dict(method="full", precision="mixed", batch_size=4, seq_len=1024)),
             ("llama-3.2-3b", dict(method="full", precision="mixed", grad_ckpt=True, batch_size=2))]
     for name, kw in grid:
@@ -207,7 +209,7 @@ def _synthetic(tmp_path, truth: ThroughputParams, gpu, context=None) -> list[dic
 def test_fit_recovers_known_parameters(tmp_path):
     gpu = load_gpu("a100-80")
     # frozen-base methods run full fine-tuning's GEMMs: physically within ~10% of its efficiency (the fit's prior)
-    truth = ThroughputParams(gemm_efficiency=0.62, bandwidth_efficiency=0.75, launch_seconds=8e-6,
+    truth = ThroughputParams(gemm_efficiency=0.62, bandwidth_efficiency=0.75, launch_seconds=40e-6,
                              fp32_efficiency=0.5, allocator_overhead=0.08)
     res = fit.fit_gpu(_synthetic(tmp_path, truth, gpu, context=600 * 2**20), gpu.name, loo=False)
     p = res.params
@@ -238,6 +240,15 @@ def test_parts_are_named_and_sum_to_the_step():
         assert tuple(t.parts_seconds) == PARTS
         assert t.step_seconds == pytest.approx(sum(t.parts_seconds.values()))
         assert all(v >= 0 for v in t.parts_seconds.values())
+
+
+def test_small_models_wait_for_the_host_and_large_ones_do_not():
+    """max(GPU work, kernels x launch_seconds): Qwen2.5-0.5B at 256 tokens is host-bound, Llama-2-7B at 2048 not."""
+    gpu = load_gpu("h100")
+    small = throughput(load_model("qwen2.5-0.5b"), TrainConfig(method="lora", seq_len=256, batch_size=1), gpu)
+    big = throughput(load_model("llama-2-7b"), TrainConfig(method="lora", batch_size=4), gpu)
+    assert small.parts_seconds["launch"] > 0.5 * small.step_seconds
+    assert big.parts_seconds["launch"] == 0
 
 
 def test_qlora_runs_lm_head_and_attention_in_fp32():
@@ -298,7 +309,8 @@ def test_the_step_is_timed_from_the_memory_graph():
     adapters = [g for g in lora.gemms if g.dtype == 4]
     assert {(g.n, g.k) for g in adapters if g.phase == "forward"} == {(16, 2048), (2048, 16), (512, 16)}
     assert sum(g.count for g in adapters if g.phase == "forward") == 2 * 2 * arch.num_layers
-    assert lora.kernels > full.kernels - 4 * arch.num_layers  # peft's wrapper ops outnumber the saved wgrads
+    assert lora.kernels[0] > full.kernels[0]  # peft's wrapper ops (casts, dropout, A, B, scale, add) in forward
+    assert lora.kernels[1] < full.kernels[1] + 3 * 2 * 2 * arch.num_layers  # no base weight gradients
     ck = step_ops(arch, batch_free(TrainConfig(method="full", grad_ckpt=True)))
     assert sum(g.count for g in ck.gemms if g.phase == "recompute") == 7 * arch.num_layers
-    assert ck.kernels > full.kernels
+    assert ck.kernels[0] > 1.5 * full.kernels[0] and ck.kernels[1] == full.kernels[1]
