@@ -314,3 +314,21 @@ def test_the_step_is_timed_from_the_memory_graph():
     ck = step_ops(arch, batch_free(TrainConfig(method="full", grad_ckpt=True)))
     assert sum(g.count for g in ck.gemms if g.phase == "recompute") == 7 * arch.num_layers
     assert ck.kernels[0] > 1.5 * full.kernels[0] and ck.kernels[1] == full.kernels[1]
+
+
+def test_run_records_join_the_fit(tmp_path):
+    """`ftplan run` on CUDA writes a `run` record into calibrate/results (trainer/measure.py); the fit reads every
+    kind of record of the GPU, so a run adds a point and changes the fitted values."""
+    recs = load_records([RESULTS_DIR / "h100-sxm-80gb"])
+    arch = load_model("llama-3.2-3b")
+    tc = TrainConfig(method="lora", batch_size=2)
+    config = dict(arch.config, model_type=arch.model_type)
+    write_record(new_record(kind="run", model_name="llama-3.2-3b", model_config=config, train=tc.to_dict(),
+                            measured={"device": "cuda", "peak_allocated_bytes": 20 * 2**30,
+                                      "tokens_per_s": 0.5 * throughput(arch, tc, load_gpu("h100")).tokens_per_s},
+                            meta_info={"gpu_profile": "h100-sxm-80gb", "gpu_name": "NVIDIA H100 80GB HBM3"}), tmp_path)
+    both = recs + load_records([tmp_path])
+    res = fit.fit_gpu(both, "h100-sxm-80gb", loo=False)
+    assert res.kinds == {"import": 8, "run": 1} and len(res.record_ids) == 9
+    alone = fit.fit_gpu(recs, "h100-sxm-80gb", loo=False)
+    assert res.params.gemm_efficiency != alone.params.gemm_efficiency
