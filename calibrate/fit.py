@@ -24,12 +24,14 @@ Because the values are per architecture (fractions of each GPU's own peaks), a f
 its architecture (`planner.cost.throughput_params`: calibrated / transferred / extrapolated). The expected error
 of each is written to the file:
 - calibrated: the leave-one-out median error (each record predicted by a fit to the others);
-- transferred: sqrt(loo^2 + TRANSFER_ERROR^2), TRANSFER_ERROR the spread between GPUs of one architecture that the
-  physical inputs do not capture (sustained clocks under each SKU's power limit); measured as the leave-one-GPU-out
-  error once two GPUs of an architecture have records, until then the assumed 10%;
-- extrapolated: sqrt(loo^2 + EXTRAPOLATION_ERROR^2) with 35%: the cross-architecture error of borrowing one
-  calibration that issue 14 measured against public A100, L40S and RTX 4090 figures (30-65% median for the former
-  model; the physical inputs remove part of it), an assumption until other architectures have records.
+- transferred: where other GPUs of the architecture have records, the median error of this fit on them (each
+  timed from its own profile); otherwise sqrt(loo^2 + TRANSFER_ERROR^2), TRANSFER_ERROR = 10% the assumed spread
+  between GPUs of one architecture that the physical inputs do not capture (sustained clocks under each SKU's
+  power limit);
+- extrapolated: likewise measured on other architectures' records where they exist; otherwise sqrt(loo^2 +
+  EXTRAPOLATION_ERROR^2) with 35%: the cross-architecture error of borrowing one calibration that issue 14 found
+  against public A100, L40S and RTX 4090 figures (30-65% median for the former model; the physical inputs remove
+  part of it).
 
 Pure Python (no numpy): the problem has four parameters.
 """
@@ -302,14 +304,35 @@ def _loo(rows: list[Row], gpu, base: ThroughputParams) -> dict[str, float]:
     return out
 
 
-def expected_errors(loo_median: float | None) -> dict:
+def expected_errors(loo_median: float | None, measured: dict | None = None) -> dict:
     """The median tokens/s error to expect where the fit is used as calibrated, transferred to another GPU of its
-    architecture, or extrapolated to another architecture (module docstring)."""
+    architecture, or extrapolated to another architecture (module docstring): `measured` (from `transfer_errors`)
+    where other GPUs have records, else the leave-one-out error widened by the assumed spread."""
     if loo_median is None:
         return {}
+    measured = measured or {}
     return {"calibrated": loo_median,
-            "transferred": math.hypot(loo_median, TRANSFER_ERROR),
-            "extrapolated": math.hypot(loo_median, EXTRAPOLATION_ERROR)}
+            "transferred": measured.get("transferred", math.hypot(loo_median, TRANSFER_ERROR)),
+            "extrapolated": measured.get("extrapolated", math.hypot(loo_median, EXTRAPOLATION_ERROR))}
+
+
+def transfer_errors(records: list[dict], gpu, params: ThroughputParams) -> tuple[dict, dict]:
+    """The median |tokens/s error| of `params` (fitted on `gpu`) on the records of *other* GPUs: those of the same
+    architecture ("transferred") and of other architectures ("extrapolated"), each timed from its own profile.
+    Returns (errors, record counts); a kind without records is absent (the assumed spread stays)."""
+    errs: dict = {"transferred": [], "extrapolated": []}
+    for name in gpus_in(records):
+        if name == gpu.name:
+            continue
+        other = load_gpu(name)
+        rows, _ = throughput_rows(cuda_records(records, name))
+        kind = "transferred" if other.architecture == gpu.architecture else "extrapolated"
+        errs[kind] += [abs(e) for e in _relative_errors(rows, other, params)]
+    return ({k: statistics.median(v) for k, v in errs.items() if v}, {k: len(v) for k, v in errs.items() if v})
+
+
+def _relative_errors(rows: list[Row], gpu, params: ThroughputParams) -> list[float]:
+    return [throughput(r.arch, r.tc, gpu, params).tokens_per_s / r.tokens_per_s - 1.0 for r in rows]
 
 
 def fit_gpu(records: list[dict], gpu_name: str, *, loo: bool = True) -> FitResult:
@@ -362,7 +385,9 @@ def fit_gpu(records: list[dict], gpu_name: str, *, loo: bool = True) -> FitResul
     if loo_err:
         vals = [abs(v) for v in loo_err.values()]
         errors["leave_one_out"] = {"tokens_per_s": {"n": len(vals), "median": statistics.median(vals), "max": max(vals)}}
-        expected = expected_errors(statistics.median(vals))
+        measured, counts = transfer_errors(records, gpu, fitted)
+        expected = expected_errors(statistics.median(vals), measured)
+        expected.update({f"{k}_records": n for k, n in counts.items()})
         fitted = replace(fitted, expected_error=expected["calibrated"])
     for r in recs:
         cb, ca = comp_before[r["id"]], comp_after[r["id"]]
@@ -459,9 +484,11 @@ def render_toml(result: FitResult, command: str, results_dirs: list[str]) -> str
         out.append("")
         out.append("[expected_error]  # median |tokens/s error| to expect (calibrate/fit.py docstring)")
         out.append(f"calibrated = {e['calibrated']:.4f}  # leave-one-out median on these records")
-        out.append(f"transferred = {e['transferred']:.4f}  # same architecture: hypot(loo, {TRANSFER_ERROR:g} assumed)")
-        out.append(f"extrapolated = {e['extrapolated']:.4f}  # other architectures: hypot(loo, {EXTRAPOLATION_ERROR:g} "
-                   "assumed)")
+        for kind, assumed, where in (("transferred", TRANSFER_ERROR, "same architecture"),
+                                     ("extrapolated", EXTRAPOLATION_ERROR, "other architectures")):
+            n = e.get(f"{kind}_records")
+            how = (f"measured on {n} records of other GPUs" if n else f"hypot(loo, {assumed:g} assumed)")
+            out.append(f"{kind} = {e[kind]:.4f}  # {where}: {how}")
     out.append("")
     out.append("[fit]  # provenance (not read by the planner)")
     out.append(f'command = "{command}"')

@@ -332,3 +332,16 @@ def test_run_records_join_the_fit(tmp_path):
     assert res.kinds == {"import": 8, "run": 1} and len(res.record_ids) == 9
     alone = fit.fit_gpu(recs, "h100-sxm-80gb", loo=False)
     assert res.params.gemm_efficiency != alone.params.gemm_efficiency
+
+
+def test_a_fit_on_one_gpu_predicts_another_of_its_architecture(tmp_path):
+    """Per-architecture values: records made by one truth on the A100-80 SXM and on the A100-80 PCIe (less
+    bandwidth) are predicted by a fit on the SXM's alone; the measured transfer error replaces the assumed one."""
+    truth = ThroughputParams(gemm_efficiency=0.6, bandwidth_efficiency=0.8, launch_seconds=30e-6, fp32_efficiency=0.5)
+    sxm, pcie = load_gpu("a100-sxm-80gb"), load_gpu("a100-pcie-80gb")
+    recs = _synthetic(tmp_path / "sxm", truth, sxm)[:6] + _synthetic(tmp_path / "pcie", truth, pcie)[:4]
+    res = fit.fit_gpu(recs, sxm.name, loo=False)
+    measured, counts = fit.transfer_errors(recs, sxm, res.params)
+    assert counts == {"transferred": 4} and measured["transferred"] < 0.03
+    e = fit.expected_errors(0.05, measured)
+    assert e["transferred"] == measured["transferred"] and e["extrapolated"] > 0.35
