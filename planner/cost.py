@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import ModelArch
@@ -81,52 +81,6 @@ def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
     out = {"forward": fwd * scale, "backward": (bwd_input + bwd_weight) * scale, "recompute": recompute * scale}
     out["total"] = out["forward"] + out["backward"] + out["recompute"]
     return out
-
-
-def dequant_bytes_per_micro_step(arch: ModelArch, tc: TrainConfig) -> int:
-    """A 4-bit base (QLoRA): bytes moved dequantizing every NF4 weight to bf16 (read 0.5 + write 2 bytes per
-    element) once in forward, once in backward, once more in a checkpointed recomputation."""
-    if not tc.base_quant.quantized:
-        return 0
-    n = arch.num_layers * sum(lin.in_features * lin.out_features for lin in arch.linears)
-    passes = 3 if tc.grad_ckpt else 2
-    return int(passes * 2.5 * n)
-
-
-def fp32_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """The part of `flops_per_token(...)["total"]` that runs in fp32 (CUDA cores, not tensor cores).
-
-    `--precision fp32`: all of it. QLoRA: the lm_head (fp32 after `prepare_model_for_kbit_training`, frozen: forward
-    and input gradient, 4 x V x h) and attention (fp32 q, k, v: forward, backward, and the checkpointed recompute).
-    Other configurations: none (bf16, and autocast's bf16 for `mixed`)."""
-    if tc.precision == "fp32" and not tc.base_quant.quantized:
-        return flops_per_token(arch, tc)["total"]
-    if not tc.base_quant.quantized:
-        return 0.0
-    attn = attention_flops_per_token(arch, tc)
-    return 4.0 * arch.vocab_size * arch.hidden_size + attn * (2.5 + (1.0 if tc.grad_ckpt else 0.0))
-
-
-def adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """Bandwidth-bound bytes per token that the adapters' elementwise ops move in one micro-step (all layers): the
-    method's `Method.adapter_bytes_per_token` (LoRA's wrapper casts, dropout, scale and add; IA3's fp32 products;
-    DoRA's combination; none for prefix and prompt tuning). Cached per configuration without batch."""
-    return _adapter_bytes_per_token(arch, batch_free(tc))
-
-
-@functools.lru_cache(maxsize=4096)
-def _adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    return tc.spec.adapter_bytes_per_token(arch, tc, regime(tc).lin)
-
-
-def quantized_cast_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """A 4-bit base: bitsandbytes' `Linear4bit` casts its fp32 input to bf16 and its bf16 output back to fp32
-    (read 4 + write 2 bytes per element each way), forward and backward, on every decoder linear."""
-    if not tc.base_quant.quantized:
-        return 0.0
-    recompute = 2 if tc.grad_ckpt else 1
-    widths = sum(lin.in_features + lin.out_features for lin in arch.linears)
-    return (recompute + 1) * 6.0 * widths * arch.num_layers
 
 
 def optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
@@ -460,9 +414,7 @@ def cost_usd(hours: float, num_gpus: int, usd_per_gpu_hour: float) -> float:
 __all__ = [
     "Throughput",
     "ThroughputParams",
-    "adapter_bytes_per_token",
     "flops_per_token",
-    "fp32_flops_per_token",
     "method_key",
     "throughput",
     "throughput_params",

@@ -18,7 +18,8 @@ What this module derives from each op:
   attention: CUDA cores);
 - every other op is bandwidth-bound: forward it reads its inputs and writes its outputs; backward (when one of
   its outputs receives a gradient) it reads the output gradients and the tensors it saved and writes the
-  gradients of the inputs that need one (an input the gradient reaches unchanged, `grad_alias`, costs nothing).
+  gradients of the inputs that need one (an input the gradient reaches unchanged, `grad_alias`, costs nothing);
+  a tensor whose gradient comes from several ops has them summed (one addition per extra use).
 
 Kernel counts (one per forward op, one per input gradient or parameter gradient in backward) carry the per-launch
 overhead that dominates small models. The profile is per sequence of the micro-batch (the graph's `per_batch`
@@ -159,6 +160,27 @@ class _Walk:
             self.mem[0] += times * out[0]
             self.mem[1] += times * out[1]
             self.kernels[1] += times * (len(grads) + (n.param_grad != (0, 0)))
+        if backward:
+            self._accumulations(g, times)
+
+    def _accumulations(self, g: Graph, times: int) -> None:
+        """A tensor whose gradient arrives from k > 1 ops (a norm's output feeding q, k and v; a linear's input
+        feeding peft's adapter too; the residual stream) has the gradients summed by autograd: k - 1 additions,
+        each reading two and writing one (torch `InputBuffer::add`); a gradient handed on unchanged
+        (`grad_alias`) is not a copy."""
+        uses = [0] * len(g.tensors)
+        for n in g.nodes:
+            if n.name in NO_KERNEL or not any(g.tensors[t].rg for t in n.outputs):
+                continue
+            for t in set(n.inputs):
+                if g.tensors[t].rg:
+                    uses[t] += 1
+        for t, k in enumerate(uses):
+            if k > 1:
+                s = g.tensors[t].size
+                self.mem[0] += times * (k - 1) * 3 * s[0]
+                self.mem[1] += times * (k - 1) * 3 * s[1]
+                self.kernels[1] += times * (k - 1)
 
     def result(self) -> StepOps:
         gemms = tuple(Gemm(*k, count=c) for k, c in sorted(self.gemms.items()))
