@@ -29,10 +29,11 @@ NOTES = """## Notes
 - Qwen2.5-0.5B LoRA r16 on q_proj,v_proj (28,688 tokens/s, 1.8x slower than the same model's full fine-tuning at
   50,911): the physical term is the host. Eager PyTorch issues every kernel from the CPU; a 0.5B model at 4,096
   tokens runs each kernel in microseconds, so the step lasts kernels x launch_seconds, not its GPU work. peft's
-  wrapper (fp32 cast, dropout, A, B, scale, add, cast back, each forward and backward) takes the step from 2,141
-  to 2,666 kernels while LoRA saves only GPU work (weight gradients, optimizer), which a host-bound step does not
-  see: LoRA is slower than full fine-tuning on this model. In-sample the record is at +18%, held out +36%: the
-  residual fits Python-issued forward ops costing more than the autograd engine's backward ones, but a second
+  wrapper (fp32 cast, dropout, A, B, scale, add, cast back, each forward and backward) adds about a quarter more
+  kernels to the step, while LoRA saves only GPU work (weight gradients, optimizer), which a host-bound step does
+  not see: LoRA is slower than full fine-tuning on this model. The model predicts that direction, not its full
+  size (held-out error in the table; the fit's in-sample error is in profiles/calibration/h100-sxm-80gb.toml):
+  the residual fits Python-issued forward ops costing more than the autograd engine's backward ones, but a second
   host parameter for that split was tried and is not identifiable from 8 records. The other two records over 25% are QLoRA (held out, the fp32
   efficiency is known only from its own fp32 lm_head and attention) and the same model's bf16 full fine-tuning.
 - Transferred and extrapolated errors are derived, not measured: hypot(loo, 10%) within an architecture and
