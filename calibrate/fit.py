@@ -1,33 +1,39 @@
-"""`ftplan calibrate fit`: learn, per GPU, the few quantities an analytic model cannot know from first principles.
+"""`ftplan calibrate fit`: learn, per GPU architecture, the few quantities the throughput model cannot derive.
 
-What is fitted (all named in `planner.cost.ThroughputParams`, each one physical quantity, none per configuration):
+The model (planner/cost.py, planner/kernels.py) times every kernel of a step from the GPU's physical figures
+(dense tensor-core and fp32 peaks, memory bandwidth, SM count) and the shapes and bytes of the ops the memory
+model replays. What is fitted (`planner.cost.FITTED`, each one physical quantity of the architecture, none per
+configuration, none per method):
 
-- `matmul_efficiency[key]`: the achieved fraction of the dense bf16 peak per method key (`full`, `full-mixed`,
-  `lora`, `qlora`, `prefix`, `prompt`, `ia3`) for large matmuls. A method's own value is fitted only from at least
-  two of its records; otherwise it is its default times `efficiency_scale`, one factor per GPU fitted from all the
-  records (a method's single record would otherwise be reproduced exactly, hiding any modelling error);
-- `width_half`: how efficiency falls for small matmuls (e x s / (s + width_half), s = hidden size x tokens per
-  micro-step / 4096), fitted only when the records span at least two sizes;
-- `bandwidth_efficiency`: the achieved fraction of HBM bandwidth in bandwidth-bound parts, fitted only when those
-  parts make at least 30% of some record's step (otherwise the records cannot tell it from the matmul efficiency);
-- `allocator_overhead`: the median of measured peak reserved / peak allocated - 1 (the caching allocator's
-  rounding and fragmentation);
-- `cuda_context_bytes`: the median CUDA context that NVML saw outside the allocator, from records that measured
-  it (`ftplan calibrate` on a GPU); otherwise the documented ~0.5 GiB default stays.
+- `gemm_efficiency`: the fraction of the dense peak a full wave of large GEMM tiles reaches;
+- `bandwidth_efficiency`: the achieved fraction of memory bandwidth by bandwidth-bound kernels;
+- `launch_seconds`: what each kernel costs beyond its work (launch, the eager framework's per-op CPU time);
+- `fp32_efficiency`: the fraction of the fp32 CUDA-core peak that fp32 GEMMs reach (peft's fp32 LoRA matrices,
+  QLoRA's fp32 lm_head);
+- `allocator_overhead`: the median of measured peak reserved / peak allocated - 1 (memory, not time);
+- `cuda_context_bytes`: the median CUDA context NVML saw outside the allocator (records that measured it).
 
-`fp32_efficiency` (fp32 matmuls on the CUDA cores) keeps its prior: too few records run fp32 matmuls to tell it
-from the method efficiency.
+The attention efficiencies keep their published priors (`planner.cost.ATTENTION_EFFICIENCY`).
 
-How: maximum a posteriori on log(tokens/s) - a robust (Huber, beyond 2 sigma) least-squares fit of the records' log
-throughput (each record's error weighted as a 10% measurement spread) plus weak priors that keep every parameter physical when the records
-say little about it: a GPU-level scale s ~ logN(0, ln 3), each method's efficiency e_key ~ logN(s x default_key,
-ln 2) (methods differ from the default ratios by up to ~2x; only for methods with two records or more),
-width_half ~ logN(1024, ln 2), bandwidth efficiency ~ logN(0.7, ln 1.25). Physical caps: matmul efficiency <= 0.8 of the dense peak (what cuBLAS reaches on large bf16
-GEMMs), bandwidth efficiency <= 0.9.
+How: maximum a posteriori on log(tokens/s) - a robust (Huber beyond 2 sigma) least-squares fit of the records'
+log throughput (each record's error weighted as a 10% measurement spread) plus weak log-normal priors that keep
+each parameter physical when the records say little: gemm_efficiency ~ 0.7 (x/÷ 1.5), bandwidth_efficiency ~ 0.7
+(x/÷ 1.25), launch_seconds ~ 10 us (x/÷ 3), fp32_efficiency ~ 0.6 (x/÷ 1.5). Caps: gemm efficiency <= 0.85 of the dense peak, bandwidth <= 0.9.
 
-The in-sample error flatters any fit; the fit also reports the leave-one-out error (each record predicted by a fit
-to the others), the honest figure for configurations not measured. Pure Python (no numpy): the problem has a
-handful of parameters.
+Because the values are per architecture (fractions of each GPU's own peaks), a fit on one GPU times every GPU of
+its architecture (`planner.cost.throughput_params`: calibrated / transferred / extrapolated). The expected error
+of each is written to the file:
+- calibrated: the leave-one-out median error (each record predicted by a fit to the others);
+- transferred: where other GPUs of the architecture have records, the median error of this fit on them (each
+  timed from its own profile); otherwise sqrt(loo^2 + TRANSFER_ERROR^2), TRANSFER_ERROR = 10% the assumed spread
+  between GPUs of one architecture that the physical inputs do not capture (sustained clocks under each SKU's
+  power limit);
+- extrapolated: likewise measured on other architectures' records where they exist; otherwise sqrt(loo^2 +
+  EXTRAPOLATION_ERROR^2) with 35%: the cross-architecture error of borrowing one calibration that issue 14 found
+  against public A100, L40S and RTX 4090 figures (30-65% median for the former model; the physical inputs remove
+  part of it).
+
+Pure Python (no numpy): the problem has four parameters.
 """
 
 from __future__ import annotations
@@ -40,11 +46,11 @@ from pathlib import Path
 from planner.arch import arch_from_config
 from planner.config import TrainConfig
 from planner.cost import (
-    DEFAULT_EFFICIENCY,
-    REFERENCE_TOKENS,
+    FITTED,
     ThroughputParams,
     calibration_dir,
     method_key,
+    _calibrations,
     throughput,
     throughput_params,
 )
@@ -54,20 +60,18 @@ from planner.profiles import load_gpu
 from .validate import compare, summarize
 
 SIGMA_MEASURE = math.log(1.10)  # spread of one record's tokens/s around the model (10%)
-PRIOR_SCALE = (0.0, math.log(3.0))  # log of the GPU-level efficiency scale relative to DEFAULT_EFFICIENCY
-PRIOR_METHOD_SIGMA = math.log(2.0)  # full fine-tuning's efficiency around scale x its default
-# Frozen-base methods (LoRA, QLoRA, prefix, prompt, IA3) run the very GEMMs of full fine-tuning (minus the weight
-# gradients, which the FLOP count already drops); what they add is extra kernels, modelled as bandwidth-bound
-# traffic. So their matmul efficiency may differ from full fine-tuning's by little: within ~x1.3, not x2. Without
-# this, one slow small-model record (qwen2.5-0.5b LoRA q,v runs slower than its full fine-tuning) halves LoRA's
-# efficiency for every model and predicts 7B LoRA slower than 7B full fine-tuning.
-PRIOR_FROZEN_BASE_SIGMA = math.log(1.1)
-PRIOR_WIDTH_HALF = (1024.0, math.log(2.0))
-PRIOR_BANDWIDTH = (0.7, math.log(1.25))
-MAX_EFFICIENCY = 0.8  # cuBLAS bf16 GEMMs reach ~75-80% of the dense peak on large matrices
-MAX_BANDWIDTH = 0.9  # streaming kernels reach ~90% of HBM bandwidth
-KEYS = ("full", "full-mixed", "lora", "qlora", "prefix", "prompt", "ia3")
-MIN_METHOD_RECORDS = 2  # a method's own efficiency needs two records: from one it would just reproduce that record
+PRIORS = {  # (median, log sigma) of each fitted parameter
+    "gemm_efficiency": (0.7, math.log(1.5)),
+    "bandwidth_efficiency": (0.7, math.log(1.25)),
+    "launch_seconds": (20e-6, math.log(3.0)),
+    "fp32_efficiency": (0.6, math.log(1.5)),
+}
+BOUNDS = {"gemm_efficiency": (0.05, 0.85), "bandwidth_efficiency": (0.2, 0.9), "launch_seconds": (1e-7, 2e-4),
+          "fp32_efficiency": (0.05, 0.85)}
+MAX_EFFICIENCY = BOUNDS["gemm_efficiency"][1]  # cuBLAS bf16 GEMMs reach ~75-80% of the dense peak on large matrices
+MAX_BANDWIDTH = BOUNDS["bandwidth_efficiency"][1]  # streaming kernels reach ~90% of HBM bandwidth
+TRANSFER_ERROR = 0.10  # assumed spread between GPUs of one architecture (see the module docstring)
+EXTRAPOLATION_ERROR = 0.35  # assumed cross-architecture error (see the module docstring)
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Parameter:
 class FitResult:
     gpu: str
     gpu_display: str
+    architecture: str
     params: ThroughputParams
     before: ThroughputParams
     defaults: ThroughputParams
@@ -101,31 +106,27 @@ class FitResult:
     kinds: dict
     excluded: list[str]
     errors: dict  # label -> {"tokens_per_s": {n, median, max}, "reserved": {...}}
+    expected_error: dict = field(default_factory=dict)  # calibrated / transferred / extrapolated -> median error
     rows: list[dict] = field(default_factory=list)  # per record: id, config, measured, before, after, loo
 
     def to_dict(self) -> dict:
         return {
             "gpu": self.gpu,
+            "architecture": self.architecture,
             "parameters": [vars(p) for p in self.parameters],
             "params": _params_dict(self.params),
             "records": list(self.record_ids),
             "kinds": dict(self.kinds),
             "excluded": list(self.excluded),
             "errors": self.errors,
+            "expected_error": dict(self.expected_error),
             "rows": self.rows,
         }
 
 
 def _params_dict(p: ThroughputParams) -> dict:
-    return {
-        "matmul_efficiency": dict(p.matmul_efficiency),
-        "width_half": p.width_half,
-        "bandwidth_efficiency": p.bandwidth_efficiency,
-        "fp32_efficiency": p.fp32_efficiency,
-        "allocator_overhead": p.allocator_overhead,
-        "cuda_context_bytes": p.cuda_context_bytes,
-        "source": p.source,
-    }
+    return {k: getattr(p, k) for k in (*FITTED, "fp32_efficiency", "allocator_overhead", "cuda_context_bytes",
+                                        "architecture", "source")}
 
 
 # -- which records ------------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def cuda_records(records: list[dict], gpu: str) -> list[dict]:
 
 def throughput_rows(records: list[dict]) -> tuple[list[Row], list[str]]:
     """(rows for the throughput fit, ids excluded with the reason). Single-GPU records with tokens/s only: a
-    multi-GPU record would fit communication into the matmul efficiency."""
+    multi-GPU record would fit communication into the kernel efficiencies."""
     rows, excluded = [], []
     for r in records:
         tps = r["measured"].get("tokens_per_s")
@@ -163,74 +164,12 @@ def throughput_rows(records: list[dict]) -> tuple[list[Row], list[str]]:
 # -- the throughput fit -------------------------------------------------------------------------------------------
 
 
-def _size(r: Row) -> float:
-    return r.arch.hidden_size * r.tc.seq_len * r.tc.batch_size / REFERENCE_TOKENS
+def _params(x: list[float], base: ThroughputParams) -> ThroughputParams:
+    return replace(base, **{k: math.exp(v) for k, v in zip(FITTED, x)})
 
 
-class _Space:
-    """Maps a parameter vector (logs: the GPU scale, the methods' efficiencies, then width_half and the bandwidth
-    efficiency when fitted) to ThroughputParams, and to the prior residuals."""
-
-    def __init__(self, keys: list[str], fit_width: bool, fit_bandwidth: bool, base: ThroughputParams):
-        self.keys = keys
-        self.base = base
-        self.names = ["scale"] + [f"e:{k}" for k in keys] + (["width_half"] if fit_width else []) + (
-            ["bandwidth"] if fit_bandwidth else [])
-        self.at = {n: i for i, n in enumerate(self.names)}
-
-    def start(self) -> list[float]:
-        prior = {"scale": 0.0, "width_half": math.log(PRIOR_WIDTH_HALF[0]), "bandwidth": math.log(PRIOR_BANDWIDTH[0])}
-        return [prior[n] if n in prior else math.log(DEFAULT_EFFICIENCY[n[2:]]) for n in self.names]
-
-    def clamp(self, x: list[float]) -> list[float]:
-        x = list(x)
-        for n, i in self.at.items():
-            if n.startswith("e:"):
-                x[i] = min(x[i], math.log(MAX_EFFICIENCY))
-            elif n == "width_half":
-                x[i] = min(max(x[i], math.log(16.0)), math.log(65536.0))
-            elif n == "bandwidth":
-                x[i] = min(max(x[i], math.log(0.2)), math.log(MAX_BANDWIDTH))
-        return x
-
-    def params(self, x: list[float]) -> ThroughputParams:
-        scale = math.exp(x[0])
-        eff = {k: min(MAX_EFFICIENCY, scale * DEFAULT_EFFICIENCY[k]) for k in KEYS}
-        for k in self.keys:
-            eff[k] = math.exp(x[self.at["e:" + k]])
-        width = math.exp(x[self.at["width_half"]]) if "width_half" in self.at else PRIOR_WIDTH_HALF[0]
-        bw = math.exp(x[self.at["bandwidth"]]) if "bandwidth" in self.at else PRIOR_BANDWIDTH[0]
-        return replace(self.base, matmul_efficiency=eff, width_half=width, bandwidth_efficiency=bw)
-
-    def prior_residuals(self, x: list[float]) -> list[float]:
-        out = [(x[0] - PRIOR_SCALE[0]) / PRIOR_SCALE[1]]
-        for k in self.keys:
-            if not k.startswith("full") and "e:full" in self.at:
-                # a frozen-base method around full fine-tuning's own fitted efficiency (same GEMMs)
-                out.append((x[self.at["e:" + k]] - x[self.at["e:full"]]) / PRIOR_FROZEN_BASE_SIGMA)
-                continue
-            sigma = PRIOR_METHOD_SIGMA if k.startswith("full") else PRIOR_FROZEN_BASE_SIGMA
-            out.append((x[self.at["e:" + k]] - x[0] - math.log(DEFAULT_EFFICIENCY[k])) / sigma)
-        if "width_half" in self.at:
-            out.append((x[self.at["width_half"]] - math.log(PRIOR_WIDTH_HALF[0])) / PRIOR_WIDTH_HALF[1])
-        if "bandwidth" in self.at:
-            out.append((x[self.at["bandwidth"]] - math.log(PRIOR_BANDWIDTH[0])) / PRIOR_BANDWIDTH[1])
-        return out
-
-
-BANDWIDTH_SHARE = 0.3  # the bandwidth efficiency is fitted only when bandwidth-bound parts make this much of a step
-
-
-def bandwidth_share(rows: list[Row], gpu, params: ThroughputParams | None = None) -> float:
-    """The largest share of predicted step time that bandwidth-bound parts (optimizer, adapters, dequantization)
-    take in any row: below BANDWIDTH_SHARE the records cannot tell the bandwidth efficiency from the matmul one."""
-    params = params or ThroughputParams()
-    best = 0.0
-    for r in rows:
-        t = throughput(r.arch, r.tc, gpu, params)
-        bw = sum(t.parts_seconds[k] for k in ("optimizer", "adapters", "dequant"))
-        best = max(best, bw / t.step_seconds)
-    return best
+def _clamp(x: list[float]) -> list[float]:
+    return [min(max(v, math.log(BOUNDS[k][0])), math.log(BOUNDS[k][1])) for k, v in zip(FITTED, x)]
 
 
 def _log_errors(rows: list[Row], gpu, params: ThroughputParams) -> list[float]:
@@ -257,12 +196,6 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return x
 
 
-def fit_throughput(rows: list[Row], gpu, base: ThroughputParams | None = None, iterations: int = 60) -> ThroughputParams:
-    """MAP fit of the matmul efficiencies, width_half and bandwidth efficiency to `rows` (Levenberg-Marquardt on
-    log tokens/s plus the priors). Rows may be empty: the priors alone (the defaults)."""
-    return _fit(rows, gpu, base, iterations)[0]
-
-
 HUBER_K = 2.0  # record residuals beyond 2 measurement sigmas (~20%) count linearly, not squared
 
 
@@ -276,19 +209,30 @@ def _huber(r: float) -> float:
     return math.copysign(math.sqrt(2.0 * HUBER_K * a - HUBER_K * HUBER_K), r)
 
 
-def _fit(rows: list[Row], gpu, base: ThroughputParams | None, iterations: int = 60) -> tuple[ThroughputParams, float]:
-    """(fitted params, the GPU-level efficiency scale)."""
+def fit_throughput(rows: list[Row], gpu, base: ThroughputParams | None = None, iterations: int = 60) -> ThroughputParams:
+    """MAP fit of `FITTED` to `rows` (Levenberg-Marquardt on log tokens/s plus the priors). Rows may be empty:
+    the priors alone. The step is max(GPU work, host time), so the cost has a kink where a record turns
+    host-bound: the fit starts from the prior and from launch_seconds 4x below and above it, and keeps the best."""
     base = base or ThroughputParams()
-    keys = [k for k in KEYS if sum(1 for r in rows if r.key == k) >= MIN_METHOD_RECORDS]
-    fit_width = len({_size(r) for r in rows}) >= 2
-    fit_bandwidth = bool(rows) and bandwidth_share(rows, gpu, base) >= BANDWIDTH_SHARE
-    space = _Space(keys, fit_width, fit_bandwidth, base)
 
     def residuals(x):
-        p = space.params(x)
-        return [_huber(e / SIGMA_MEASURE) for e in _log_errors(rows, gpu, p)] + space.prior_residuals(x)
+        p = _params(x, base)
+        out = [_huber(e / SIGMA_MEASURE) for e in _log_errors(rows, gpu, p)]
+        return out + [(v - math.log(PRIORS[k][0])) / PRIORS[k][1] for k, v in zip(FITTED, x)]
 
-    x = space.clamp(space.start())
+    prior = [math.log(PRIORS[k][0]) for k in FITTED]
+    at = FITTED.index("launch_seconds")
+    best = None
+    for shift in (0.0, -math.log(4.0), math.log(4.0)):
+        x0 = list(prior)
+        x0[at] += shift
+        x, cost = _levenberg_marquardt(residuals, _clamp(x0), iterations)
+        if best is None or cost < best[1] - 1e-9:
+            best = (x, cost)
+    return _params(best[0], base)
+
+
+def _levenberg_marquardt(residuals, x: list[float], iterations: int) -> tuple[list[float], float]:
     r = residuals(x)
     cost = sum(v * v for v in r)
     lam = 1e-2
@@ -296,18 +240,17 @@ def _fit(rows: list[Row], gpu, base: ThroughputParams | None, iterations: int = 
         n = len(x)
         jac = []
         for j in range(n):
-            h = 1e-5
             xh = list(x)
-            xh[j] += h
+            xh[j] += 1e-5
             rh = residuals(xh)
-            jac.append([(rh[i] - r[i]) / h for i in range(len(r))])
+            jac.append([(rh[i] - r[i]) / 1e-5 for i in range(len(r))])
         jtj = [[sum(jac[a][i] * jac[b][i] for i in range(len(r))) for b in range(n)] for a in range(n)]
         jtr = [sum(jac[a][i] * r[i] for i in range(len(r))) for a in range(n)]
-        improved = False
+        improved = done = False
         for _ in range(12):
             a = [[jtj[i][j] + (lam * (jtj[i][i] + 1e-9) if i == j else 0.0) for j in range(n)] for i in range(n)]
             step = _solve(a, [-v for v in jtr])
-            xn = space.clamp([x[i] + step[i] for i in range(n)])
+            xn = _clamp([x[i] + step[i] for i in range(n)])
             rn = residuals(xn)
             cn = sum(v * v for v in rn)
             if cn < cost:
@@ -319,7 +262,7 @@ def _fit(rows: list[Row], gpu, base: ThroughputParams | None, iterations: int = 
             lam *= 4
         if not improved or done:
             break
-    return space.params(x), math.exp(x[0])
+    return x, cost
 
 
 # -- the whole fit of one GPU -------------------------------------------------------------------------------------
@@ -361,47 +304,57 @@ def _loo(rows: list[Row], gpu, base: ThroughputParams) -> dict[str, float]:
     return out
 
 
+def expected_errors(loo_median: float | None, measured: dict | None = None) -> dict:
+    """The median tokens/s error to expect where the fit is used as calibrated, transferred to another GPU of its
+    architecture, or extrapolated to another architecture (module docstring): `measured` (from `transfer_errors`)
+    where other GPUs have records, else the leave-one-out error widened by the assumed spread."""
+    if loo_median is None:
+        return {}
+    measured = measured or {}
+    return {"calibrated": loo_median,
+            "transferred": measured.get("transferred", math.hypot(loo_median, TRANSFER_ERROR)),
+            "extrapolated": measured.get("extrapolated", math.hypot(loo_median, EXTRAPOLATION_ERROR))}
+
+
+def transfer_errors(records: list[dict], gpu, params: ThroughputParams) -> tuple[dict, dict]:
+    """The median |tokens/s error| of `params` (fitted on `gpu`) on the records of *other* GPUs: those of the same
+    architecture ("transferred") and of other architectures ("extrapolated"), each timed from its own profile.
+    Returns (errors, record counts); a kind without records is absent (the assumed spread stays)."""
+    errs: dict = {"transferred": [], "extrapolated": []}
+    for name in gpus_in(records):
+        if name == gpu.name:
+            continue
+        other = load_gpu(name)
+        rows, _ = throughput_rows(cuda_records(records, name))
+        kind = "transferred" if other.architecture == gpu.architecture else "extrapolated"
+        errs[kind] += [abs(e) for e in _relative_errors(rows, other, params)]
+    return ({k: statistics.median(v) for k, v in errs.items() if v}, {k: len(v) for k, v in errs.items() if v})
+
+
+def _relative_errors(rows: list[Row], gpu, params: ThroughputParams) -> list[float]:
+    return [throughput(r.arch, r.tc, gpu, params).tokens_per_s / r.tokens_per_s - 1.0 for r in rows]
+
+
 def fit_gpu(records: list[dict], gpu_name: str, *, loo: bool = True) -> FitResult:
-    """Fit the parameters of one GPU from its CUDA records. Raises ValueError when there are none."""
+    """Fit the throughput parameters of `gpu_name`'s architecture and its allocator figures from its CUDA records.
+    Raises ValueError when there are none."""
     gpu = load_gpu(gpu_name)
     recs = cuda_records(records, gpu.name)
     if not recs:
         raise ValueError(f"no successful CUDA records of {gpu.name}")
-    defaults = ThroughputParams()
+    defaults = ThroughputParams(architecture=gpu.architecture)
     throughput_params.cache_clear()
     before = throughput_params(gpu.name)
     rows, excluded = throughput_rows(recs)
-    fitted, scale = _fit(rows, gpu, defaults)
+    fitted = fit_throughput(rows, gpu, defaults)
     parameters: list[Parameter] = []
-    counts = {k: sum(1 for r in rows if r.key == k) for k in KEYS}
-    parameters.append(Parameter("efficiency_scale", scale, "fitted" if rows else "prior",
-                                f"this GPU's factor on the default efficiencies, from all {len(rows)} records"))
-    for k in KEYS:
-        v = fitted.matmul_efficiency[k]
-        if counts[k] >= MIN_METHOD_RECORDS:
-            cap = f" (at the {MAX_EFFICIENCY:g} cap)" if v >= MAX_EFFICIENCY * 0.999 else ""
-            parameters.append(Parameter(f"matmul_efficiency.{k}", v, "fitted", f"{counts[k]} records{cap}"))
-        else:
-            why = "no records" if not counts[k] else f"{counts[k]} record (fewer than {MIN_METHOD_RECORDS})"
-            parameters.append(Parameter(f"matmul_efficiency.{k}", v, "scaled",
-                                        f"{why}: default {DEFAULT_EFFICIENCY[k]:g} x efficiency_scale"))
-    sizes = sorted({round(_size(r)) for r in rows})
-    if len(sizes) >= 2:
-        parameters.append(Parameter("width_half", fitted.width_half, "fitted",
-                                    f"sizes (hidden x tokens / 4096) {', '.join(map(str, sizes))}"))
-    else:
-        parameters.append(Parameter("width_half", fitted.width_half, "prior", "records span fewer than two matmul sizes"))
-    share = bandwidth_share(rows, gpu, defaults)
-    if rows and share >= BANDWIDTH_SHARE:
-        cap = f", at the {MAX_BANDWIDTH:g} cap" if fitted.bandwidth_efficiency >= MAX_BANDWIDTH * 0.999 else ""
-        parameters.append(Parameter("bandwidth_efficiency", fitted.bandwidth_efficiency, "fitted",
-                                    f"prior {PRIOR_BANDWIDTH[0]} within x{math.exp(PRIOR_BANDWIDTH[1]):.2f}{cap}"))
-    else:
-        parameters.append(Parameter("bandwidth_efficiency", fitted.bandwidth_efficiency, "prior",
-                                    f"not fitted: bandwidth-bound parts are at most {100 * share:.0f}% of a record's "
-                                    f"step (needs {100 * BANDWIDTH_SHARE:.0f}%)"))
-    parameters.append(Parameter("fp32_efficiency", fitted.fp32_efficiency, "prior",
-                                "not fitted: too few fp32 matmuls in the records to tell it from the method efficiency"))
+    for k in FITTED:
+        v = getattr(fitted, k)
+        med, sig = PRIORS[k]
+        lo, hi = BOUNDS[k]
+        cap = " (at a bound)" if v <= lo * 1.001 or v >= hi * 0.999 else ""
+        how = "fitted" if rows else "prior"
+        parameters.append(Parameter(k, v, how, f"{len(rows)} records; prior {med:g} within x{math.exp(sig):.2f}{cap}"))
     overhead, ratios = allocator_overhead(recs)
     if overhead is not None:
         fitted = replace(fitted, allocator_overhead=overhead)
@@ -417,7 +370,7 @@ def fit_gpu(records: list[dict], gpu_name: str, *, loo: bool = True) -> FitResul
     else:
         parameters.append(Parameter("cuda_context_bytes", fitted.cuda_context_bytes, "default",
                                     "no record measured it with NVML: the documented ~0.5 GiB default"))
-    fitted = replace(fitted, source=f"profiles/calibration/{gpu.name}.toml")
+    fitted = replace(fitted, source=f"profiles/calibration/{gpu.name}.toml", provenance="calibrated")
 
     errors = {
         "defaults": _errors(compare(recs, {gpu.name: defaults})),
@@ -428,9 +381,14 @@ def fit_gpu(records: list[dict], gpu_name: str, *, loo: bool = True) -> FitResul
     comp_before = {c.id: c for c in compare(recs, {gpu.name: before})}
     comp_after = {c.id: c for c in compare(recs, {gpu.name: fitted})}
     loo_err = _loo(rows, gpu, defaults) if loo and len(rows) >= 2 else {}
+    expected = {}
     if loo_err:
         vals = [abs(v) for v in loo_err.values()]
         errors["leave_one_out"] = {"tokens_per_s": {"n": len(vals), "median": statistics.median(vals), "max": max(vals)}}
+        measured, counts = transfer_errors(records, gpu, fitted)
+        expected = expected_errors(statistics.median(vals), measured)
+        expected.update({f"{k}_records": n for k, n in counts.items()})
+        fitted = replace(fitted, expected_error=expected["calibrated"])
     for r in recs:
         cb, ca = comp_before[r["id"]], comp_after[r["id"]]
         per_row.append({
@@ -444,9 +402,9 @@ def fit_gpu(records: list[dict], gpu_name: str, *, loo: bool = True) -> FitResul
     kinds: dict[str, int] = {}
     for r in recs:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    return FitResult(gpu=gpu.name, gpu_display=gpu.display_name, params=fitted, before=before, defaults=defaults,
-                     parameters=parameters, record_ids=[r["id"] for r in recs], kinds=kinds, excluded=excluded,
-                     errors=errors, rows=per_row)
+    return FitResult(gpu=gpu.name, gpu_display=gpu.display_name, architecture=gpu.architecture, params=fitted,
+                     before=before, defaults=defaults, parameters=parameters, record_ids=[r["id"] for r in recs],
+                     kinds=kinds, excluded=excluded, errors=errors, expected_error=expected, rows=per_row)
 
 
 # -- the TOML file ------------------------------------------------------------------------------------------------
@@ -483,18 +441,16 @@ def render_toml(result: FitResult, command: str, results_dirs: list[str]) -> str
     notes = {q.name: q for q in result.parameters}
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(result.kinds.items()))
     out = [
-        f"# Throughput and allocator calibration of the {result.gpu_display} ({result.gpu}).",
-        f"# Written by `{command}` from {len(result.record_ids)} successful CUDA records",
+        f"# Throughput and allocator calibration of the {result.gpu_display} ({result.gpu}), architecture",
+        f"# {result.architecture}. Written by `{command}` from {len(result.record_ids)} successful CUDA records",
         f"# ({kinds}) under {', '.join(results_dirs)}. Review before committing; refit when records change.",
         "#",
-        "# The model is planner/cost.py (its module docstring): step time = bf16 matmul FLOPs / (peak x e_method x",
-        "# s / (s + width_half)), s = hidden size x tokens per micro-step / 4096, + fp32 matmuls / (fp32 peak x",
-        "# fp32_efficiency) + bandwidth-bound bytes (optimizer, adapters' elementwise traffic, QLoRA dequantization)",
-        "# / (HBM bandwidth x bandwidth_efficiency). Every value below is one named physical quantity, none is per",
-        "# configuration. Fit: least squares on log tokens/s with weak priors (calibrate/fit.py docstring); a method",
-        "# gets its own efficiency only from two records or more, else its default x efficiency_scale. The",
-        "# leave-one-out row (each record predicted by a fit to the others) is the error to expect on",
-        "# configurations not measured.",
+        "# The model is planner/cost.py and planner/kernels.py (their docstrings): every kernel of the step from the",
+        "# graph the memory model replays; GEMMs by shape over tiles, waves and SMs at gemm_efficiency x the dense",
+        "# peak, bandwidth-bound ops by bytes at bandwidth_efficiency x the memory bandwidth, attention by FLOPs,",
+        "# launch_seconds per kernel. The values are per architecture (fractions of each GPU's own peaks): every",
+        "# GPU of this architecture without a file of its own uses them (transferred), other architectures too",
+        "# when none of theirs has one (extrapolated); [expected_error] says what to expect in each case.",
         "#",
         "# |predicted - measured| / measured over these records:",
     ]
@@ -511,22 +467,28 @@ def render_toml(result: FitResult, command: str, results_dirs: list[str]) -> str
         out.append(f"#   excluded: {ex}")
     out.append("")
     out.append(f'gpu = "{result.gpu}"')
+    out.append(f'architecture = "{result.architecture}"')
 
     def line(name: str, value, unit: str = "") -> str:
         q = notes[name]
-        return f"{name.split('.')[-1]} = {_num(value)}  # {q.how}{unit}: {q.note}"
+        return f"{name} = {_num(value)}  # {q.how}{unit}: {q.note}"
 
-    q = notes["efficiency_scale"]
-    out.append(f"# efficiency_scale = {_num(q.value)}  ({q.how}: {q.note}; folded into [matmul_efficiency])")
-    out.append(line("width_half", p.width_half, " (matmul size at which efficiency halves)"))
+    out.append(line("gemm_efficiency", p.gemm_efficiency, " (of the dense peak, large tiles, full waves)"))
     out.append(line("bandwidth_efficiency", p.bandwidth_efficiency))
-    out.append(line("fp32_efficiency", p.fp32_efficiency))
+    out.append(line("launch_seconds", p.launch_seconds, " (per kernel)"))
+    out.append(line("fp32_efficiency", p.fp32_efficiency, " (of the fp32 CUDA-core peak: fp32 GEMMs)"))
     out.append(line("allocator_overhead", p.allocator_overhead, " (peak reserved / peak allocated - 1)"))
     out.append(line("cuda_context_bytes", p.cuda_context_bytes))
-    out.append("")
-    out.append("[matmul_efficiency]  # fraction of the dense bf16 peak on large matmuls (full-mixed: fp32 master weights)")
-    for k in KEYS:
-        out.append(line(f"matmul_efficiency.{k}", p.matmul_efficiency[k]))
+    if result.expected_error:
+        e = result.expected_error
+        out.append("")
+        out.append("[expected_error]  # median |tokens/s error| to expect (calibrate/fit.py docstring)")
+        out.append(f"calibrated = {e['calibrated']:.4f}  # leave-one-out median on these records")
+        for kind, assumed, where in (("transferred", TRANSFER_ERROR, "same architecture"),
+                                     ("extrapolated", EXTRAPOLATION_ERROR, "other architectures")):
+            n = e.get(f"{kind}_records")
+            how = (f"measured on {n} records of other GPUs" if n else f"hypot(loo, {assumed:g} assumed)")
+            out.append(f"{kind} = {e[kind]:.4f}  # {where}: {how}")
     out.append("")
     out.append("[fit]  # provenance (not read by the planner)")
     out.append(f'command = "{command}"')
@@ -546,4 +508,5 @@ def write_toml(result: FitResult, command: str, results_dirs: list[str], folder:
     path = folder / f"{result.gpu}.toml"
     write_text(path, render_toml(result, command, results_dirs))
     throughput_params.cache_clear()
+    _calibrations.cache_clear()
     return path

@@ -1,47 +1,47 @@
 """Throughput, training time and dollars of a configuration on a GPU.
 
-Step time on one device is a sum of named parts (`Throughput.parts_seconds`), each work / (peak x efficiency):
+A micro-step is timed kernel by kernel from the ops of the graph the memory model replays (`planner.kernels`:
+the same ops, so a new method or recipe option times itself), from the GPU's physical figures (dense tensor-core
+and fp32 peaks, memory bandwidth, SM count: `profiles/gpus/*.toml`) and a few parameters fitted per architecture
+(`ThroughputParams`, `ftplan calibrate fit`). Parts (`Throughput.parts_seconds`, per optimizer step):
 
-- `compute`: bf16 tensor-core matmul FLOPs / (dense bf16 peak x matmul efficiency). FLOPs per token
-  (`flops_per_token`): 2 per multiply-add; forward 2N over the matmul weights (decoder linears and lm_head; the
-  embedding lookup is free), backward 2N for input gradients plus 2N for the weight gradients of *trained* weights
-  only (frozen weights skip theirs: LoRA's backward is ~2/3 of full FT's), causal attention 2 x q_dim x S forward
-  per layer (flash skips the masked half) and 2.5x that backward, adapters' own matmuls, and one more forward of
-  every layer with checkpointing (Chinchilla appendix F / arXiv:2203.15556; Korthikanti et al. arXiv:2205.05198).
-- `fp32_compute`: matmuls that run in fp32 on the CUDA cores (torch keeps TF32 off for matmuls by default), at the
-  fp32 peak x `fp32_efficiency`: every matmul with `--precision fp32`; with QLoRA the lm_head (fp32 after peft's
-  `prepare_model_for_kbit_training`) and attention (bitsandbytes' `Linear4bit` returns its input's dtype, so
-  q, k and v are fp32 and sdpa runs its fp32 kernel; `fp32_flops_per_token`).
-- `adapters`: bandwidth-bound traffic of the adapters' elementwise ops per token (`adapter_bytes_per_token`): peft
-  keeps LoRA and IA3 weights in fp32, so each adapted linear casts its input to fp32, applies dropout, scales, adds
-  and casts back, in forward and backward, on (tokens x in) and (tokens x out) tensors.
-- `dequant`: QLoRA dequantizes every 4-bit weight to bf16 in each forward and backward (a third time when
-  checkpointing recomputes): read N/2 + write 2N bytes per pass (`dequant_bytes_per_micro_step`), plus the casts
-  around each 4-bit linear (fp32 input to bf16 and the bf16 output back to fp32, `quantized_cast_bytes_per_token`).
-- `optimizer`: the optimizer step reads and writes parameters, gradients and state once per step
-  (`optimizer_bytes_per_step`).
+- `gemm`: tensor-core GEMMs by shape (M = tokens, N and K from the layer's weights; forward, input gradient,
+  weight gradient of trained weights, checkpointed recompute), each the waves of its best tile over the SMs
+  (`gemm_seconds`: tile and wave quantization, split-K) at `gemm_efficiency` x the dense bf16/fp16 peak;
+- `fp32_gemm`: GEMMs with fp32 operands on the CUDA cores (torch keeps TF32 off): peft's fp32 LoRA matrices,
+  QLoRA's fp32 lm_head, `--precision fp32`, at `fp32_efficiency` x the fp32 peak;
+- `attention`: sdpa's FLOPs (4 x q_dim x keys per token forward, 2.5x backward; flash skips the causal half) at
+  the published FlashAttention efficiency of the architecture (`ATTENTION_EFFICIENCY`), the memory-efficient
+  kernel (a materialized mask, fp32 operands) at half of it;
+- `memory`: every other op by the bytes its operands move (norms, activations, rotary, casts, dropout, the loss,
+  peft's adapter arithmetic) at `bandwidth_efficiency` x the memory bandwidth;
+- `dequant`: bitsandbytes dequantizing each NF4 weight per pass (read 0.5, write 2 bytes per element);
+- `launch`: the time the GPU waits for the host: eager PyTorch issues every kernel from the CPU
+  (`launch_seconds` each), asynchronously, so a micro-step takes max(GPU work, kernels x launch_seconds); this
+  part is the excess of the host over the GPU (small models at short sequences are host-bound);
+- `optimizer`: the optimizer step and gradient clipping by the bytes their passes move (`optimizer_bytes_per_step`);
 - `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
   reduce-scatter gradients ((n-1)/n x (2W + G)) over the interconnect, half of it hidden behind compute.
 
-Bandwidth-bound parts run at HBM bandwidth x `bandwidth_efficiency`. The matmul efficiency (achieved fraction of the
-dense peak) depends on the method and on the size of the matmuls: e_method x s / (s + width_half) with s = hidden
-size x tokens per micro-step / 4096. Defaults below;
-per-GPU values fitted by `ftplan calibrate fit` from measured records (`profiles/calibration/<gpu>.toml`) replace
-them. Every parameter is one named physical quantity; none is per configuration.
+The fitted values are fractions of each GPU's own peaks (and one host cost per kernel), so a calibration on one
+GPU times every GPU of its architecture (`throughput_params`: calibrated, transferred, extrapolated, each with
+its expected error). `flops_per_token` (the model FLOPs behind MFU) is counted separately from the kernels.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .arch import ModelArch
 from .config import TrainConfig
+from .kernels import step_ops
 from .layers import regime
 from .methods import trainable_params
-from .memory import batch_free, gradient_bytes, optimizer_state_bytes
+from .memory import _piece_key, batch_free, gradient_bytes, optimizer_state_bytes
 from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -83,55 +83,19 @@ def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
     return out
 
 
-def dequant_bytes_per_micro_step(arch: ModelArch, tc: TrainConfig) -> int:
-    """A 4-bit base (QLoRA): bytes moved dequantizing every NF4 weight to bf16 (read 0.5 + write 2 bytes per
-    element) once in forward, once in backward, once more in a checkpointed recomputation."""
-    if not tc.base_quant.quantized:
-        return 0
-    n = arch.num_layers * sum(lin.in_features * lin.out_features for lin in arch.linears)
-    passes = 3 if tc.grad_ckpt else 2
-    return int(passes * 2.5 * n)
-
-
-def fp32_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """The part of `flops_per_token(...)["total"]` that runs in fp32 (CUDA cores, not tensor cores).
-
-    `--precision fp32`: all of it. QLoRA: the lm_head (fp32 after `prepare_model_for_kbit_training`, frozen: forward
-    and input gradient, 4 x V x h) and attention (fp32 q, k, v: forward, backward, and the checkpointed recompute).
-    Other configurations: none (bf16, and autocast's bf16 for `mixed`)."""
-    if tc.precision == "fp32" and not tc.base_quant.quantized:
-        return flops_per_token(arch, tc)["total"]
-    if not tc.base_quant.quantized:
-        return 0.0
-    attn = attention_flops_per_token(arch, tc)
-    return 4.0 * arch.vocab_size * arch.hidden_size + attn * (2.5 + (1.0 if tc.grad_ckpt else 0.0))
-
-
-def adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """Bandwidth-bound bytes per token that the adapters' elementwise ops move in one micro-step (all layers): the
-    method's `Method.adapter_bytes_per_token` (LoRA's wrapper casts, dropout, scale and add; IA3's fp32 products;
-    DoRA's combination; none for prefix and prompt tuning). Cached per configuration without batch."""
-    return _adapter_bytes_per_token(arch, batch_free(tc))
-
-
-@functools.lru_cache(maxsize=4096)
-def _adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    return tc.spec.adapter_bytes_per_token(arch, tc, regime(tc).lin)
-
-
-def quantized_cast_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
-    """A 4-bit base: bitsandbytes' `Linear4bit` casts its fp32 input to bf16 and its bf16 output back to fp32
-    (read 4 + write 2 bytes per element each way), forward and backward, on every decoder linear."""
-    if not tc.base_quant.quantized:
-        return 0.0
-    recompute = 2 if tc.grad_ckpt else 1
-    widths = sum(lin.in_features + lin.out_features for lin in arch.linears)
-    return (recompute + 1) * 6.0 * widths * arch.num_layers
-
-
 def optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
-    """Bytes the optimizer step reads and writes: parameters (read, write), gradients (read), state (read,
-    write), once per optimizer step; bitsandbytes 8-bit and AdamW alike are bandwidth-bound."""
+    """Bytes the optimizer step and the gradient clipping before it read and write (bandwidth-bound).
+
+    Per trained element with parameter/gradient bytes p (= g) and state bytes s per moment (G = gradient bytes, S =
+    state bytes of both moments = 2s per element):
+    - `adamw`: torch's foreach AdamW (torch 2.13 `optim/adam.py` `_multi_tensor_adam`, capturable off): weight
+      decay `_foreach_mul_(params)` 2p, `lerp_(exp_avg, grad)` 2s + g, `mul_(exp_avg_sq)` 2s, `addcmul_` 2s + g,
+      `sqrt` 2s, `div_` 2s, `add_(eps)` 2s, `addcdiv_(params, exp_avg, denom)` 2p + 2s: 4p + 2g + 12s = 6G + 6S;
+    - bitsandbytes 8-bit AdamW: one fused kernel reads and writes the parameter and both 8-bit moments and reads
+      the gradient: 2p + g + 2S = 3G + 2S;
+    - others: parameters read and written, gradients read, state read and written: 3G + 2S;
+    plus `clip_grad_norm_` (torch 2.13 `nn/utils/clip_grad.py`, foreach): the norms read every gradient and
+    `_foreach_mul_` scales them in place: 3G."""
     return _optimizer_bytes_per_step(arch, batch_free(tc))
 
 
@@ -140,7 +104,11 @@ def _optimizer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     grads = gradient_bytes(arch, tc)
     state = optimizer_state_bytes(arch, tc)
     state_bytes = state["state"] + state["paged"]
-    return 3 * grads + 2 * state_bytes
+    if tc.optimizer == "adamw":
+        step = 6 * grads + 6 * state_bytes
+    else:
+        step = 3 * grads + 2 * state_bytes
+    return step + 3 * grads
 
 
 def comm_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
@@ -150,68 +118,107 @@ def comm_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     return S.comm_bytes_per_step(arch, tc, gradient_bytes(arch, tc)) if S.multi_gpu else 0
 
 
-# -- efficiency -----------------------------------------------------------------------------------------------------
+# -- GEMMs: tiles, waves, split-K ----------------------------------------------------------------------------------
+
+# Thread-block tiles cuBLAS/CUTLASS pick from for bf16/fp16 GEMMs (NVIDIA "Matrix Multiplication Background User's
+# Guide" DU-09799-001 §2.3 "Typical Tile Dimensions In cuBLAS": 256x128, 128x256, 128x128, 64x128 ...; the cuBLASLt
+# `cublasLtMatmulTile_t` enum lists the same shapes, and thin ones down to 32 for skinny outputs such as LoRA's). Larger tiles reuse each loaded element more (arithmetic
+# intensity tm x tn / (tm + tn) per element of A and B), so they reach more of the peak; smaller ones waste less on
+# partial tiles and waves (§3.1 tile quantization, §3.2 wave quantization).
+TILES = ((128, 256), (256, 128), (128, 128), (64, 128), (128, 64), (64, 64), (128, 32), (32, 128), (64, 32), (32, 64))
+SPLITS = (1, 2, 4, 8, 16)  # split-K factors cuBLAS uses when the output has too few tiles for the SMs
+_TILE_INTENSITY_HALF = 16.0  # intensity (elements) at which a tile's main loop would reach half its peak
+
+
+def tile_efficiency(tm: int, tn: int) -> float:
+    """Fraction of a 128x256 tile's throughput that a tm x tn tile reaches: i / (i + 16) relative, with i = tm tn /
+    (tm + tn) the elements of C computed per element of A and B loaded (128x128: 0.95, 64x64: 0.79)."""
+    i = tm * tn / (tm + tn)
+    ref = 128 * 256 / 384
+    return (i / (i + _TILE_INTENSITY_HALF)) / (ref / (ref + _TILE_INTENSITY_HALF))
+
+
+@functools.lru_cache(maxsize=65536)
+def gemm_seconds(m: int, n: int, k: int, dtype: int, sms: int, peak_flops: float, efficiency: float,
+                 bandwidth: float) -> float:
+    """Time of one (m x k) @ (k x n) GEMM on `sms` SMs: the best tile and split-K of `TILES` x `SPLITS`. Each
+    runs ceil(tiles x split / sms) waves; a wave takes one tile's main loop, 2 tm tn k / split FLOPs at the SM's
+    share of `peak_flops` x `efficiency` x `tile_efficiency`, plus its epilogue, writing the tm x tn tile of C
+    (`dtype` bytes; fp32 partial sums under split-K) at the SM's share of `bandwidth`; never less than moving A,
+    B and C once at `bandwidth`. Sources: NVIDIA Matrix Multiplication Background guide §3 (tile and wave
+    quantization: a GEMM's time is its waves times a tile's time); CUTLASS `GemmSplitKParallel` / cuBLAS split-K
+    for skinny outputs with a long reduction (the weight gradient of a LoRA matrix: r x in, over every token)."""
+    per_sm = peak_flops * efficiency / sms
+    per_sm_bw = bandwidth / sms
+    best = math.inf
+    for tm, tn in TILES:
+        tiles = -(-m // tm) * -(-n // tn)
+        rate = per_sm * tile_efficiency(tm, tn)
+        for split in SPLITS:
+            if split > 1 and tiles * split > 2 * sms:
+                break
+            waves = -(-(tiles * split) // sms)
+            epilogue = tm * tn * (4 if split > 1 else dtype) / per_sm_bw
+            t = waves * (2.0 * tm * tn * -(-k // split) / rate + epilogue)
+            best = min(best, t)
+    return max(best, dtype * (m * k + k * n + m * n) / bandwidth)
+
+
+# -- parameters -----------------------------------------------------------------------------------------------------
+
+
+# FlashAttention-2's fraction of the dense peak (torch's sdpa flash backend runs FA2 kernels): 50-73% of the A100's
+# peak forward, lower backward (Dao, arXiv:2307.08691 §4.1); 35% of the H100's (Shah et al., FlashAttention-3,
+# arXiv:2407.08608 §1). Ada: taken as Ampere's (same FA2 kernels, sm8x); Volta/Turing have no flash kernel (sdpa
+# falls back to the memory-efficient one): half of that. Not fitted: the records' attention is a few % of a step.
+ATTENTION_EFFICIENCY = {"hopper": 0.35, "ampere": 0.5, "ada": 0.5, "turing": 0.25, "volta": 0.25}
 
 
 @dataclass(frozen=True)
 class ThroughputParams:
-    """Fitted, physically meaningful throughput parameters of one GPU (see `ftplan calibrate fit`).
+    """The few fitted throughput parameters of one GPU architecture (see `ftplan calibrate fit`), plus the
+    allocator figures of the GPU the calibration was measured on.
 
     Args:
-        matmul_efficiency: achieved fraction of the dense bf16 peak per method (mixed precision full FT is its own
-            key, `full-mixed`), for large matmuls; smaller ones reach less (see `width_half`).
-        width_half: hidden size (at 4096 tokens per micro-step) at which efficiency is half its large-matmul value
-            (few output tiles leave SMs idle; launch-bound elementwise kernels): efficiency = e x size /
-            (size + width_half), size = hidden size x tokens per micro-step / 4096.
-        bandwidth_efficiency: achieved fraction of HBM bandwidth in bandwidth-bound phases (optimizer step,
-            dequantization, adapters' elementwise traffic).
-        fp32_efficiency: achieved fraction of the fp32 (CUDA-core) peak by fp32 matmuls (SGEMM reaches ~70% on
-            large matrices); the same width dependence applies.
+        gemm_efficiency: fraction of the dense tensor-core peak that a full wave of large (128x256) tiles reaches
+            on a long reduction (cuBLAS reaches ~70-80%); the same fraction of the CUDA-core peak for fp32 GEMMs
+            is `fp32_efficiency`.
+        bandwidth_efficiency: achieved fraction of the memory bandwidth by bandwidth-bound kernels (elementwise
+            ops, norms, casts, the loss, the optimizer step, dequantization).
+        launch_seconds: time each kernel adds beyond its work: launch latency and the eager framework's per-op
+            CPU time that the GPU waits for when kernels are short (small models).
+        fp32_efficiency: fraction of the fp32 CUDA-core peak reached by fp32 GEMMs (SGEMM: ~50-70%).
         allocator_overhead: peak reserved / peak allocated - 1 (caching-allocator rounding and fragmentation).
         cuda_context_bytes: device memory the CUDA context holds outside the allocator (seen by NVML).
+        architecture: the architecture these values were fitted on ("" for the defaults).
+        provenance: "calibrated" (fitted on this GPU's records), "transferred" (fitted on another GPU of the same
+            architecture), "extrapolated" (fitted on another architecture) or "default" (no calibration).
+        expected_error: the median relative tokens/s error to expect (see `calibrate.fit`), None without records.
         source: where the values come from.
     """
 
-    matmul_efficiency: dict = field(default_factory=dict)
-    width_half: float = 1024.0
+    gemm_efficiency: float = 0.7
     bandwidth_efficiency: float = 0.7
+    launch_seconds: float = 20e-6
     fp32_efficiency: float = 0.7
     allocator_overhead: float = 0.06
     cuda_context_bytes: int = 536_870_912
+    architecture: str = ""
+    provenance: str = "default"
+    expected_error: float | None = None
     source: str = "defaults"
 
-    def efficiency(self, arch: ModelArch, tc: TrainConfig) -> float:
-        """Matmul efficiency of `tc` on `arch`: e_method x size / (size + width_half) (see `size_factor`). The key
-        is `method_key(tc)`; a key without a fitted value falls back to the method's name (with its quantization), then to the method's
-        `efficiency_keys`, then to the prior."""
-        name = tc.base_quant.key_prefix + tc.method
-        for key in (method_key(tc), name, *tc.spec.efficiency_keys):
-            if key in self.matmul_efficiency:
-                return self.matmul_efficiency[key] * self.size_factor(arch, tc)
-        return DEFAULT_EFFICIENCY.get(name, DEFAULT_FROZEN_BASE_EFFICIENCY) * self.size_factor(arch, tc)
-
-    def size_factor(self, arch: ModelArch, tc: TrainConfig) -> float:
-        """How far the matmuls are from the wide-model efficiency: size / (size + width_half), size = hidden size x
-        tokens per micro-step / 4096 (the GEMMs' output tiles grow with both: few tiles leave SMs idle and
-        launch overhead exposed). At 4096 tokens per micro-step, size is the hidden size."""
-        size = arch.hidden_size * tc.seq_len * tc.batch_size / REFERENCE_TOKENS
-        return size / (size + self.width_half)
+    def attention_efficiency(self, gpu) -> float:
+        return ATTENTION_EFFICIENCY.get(gpu.architecture, 0.35)
 
 
-REFERENCE_TOKENS = 4096  # tokens per micro-step at which `width_half` is a hidden size
+FITTED = ("gemm_efficiency", "bandwidth_efficiency", "launch_seconds", "fp32_efficiency")  # what `calibrate fit` learns
 
 
 def method_key(tc: TrainConfig) -> str:
-    """The efficiency key of a configuration, from its method (`planner.methods`): the method's name with its base
-    quantization (`qlora` for LoRA over NF4), and full fine-tuning under fp32 master weights apart as `full-mixed`."""
+    """A configuration's method with its base quantization (`qlora` for LoRA over NF4), and full fine-tuning under
+    fp32 master weights apart as `full-mixed`: how records and errors are grouped."""
     return tc.spec.efficiency_key(tc)
-
-
-# Large-matmul efficiencies before any fit (a plausible prior; `ftplan calibrate fit` replaces them per GPU, and
-# scales them for methods with fewer than two records).
-# Frozen-base methods run full fine-tuning's GEMMs (their extra work is counted as adapter traffic): same prior.
-DEFAULT_EFFICIENCY = {"full": 0.45, "full-mixed": 0.35, "lora": 0.45, "qlora": 0.45, "prefix": 0.45, "prompt": 0.45, "ia3": 0.45}
-DEFAULT_FROZEN_BASE_EFFICIENCY = 0.45
 
 
 def calibration_dir() -> Path:
@@ -220,28 +227,68 @@ def calibration_dir() -> Path:
     return profiles_dir() / "calibration"
 
 
+def _read_calibration(path: Path) -> dict:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+@functools.cache
+def _calibrations(folder: str) -> dict:
+    """gpu name -> its calibration file's contents, for every file in profiles/calibration/."""
+    return {p.stem: _read_calibration(p) for p in sorted(Path(folder).glob("*.toml"))}
+
+
+# A GPU without a calibration of its own takes one of the same architecture, else this order (nearest first).
+ARCHITECTURE_ORDER = ("hopper", "ada", "ampere", "turing", "volta")
+
+
 @functools.cache
 def throughput_params(gpu_name: str | None) -> ThroughputParams:
-    """The fitted parameters for `gpu_name` from `profiles/calibration/<gpu>.toml`; defaults when none exists.
-    GPUs without their own fit borrow the H100 fit's efficiencies (a fraction of *their* peak)."""
+    """The parameters that time `gpu_name`, with their provenance:
+
+    - calibrated: profiles/calibration/<gpu>.toml exists (fitted on this GPU's records);
+    - transferred: another GPU of the same architecture has one (its fitted values are per architecture: a
+      fraction of *this* GPU's peaks, bandwidth and SM count); its expected error is the calibration's own
+      held-out error widened by the transfer error (`[transfer]` in the file, see `calibrate.fit`);
+    - extrapolated: only another architecture has one (the nearest in `ARCHITECTURE_ORDER`): its values, with
+      the wider cross-architecture error;
+    - default: no calibration file at all.
+    The allocator figures (memory) come from the same file (as before: borrowed across GPUs)."""
+    from .profiles import load_gpu
+
     if gpu_name is None:
         gpu_name = "h100-sxm-80gb"
-    for name in (gpu_name, "h100-sxm-80gb"):
-        path = calibration_dir() / f"{name}.toml"
-        if path.exists():
-            with path.open("rb") as f:
-                d = tomllib.load(f)
-            p = ThroughputParams(
-                matmul_efficiency=dict(d.get("matmul_efficiency", {})),
-                width_half=float(d.get("width_half", 1024.0)),
-                bandwidth_efficiency=float(d.get("bandwidth_efficiency", 0.7)),
-                fp32_efficiency=float(d.get("fp32_efficiency", 0.7)),
-                allocator_overhead=float(d.get("allocator_overhead", 0.06)),
-                cuda_context_bytes=int(d.get("cuda_context_bytes", 536_870_912)),
-                source=f"profiles/calibration/{path.name}" + ("" if name == gpu_name else f" (borrowed for {gpu_name})"),
-            )
-            return p
-    return ThroughputParams()
+    cals = _calibrations(str(calibration_dir()))
+    if not cals:
+        return ThroughputParams()
+    arch = load_gpu(gpu_name).architecture
+    if gpu_name in cals:
+        name, how = gpu_name, "calibrated"
+    else:
+        same = [n for n, d in cals.items() if d.get("architecture") == arch]
+        if same:
+            name, how = same[0], "transferred"
+        else:
+            order = {a: i for i, a in enumerate(ARCHITECTURE_ORDER)}
+            here = order.get(arch, len(order))
+            name = min(cals, key=lambda n: (abs(order.get(cals[n].get("architecture", ""), 99) - here), n))
+            how = "extrapolated"
+    d = cals[name]
+    err = d.get("expected_error", {})
+    defaults = ThroughputParams()
+    return ThroughputParams(
+        gemm_efficiency=float(d.get("gemm_efficiency", defaults.gemm_efficiency)),
+        bandwidth_efficiency=float(d.get("bandwidth_efficiency", defaults.bandwidth_efficiency)),
+        launch_seconds=float(d.get("launch_seconds", defaults.launch_seconds)),
+        fp32_efficiency=float(d.get("fp32_efficiency", defaults.fp32_efficiency)),
+        allocator_overhead=float(d.get("allocator_overhead", defaults.allocator_overhead)),
+        cuda_context_bytes=int(d.get("cuda_context_bytes", defaults.cuda_context_bytes)),
+        architecture=d.get("architecture", ""),
+        provenance=how,
+        expected_error=err.get(how),
+        source=f"profiles/calibration/{name}.toml" + (", calibrated" if name == gpu_name else f", {how} to {gpu_name}")
+        + (f", expected error {100 * err[how]:.0f}%" if how in err else ""),
+    )
 
 
 # -- time and money -------------------------------------------------------------------------------------------------
@@ -254,37 +301,94 @@ class Throughput:
     tokens_per_s_per_gpu: float
     mfu: float  # model FLOPs utilization (matmul FLOPs / peak)
     flops_per_token: float
-    parts_seconds: dict  # compute / dequant / optimizer / communication, per optimizer step
+    parts_seconds: dict  # see PARTS, per optimizer step
+    provenance: str = "default"  # calibrated / transferred / extrapolated / default (`throughput_params`)
+    expected_error: float | None = None  # median relative error to expect on tokens/s
+
+
+PARTS = ("gemm", "fp32_gemm", "attention", "memory", "dequant", "launch", "optimizer", "communication")
+
+
+# The memory-efficient (CUTLASS) sdpa kernel runs at about half FlashAttention-2's speed (Dao, arXiv:2307.08691
+# Fig. 4-6: xformers' cutlass kernel vs FlashAttention-2, forward + backward).
+EFFICIENT_ATTENTION_SPEED = 0.5
+
+
+def attention_seconds(arch: ModelArch, tc: TrainConfig, batch: int, kernel: str, causal: bool, gpu,
+                      params: ThroughputParams) -> float:
+    """One forward sdpa call of one layer: 2 x 2 x q_dim x keys FLOPs per token (QK^T and AV), keys = the
+    sequence (plus prefix keys), halved when the kernel skips the causally masked half (flash with `is_causal`);
+    flash at `ATTENTION_EFFICIENCY` of the bf16 peak, the memory-efficient kernel at half that (of the fp32 peak
+    for fp32 operands). Backward: 2.5x (five matmuls to two)."""
+    extra_seq, extra_kv = tc.spec.virtual_tokens(tc)
+    seq = tc.seq_len + extra_seq
+    keys = (seq / 2 if causal else seq) + extra_kv
+    flops = 4.0 * arch.q_dim * keys * seq * batch
+    eff = params.attention_efficiency(gpu)
+    if kernel == "flash" and gpu.supports_bf16:
+        return flops / (gpu.peak_tflops * 1e12 * eff)
+    if kernel == "efficient" and gpu.supports_bf16:
+        return flops / (gpu.peak_tflops * 1e12 * eff * EFFICIENT_ATTENTION_SPEED)
+    peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
+    return flops / (peak32 * params.fp32_efficiency * EFFICIENT_ATTENTION_SPEED)
+
+
+@functools.lru_cache(maxsize=65536)
+def _micro_step(arch: ModelArch, tc: TrainConfig, batch: int, gpu, params: ThroughputParams) -> tuple:
+    """Seconds of one micro-step (forward and backward) by part, for `tc` without its batch at micro-batch
+    `batch` (`planner.kernels.step_ops`)."""
+    ops = step_ops(arch, _piece_key(tc))  # the graph depends on no batch, optimizer or GPU count
+    peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
+    # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores
+    peak16 = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
+    bw = gpu.hbm_bandwidth_gb_per_s * 1e9 * params.bandwidth_efficiency
+    sms = gpu.sm_count
+    gemm = gemm32 = 0.0
+    for g in ops.gemms:
+        tensor = g.dtype <= 2 and gpu.supports_bf16
+        peak, eff = (peak16, params.gemm_efficiency) if tensor else (peak32, params.fp32_efficiency)
+        if g.phase == "weight_grad":
+            m, n, k = g.n, g.k, g.tokens * batch
+        elif g.phase == "input_grad":
+            m, n, k = g.tokens * batch, g.n, g.k
+        else:
+            m, n, k = g.tokens * batch, g.n, g.k
+        t = g.count * gemm_seconds(m, n, k, g.dtype, sms, peak, eff, bw)
+        if tensor:
+            gemm += t
+        else:
+            gemm32 += t
+    attention = sum(c * f * attention_seconds(arch, tc, batch, kernel, causal, gpu, params)
+                    for kernel, causal, fwd_calls, bwd_calls in ops.attention
+                    for c, f in ((fwd_calls, 1.0), (bwd_calls, 2.5)))
+    memory = (ops.memory_bytes[0] * batch + ops.memory_bytes[1]) / bw
+    dequant = ops.dequant_bytes / bw
+    # the GPU waits for the host when issuing the kernels takes longer than running them (eager PyTorch: small
+    # models are bound by the framework's per-op CPU time); kernels are issued asynchronously, so the two overlap
+    cpu = (ops.kernels[0] + ops.kernels[1]) * params.launch_seconds
+    launch = max(0.0, cpu - (gemm + gemm32 + attention + memory + dequant))
+    return gemm, gemm32, attention, memory, dequant, launch
 
 
 def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams | None = None) -> Throughput:
     """Predicted step time and tokens per second of `tc` on `gpu` (parts: see the module docstring)."""
     params = params or throughput_params(gpu.name)
-    peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
-    # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores
-    peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
-    width = params.size_factor(arch, tc)
-    eff = params.efficiency(arch, tc)
+    free = batch_free(tc)
+    micro = _micro_step(arch, free, tc.batch_size, gpu, params)
+    parts = {k: tc.grad_accum * v for k, v in zip(PARTS, micro)}
     f = flops_per_token(arch, tc)
-    f32 = min(fp32_flops_per_token(arch, tc), f["total"])
-    tokens_micro = tc.seq_len * tc.batch_size
-    tokens_step = tc.grad_accum * tokens_micro
+    tokens_step = tc.grad_accum * tc.seq_len * tc.batch_size
     bw = gpu.hbm_bandwidth_gb_per_s * 1e9 * params.bandwidth_efficiency
-    compute = tokens_step * (f["total"] - f32) / (peak * eff)
-    fp32_compute = tokens_step * f32 / (peak32 * params.fp32_efficiency * width)
-    adapters = tokens_step * adapter_bytes_per_token(arch, tc) / bw
-    dequant_bytes = tc.grad_accum * dequant_bytes_per_micro_step(arch, tc)
-    dequant = (dequant_bytes + tokens_step * quantized_cast_bytes_per_token(arch, tc)) / bw
     S = strategy_of(tc)  # each device steps its share of a sharded optimizer state, none when it is offloaded
     opt_bytes = optimizer_bytes_per_step(arch, tc) // S.ways(OPTIMIZER_STATE, tc.num_gpus)
-    optimizer = 0.0 if S.offloads_optimizer(tc) else opt_bytes / bw
+    parts["optimizer"] = 0.0 if S.offloads_optimizer(tc) else opt_bytes / bw
     comm = comm_bytes_per_step(arch, tc) / (gpu.interconnect_gb_per_s * 1e9) * 0.5
     if S.offloads_optimizer(tc):  # PCIe (25 GB/s)
         comm += S.offload_bytes_per_step(tc, optimizer_state_bytes(arch, tc)["state"]) / 25e9
-    parts = {"compute": compute, "fp32_compute": fp32_compute, "adapters": adapters, "dequant": dequant,
-             "optimizer": optimizer, "communication": comm}
+    parts["communication"] = comm
     step = sum(parts.values())
     per_gpu = tokens_step / step
+    peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
     return Throughput(
         step_seconds=step,
         tokens_per_s=per_gpu * tc.num_gpus,
@@ -292,6 +396,8 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
         mfu=per_gpu * (f["forward"] + f["backward"]) / peak,
         flops_per_token=f["total"],
         parts_seconds=parts,
+        provenance=params.provenance,
+        expected_error=params.expected_error,
     )
 
 
@@ -308,9 +414,7 @@ def cost_usd(hours: float, num_gpus: int, usd_per_gpu_hour: float) -> float:
 __all__ = [
     "Throughput",
     "ThroughputParams",
-    "adapter_bytes_per_token",
     "flops_per_token",
-    "fp32_flops_per_token",
     "method_key",
     "throughput",
     "throughput_params",

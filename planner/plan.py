@@ -88,6 +88,9 @@ class Plan:
                 mfu=round(self.speed.mfu, 4),
                 flops_per_token=self.speed.flops_per_token,
                 calibration=self.params.source if self.params else None,
+                tokens_per_s_provenance=self.speed.provenance,
+                tokens_per_s_expected_error=(None if self.speed.expected_error is None
+                                             else round(self.speed.expected_error, 4)),
             )
         if self.hours is not None:
             d["hours"] = round(self.hours, 4)

@@ -61,6 +61,9 @@ class GPUProfile:
     compute_capability: str
     source: str
     memory_source: str = ""
+    architecture: str = ""  # hopper, ada, ampere, turing, volta: GPUs of one architecture share throughput fits
+    sm_count: int = 0  # streaming multiprocessors (GEMM waves are counted over them)
+    sm_count_source: str = ""
 
     @property
     def sm_major(self) -> int:
@@ -98,8 +101,9 @@ _GPU_KEYS = {
     "name": str, "display_name": str, "aliases": list, "nvml_names": list, "memory_bytes": int,
     "bf16_dense_tflops": (int, float), "fp16_dense_tflops": (int, float), "fp32_tflops": (int, float),
     "hbm_bandwidth_gb_per_s": (int, float), "interconnect_gb_per_s": (int, float), "supports_bf16": bool,
-    "compute_capability": str, "source": str,
+    "compute_capability": str, "source": str, "architecture": str, "sm_count": int, "sm_count_source": str,
 }
+ARCHITECTURES = ("hopper", "ada", "ampere", "turing", "volta")
 
 
 def _load_toml(path: Path) -> dict:
@@ -119,6 +123,10 @@ def _gpu_from_toml(path: Path) -> GPUProfile:
             raise ProfileError(f"{path}: '{key}' has type {type(d[key]).__name__}")
     if d["name"] != path.stem:
         raise ProfileError(f"{path}: name {d['name']!r} must equal the file stem {path.stem!r}")
+    if d["architecture"] not in ARCHITECTURES:
+        raise ProfileError(f"{path}: architecture {d['architecture']!r} is not one of {', '.join(ARCHITECTURES)}")
+    if d["sm_count"] <= 0:
+        raise ProfileError(f"{path}: sm_count must be positive, got {d['sm_count']}")
     return GPUProfile(
         name=d["name"],
         display_name=d["display_name"],
@@ -134,6 +142,9 @@ def _gpu_from_toml(path: Path) -> GPUProfile:
         compute_capability=d["compute_capability"],
         source=d["source"],
         memory_source=d.get("memory_source", ""),
+        architecture=d["architecture"],
+        sm_count=d["sm_count"],
+        sm_count_source=d["sm_count_source"],
     )
 
 

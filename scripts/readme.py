@@ -68,12 +68,13 @@ def accuracy_block() -> str:
         loo = fit.get("tokens_per_s_error_leave_one_out", {})
         worst = max((c for c in rows if c.error_tokens_per_s is not None), key=lambda c: abs(c.error_tokens_per_s))
         out.append(f"Peak reserved (caching allocator, one fitted overhead per GPU): median {100 * statistics.median(res):.1f}%, "
-                   f"max {100 * max(res):.1f}%. Tokens/s, after `ftplan calibrate fit` (a handful of physical parameters "
-                   f"per GPU): median {100 * statistics.median(tps):.1f}% on the records it was fitted to"
-                   + (f", {100 * loo['median']:.1f}% when each record is held out of the fit" if loo else "")
-                   + f". The largest miss is {worst.model} {worst.config} ({100 * worst.error_tokens_per_s:+.0f}%: "
-                   f"measured slower than full fine-tuning of the same model, which no physical term explains; "
-                   f"`calibrate/matrix.toml` measures it again).")
+                   f"max {100 * max(res):.1f}%. Tokens/s, after `ftplan calibrate fit` (four physical parameters per "
+                   f"GPU architecture): median {100 * statistics.median(tps):.1f}% on the records it was fitted to"
+                   + (f", {100 * loo['median']:.1f}% (max {100 * loo['max']:.0f}%) when each record is held out of the fit"
+                      if loo else "")
+                   + f". The largest miss is {worst.model} {worst.config} ({100 * worst.error_tokens_per_s:+.0f}%); "
+                   "`reports/throughput-loo.md` (`python benchmarks/throughput_loo.py`) gives every record's held-out "
+                   "error and what explains the outliers, and `calibrate/matrix.toml` measures them again.")
         out.append("")
     pts = [json.loads(line) for line in (ROOT / "calibrate/reference/trace-points.jsonl").read_text().splitlines() if line]
     errs = []

@@ -18,20 +18,22 @@ from planner.arch import arch_from_config
 from planner.cli import cli
 from planner.config import TrainConfig
 from planner.cost import (
+    FITTED,
+    PARTS,
     ThroughputParams,
-    adapter_bytes_per_token,
-    fp32_flops_per_token,
     flops_per_token,
+    gemm_seconds,
     method_key,
     throughput,
     throughput_params,
 )
+from planner.kernels import step_ops
+from planner.memory import batch_free
 from planner.profiles import load_gpu, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 H100_TOML = ROOT / "profiles" / "calibration" / "h100-sxm-80gb.toml"
-PARAMETER_NAMES = {f"matmul_efficiency.{k}" for k in fit.KEYS} | {
-    "efficiency_scale", "width_half", "bandwidth_efficiency", "fp32_efficiency", "allocator_overhead", "cuda_context_bytes"}
+PARAMETER_NAMES = set(FITTED) | {"allocator_overhead", "cuda_context_bytes"}
 
 
 def run(*args, code=0, env=None):
@@ -49,29 +51,28 @@ def h100_fit():
 # -- the fit on the shipped H100 records -------------------------------------------------------------------------
 
 
-def test_fit_meets_the_tokens_per_s_target_and_reports_held_out_error(h100_fit):
+def test_fit_improves_on_the_priors_and_reports_held_out_error(h100_fit):
     e = h100_fit.errors
     assert e["after"]["tokens_per_s"]["n"] == 8
-    assert e["after"]["tokens_per_s"]["median"] <= 0.10
     assert e["after"]["tokens_per_s"]["median"] < e["defaults"]["tokens_per_s"]["median"]
     loo = e["leave_one_out"]["tokens_per_s"]
     assert loo["n"] == 8 and loo["median"] >= e["after"]["tokens_per_s"]["median"]  # the honest, larger figure
+    assert loo["median"] < 0.10  # issue 14's target (its other, no record over 25%, is not met: reports/throughput-loo.md)
     assert e["after"]["reserved"]["max"] < 0.10
+    x = h100_fit.expected_error
+    assert x["calibrated"] == loo["median"] < x["transferred"] < x["extrapolated"]
 
 
 def test_parameters_are_few_named_and_physical(h100_fit):
     names = [p.name for p in h100_fit.parameters]
     assert set(names) == PARAMETER_NAMES and len(names) == len(set(names))
     fitted = [p for p in h100_fit.parameters if p.how == "fitted"]
-    assert len(fitted) < len(h100_fit.record_ids)  # fewer than the records: never one per configuration
-    how = {p.name: p.how for p in h100_fit.parameters}
-    for key in ("qlora", "prefix", "ia3", "full-mixed"):  # one record each: not a parameter of their own
-        assert how[f"matmul_efficiency.{key}"] == "scaled"
+    assert len(fitted) == len(FITTED) < len(h100_fit.record_ids)  # fewer than the records, none per method
     p = h100_fit.params
-    assert set(p.matmul_efficiency) == set(fit.KEYS)
-    assert all(0.01 < v <= fit.MAX_EFFICIENCY for v in p.matmul_efficiency.values())
-    assert 0.2 <= p.bandwidth_efficiency <= fit.MAX_BANDWIDTH and 16 <= p.width_half <= 65536
-    assert p.fp32_efficiency == ThroughputParams().fp32_efficiency  # a prior, not fitted
+    for k in FITTED:
+        lo, hi = fit.BOUNDS[k]
+        assert lo <= getattr(p, k) <= hi, k
+    assert p.architecture == "hopper"
     ratios = [r["measured"]["peak_reserved_bytes"] / r["measured"]["peak_allocated_bytes"] - 1
               for r in load_records([RESULTS_DIR / "h100-sxm-80gb"])]
     assert p.allocator_overhead == pytest.approx(statistics.median(ratios))
@@ -84,31 +85,49 @@ def test_the_committed_h100_file_is_what_the_fit_writes(h100_fit):
     text = fit.render_toml(h100_fit, "ftplan calibrate fit --gpu h100-sxm-80gb", ["calibrate/results"])
     assert H100_TOML.read_text() == text, "records changed: rerun `ftplan calibrate fit --gpu h100-sxm-80gb`"
     d = tomllib.loads(text)
-    assert d["gpu"] == "h100-sxm-80gb" and set(d["matmul_efficiency"]) == set(fit.KEYS)
-    assert "leave-one-out" in text and "after (this fit)" in text and "# Written by `ftplan calibrate fit" in text
+    assert d["gpu"] == "h100-sxm-80gb" and d["architecture"] == "hopper" and set(FITTED) <= set(d)
+    assert set(d["expected_error"]) == {"calibrated", "transferred", "extrapolated"}
+    assert "leave-one-out" in text and "after (this fit)" in text and "Written by `ftplan calibrate fit" in text
 
 
 def test_estimate_and_recommend_say_they_use_the_calibration():
     throughput_params.cache_clear()
     p = throughput_params("h100-sxm-80gb")
-    assert p.source == "profiles/calibration/h100-sxm-80gb.toml"
+    assert p.source.startswith("profiles/calibration/h100-sxm-80gb.toml, calibrated, expected error ")
     d = json.loads(run("estimate", "--model", "llama-2-7b", "--gpu", "h100", "--json").output)
-    assert d["calibration"] == "profiles/calibration/h100-sxm-80gb.toml"
-    assert "[profiles/calibration/h100-sxm-80gb.toml]" in run("estimate", "--model", "7b", "--gpu", "h100").output
+    assert d["calibration"] == p.source
+    assert d["tokens_per_s_provenance"] == "calibrated" and 0 < d["tokens_per_s_expected_error"] < 1
+    assert "[profiles/calibration/h100-sxm-80gb.toml, calibrated" in run("estimate", "--model", "7b", "--gpu", "h100").output
     out = run("recommend", "--model", "7b", "--gpu", "a100-80").output
-    assert "profiles/calibration/h100-sxm-80gb.toml (borrowed for a100-sxm-80gb)" in out
+    assert "profiles/calibration/h100-sxm-80gb.toml, extrapolated to a100-sxm-80gb, expected error" in out
+
+
+def test_each_gpu_says_calibrated_transferred_or_extrapolated():
+    """Hopper GPUs without records take the H100's per-architecture values (transferred); others extrapolate,
+    with a wider expected error; a transferred GPU is timed from its own peaks and SM count."""
+    throughput_params.cache_clear()
+    h100, h200, a100 = (throughput_params(g) for g in ("h100-sxm-80gb", "h200-sxm-141gb", "a100-sxm-80gb"))
+    assert (h100.provenance, h200.provenance, a100.provenance) == ("calibrated", "transferred", "extrapolated")
+    assert h100.expected_error < h200.expected_error < a100.expected_error
+    assert h200.gemm_efficiency == h100.gemm_efficiency
+    arch, tc = load_model("llama-3.1-8b"), TrainConfig(method="lora", batch_size=4)
+    t100 = throughput(arch, tc, load_gpu("h100"))
+    t200 = throughput(arch, tc, load_gpu("h200"))
+    tpcie = throughput(arch, tc, load_gpu("h100-pcie-80gb"))
+    assert tpcie.tokens_per_s < t100.tokens_per_s < t200.tokens_per_s  # fewer SMs / less bandwidth; more bandwidth
+    assert t200.provenance == "transferred" and t200.expected_error == h200.expected_error
 
 
 def test_fit_cli_prints_before_and_after_and_dry_run_writes_nothing():
     before = H100_TOML.read_bytes()
     r = run("calibrate", "fit", "--gpu", "h100", "--dry-run")
-    for needle in ("before (in effect)", "after (this fit)", "leave-one-out", "matmul_efficiency.lora", "held out",
+    for needle in ("before (in effect)", "after (this fit)", "leave-one-out", "launch_seconds", "held out",
                    "dry run"):
         assert needle in r.output
     assert H100_TOML.read_bytes() == before
     d = json.loads(run("calibrate", "fit", "--dry-run", "--json").output)
     assert [x["gpu"] for x in d] == ["h100-sxm-80gb"] and d[0]["written"] is None
-    assert d[0]["errors"]["after"]["tokens_per_s"]["median"] <= 0.10
+    assert d[0]["errors"]["after"]["tokens_per_s"]["median"] < d[0]["errors"]["defaults"]["tokens_per_s"]["median"]
 
 
 def test_fit_writes_the_file_where_profiles_live(tmp_path):
@@ -165,6 +184,8 @@ def _synthetic(tmp_path, truth: ThroughputParams, gpu, context=None) -> list[dic
             ("llama-2-7b", dict(method="prefix", batch_size=1)),
             ("llama-2-7b", dict(method="prompt", batch_size=2)),
             ("qwen2.5-0.5b", dict(method="prompt", batch_size=8, seq_len=512)),
+            ("qwen2.5-0.5b", dict(method="lora", batch_size=1, seq_len=256)),  # host-bound: sets launch_seconds
+            ("llama-3.2-1b", dict(method="full", batch_size=1, seq_len=512)),
             ("qwen2.5-0.5b", dict(method="full", precision="mixed", batch_size=4, seq_len=1024)),
             ("llama-3.2-3b", dict(method="full", precision="mixed", grad_ckpt=True, batch_size=2))]
     for name, kw in grid:
@@ -186,31 +207,15 @@ def _synthetic(tmp_path, truth: ThroughputParams, gpu, context=None) -> list[dic
 def test_fit_recovers_known_parameters(tmp_path):
     gpu = load_gpu("a100-80")
     # frozen-base methods run full fine-tuning's GEMMs: physically within ~10% of its efficiency (the fit's prior)
-    truth = ThroughputParams(matmul_efficiency={"full": 0.55, "full-mixed": 0.4, "lora": 0.51, "qlora": 0.5,
-                                                "prefix": 0.55, "prompt": 0.53, "ia3": 0.52},
-                             width_half=1500.0, bandwidth_efficiency=0.75, allocator_overhead=0.08)
+    truth = ThroughputParams(gemm_efficiency=0.62, bandwidth_efficiency=0.75, launch_seconds=40e-6,
+                             fp32_efficiency=0.5, allocator_overhead=0.08)
     res = fit.fit_gpu(_synthetic(tmp_path, truth, gpu, context=600 * 2**20), gpu.name, loo=False)
     p = res.params
-    for k, v in truth.matmul_efficiency.items():
-        assert p.matmul_efficiency[k] == pytest.approx(v, rel=0.08), k
-    assert p.width_half == pytest.approx(1500, rel=0.15)
-    assert p.bandwidth_efficiency == pytest.approx(0.75, rel=0.15)
+    for k in FITTED:
+        assert getattr(p, k) == pytest.approx(getattr(truth, k), rel=0.08), k
     assert p.allocator_overhead == pytest.approx(0.08, abs=1e-6)
     assert p.cuda_context_bytes == 600 * 2**20  # the NVML-measured context replaces the default
     assert res.errors["after"]["tokens_per_s"]["max"] < 0.03
-
-
-def test_a_method_without_records_gets_the_prior_times_the_gpu_scale(tmp_path):
-    gpu = load_gpu("h100")
-    recs = [r for r in load_records([RESULTS_DIR / "h100-sxm-80gb"]) if r["train"]["method"] == "full"]
-    res = fit.fit_gpu(recs, gpu.name, loo=False)
-    how = {q.name: q for q in res.parameters}
-    assert how["matmul_efficiency.lora"].how == "scaled" and "no records" in how["matmul_efficiency.lora"].note
-    ratio = res.params.matmul_efficiency["lora"] / res.params.matmul_efficiency["prefix"]
-    from planner.cost import DEFAULT_EFFICIENCY
-
-    # the defaults' ratio, one GPU scale for all
-    assert ratio == pytest.approx(DEFAULT_EFFICIENCY["lora"] / DEFAULT_EFFICIENCY["prefix"], rel=1e-6)
 
 
 def test_paged_optimizer_records_do_not_set_the_context():
@@ -230,20 +235,33 @@ def test_parts_are_named_and_sum_to_the_step():
                TrainConfig(method="qlora", target_modules=("all-linear",), grad_ckpt=True), TrainConfig(method="ia3"),
                TrainConfig(method="lora", precision="fp32")):
         t = throughput(arch, tc, gpu)
-        assert set(t.parts_seconds) == {"compute", "fp32_compute", "adapters", "dequant", "optimizer", "communication"}
+        assert tuple(t.parts_seconds) == PARTS
         assert t.step_seconds == pytest.approx(sum(t.parts_seconds.values()))
         assert all(v >= 0 for v in t.parts_seconds.values())
 
 
+def test_small_models_wait_for_the_host_and_large_ones_do_not():
+    """max(GPU work, kernels x launch_seconds): Qwen2.5-0.5B at 256 tokens is host-bound, Llama-2-7B at 2048 not."""
+    gpu = load_gpu("h100")
+    small = throughput(load_model("qwen2.5-0.5b"), TrainConfig(method="lora", seq_len=256, batch_size=1), gpu)
+    big = throughput(load_model("llama-2-7b"), TrainConfig(method="lora", batch_size=4), gpu)
+    assert small.parts_seconds["launch"] > 0.5 * small.step_seconds
+    assert big.parts_seconds["launch"] == 0
+
+
 def test_qlora_runs_lm_head_and_attention_in_fp32():
+    """After `prepare_model_for_kbit_training` the lm_head is fp32 (an fp32 GEMM on the CUDA cores) and
+    `Linear4bit` returns fp32, so sdpa gets fp32 operands (the memory-efficient kernel)."""
     arch = load_model("llama-2-7b")
-    tc = TrainConfig(method="qlora", target_modules=("all-linear",))
-    f32 = fp32_flops_per_token(arch, tc)
-    assert f32 > 4 * arch.vocab_size * arch.hidden_size
-    assert f32 < flops_per_token(arch, tc)["total"]
-    assert fp32_flops_per_token(arch, TrainConfig(method="lora")) == 0
-    assert fp32_flops_per_token(arch, TrainConfig(method="lora", precision="fp32")) == flops_per_token(
-        arch, TrainConfig(method="lora", precision="fp32"))["total"]
+    ops = step_ops(arch, batch_free(TrainConfig(method="qlora", target_modules=("all-linear",))))
+    fp32 = {(g.n, g.k) for g in ops.gemms if g.dtype == 4 and g.phase == "forward"}
+    assert (arch.vocab_size, arch.hidden_size) in fp32
+    assert [a[0] for a in ops.attention] == ["efficient_fp32"]
+    lora = step_ops(arch, batch_free(TrainConfig(method="lora")))
+    assert [a[0] for a in lora.attention] == ["flash"] and (arch.vocab_size, arch.hidden_size) not in {
+        (g.n, g.k) for g in lora.gemms if g.dtype == 4}
+    f32 = step_ops(arch, batch_free(TrainConfig(method="lora", precision="fp32")))
+    assert all(g.dtype == 4 for g in f32.gemms)
 
 
 def test_fp32_precision_is_much_slower_than_bf16():
@@ -253,16 +271,18 @@ def test_fp32_precision_is_much_slower_than_bf16():
     assert fp32 < bf16 / 4
 
 
-def test_adapter_traffic():
+def test_adapter_traffic_comes_from_the_graph():
+    """peft's wrapper ops (fp32 cast, dropout, scale, add, cast back) move bytes: more modules, more bytes;
+    dropout and checkpointing add theirs; none of it for full fine-tuning's linears."""
     arch = load_model("llama-3.2-1b")
-    assert adapter_bytes_per_token(arch, TrainConfig(method="full")) == 0
-    assert adapter_bytes_per_token(arch, TrainConfig(method="prefix")) == 0
-    qv = adapter_bytes_per_token(arch, TrainConfig(method="lora"))
-    al = adapter_bytes_per_token(arch, TrainConfig(method="lora", target_modules=("all-linear",)))
-    assert 0 < qv < al
-    assert adapter_bytes_per_token(arch, TrainConfig(method="lora", lora_dropout=0.0)) < qv
-    assert adapter_bytes_per_token(arch, TrainConfig(method="lora", grad_ckpt=True)) > qv  # recomputed forward
-    assert adapter_bytes_per_token(arch, TrainConfig(method="ia3")) > 0
+
+    def per_seq(**kw):
+        return step_ops(arch, batch_free(TrainConfig(**kw))).memory_bytes[0]
+
+    qv = per_seq(method="lora")
+    assert per_seq(method="lora", lora_dropout=0.0) < qv < per_seq(method="lora", target_modules=("all-linear",))
+    assert per_seq(method="lora", grad_ckpt=True) > qv
+    assert per_seq(method="ia3") > per_seq(method="prefix")
 
 
 def test_method_keys():
@@ -271,10 +291,61 @@ def test_method_keys():
     assert method_key(TrainConfig(method="lora", precision="mixed")) == "lora"
 
 
-def test_efficiency_grows_with_matmul_size():
-    p = ThroughputParams(matmul_efficiency={"lora": 0.5}, width_half=2048)
-    small, big = load_model("qwen2.5-0.5b"), load_model("llama-2-70b")
-    tc = TrainConfig(method="lora", seq_len=2048, batch_size=2)
-    assert p.efficiency(small, tc) < p.efficiency(big, tc) < 0.5
-    assert p.efficiency(small, tc.replace(batch_size=8)) > p.efficiency(small, tc)
-    assert p.efficiency(arch_from_config({**small.config, "hidden_size": 2048}, name="x"), tc) == pytest.approx(0.25)
+def test_gemm_tiles_and_waves():
+    """Wave quantization: one more tile than the SMs hold takes a second wave; a skinny GEMM (LoRA's rank 16)
+    is not timed as a wide one; a large GEMM runs near the fitted efficiency."""
+    peak, bw = 989e12, 3.35e12 * 0.8
+    one = gemm_seconds(128 * 132, 256, 4096, 2, 132, peak, 0.8, bw)
+    more = gemm_seconds(128 * 132 + 128, 256, 4096, 2, 132, peak, 0.8, bw)
+    assert 1.1 * one < more < 2 * one  # a second wave, softened by a smaller tile (as cuBLAS picks)
+    thin, wide = (gemm_seconds(4096, n, 4096, 2, 132, peak, 0.8, bw) for n in (16, 4096))
+    assert thin < wide / 8  # not a 4096-wide GEMM, though more than 16/4096 of one (a wave of small tiles)
+    assert gemm_seconds(8192, 8192, 8192, 2, 132, peak, 0.8, bw) == pytest.approx(2 * 8192 ** 3 / (peak * 0.8), rel=0.1)
+
+
+def test_the_step_is_timed_from_the_memory_graph():
+    """The kernels come from the graph the memory model replays: LoRA's adapters add fp32 GEMMs of rank-wide
+    shape per adapted module, frozen bases run no weight-gradient GEMMs, checkpointing repeats the forward."""
+    arch = load_model("llama-3.2-1b")
+    full = step_ops(arch, batch_free(TrainConfig(method="full")))
+    lora = step_ops(arch, batch_free(TrainConfig(method="lora", rank=16)))
+    assert not any(g.phase == "weight_grad" and g.dtype == 2 for g in lora.gemms)
+    adapters = [g for g in lora.gemms if g.dtype == 4]
+    assert {(g.n, g.k) for g in adapters if g.phase == "forward"} == {(16, 2048), (2048, 16), (512, 16)}
+    assert sum(g.count for g in adapters if g.phase == "forward") == 2 * 2 * arch.num_layers
+    assert lora.kernels[0] > full.kernels[0]  # peft's wrapper ops (casts, dropout, A, B, scale, add) in forward
+    assert lora.kernels[1] < full.kernels[1] + 3 * 2 * 2 * arch.num_layers  # no base weight gradients
+    ck = step_ops(arch, batch_free(TrainConfig(method="full", grad_ckpt=True)))
+    assert sum(g.count for g in ck.gemms if g.phase == "recompute") == 7 * arch.num_layers
+    assert ck.kernels[0] > 1.5 * full.kernels[0] and ck.kernels[1] == full.kernels[1]
+
+
+def test_run_records_join_the_fit(tmp_path):
+    """`ftplan run` on CUDA writes a `run` record into calibrate/results (trainer/measure.py); the fit reads every
+    kind of record of the GPU, so a run adds a point and changes the fitted values."""
+    recs = load_records([RESULTS_DIR / "h100-sxm-80gb"])
+    arch = load_model("llama-3.2-3b")
+    tc = TrainConfig(method="lora", batch_size=2)
+    config = dict(arch.config, model_type=arch.model_type)
+    write_record(new_record(kind="run", model_name="llama-3.2-3b", model_config=config, train=tc.to_dict(),
+                            measured={"device": "cuda", "peak_allocated_bytes": 20 * 2**30,
+                                      "tokens_per_s": 0.5 * throughput(arch, tc, load_gpu("h100")).tokens_per_s},
+                            meta_info={"gpu_profile": "h100-sxm-80gb", "gpu_name": "NVIDIA H100 80GB HBM3"}), tmp_path)
+    both = recs + load_records([tmp_path])
+    res = fit.fit_gpu(both, "h100-sxm-80gb", loo=False)
+    assert res.kinds == {"import": 8, "run": 1} and len(res.record_ids) == 9
+    alone = fit.fit_gpu(recs, "h100-sxm-80gb", loo=False)
+    assert res.params.gemm_efficiency != alone.params.gemm_efficiency
+
+
+def test_a_fit_on_one_gpu_predicts_another_of_its_architecture(tmp_path):
+    """Per-architecture values: records made by one truth on the A100-80 SXM and on the A100-80 PCIe (less
+    bandwidth) are predicted by a fit on the SXM's alone; the measured transfer error replaces the assumed one."""
+    truth = ThroughputParams(gemm_efficiency=0.6, bandwidth_efficiency=0.8, launch_seconds=30e-6, fp32_efficiency=0.5)
+    sxm, pcie = load_gpu("a100-sxm-80gb"), load_gpu("a100-pcie-80gb")
+    recs = _synthetic(tmp_path / "sxm", truth, sxm)[:6] + _synthetic(tmp_path / "pcie", truth, pcie)[:4]
+    res = fit.fit_gpu(recs, sxm.name, loo=False)
+    measured, counts = fit.transfer_errors(recs, sxm, res.params)
+    assert counts == {"transferred": 4} and measured["transferred"] < 0.03
+    e = fit.expected_errors(0.05, measured)
+    assert e["transferred"] == measured["transferred"] and e["extrapolated"] > 0.35

@@ -180,8 +180,7 @@ def test_errors_are_signed_and_summaries_absolute(tmp_path):
 
 def test_params_by_gpu_override_the_calibration():
     records = load_records([SHIPPED])
-    slow = ThroughputParams(matmul_efficiency={k: 0.01 for k in ("full", "full-mixed", "lora", "qlora", "prefix",
-                                                                 "prompt", "ia3")}, allocator_overhead=0.5)
+    slow = ThroughputParams(gemm_efficiency=0.01, fp32_efficiency=0.01, allocator_overhead=0.5)
     base = {c.id: c for c in compare(records)}
     for c in compare(records, {"h100-sxm-80gb": slow}):
         assert c.predicted_tokens_per_s < base[c.id].predicted_tokens_per_s

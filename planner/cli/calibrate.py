@@ -196,8 +196,8 @@ def _require_cuda() -> None:
 def fit(results, gpu_ref, write, as_json):
     """Learn the per-GPU throughput and allocator parameters from the records; print the error before and after.
 
-    Fitted, per GPU: the matmul efficiency (one scale for the GPU, a method's own value where it has two records
-    or more) and its fall-off for small matmuls, the bandwidth efficiency, the allocator overhead (median
+    Fitted, per GPU architecture (every GPU of it then uses them): the GEMM efficiency, the bandwidth efficiency,
+    the host time per kernel and the fp32 GEMM efficiency; per GPU: the allocator overhead (median
     reserved/allocated - 1) and the CUDA context (NVML records). Few, named, physical parameters: never a factor
     per configuration. Also printed: the leave-one-out error, what to expect on configurations not measured. The file it writes is what `estimate` and
     `recommend` use (they name it); review it before committing.

@@ -6,7 +6,7 @@ A method (one module per method in this package, registered in `planner.methods`
   and adapter bytes;
 - its ops in a layer's graph (`before_linear`, `after_linear`, `layer_prefix`, `head`, `extra_piece`): hooks that
   `planner.layers.Builder` calls with itself, so the method adds its tensors with the builder's primitives;
-- its FLOPs and bytes per token (`adapter_matmul_params`, `adapter_bytes_per_token`);
+- its matmul FLOPs per token (`adapter_matmul_params`; its time comes from its graph ops, `planner.kernels`);
 - what it combines with (`supports_grad_ckpt`, `supports_merge`, `quants`), checked by `validate`;
 - its quality tier with the reason (`quality`), what `recommend` enumerates (`families`) and a default
   learning rate;
@@ -56,7 +56,6 @@ class Method:
     quants: tuple = ("none",)  # base quantizations (planner.quant) it combines with
     quality_tier: float = 4.0
     quality_reason: str = ""
-    efficiency_keys: tuple = ()  # throughput calibration keys to try after its own (planner.cost)
     default_lr: float = 2e-4
     peft_type: str | None = None  # peft's PeftType name, for runs and merges
 
@@ -134,11 +133,6 @@ class Method:
     def adapter_matmul_params(self, arch: ModelArch, tc) -> int:
         """Weights of the method's own matmuls per token (LoRA's A and B)."""
         return 0
-
-    def adapter_bytes_per_token(self, arch: ModelArch, tc, act: int) -> float:
-        """Bandwidth-bound bytes per token of the method's elementwise ops in one micro-step, all layers;
-        `act`: bytes per element of a linear layer's output."""
-        return 0.0
 
     # -- running ------------------------------------------------------------------------------------------------
     def peft_config(self, tc, model_type: str | None = None):

@@ -35,7 +35,6 @@ class DoRA(LoRA):
     quality_tier = 1.9
     quality_reason = ("DoRA matches or beats LoRA at the same rank (arXiv:2402.09353, Tables 1-4): 0.1 below LoRA's "
                       "tier at each rank")
-    efficiency_keys = ("lora",)  # until DoRA has records of its own, its GEMMs run at LoRA's efficiency
 
     def trainable_tensors(self, arch, tc) -> list[Trainable]:
         """LoRA's A and B plus `lora_magnitude_vector`: one fp32 vector of out_features per adapted linear
@@ -152,13 +151,6 @@ class DoRA(LoRA):
         return y
 
     # -- throughput ---------------------------------------------------------------------------------------------
-    def adapter_bytes_per_token(self, arch, tc, act: int) -> float:
-        """LoRA's traffic plus, per adapted linear and token, the four fp32 products of the DoRA combination (each
-        read twice and written once, forward and backward: about 2 x 4 x 12 B per output element)."""
-        recompute = 2 if tc.grad_ckpt else 1
-        extra = sum(lin.out_features for lin in lora_targets(arch, tc)) * (recompute * 48 + 48)
-        return super().adapter_bytes_per_token(arch, tc, act) + extra * arch.num_layers
-
     def adapter_matmul_params(self, arch, tc) -> int:
         """LoRA's A and B, plus the base matmul DoRA runs again on the dropout output (with dropout > 0)."""
         again = sum(lin.in_features * lin.out_features for lin in lora_targets(arch, tc)) if tc.lora_dropout > 0 else 0

@@ -77,18 +77,6 @@ class IA3(Method):
         g.op("mul_ia3", [y, vec], [p], saved=[y] + ([vec] if g.rg(y) else []), bwd_temp=(b.seq * n_out * FP32, 0))
         return b.cast(p, n_out, b.dtype[y])
 
-    def adapter_bytes_per_token(self, arch, tc, act: int) -> float:
-        """peft scales the output of k/v (or q/v) and the input of the feed-forward projection in fp32: cast,
-        multiply, cast back (2 x act + 2 x 4 B, forward) and in backward the same plus the vector's gradient
-        reduction (2 x act + 3 x 4 B). Checkpointing repeats the forward part."""
-        recompute = 2 if tc.grad_ckpt else 1
-        targets, ff = ia3_targets(arch)
-        total = 0.0
-        for lin in targets:
-            width = lin.in_features if lin.name in ff else lin.out_features
-            total += width * (recompute * (2 * act + 8) + (2 * act + 12))
-        return total * arch.num_layers
-
     def peft_config(self, tc, model_type=None):
         """IA3 with ftplan's table of targets (peft's defaults where peft has them), so that the planner's count and
         the run agree for every family."""

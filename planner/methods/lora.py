@@ -136,17 +136,6 @@ class LoRA(Method):
         """r x (in + out) per adapted linear: LoRA's own matmuls."""
         return arch.num_layers * sum(tc.rank * (lin.in_features + lin.out_features) for lin in lora_targets(arch, tc))
 
-    def adapter_bytes_per_token(self, arch, tc, act: int) -> float:
-        """`adapter_bytes_per_element` over every adapted linear's (in, out) widths; checkpointing repeats the
-        forward part."""
-        recompute = 2 if tc.grad_ckpt else 1
-        b = adapter_bytes_per_element(act, tc.lora_dropout)
-        total = 0.0
-        for lin in lora_targets(arch, tc):
-            total += recompute * (b["fwd_in"] * lin.in_features + b["fwd_out"] * lin.out_features)
-            total += b["bwd_in"] * lin.in_features + b["bwd_out"] * lin.out_features
-        return total * arch.num_layers
-
     # -- running ------------------------------------------------------------------------------------------------
     def peft_kwargs(self, tc) -> dict:
         from ..config import ALL_LINEAR
@@ -174,27 +163,6 @@ def _trained_linear(b, x: int, n_in: int, n_out: int) -> int:
     y = b.new(n_out, BF16, True)
     g.op("adapter", [xc, wc], [y], saved=[xc] + ([wc] if g.rg(xc) else []))
     return y
-
-
-def adapter_bytes_per_element(act: int, lora_dropout: float) -> dict[str, float]:
-    """Bytes moved per element of an adapted linear's input (`in`) and output (`out`) by peft's LoRA wrapper,
-    forward and backward; adapters are fp32 (4 B), activations `act` bytes.
-
-    forward  `result + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`, then `.to(result dtype)`:
-        in:  cast (read act, write 4) + dropout (read 4, write 4 + 1-byte mask) + lora_A reads its input (4)
-        out: lora_B writes (4) + scale (read 4, write 4) + add (read act + 4, write 4) + cast back (read 4, write act)
-    backward, the same tensors in reverse: out: cast and add gradients (2 x (act + 4)), scale (8), lora_B's two
-    matmuls read the gradient (8); in: lora_A's weight gradient reads the saved input (4) and its input gradient
-    writes (4), dropout (read 4 + mask, write 4), cast (read 4, write act), and x's gradient is the sum of the
-    base layer's and the adapter's (read 2 x act, write act). No cast when activations are already fp32."""
-    f = 4
-    cast = act != f
-    drop = lora_dropout > 0
-    fwd_in = cast * (act + f) + drop * (2 * f + 1) + f
-    fwd_out = 5 * f + act + cast * (f + act)
-    bwd_in = 2 * f + drop * (2 * f + 1) + cast * (f + act) + 3 * act
-    bwd_out = 4 * f + 2 * cast * (act + f)
-    return {"fwd_in": fwd_in, "fwd_out": fwd_out, "bwd_in": bwd_in, "bwd_out": bwd_out}
 
 
 METHOD = LoRA()

@@ -137,11 +137,12 @@ def model_gpu_report(arch: ModelArch, gpu: GPUProfile, cond: D.Conditions, out_d
     by_source: dict[str, list[str]] = {}
     for g in sorted(gpus, key=lambda g: g.name):
         src = _calibration(g)
-        if " (borrowed for " in src:  # another GPU's fitted parameters: list those GPUs together
-            src = src.split(" (borrowed for ")[0] + " (borrowed: no calibration of their own)"
+        for how in ("transferred", "extrapolated"):  # another GPU's fitted values: list those GPUs together
+            if f", {how} to " in src:
+                src = src.split(f", {how} to ")[0] + f" ({how}: no calibration of their own)"
         by_source.setdefault(src, []).append(g.name)
     calib = [f"{src} for every GPU" if len(by_source) == 1 else f"{src}: {', '.join(names)}"
-             for src, names in sorted(by_source.items(), key=lambda kv: "borrowed" in kv[0])]
+             for src, names in sorted(by_source.items(), key=lambda kv: "no calibration" in kv[0])]
     conditions = [("model", f"{arch.name} ({arch.total_params / 1e9:.2f}B parameters, {arch.model_type})"),
                   ("GPU", f"{gpu.display_name} ({gpu.memory_bytes / 2**30:.1f} GiB)")] + _conditions(cond)
     conditions.append(("throughput model", "; ".join(calib)))
