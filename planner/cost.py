@@ -21,7 +21,9 @@ and fp32 peaks, memory bandwidth, SM count: `profiles/gpus/*.toml`) and a few pa
   part is the excess of the host over the GPU (small models at short sequences are host-bound);
 - `optimizer`: the optimizer step and gradient clipping by the bytes their passes move (`optimizer_bytes_per_step`);
 - `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
-  reduce-scatter gradients ((n-1)/n x (2W + G)) over the interconnect, half of it hidden behind compute.
+  reduce-scatter gradients ((n-1)/n x (2W + G)) over the slowest link the ring crosses (NVLink/PCIe in a node, the
+  NIC share between nodes), minus what the compute hides (FSDP2 prefetch, DDP/ZeRO buckets in backward), plus CPU
+  offload's PCIe transfers: `planner.comm`.
 
 The fitted values are fractions of each GPU's own peaks (and one host cost per kernel), so a calibration on one
 GPU times every GPU of its architecture (`throughput_params`: calibrated, transferred, extrapolated, each with
@@ -42,6 +44,7 @@ from .kernels import step_ops
 from .layers import regime
 from .methods import trainable_params
 from .memory import _piece_key, batch_free, gradient_bytes, optimizer_state_bytes
+from .comm import communication_time
 from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -382,10 +385,13 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
     S = strategy_of(tc)  # each device steps its share of a sharded optimizer state, none when it is offloaded
     opt_bytes = optimizer_bytes_per_step(arch, tc) // S.ways(OPTIMIZER_STATE, tc.num_gpus)
     parts["optimizer"] = 0.0 if S.offloads_optimizer(tc) else opt_bytes / bw
-    comm = comm_bytes_per_step(arch, tc) / (gpu.interconnect_gb_per_s * 1e9) * 0.5
-    if S.offloads_optimizer(tc):  # PCIe (25 GB/s)
-        comm += S.offload_bytes_per_step(tc, optimizer_state_bytes(arch, tc)["state"]) / 25e9
-    parts["communication"] = comm
+    if S.multi_gpu:  # planner/comm.py: the ring's links, what the compute hides, host transfers over PCIe
+        offload = S.offload_bytes_per_step(tc, optimizer_state_bytes(arch, tc)["state"])
+        busy = sum(v for k, v in parts.items() if k != "optimizer")  # the GPU work collectives can hide behind
+        ct = communication_time(S, arch, tc, gpu, busy, comm_bytes_per_step(arch, tc), offload)
+        parts["communication"] = ct.exposed_seconds + ct.host_seconds
+    else:
+        parts["communication"] = 0.0
     step = sum(parts.values())
     per_gpu = tokens_step / step
     peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
