@@ -16,11 +16,9 @@ from ..recommend import OBJECTIVES, Request, best_per_family, distinct_plans, ex
 from ..units import fmt_count, fmt_gib, fmt_hours
 from .options import (
     emit_json,
-    gpu_option,
     json_option,
     model_option,
     parse_tokens_option,
-    resolve_gpu_or_fail,
     resolve_model_or_fail,
 )
 from .checks import check_positions, check_provider, os_error, writable_file
@@ -31,14 +29,17 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
-@gpu_option(required=True)
+@click.option("--gpu", "gpu_refs", required=True, multiple=True, metavar="NAME[,NAME...]|all",
+              help="GPU name or alias (a100-80, h100, 4090; `ftplan gpus list`); several (a comma list, or --gpu "
+                   "repeated) or `all` rank every GPU type x count x plan by the job's cost.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for hours and $.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
 @click.option("--effective-batch", type=int, default=16, show_default=True,
               help="Sequences per optimizer step over all GPUs (micro-batch x accumulation x GPUs).")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="quality", show_default=True,
-              help="quality: method tier, then time, then cost; time; cost.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
+              help="quality: method tier, then time, then cost; time; cost.  [default: quality for one GPU, cost "
+                   "for several]")
 @click.option("--max-gpus", type=int, default=1, show_default=True, help="Allow up to this many GPUs (DDP/ZeRO/FSDP).")
 @click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Methods to consider (comma list).")
 @click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
@@ -52,7 +53,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
-def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
+def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
               margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
 
@@ -61,9 +62,13 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
     ftplan recommend --model meta-llama/Llama-3.1-8B --gpu rtx-4090 --seq-len 4096 \\
         --dataset-tokens 50M --epochs 3 --save plan.toml
     ftplan recommend --model 70b --gpu a100-80 --max-gpus 16 --methods full
+    ftplan recommend --model 70b --gpu all --max-gpus 8 --dataset-tokens 50M --epochs 3
     """
     arch, how = resolve_model_or_fail(model_ref)
-    gpu = resolve_gpu_or_fail(gpu_ref)
+    gpus = parse_gpu_list(gpu_refs)
+    several = len(gpus) > 1 or any("," in r or r.strip().lower() == "all" for r in gpu_refs)
+    objective = objective or ("cost" if several else "quality")
+    gpu = gpus[0]
     for name, value in (("--seq-len", seq_len), ("--effective-batch", effective_batch), ("--max-gpus", max_gpus),
                         ("--top", top), ("--pick", pick)):
         if value <= 0:
@@ -82,9 +87,15 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
+    if several:
+        for flag, value in (("--verify", verify), ("--chart", chart_path)):
+            if value:
+                raise click.BadParameter("works with one GPU type; valid: a single --gpu NAME", param_hint=flag)
     req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
                   model_ref=model_ref)
+    if several:
+        return _several(req, gpus, how, top, variants, save_path, pick, as_json)
     res = run_recommend(req)
     verified = _verify(res, min(3, top)) if verify else {}
     # --pick numbers the plans as the table lists them (best per method, or every variant), at most --top
@@ -169,6 +180,156 @@ def _print(res, how, top, verified, variants=False):
             else:
                 line += "; does not fit even on 1024 GPUs with ZeRO-3 + offload (activations alone exceed the GPU)"
             click.echo(line)
+
+
+def parse_gpu_list(refs: tuple) -> list:
+    """GPU profiles from --gpu values: names or aliases, comma lists, `all` (every profile); duplicates dropped.
+    An unknown name is a usage error naming it and the valid ones."""
+    from ..profiles import ProfileError, list_gpus, load_gpu
+
+    out = []
+    for ref in refs:
+        for name in (n.strip() for n in ref.split(",")):
+            if not name:
+                continue
+            if name.lower() == "all":
+                found = list_gpus()
+            else:
+                try:
+                    found = [load_gpu(name)]
+                except ProfileError as e:
+                    valid = ", ".join(g.name for g in list_gpus())
+                    raise click.BadParameter(f"{e}; valid: all, {valid}", param_hint="--gpu") from None
+            out += [g for g in found if g not in out]
+    if not out:
+        raise click.BadParameter(f"no GPU named; valid: all, {', '.join(g.name for g in list_gpus())}",
+                                 param_hint="--gpu")
+    return out
+
+
+def _several(req, gpus, how, top, variants, save_path, pick, as_json):
+    """`recommend` over several GPU types (planner.compare): one ranked table, prices with their source and date,
+    and the GPUs that cannot run the model at all, with why."""
+    from ..compare import best_per_gpu_family, compare
+
+    comp = compare(req, gpus)
+    listed = (distinct_plans(comp.ranked) if variants else best_per_gpu_family(comp.ranked))[:top]
+    if listed and pick > len(listed):
+        raise click.BadParameter(f"{pick}: valid: 1 to {len(listed)} (the plans listed)", param_hint="--pick")
+    chosen = listed[pick - 1] if listed else None
+    if save_path and chosen is not None:
+        try:
+            _save(chosen, comp.verdict(chosen.gpu.name).result, save_path)
+        except OSError as e:
+            raise os_error(e, "--save") from None
+    if as_json:
+        emit_json(_several_json(comp, listed, save_path if chosen else None))
+        return
+    _print_several(comp, listed, how, variants)
+    if save_path:
+        if chosen is None:
+            raise click.ClickException("nothing fits, so no plan was saved")
+        click.echo(f"\nsaved plan #{pick} to {save_path}  (run it: ftplan run {save_path} --data train.jsonl --output-dir runs/x)")
+
+
+def _money(x) -> str:
+    return "-" if x is None else (f"${x:,.0f}" if x >= 100 else f"${x:,.2f}")
+
+
+def _print_several(comp, listed, how, variants):
+    from ..compare import job_cost, job_time
+
+    r = comp.request
+    job = bool(r.workload.total_tokens)
+    click.echo(f"model  {r.arch.name} ({r.arch.total_params / 1e9:.2f}B params)" + (f"  [{how}]" if "->" in how else ""))
+    click.echo(f"gpus   {len(comp.gpus)} types, up to {r.max_gpus} of a type: {', '.join(g.name for g in comp.gpus)}")
+    work = f"seq {r.seq_len}, {r.effective_batch} sequences per optimizer step"
+    if job:
+        work += f", {fmt_count(r.workload.dataset_tokens)} tokens x {r.workload.epochs:g} epochs"
+    click.echo(f"work   {work}")
+    unit = "the job's" if job else "per million tokens:"
+    order = {"cost": f"{unit} $, then time", "time": f"{unit} time, then $",
+             "quality": "method tier, then time, then $"}[r.objective]
+    click.echo(f"rank   by {r.objective} ({order}); a plan must leave {100 * r.margin:g}% of GPU memory free; "
+               f"{comp.evaluated} candidates in {comp.seconds:.2f} s")
+    click.echo("")
+    if listed:
+        rows = []
+        for i, p in enumerate(listed, 1):
+            d = plan_row(p)
+            t = job_time(p)
+            rows.append([i, p.gpu.name, d["gpus"], method_label(p.train), d["precision"], d["batch"],
+                         "yes" if d["grad_ckpt"] else "no", d["optimizer"],
+                         f"{d['peak_gib']:.1f} / {d['gpu_gib']:.0f}", f"{d['tokens_per_s']:,.0f}",
+                         fmt_hours(t) if job else fmt_hours(t / 3600), _money(job_cost(p, comp.verdict(p.gpu.name).price))])
+        headers = ["#", "gpu", "n", "method", "precision", "batch", "ckpt", "optimizer", "peak GiB / GPU", "tokens/s",
+                   "time" if job else "time / 1M tok", "cost" if job else "$ / 1M tok"]
+        click.echo(table(headers, rows, align="rlllllllrrrr"))
+        click.echo("")
+        b = comp.best
+        click.echo(f"{b.train.num_gpus} x {b.gpu.name}, {method_label(b.train)}, ranks first by {r.objective} of the "
+                   f"{len(comp.ranked)} plans that fit on {sum(1 for v in comp.verdicts if not v.reason)} GPU types.")
+        notes = []
+        hidden = len(distinct_plans(comp.ranked)) - len(listed)
+        if hidden > 0:
+            notes.append(("best configuration per GPU, count and method shown" if not variants else "")
+                         + f"; --top and --variants list up to {len(distinct_plans(comp.ranked))}")
+        if not job:
+            notes.append("--dataset-tokens and --epochs give the job's time and cost")
+        if notes:
+            click.echo("(" + "; ".join(n.lstrip("; ") for n in notes) + ")")
+    else:
+        click.echo(f"Nothing fits on any of these GPU types (up to {r.max_gpus} of a type).")
+    bad = [v for v in comp.verdicts if v.reason]
+    if bad:
+        click.echo("")
+        click.echo("cannot run the model at all:")
+        for v in bad:
+            click.echo(f"  {v.gpu.name}: {v.reason}")
+    click.echo("")
+    click.echo("prices (cheapest row per GPU" + (f", {r.provider}" if r.provider else "") + "; tokens/s calibration):")
+    for v in comp.verdicts:
+        p = v.price
+        speed = throughput_params(v.gpu.name).source
+        if p is None:
+            click.echo(f"  {v.gpu.name}: no price" + (f" from {r.provider}" if r.provider else "") + f"; {speed}")
+        else:
+            click.echo(f"  {v.gpu.name}: ${p.usd_per_gpu_hour:g}/GPU-h {p.provider}, as of {p.as_of}, {p.source}; {speed}")
+
+
+def _several_json(comp, listed, saved):
+    from ..compare import job_cost, job_time, usd_per_million_tokens
+
+    r = comp.request
+    job = bool(r.workload.total_tokens)
+
+    def price(p):
+        return None if p is None else {"provider": p.provider, "usd_per_gpu_hour": p.usd_per_gpu_hour,
+                                        "as_of": p.as_of, "source": p.source, "note": p.note}
+
+    return {
+        "model": r.arch.name,
+        "gpus": [g.name for g in comp.gpus],
+        "objective": r.objective,
+        "margin": r.margin,
+        "max_gpus": r.max_gpus,
+        "evaluated": comp.evaluated,
+        "seconds": round(comp.seconds, 4),
+        "plans": [
+            dict(p.to_dict(), quality=quality_score(p.train), rank_in_list=i,
+                 job_cost_usd=round(job_cost(p, comp.verdict(p.gpu.name).price), 4) if job and job_cost(p, comp.verdict(p.gpu.name).price) is not None else None,
+                 usd_per_million_tokens=(None if (u := usd_per_million_tokens(p, comp.verdict(p.gpu.name).price)) is None else round(u, 4)),
+                 seconds_per_million_tokens=round(job_time(p) if not job else 1e6 / p.speed.tokens_per_s, 3))
+            for i, p in enumerate(listed, 1)
+        ],
+        "gpu_verdicts": [
+            {"gpu": v.gpu.name, "runs": v.reason is None, "fitting_plans": len(v.result.ranked), "reason": v.reason,
+             "needs_gpus": v.needs_gpus, "price": price(v.price),
+             "calibration": throughput_params(v.gpu.name).source}
+            for v in comp.verdicts
+        ],
+        "saved": saved,
+    }
 
 
 def _size(n: int) -> str:
