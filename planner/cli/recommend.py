@@ -12,7 +12,7 @@ from ..methods import METHOD_CHOICES, method_label
 from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
-from ..recommend import OBJECTIVES, Request, best_per_family, distinct_plans, explain, plan_row, quality_score, recommend as run_recommend
+from ..recommend import OBJECTIVES, Request, sort_key, best_per_family, distinct_plans, explain, plan_row, quality_score, recommend as run_recommend
 from ..units import fmt_count, fmt_gib, fmt_hours
 from .options import (
     emit_json,
@@ -22,6 +22,7 @@ from .options import (
     resolve_model_or_fail,
 )
 from .checks import check_positions, check_provider, os_error, writable_file
+from .datainfo import check_data_args, data_lines, data_options, data_report, read_data_or_fail
 from .render import table
 
 ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
@@ -35,6 +36,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for hours and $.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
+@data_options
 @click.option("--effective-batch", type=int, default=16, show_default=True,
               help="Sequences per optimizer step over all GPUs (micro-batch x accumulation x GPUs).")
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
@@ -53,7 +55,8 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
-def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
+def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
+              trust_remote_code, packing, effective_batch, objective, max_gpus, methods,
               margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
 
@@ -86,7 +89,13 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, effective_ba
     if bad or not wanted:
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
+    check_data_args(data_path, dataset_tokens)
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
+    timer = stats = None
+    if data_path:
+        stats = read_data_or_fail(data_path, data_format, tokenizer_ref, trust_remote_code, model_ref, arch, as_json)
+        workload = Workload(sum(stats.truncated(seq_len)), epochs)
+        timer = _data_timer(arch, stats, epochs, packing)
     if several:
         for flag, value in (("--verify", verify), ("--chart", chart_path)):
             if value:
@@ -95,8 +104,11 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, effective_ba
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
                   model_ref=model_ref)
     if several:
-        return _several(req, gpus, how, top, variants, save_path, pick, as_json)
+        return _several(req, gpus, how, top, variants, save_path, pick, as_json, timer, stats, packing)
     res = run_recommend(req)
+    if timer is not None:
+        res.ranked = [timer(p) for p in res.ranked]
+        res.ranked.sort(key=sort_key(objective))
     verified = _verify(res, min(3, top)) if verify else {}
     # --pick numbers the plans as the table lists them (best per method, or every variant), at most --top
     listed = (distinct_plans(res.ranked) if variants else best_per_family(res.ranked))[:top]
@@ -114,10 +126,15 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, effective_ba
             _chart(res, chart_path)
         except OSError as e:
             raise os_error(e, "--chart") from None
+    data = _data_facts(res.request, chosen, stats, epochs, packing)
     if as_json:
-        emit_json(_as_json(res, top, verified, save_path if chosen else None))
+        out = _as_json(res, top, verified, save_path if chosen else None)
+        if data is not None:
+            out["data"] = data
+        emit_json(out)
         return
     _print(res, how, top, verified, variants)
+    _print_data(data, res.request, chosen, pick)
     if save_path:
         if chosen is None:
             raise click.ClickException("nothing fits, so no plan was saved")
@@ -207,12 +224,47 @@ def parse_gpu_list(refs: tuple) -> list:
     return out
 
 
-def _several(req, gpus, how, top, variants, save_path, pick, as_json):
+def _data_timer(arch, stats, epochs, packing):
+    """plan -> plan with the hours and cost of the dataset's real batches (planner.datastats; 16 length buckets)."""
+    from ..cost import cost_usd
+    from ..datastats import data_time
+
+    def timer(p):
+        p.hours = data_time(arch, p.train, p.gpu, stats, epochs, packing=packing, buckets=16).hours
+        if p.price is not None:
+            p.cost_usd = cost_usd(p.hours, p.train.num_gpus, p.price.usd_per_gpu_hour)
+        return p
+
+    return timer
+
+
+def _data_facts(req, chosen, stats, epochs, packing):
+    """The dataset section for the chosen plan (or, when nothing fits, without a GPU)."""
+    if stats is None:
+        return None
+    from ..config import TrainConfig as TC
+
+    if chosen is not None:
+        return data_report(req.arch, chosen.train, chosen.gpu, stats, epochs, packing, margin=req.margin)
+    return data_report(req.arch, TC(seq_len=req.seq_len), None, stats, epochs, packing, margin=req.margin)
+
+
+def _print_data(data, req, chosen, pick=1):
+    if data is None:
+        return
+    click.echo("")
+    batch = chosen.train.batch_size if chosen else 1
+    gpu_bytes = chosen.gpu.memory_bytes if chosen else None
+    click.echo(f"data, for plan #{pick}:" if chosen else "data:")
+    click.echo("\n".join("  " + line for line in data_lines(data, req.seq_len, batch, gpu_bytes, req.margin)))
+
+
+def _several(req, gpus, how, top, variants, save_path, pick, as_json, timer=None, stats=None, packing=False):
     """`recommend` over several GPU types (planner.compare): one ranked table, prices with their source and date,
     and the GPUs that cannot run the model at all, with why."""
     from ..compare import best_per_gpu_family, compare
 
-    comp = compare(req, gpus)
+    comp = compare(req, gpus, data_time=timer)
     listed = (distinct_plans(comp.ranked) if variants else best_per_gpu_family(comp.ranked))[:top]
     if listed and pick > len(listed):
         raise click.BadParameter(f"{pick}: valid: 1 to {len(listed)} (the plans listed)", param_hint="--pick")
@@ -222,10 +274,15 @@ def _several(req, gpus, how, top, variants, save_path, pick, as_json):
             _save(chosen, comp.verdict(chosen.gpu.name).result, save_path)
         except OSError as e:
             raise os_error(e, "--save") from None
+    data = _data_facts(req, chosen, stats, req.workload.epochs, packing)
     if as_json:
-        emit_json(_several_json(comp, listed, save_path if chosen else None))
+        out = _several_json(comp, listed, save_path if chosen else None)
+        if data is not None:
+            out["data"] = data
+        emit_json(out)
         return
     _print_several(comp, listed, how, variants)
+    _print_data(data, req, chosen, pick)
     if save_path:
         if chosen is None:
             raise click.ClickException("nothing fits, so no plan was saved")
