@@ -133,14 +133,11 @@ def compare(template: Request, gpus: list, data_time=None) -> Comparison:
     return Comparison(template, list(gpus), ranked, verdicts, evaluated, time.perf_counter() - t0)
 
 
-def best_per_gpu_family(plans: list) -> list:
-    """The first (best-ranked) plan of each (GPU, GPU count, method family), in rank order."""
-    from .recommend import family_label
-
+def best_per_gpu(plans: list) -> list:
+    """The first (best-ranked) plan of each GPU type, in rank order: one row per GPU answers "which GPU"."""
     seen, out = set(), []
     for p in plans:
-        k = (p.gpu.name, p.train.num_gpus, family_label(p.train))
-        if k not in seen:
-            seen.add(k)
+        if p.gpu.name not in seen:
+            seen.add(p.gpu.name)
             out.append(p)
     return out

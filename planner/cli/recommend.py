@@ -262,10 +262,10 @@ def _print_data(data, req, chosen, pick=1):
 def _several(req, gpus, how, top, variants, save_path, pick, as_json, timer=None, stats=None, packing=False):
     """`recommend` over several GPU types (planner.compare): one ranked table, prices with their source and date,
     and the GPUs that cannot run the model at all, with why."""
-    from ..compare import best_per_gpu_family, compare
+    from ..compare import best_per_gpu, compare
 
     comp = compare(req, gpus, data_time=timer)
-    listed = (distinct_plans(comp.ranked) if variants else best_per_gpu_family(comp.ranked))[:top]
+    listed = (distinct_plans(comp.ranked) if variants else best_per_gpu(comp.ranked))[:top]
     if listed and pick > len(listed):
         raise click.BadParameter(f"{pick}: valid: 1 to {len(listed)} (the plans listed)", param_hint="--pick")
     chosen = listed[pick - 1] if listed else None
@@ -329,7 +329,7 @@ def _print_several(comp, listed, how, variants):
         notes = []
         hidden = len(distinct_plans(comp.ranked)) - len(listed)
         if hidden > 0:
-            notes.append(("best configuration per GPU, count and method shown" if not variants else "")
+            notes.append(("the best plan of each GPU type shown" if not variants else "")
                          + f"; --top and --variants list up to {len(distinct_plans(comp.ranked))}")
         if not job:
             notes.append("--dataset-tokens and --epochs give the job's time and cost")
