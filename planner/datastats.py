@@ -69,17 +69,20 @@ def load_tokenizer(source: str | None, *, explicit: bool = False, revision: str 
             if explicit:
                 raise TokenizerError(f"{source}: reading the HF cache needs huggingface_hub") from None
             return None, "huggingface_hub is not installed"
+        from .hub import hub_cache_dir
+
+        cache = hub_cache_dir()  # from the environment now, as planner.hub reads config.json
         try:
-            cached = any(isinstance(try_to_load_from_cache(source, n, revision=revision), str)
-                         for n in TOKENIZER_FILES)
+            found = [f for n in TOKENIZER_FILES
+                     if isinstance(f := try_to_load_from_cache(source, n, cache_dir=str(cache), revision=revision), str)]
         except ValueError:  # not a valid repo id
-            cached = False
-        if not cached:
+            found = []
+        if not found:
             if explicit:
-                raise TokenizerError(f"{source}: not a folder, and not in the HF cache at revision {revision} "
-                                     "(ftplan never downloads it: huggingface-cli download it first, or give a folder)")
+                raise TokenizerError(f"{source}: not a folder, and not in the HF cache {cache} at revision {revision} "
+                                     "(ftplan never downloads it: `hf download` it first, or give a folder)")
             return None, f"{source} is not in the HF cache"
-        target, where = source, "HF cache"
+        target, where = str(Path(found[0]).parent), "HF cache"  # the snapshot folder of that revision
     try:
         from transformers import AutoTokenizer
     except ModuleNotFoundError:

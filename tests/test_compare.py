@@ -66,3 +66,15 @@ def test_unknown_gpu_in_the_list_names_it_and_the_valid_ones():
     out = run("recommend", "--model", "8b", "--gpu", "h100,bogus-gpu", code=2).output
     assert "bogus-gpu" in out and "valid: all, a100-pcie-80gb" in out and "t4-16gb" in out
     assert "one GPU type" in run("recommend", "--model", "8b", "--gpu", "all", "--verify", code=2).output
+
+
+def test_save_over_several_gpus_writes_the_picked_plan_on_its_gpu(tmp_path):
+    from planner.planfile import read_plan
+
+    d = json.loads(run("recommend", "--model", "8b", "--gpu", "l4,h100", "--methods", "qlora", "--json").output)
+    second = d["plans"][1]
+    path = tmp_path / "plan.toml"
+    run("recommend", "--model", "8b", "--gpu", "l4,h100", "--methods", "qlora", "--save", str(path), "--pick", "2")
+    pf = read_plan(path)
+    assert pf.gpu == second["gpu"] and pf.train.batch_size == second["config"]["batch_size"]
+    assert pf.prediction["device_bytes"] == second["device_bytes"]

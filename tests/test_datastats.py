@@ -203,3 +203,32 @@ def test_bad_data_and_tokenizers_exit_2_with_the_line(tmp_path, tiny_tokenizer_d
     assert "cannot load the tokenizer" in out
     assert "not both" in run(*base, str(empty), "--dataset-tokens", "1M", code=2).output
     assert "not in the HF cache" in run(*base, str(empty), "--tokenizer", "Org/not-cached", code=2).output
+
+
+def test_a_hub_models_tokenizer_is_read_from_the_hf_cache_offline(tmp_path, monkeypatch, tiny_tokenizer_dir):
+    """The hub's cache layout (refs/main -> snapshots/<hash>/...), as tests/test_hub.py builds it: --model Org/Name
+    finds config.json and the tokenizer there with HF_HUB_OFFLINE set; another revision has no tokenizer."""
+    import shutil
+
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    repo = home / "hub" / "models--Org--Tiny"
+    sha = "c" * 40
+    snap = repo / "snapshots" / sha
+    shutil.copytree(tiny_tokenizer_dir, snap)
+    (snap / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 400, "max_position_embeddings": 256}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "The capital of Peru is Lima."}\n')
+    d = json.loads(run("estimate", "--model", "Org/Tiny", "--gpu", "l4", "--seq-len", "128", "--data", str(data),
+                       "--json").output)["data"]
+    assert d["tokenized_by"].endswith("(HF cache)") and sha in d["tokenized_by"] and not d["estimated"]
+    from transformers import AutoTokenizer
+
+    assert d["tokens"] == len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)("The capital of Peru is Lima.")
+                             ["input_ids"]) + 1  # + the EOS trainer/data.py appends
