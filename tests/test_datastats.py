@@ -232,3 +232,15 @@ def test_a_hub_models_tokenizer_is_read_from_the_hf_cache_offline(tmp_path, monk
 
     assert d["tokens"] == len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir)("The capital of Peru is Lima.")
                              ["input_ids"]) + 1  # + the EOS trainer/data.py appends
+
+
+def test_packing_needs_data_and_a_method_that_packs(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "The capital of Peru is Lima."}\n')
+    assert "give --data" in run("estimate", "--model", "8b", "--gpu", "l4", "--packing", code=2).output
+    out = run("estimate", "--model", "8b", "--gpu", "l4", "--method", "prefix", "--data", str(data), "--packing",
+              code=2).output
+    assert "valid with --packing: full, lora, qlora, ia3" in out
+    # --format is ftplan run's name for --data-format
+    assert json.loads(run("estimate", "--model", "8b", "--data", str(data), "--format", "text", "--json").output)[
+        "data"]["format"] == "text"

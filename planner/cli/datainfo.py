@@ -20,8 +20,8 @@ def data_options(f):
         click.option("--data", "data_path", default=None, metavar="FILE",
                      help="Your training data (the formats and auto-detection of `ftplan run`): real token counts, "
                           "padding, the longest batch, and time and cost from its real batches."),
-        click.option("--data-format", type=click.Choice(("auto",) + FORMATS), default="auto", show_default=True,
-                     help="Format of --data."),
+        click.option("--data-format", "--format", "data_format", type=click.Choice(("auto",) + FORMATS),
+                     default="auto", show_default=True, help="Format of --data (as `ftplan run --format`)."),
         click.option("--tokenizer", "tokenizer_ref", default=None, metavar="PATH|ID",
                      help="Tokenizer for --data (a folder, or a Hugging Face id in the HF cache)  [default: the "
                           "model's, when local or cached; else ~4 characters per token]"),
@@ -34,10 +34,16 @@ def data_options(f):
     return f
 
 
-def check_data_args(data_path, dataset_tokens) -> None:
+def check_data_args(data_path, dataset_tokens, packing=False, tc=None) -> None:
     if data_path and dataset_tokens:
         raise click.BadParameter("give --data or --dataset-tokens, not both (--data counts the tokens)",
                                  param_hint="--data")
+    if packing and not data_path:
+        raise click.BadParameter("times the batches of --data; give --data FILE", param_hint="--packing")
+    if packing and tc is not None and not tc.spec.supports_packing:
+        raise click.BadParameter("packing is not supported with prefix/prompt tuning (ftplan run refuses it: peft "
+                                 "ignores position_ids there); valid with --packing: full, lora, qlora, ia3",
+                                 param_hint="--packing")
 
 
 def _tokenizer_source(model_ref: str, arch) -> str | None:

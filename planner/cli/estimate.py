@@ -52,7 +52,7 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
     if epochs <= 0:
         raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
     check_provider(provider)
-    check_data_args(data_path, dataset_tokens)
+    check_data_args(data_path, dataset_tokens, packing, tc)
     data = None
     if data_path:
         from ..plan import DEFAULT_MARGIN

@@ -89,7 +89,7 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
     if bad or not wanted:
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
-    check_data_args(data_path, dataset_tokens)
+    check_data_args(data_path, dataset_tokens, packing)
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
     timer = stats = None
     if data_path:
@@ -230,7 +230,8 @@ def _data_timer(arch, stats, epochs, packing):
     from ..datastats import data_time
 
     def timer(p):
-        p.hours = data_time(arch, p.train, p.gpu, stats, epochs, packing=packing, buckets=16).hours
+        packed = packing and p.train.spec.supports_packing  # prefix/prompt tuning run unpacked (ftplan run refuses)
+        p.hours = data_time(arch, p.train, p.gpu, stats, epochs, packing=packed, buckets=16).hours
         if p.price is not None:
             p.cost_usd = cost_usd(p.hours, p.train.num_gpus, p.price.usd_per_gpu_hour)
         return p
@@ -245,7 +246,8 @@ def _data_facts(req, chosen, stats, epochs, packing):
     from ..config import TrainConfig as TC
 
     if chosen is not None:
-        return data_report(req.arch, chosen.train, chosen.gpu, stats, epochs, packing, margin=req.margin)
+        packed = packing and chosen.train.spec.supports_packing
+        return data_report(req.arch, chosen.train, chosen.gpu, stats, epochs, packed, margin=req.margin)
     return data_report(req.arch, TC(seq_len=req.seq_len), None, stats, epochs, packing, margin=req.margin)
 
 
