@@ -50,7 +50,9 @@ def load_tokenizer(source: str | None, *, explicit: bool = False, revision: str 
     """(tokenizer, how) from a local folder / file's folder or a Hugging Face id already in the HF cache
     (`local_files_only=True`: never the network); (None, why) when there is none and it was not `explicit`ly
     asked for. A tokenizer that exists and fails to load, or an explicit one that is missing: TokenizerError.
-    transformers is imported here only. Remote code runs only with `trust_remote_code`."""
+    transformers is imported here only, and only once a tokenizer is found: transformers 5.17 imports torch with
+    its tokenizer classes (tokenization_utils_base -> modeling_gguf_pytorch_utils), seconds of start-up that a
+    plain `estimate` / `recommend` never pays. Remote code runs only with `trust_remote_code`."""
     if not source:
         return None, "no tokenizer source"
     p = Path(source)

@@ -244,3 +244,18 @@ def test_packing_needs_data_and_a_method_that_packs(tmp_path):
     # --format is ftplan run's name for --data-format
     assert json.loads(run("estimate", "--model", "8b", "--data", str(data), "--format", "text", "--json").output)[
         "data"]["format"] == "text"
+
+
+def test_data_without_a_tokenizer_stays_light(tmp_path):
+    """The character estimate path imports neither torch nor transformers (tests/test_imports.py's rule)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "The capital of Peru is Lima."}\n')
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom planner.cli import cli\n"
+            f"r = CliRunner().invoke(cli, ['estimate', '--model', '8b', '--gpu', 'l4', '--data', {str(data)!r}])\n"
+            "assert r.exit_code == 0, r.output\nprint(sorted({m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert "'torch'" not in out and "'transformers'" not in out
