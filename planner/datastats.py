@@ -13,7 +13,10 @@ The time of a run is the sum over its optimizer steps, each `grad_accum` micro-b
 is s(S, 1) - t(S), where s(L, a) is `planner.cost.throughput`'s step time at seq_len L and grad_accum a (so
 whatever the throughput model, the split is its own). The order of a run is random, so the time is its expectation:
 a micro-batch of the shuffled stream is a uniformly random `batch_size`-subset of the examples, whose longest row is
-the k-th shortest of n with probability C(k-1, b-1) / C(n, b) (`batch_length_distribution`).
+the k-th shortest of n with probability C(k-1, b-1) / C(n, b) (`batch_length_distribution`). Not modelled: with
+several GPUs each device's step is timed at the mean micro-batch, while the devices wait for the slowest at the
+gradient all-reduce (an underestimate that grows with the spread of lengths and the GPU count); the partial last
+micro-batch of an epoch is timed as a full one (the stream runs on into the next epoch, as trainer.data's does).
 """
 
 from __future__ import annotations
