@@ -161,3 +161,40 @@ def data_lines(d: dict, seq_len: int, batch: int, gpu_memory_bytes: int | None, 
     for n in d["notes"]:
         lines.append(f"note: {n}")
     return lines
+
+
+def data_timer(arch, stats, epochs, packing):
+    """plan -> plan with the hours and cost of the dataset's real batches (planner.datastats; 16 length buckets)."""
+    from ..cost import cost_usd
+    from ..datastats import data_time
+
+    def timer(p):
+        packed = packing and p.train.spec.supports_packing  # prefix/prompt tuning run unpacked (ftplan run refuses)
+        p.hours = data_time(arch, p.train, p.gpu, stats, epochs, packing=packed, buckets=16).hours
+        if p.price is not None:
+            p.cost_usd = cost_usd(p.hours, p.train.num_gpus, p.price.usd_per_gpu_hour)
+        return p
+
+    return timer
+
+
+def data_facts(req, chosen, stats, epochs, packing):
+    """The dataset section for the chosen plan (or, when nothing fits, without a GPU)."""
+    if stats is None:
+        return None
+    from ..config import TrainConfig as TC
+
+    if chosen is not None:
+        packed = packing and chosen.train.spec.supports_packing
+        return data_report(req.arch, chosen.train, chosen.gpu, stats, epochs, packed, margin=req.margin)
+    return data_report(req.arch, TC(seq_len=req.seq_len), None, stats, epochs, packing, margin=req.margin)
+
+
+def print_data(data, req, chosen, pick=1):
+    if data is None:
+        return
+    click.echo("")
+    batch = chosen.train.batch_size if chosen else 1
+    gpu_bytes = chosen.gpu.memory_bytes if chosen else None
+    click.echo(f"data, for plan #{pick}:" if chosen else "data:")
+    click.echo("\n".join("  " + line for line in data_lines(data, req.seq_len, batch, gpu_bytes, req.margin)))

@@ -22,7 +22,8 @@ from .options import (
     resolve_model_or_fail,
 )
 from .checks import check_positions, check_provider, os_error, writable_file
-from .datainfo import check_data_args, data_lines, data_options, data_report, read_data_or_fail
+from .compare import parse_gpu_list, several_gpus
+from .datainfo import check_data_args, data_facts, data_options, data_timer, print_data, read_data_or_fail
 from .render import table
 
 ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
@@ -95,7 +96,7 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
     if data_path:
         stats = read_data_or_fail(data_path, data_format, tokenizer_ref, trust_remote_code, model_ref, arch, as_json)
         workload = Workload(sum(stats.truncated(seq_len)), epochs)
-        timer = _data_timer(arch, stats, epochs, packing)
+        timer = data_timer(arch, stats, epochs, packing)
     if several:
         for flag, value in (("--verify", verify), ("--chart", chart_path)):
             if value:
@@ -104,7 +105,8 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
                   model_ref=model_ref)
     if several:
-        return _several(req, gpus, how, top, variants, save_path, pick, as_json, timer, stats, packing)
+        return several_gpus(req, gpus, how, top, variants, save_path, pick, as_json, timer, stats, packing,
+                            save=_save)
     res = run_recommend(req)
     if timer is not None:
         res.ranked = [timer(p) for p in res.ranked]
@@ -126,7 +128,7 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
             _chart(res, chart_path)
         except OSError as e:
             raise os_error(e, "--chart") from None
-    data = _data_facts(res.request, chosen, stats, epochs, packing)
+    data = data_facts(res.request, chosen, stats, epochs, packing)
     if as_json:
         out = _as_json(res, top, verified, save_path if chosen else None)
         if data is not None:
@@ -134,7 +136,7 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
         emit_json(out)
         return
     _print(res, how, top, verified, variants)
-    _print_data(data, res.request, chosen, pick)
+    print_data(data, res.request, chosen, pick)
     if save_path:
         if chosen is None:
             raise click.ClickException("nothing fits, so no plan was saved")
@@ -197,198 +199,6 @@ def _print(res, how, top, verified, variants=False):
             else:
                 line += "; does not fit even on 1024 GPUs with ZeRO-3 + offload (activations alone exceed the GPU)"
             click.echo(line)
-
-
-def parse_gpu_list(refs: tuple) -> list:
-    """GPU profiles from --gpu values: names or aliases, comma lists, `all` (every profile); duplicates dropped.
-    An unknown name is a usage error naming it and the valid ones."""
-    from ..profiles import ProfileError, list_gpus, load_gpu
-
-    out = []
-    for ref in refs:
-        for name in (n.strip() for n in ref.split(",")):
-            if not name:
-                continue
-            if name.lower() == "all":
-                found = list_gpus()
-            else:
-                try:
-                    found = [load_gpu(name)]
-                except ProfileError as e:
-                    valid = ", ".join(g.name for g in list_gpus())
-                    raise click.BadParameter(f"{e}; valid: all, {valid}", param_hint="--gpu") from None
-            out += [g for g in found if g not in out]
-    if not out:
-        raise click.BadParameter(f"no GPU named; valid: all, {', '.join(g.name for g in list_gpus())}",
-                                 param_hint="--gpu")
-    return out
-
-
-def _data_timer(arch, stats, epochs, packing):
-    """plan -> plan with the hours and cost of the dataset's real batches (planner.datastats; 16 length buckets)."""
-    from ..cost import cost_usd
-    from ..datastats import data_time
-
-    def timer(p):
-        packed = packing and p.train.spec.supports_packing  # prefix/prompt tuning run unpacked (ftplan run refuses)
-        p.hours = data_time(arch, p.train, p.gpu, stats, epochs, packing=packed, buckets=16).hours
-        if p.price is not None:
-            p.cost_usd = cost_usd(p.hours, p.train.num_gpus, p.price.usd_per_gpu_hour)
-        return p
-
-    return timer
-
-
-def _data_facts(req, chosen, stats, epochs, packing):
-    """The dataset section for the chosen plan (or, when nothing fits, without a GPU)."""
-    if stats is None:
-        return None
-    from ..config import TrainConfig as TC
-
-    if chosen is not None:
-        packed = packing and chosen.train.spec.supports_packing
-        return data_report(req.arch, chosen.train, chosen.gpu, stats, epochs, packed, margin=req.margin)
-    return data_report(req.arch, TC(seq_len=req.seq_len), None, stats, epochs, packing, margin=req.margin)
-
-
-def _print_data(data, req, chosen, pick=1):
-    if data is None:
-        return
-    click.echo("")
-    batch = chosen.train.batch_size if chosen else 1
-    gpu_bytes = chosen.gpu.memory_bytes if chosen else None
-    click.echo(f"data, for plan #{pick}:" if chosen else "data:")
-    click.echo("\n".join("  " + line for line in data_lines(data, req.seq_len, batch, gpu_bytes, req.margin)))
-
-
-def _several(req, gpus, how, top, variants, save_path, pick, as_json, timer=None, stats=None, packing=False):
-    """`recommend` over several GPU types (planner.compare): one ranked table, prices with their source and date,
-    and the GPUs that cannot run the model at all, with why."""
-    from ..compare import best_per_gpu, compare
-
-    comp = compare(req, gpus, data_time=timer)
-    listed = (distinct_plans(comp.ranked) if variants else best_per_gpu(comp.ranked))[:top]
-    if listed and pick > len(listed):
-        raise click.BadParameter(f"{pick}: valid: 1 to {len(listed)} (the plans listed)", param_hint="--pick")
-    chosen = listed[pick - 1] if listed else None
-    if save_path and chosen is not None:
-        try:
-            _save(chosen, comp.verdict(chosen.gpu.name).result, save_path)
-        except OSError as e:
-            raise os_error(e, "--save") from None
-    data = _data_facts(req, chosen, stats, req.workload.epochs, packing)
-    if as_json:
-        out = _several_json(comp, listed, save_path if chosen else None)
-        if data is not None:
-            out["data"] = data
-        emit_json(out)
-        return
-    _print_several(comp, listed, how, variants)
-    _print_data(data, req, chosen, pick)
-    if save_path:
-        if chosen is None:
-            raise click.ClickException("nothing fits, so no plan was saved")
-        click.echo(f"\nsaved plan #{pick} to {save_path}  (run it: ftplan run {save_path} --data train.jsonl --output-dir runs/x)")
-
-
-def _money(x) -> str:
-    return "-" if x is None else (f"${x:,.0f}" if x >= 100 else f"${x:,.2f}")
-
-
-def _print_several(comp, listed, how, variants):
-    from ..compare import job_cost, job_time
-
-    r = comp.request
-    job = bool(r.workload.total_tokens)
-    click.echo(f"model  {r.arch.name} ({r.arch.total_params / 1e9:.2f}B params)" + (f"  [{how}]" if "->" in how else ""))
-    click.echo(f"gpus   {len(comp.gpus)} types, up to {r.max_gpus} of a type: {', '.join(g.name for g in comp.gpus)}")
-    work = f"seq {r.seq_len}, {r.effective_batch} sequences per optimizer step"
-    if job:
-        work += f", {fmt_count(r.workload.dataset_tokens)} tokens x {r.workload.epochs:g} epochs"
-    click.echo(f"work   {work}")
-    unit = "the job's" if job else "per million tokens:"
-    order = {"cost": f"{unit} $, then time", "time": f"{unit} time, then $",
-             "quality": "method tier, then time, then $"}[r.objective]
-    click.echo(f"rank   by {r.objective} ({order}); a plan must leave {100 * r.margin:g}% of GPU memory free; "
-               f"{comp.evaluated} candidates in {comp.seconds:.2f} s")
-    click.echo("")
-    if listed:
-        rows = []
-        for i, p in enumerate(listed, 1):
-            d = plan_row(p)
-            t = job_time(p)
-            rows.append([i, p.gpu.name, d["gpus"], method_label(p.train), d["precision"], d["batch"],
-                         "yes" if d["grad_ckpt"] else "no", d["optimizer"],
-                         f"{d['peak_gib']:.1f} / {d['gpu_gib']:.0f}", f"{d['tokens_per_s']:,.0f}",
-                         fmt_hours(t) if job else fmt_hours(t / 3600), _money(job_cost(p, comp.verdict(p.gpu.name).price))])
-        headers = ["#", "gpu", "n", "method", "precision", "batch", "ckpt", "optimizer", "peak GiB / GPU", "tokens/s",
-                   "time" if job else "time / 1M tok", "cost" if job else "$ / 1M tok"]
-        click.echo(table(headers, rows, align="rlllllllrrrr"))
-        click.echo("")
-        b = comp.best
-        click.echo(f"{b.train.num_gpus} x {b.gpu.name}, {method_label(b.train)}, ranks first by {r.objective} of the "
-                   f"{len(comp.ranked)} plans that fit on {sum(1 for v in comp.verdicts if not v.reason)} GPU types.")
-        notes = []
-        hidden = len(distinct_plans(comp.ranked)) - len(listed)
-        if hidden > 0:
-            notes.append(("the best plan of each GPU type shown" if not variants else "")
-                         + f"; --top and --variants list up to {len(distinct_plans(comp.ranked))}")
-        if not job:
-            notes.append("--dataset-tokens and --epochs give the job's time and cost")
-        if notes:
-            click.echo("(" + "; ".join(n.lstrip("; ") for n in notes) + ")")
-    else:
-        click.echo(f"Nothing fits on any of these GPU types (up to {r.max_gpus} of a type).")
-    bad = [v for v in comp.verdicts if v.reason]
-    if bad:
-        click.echo("")
-        click.echo("cannot run the model at all:")
-        for v in bad:
-            click.echo(f"  {v.gpu.name}: {v.reason}")
-    click.echo("")
-    click.echo("prices (cheapest row per GPU" + (f", {r.provider}" if r.provider else "") + "; tokens/s calibration):")
-    for v in comp.verdicts:
-        p = v.price
-        speed = throughput_params(v.gpu.name).source
-        if p is None:
-            click.echo(f"  {v.gpu.name}: no price" + (f" from {r.provider}" if r.provider else "") + f"; {speed}")
-        else:
-            click.echo(f"  {v.gpu.name}: ${p.usd_per_gpu_hour:g}/GPU-h {p.provider}, as of {p.as_of}, {p.source}; {speed}")
-
-
-def _several_json(comp, listed, saved):
-    from ..compare import job_cost, job_time, usd_per_million_tokens
-
-    r = comp.request
-    job = bool(r.workload.total_tokens)
-
-    def price(p):
-        return None if p is None else {"provider": p.provider, "usd_per_gpu_hour": p.usd_per_gpu_hour,
-                                        "as_of": p.as_of, "source": p.source, "note": p.note}
-
-    return {
-        "model": r.arch.name,
-        "gpus": [g.name for g in comp.gpus],
-        "objective": r.objective,
-        "margin": r.margin,
-        "max_gpus": r.max_gpus,
-        "evaluated": comp.evaluated,
-        "seconds": round(comp.seconds, 4),
-        "plans": [
-            dict(p.to_dict(), quality=quality_score(p.train), rank_in_list=i,
-                 job_cost_usd=round(job_cost(p, comp.verdict(p.gpu.name).price), 4) if job and job_cost(p, comp.verdict(p.gpu.name).price) is not None else None,
-                 usd_per_million_tokens=(None if (u := usd_per_million_tokens(p, comp.verdict(p.gpu.name).price)) is None else round(u, 4)),
-                 seconds_per_million_tokens=round(job_time(p) if not job else 1e6 / p.speed.tokens_per_s, 3))
-            for i, p in enumerate(listed, 1)
-        ],
-        "gpu_verdicts": [
-            {"gpu": v.gpu.name, "runs": v.reason is None, "fitting_plans": len(v.result.ranked), "reason": v.reason,
-             "needs_gpus": v.needs_gpus, "price": price(v.price),
-             "calibration": throughput_params(v.gpu.name).source}
-            for v in comp.verdicts
-        ],
-        "saved": saved,
-    }
 
 
 def _size(n: int) -> str:
