@@ -111,6 +111,8 @@ BLOCKS = {
         "--batch-size 4 --grad-ckpt --gpu a100-80"),
     "recommend-4090": lambda: command_block(
         "recommend --model meta-llama/Llama-3.1-8B --gpu rtx-4090 --seq-len 4096 --dataset-tokens 50M --epochs 3 --top 5"),
+    "recommend-all": lambda: command_block(
+        "recommend --model 70b --gpu all --methods lora,qlora --max-gpus 4 --dataset-tokens 50M --epochs 3 --top 6"),
     "accuracy": accuracy_block,
 }
 

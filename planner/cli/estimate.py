@@ -18,6 +18,7 @@ from .options import (
     train_options,
 )
 from .checks import check_model, check_provider, given
+from .datainfo import check_data_args, data_lines, data_options, data_report, read_data_or_fail
 from .render import plan_summary
 
 
@@ -27,11 +28,13 @@ from .render import plan_summary
 @gpu_option()
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for time and cost.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
+@data_options
 @click.option("--provider", default=None, help="Price rows of this provider only (`profiles/prices.toml`).")
 @click.option("--trace", is_flag=True,
               help="Also run the real training step on fake tensors (needs the train extra; seconds to a minute).")
 @json_option
-def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_json, **kwargs):
+def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format, tokenizer_ref, trust_remote_code,
+             packing, provider, trace, as_json, **kwargs):
     """Memory (by component), fit, tokens/s and cost of one configuration.
 
     \b
@@ -39,6 +42,7 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
         --seq-len 2048 --batch-size 4 --grad-ckpt --gpu a100-80
     ftplan estimate --model ./my-model/config.json --method full --precision mixed --gpu h100-80 \\
         --num-gpus 8 --strategy zero3 --json
+    ftplan estimate --model ./my-model --method lora --batch-size 4 --gpu l40s --data train.jsonl --epochs 3
     """
     tc = build_train_config(pop_train_kwargs(kwargs))
     arch, how = resolve_model_or_fail(model_ref)
@@ -48,8 +52,20 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     if epochs <= 0:
         raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
     check_provider(provider)
+    check_data_args(data_path, dataset_tokens, packing, tc)
+    data = None
+    if data_path:
+        from ..plan import DEFAULT_MARGIN
+
+        stats = read_data_or_fail(data_path, data_format, tokenizer_ref, trust_remote_code, model_ref, arch, as_json)
+        tokens = sum(stats.truncated(tc.seq_len))
+        data = data_report(arch, tc, gpu, stats, epochs, packing, margin=DEFAULT_MARGIN)
     plan = make_plan(arch, tc, gpu, Workload(tokens, epochs), provider=provider, model_ref=model_ref)
+    if data is not None and gpu is not None:
+        _time_from_data(plan, data["hours"])
     d = plan.to_dict()
+    if data is not None:
+        d["data"] = data
     fit_line = None
     if plan.fits is False:
         fit_line = _fits_up_to(arch, tc, gpu, d)
@@ -67,9 +83,24 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     click.echo(plan_summary(d))
     if fit_line:
         click.echo(fit_line)
+    if data is not None:
+        from ..plan import DEFAULT_MARGIN
+
+        click.echo("")
+        click.echo("\n".join(data_lines(data, tc.seq_len, tc.batch_size, gpu.memory_bytes if gpu else None,
+                                        DEFAULT_MARGIN)))
     if traced is not None:
         click.echo("")
         click.echo(_trace_summary(traced, d["peak_allocated_bytes"]))
+
+
+def _time_from_data(plan, hours: float) -> None:
+    """Replace the full-rows time and cost by those of the dataset's real batches (planner.datastats)."""
+    from ..cost import cost_usd
+
+    plan.hours = hours
+    if plan.price is not None:
+        plan.cost_usd = cost_usd(hours, plan.train.num_gpus, plan.price.usd_per_gpu_hour)
 
 
 def _fits_up_to(arch, tc, gpu, d: dict) -> str:

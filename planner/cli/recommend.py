@@ -12,18 +12,18 @@ from ..methods import METHOD_CHOICES, method_label
 from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
-from ..recommend import OBJECTIVES, Request, best_per_family, distinct_plans, explain, plan_row, quality_score, recommend as run_recommend
+from ..recommend import OBJECTIVES, Request, sort_key, best_per_family, distinct_plans, explain, plan_row, quality_score, recommend as run_recommend
 from ..units import fmt_count, fmt_gib, fmt_hours
 from .options import (
     emit_json,
-    gpu_option,
     json_option,
     model_option,
     parse_tokens_option,
-    resolve_gpu_or_fail,
     resolve_model_or_fail,
 )
 from .checks import check_positions, check_provider, os_error, writable_file
+from .compare import parse_gpu_list, several_gpus
+from .datainfo import check_data_args, data_facts, data_options, data_timer, print_data, read_data_or_fail
 from .render import table
 
 ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
@@ -31,14 +31,18 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
-@gpu_option(required=True)
+@click.option("--gpu", "gpu_refs", required=True, multiple=True, metavar="NAME[,NAME...]|all",
+              help="GPU name or alias (a100-80, h100, 4090; `ftplan gpus list`); several (a comma list, or --gpu "
+                   "repeated) or `all` rank every GPU type x count x plan by the job's cost.")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for hours and $.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
+@data_options
 @click.option("--effective-batch", type=int, default=16, show_default=True,
               help="Sequences per optimizer step over all GPUs (micro-batch x accumulation x GPUs).")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="quality", show_default=True,
-              help="quality: method tier, then time, then cost; time; cost.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
+              help="quality: method tier, then time, then cost; time; cost.  [default: quality for one GPU, cost "
+                   "for several]")
 @click.option("--max-gpus", type=int, default=1, show_default=True, help="Allow up to this many GPUs (DDP/ZeRO/FSDP).")
 @click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Methods to consider (comma list).")
 @click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
@@ -52,7 +56,8 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
-def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
+def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
+              trust_remote_code, packing, effective_batch, objective, max_gpus, methods,
               margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
 
@@ -61,9 +66,13 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
     ftplan recommend --model meta-llama/Llama-3.1-8B --gpu rtx-4090 --seq-len 4096 \\
         --dataset-tokens 50M --epochs 3 --save plan.toml
     ftplan recommend --model 70b --gpu a100-80 --max-gpus 16 --methods full
+    ftplan recommend --model 70b --gpu all --max-gpus 8 --dataset-tokens 50M --epochs 3
     """
     arch, how = resolve_model_or_fail(model_ref)
-    gpu = resolve_gpu_or_fail(gpu_ref)
+    gpus = parse_gpu_list(gpu_refs)
+    several = len(gpus) > 1 or any("," in r or r.strip().lower() == "all" for r in gpu_refs)
+    objective = objective or ("cost" if several else "quality")
+    gpu = gpus[0]
     for name, value in (("--seq-len", seq_len), ("--effective-batch", effective_batch), ("--max-gpus", max_gpus),
                         ("--top", top), ("--pick", pick)):
         if value <= 0:
@@ -81,11 +90,27 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
     if bad or not wanted:
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
+    check_data_args(data_path, dataset_tokens, packing)
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
+    timer = stats = None
+    if data_path:
+        stats = read_data_or_fail(data_path, data_format, tokenizer_ref, trust_remote_code, model_ref, arch, as_json)
+        workload = Workload(sum(stats.truncated(seq_len)), epochs)
+        timer = data_timer(arch, stats, epochs, packing)
+    if several:
+        for flag, value in (("--verify", verify), ("--chart", chart_path)):
+            if value:
+                raise click.BadParameter("works with one GPU type; valid: a single --gpu NAME", param_hint=flag)
     req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
                   model_ref=model_ref)
+    if several:
+        return several_gpus(req, gpus, how, top, variants, save_path, pick, as_json, timer, stats, packing,
+                            save=_save)
     res = run_recommend(req)
+    if timer is not None:
+        res.ranked = [timer(p) for p in res.ranked]
+        res.ranked.sort(key=sort_key(objective))
     verified = _verify(res, min(3, top)) if verify else {}
     # --pick numbers the plans as the table lists them (best per method, or every variant), at most --top
     listed = (distinct_plans(res.ranked) if variants else best_per_family(res.ranked))[:top]
@@ -103,10 +128,15 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
             _chart(res, chart_path)
         except OSError as e:
             raise os_error(e, "--chart") from None
+    data = data_facts(res.request, chosen, stats, epochs, packing)
     if as_json:
-        emit_json(_as_json(res, top, verified, save_path if chosen else None))
+        out = _as_json(res, top, verified, save_path if chosen else None)
+        if data is not None:
+            out["data"] = data
+        emit_json(out)
         return
     _print(res, how, top, verified, variants)
+    print_data(data, res.request, chosen, pick)
     if save_path:
         if chosen is None:
             raise click.ClickException("nothing fits, so no plan was saved")
