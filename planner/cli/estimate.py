@@ -50,6 +50,8 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     check_provider(provider)
     plan = make_plan(arch, tc, gpu, Workload(tokens, epochs), provider=provider, model_ref=model_ref)
     d = plan.to_dict()
+    if arch.note:  # what is planned when it is not the whole checkpoint (a multimodal model's text tower)
+        d["model_note"] = arch.note
     fit_line = None
     if plan.fits is False:
         fit_line = _fits_up_to(arch, tc, gpu, d)
@@ -62,6 +64,8 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
         return
     head = f"{arch.name}" + (f" ({how})" if "->" in how or "config.json" in how else "")
     click.echo(f"{head}: {arch.total_params / 1e9:.2f}B params, {arch.model_type}")
+    if arch.note:
+        click.echo(f"note: {arch.note}")
     click.echo(f"config: {tc.describe()}" + (f"  |  gpu: {gpu.display_name}" if gpu else ""))
     click.echo("")
     click.echo(plan_summary(d))
