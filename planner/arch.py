@@ -295,6 +295,17 @@ def _check_required(config: dict, label: str) -> None:
             raise ArchError(f"{label}: '{key}' must be a positive integer, got {v!r}")
 
 
+def _check_full_rotary(config: dict, label: str) -> None:
+    """ArchError for a partial rotary embedding (Phi-4-mini's `partial_rotary_factor` 0.75: Phi3's
+    `apply_rotary_pos_emb` rotates a slice and concatenates the rest, other tensors than the full rotation ftplan
+    models); 1.0 or absent is full rotation (transformers 5.17 modeling_phi3.py, modeling_rope_utils.py)."""
+    for where in (config, config.get("rope_parameters") or {}, config.get("rope_scaling") or {}):
+        f = where.get("partial_rotary_factor") if isinstance(where, dict) else None
+        if f is not None and f != 1.0:
+            raise ArchError(f"{label}: partial_rotary_factor {f!r} is not modelled (ftplan plans full rotary "
+                            f"embeddings); valid: 1.0 or absent")
+
+
 GEMMA3_TEXT_TOWER_NOTE = ("multimodal Gemma-3: planned as its text tower (Gemma3ForCausalLM); the SigLIP vision "
                           "tower and projector, and image tokens, are not counted")
 
@@ -344,6 +355,7 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
         raise ArchError(f"{name or 'config'}: use_bidirectional_attention is true (an embedding model, not a causal LM); "
                         f"ftplan plans causal-LM fine-tuning")
     _check_required(config, name or "config")
+    _check_full_rotary(config, name or "config")
     c = dict(_FAMILY_DEFAULTS[model_type])
     c.update(config)  # an explicit null (e.g. Mistral v0.3 sliding_window) overrides the family default
 
