@@ -247,13 +247,22 @@ class Builder:
             v = self._held_copy("cache_v", [v], K * d, max(dk, self.dtype[v]), self.seq, v)
         masked = prefix is not None or self.masked
         kv_width = K * d
-        if masked and H != K:
+        # one key/value head (MQA: Gemma-3-1B): repeat_kv's expand + reshape only merges a size-1 dimension, a
+        # view, not a copy; sdpa's backward still writes dense (B, H, S, D) gradients for k and v, which the
+        # expand's backward sums back to one head, and a dtype cast of the view is dense too
+        mqa_view = masked and H != K and K == 1
+        grads_dense = 0
+        if masked and H != K and not mqa_view:
             # a mask turns native GQA off: repeat_kv copies keys and values to every head
             k, v = self._repeat_kv(k, H * d), self._repeat_kv(v, H * d)
             kv_width = H * d
+        if mqa_view:  # the views that reach sdpa uncast get dense gradients there
+            grads_dense = sum((H - K) * d * self.kv_seq * self.dtype[t] for t in (k, v)
+                              if not (R.autocast and self.dtype[t] != BF16))
         if R.autocast:  # inside F.sdpa: autocast casts what it is given
             q = self.cast(q, H * d, BF16)
-            k, v = self.cast(k, kv_width, BF16, self.kv_seq), self.cast(v, kv_width, BF16, self.kv_seq)
+            cast_width = H * d if mqa_view else kv_width
+            k, v = self.cast(k, cast_width, BF16, self.kv_seq), self.cast(v, cast_width, BF16, self.kv_seq)
         dt = self.dtype[q]
         saved_extra = []
         if masked:  # the mem-efficient kernel keeps an additive bias of q's dtype, keys padded to 16
@@ -267,7 +276,7 @@ class Builder:
         lse = self.g.tensor((lse_tokens * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
         s128 = round_up(self.seq, 128)
-        ws = (s128 * H * FP32 + s128 * H * d * FP32, 0) if fused else (lse_tokens * H * FP32, 0)
+        ws = (s128 * H * FP32 + s128 * H * d * FP32, 0) if fused else (lse_tokens * H * FP32 + grads_dense, 0)
         g.op("sdpa", [q, k, v], [out, lse], saved=([q, k, v, out, lse] + saved_extra) if rg else [], bwd_temp=ws)
         return out
 
