@@ -452,4 +452,10 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         g.op("rotary", [], [cos, sin], fwd_temp=(0, (2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
         g.hold(cos)
         g.hold(sin)
+    if tc.grad_ckpt and arch.masked_layers(b.seq):
+        # a sliding-window mask: one bool (1, 1, S, S) tensor expanded over the batch (transformers 5.17
+        # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward
+        mask = b.fixed(b.seq * b.seq, False, "activations", 1)
+        g.op("sliding_mask", [], [mask])
+        g.hold(mask)
     return b, e
