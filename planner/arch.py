@@ -304,6 +304,13 @@ def _check_full_rotary(config: dict, label: str) -> None:
         if f is not None and f != 1.0:
             raise ArchError(f"{label}: partial_rotary_factor {f!r} is not modelled (ftplan plans full rotary "
                             f"embeddings); valid: 1.0 or absent")
+    if config.get("model_type") == "phi3":
+        # Phi3DecoderLayer's resid_attn_dropout / resid_mlp_dropout (nn.Dropout(config.resid_pdrop)): masks ftplan
+        # does not model; every published Phi-3 / Phi-4 config sets 0.0 (embd_pdrop is unused in 5.17's Phi3Model)
+        v = config.get("resid_pdrop")
+        if v not in (None, 0, 0.0):
+            raise ArchError(f"{label}: resid_pdrop {v!r} is not modelled (dropout masks on the residual stream); "
+                            f"valid: 0.0")
 
 
 GEMMA3_TEXT_TOWER_NOTE = ("multimodal Gemma-3: planned as its text tower (Gemma3ForCausalLM); the SigLIP vision "

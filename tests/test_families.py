@@ -71,6 +71,7 @@ def test_every_family_states_its_default_lora_targets():
 @pytest.mark.parametrize("bad, message", [
     (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not a supported causal LM; valid: llama"),
     (dict(model_type="phi3", partial_rotary_factor=0.75), "partial_rotary_factor 0.75 is not modelled"),
+    (dict(model_type="phi3", resid_pdrop=0.1), "resid_pdrop 0.1 is not modelled"),
     (dict(model_type="gemma3_text", use_bidirectional_attention=True), "use_bidirectional_attention"),
     (dict(model_type="gemma3", text_config=[1]), "'text_config' must be a JSON object"),
 ])
