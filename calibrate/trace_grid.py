@@ -1,5 +1,6 @@
 """Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`
-(and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`).
+(and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
+`--grid families --out calibrate/reference/trace-points-families.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -104,8 +105,79 @@ def dora_points() -> list[tuple[str, dict]]:
     return pts
 
 
+# Small configs of each dense family issue 13 added (the real transformers classes, traced in seconds): every family's
+# own modules at sizes where the layers, not constants, decide the peak. Points name them `family:<key>`.
+_SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+              num_key_value_heads=2, vocab_size=8192, max_position_embeddings=16384)
+FAMILY_CONFIGS = {
+    "qwen3": dict(_SMALL, model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=96,
+                  tie_word_embeddings=False),
+    # five sliding layers (window 1024: masked at 1536 tokens, not at 512) and a global one; tied embeddings
+    "gemma3_text": dict(_SMALL, model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=128,
+                        sliding_window=1024),
+    # the multimodal config: ftplan plans (and traces) its text tower
+    "gemma3": dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"],
+                   text_config=dict(_SMALL, model_type="gemma3_text", head_dim=64, sliding_window=1024,
+                                    num_attention_heads=4, num_key_value_heads=1),
+                   vision_config=dict(model_type="siglip_vision_model", hidden_size=64, num_hidden_layers=1)),
+    "olmo2": dict(_SMALL, model_type="olmo2", architectures=["Olmo2ForCausalLM"], pad_token_id=0, eos_token_id=1),
+    # Phi-4's shape (GQA through the fused qkv_proj)
+    "phi3": dict(_SMALL, model_type="phi3", architectures=["Phi3ForCausalLM"], pad_token_id=0, eos_token_id=1,
+                 bos_token_id=1, sliding_window=None),
+    # Mistral-Small-3's explicit head_dim (128 with hidden 512 and 8 heads)
+    "mistral": dict(_SMALL, model_type="mistral", architectures=["MistralForCausalLM"], head_dim=128,
+                    sliding_window=None),
+}
+
+
+def family_arch(model: str):
+    """The ModelArch of a grid point's model: `family:<key>` (FAMILY_CONFIGS) or a catalog name."""
+    from planner.arch import arch_from_config
+    from planner.profiles import load_model
+
+    if model.startswith("family:"):
+        return arch_from_config(FAMILY_CONFIGS[model.split(":", 1)[1]], name=model)
+    return load_model(model)
+
+
+def family_points() -> list[tuple[str, dict]]:
+    """Per family: full FT (bf16, mixed), LoRA with the family's default targets and all-linear, QLoRA, with and
+    without checkpointing, at 512 and 1536 tokens (Gemma-3's sliding layers mask only at the longer); plus a few
+    full-size catalog points."""
+    from planner.methods.lora import family_default_targets
+
+    pts = []
+    for key in FAMILY_CONFIGS:
+        model = f"family:{key}"
+        default = family_default_targets(family_arch(model))
+        for ckpt in (False, True):
+            for seq in (512, 1536):
+                pts += [
+                    (model, dict(method="full", precision="bf16", seq_len=seq, batch_size=2, grad_ckpt=ckpt)),
+                    (model, dict(method="lora", rank=16, target_modules=default, seq_len=seq, batch_size=2,
+                                 grad_ckpt=ckpt)),
+                    (model, dict(method="qlora", rank=16, target_modules=("all-linear",), seq_len=seq, batch_size=2,
+                                 grad_ckpt=ckpt)),
+                ]
+            pts.append((model, dict(method="full", precision="mixed", seq_len=512, batch_size=2, grad_ckpt=ckpt)))
+            pts.append((model, dict(method="lora", rank=8, target_modules=("all-linear",), precision="mixed",
+                                    seq_len=1536, batch_size=1, grad_ckpt=ckpt)))
+    pts += [
+        ("qwen3-8b", dict(method="lora", rank=16, target_modules=("all-linear",), seq_len=2048, batch_size=1,
+                          grad_ckpt=True)),
+        ("gemma-3-4b", dict(method="qlora", rank=16, target_modules=("all-linear",), seq_len=2048, batch_size=1,
+                            grad_ckpt=True)),
+        ("phi-4", dict(method="lora", rank=16, target_modules=("qkv_proj",), seq_len=1024, batch_size=1,
+                       grad_ckpt=True)),
+        ("mistral-small-3", dict(method="qlora", rank=16, target_modules=("all-linear",), seq_len=1024,
+                                 batch_size=1, grad_ckpt=True)),
+    ]
+    return pts
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
-         "dora": lambda args: dora_points()}
+         "dora": lambda args: dora_points(),
+         "families": lambda args: family_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -148,8 +220,6 @@ def _fix_targets(model: str, d: dict, arch) -> dict:
 
 
 def main(argv=None) -> int:
-    from planner.profiles import load_model
-
     from .trace import trace_step
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,7 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
-                    help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl)")
+                    help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
+                         "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -174,13 +245,15 @@ def main(argv=None) -> int:
     t0 = time.time()
     with out.open("w") as f:
         for i, (model, d) in enumerate(points):
-            arch = load_model(model)
+            arch = family_arch(model)
             d = _fix_targets(model, d, arch)
             tc = TrainConfig(**d)
             config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
             config.pop("rope_scaling", None)
             r = trace_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
             rec = {"id": f"t{i:03d}", "model": model, "train": tc.to_dict(), "trace": r.to_dict(), "versions": versions}
+            if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
+                rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]
             f.write(json.dumps(rec) + "\n")
             f.flush()
             el = time.time() - t0

@@ -6,7 +6,9 @@ targets modules by name and peft's trainable-parameter count follows from their 
 What differs between layers (attention window, post-norms, q/k norms) is each layer's `LayerKind`
 (`planner.layerkinds`), one per decoder layer in `ModelArch.layer_kinds`.
 
-Families: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3. Sources: `modeling_<family>.py` in transformers 5.17.
+Families: llama, mistral (Mistral-Small-3: explicit head_dim), qwen2, qwen3, gemma, gemma2, gemma3_text (and the
+text tower of the multimodal `gemma3` config), olmo2, phi3 (Phi-3, Phi-4). Sources: `configuration_<family>.py` and
+`modeling_<family>.py` in transformers 5.17.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from .layerkinds import LayerKind, LayerKindError, layer_kinds_from_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo2",
+                         "phi3")
 
 # transformers' config defaults for keys a config.json may omit, per family (configuration_<family>.py).
 _FAMILY_DEFAULTS = {
@@ -43,7 +46,23 @@ _FAMILY_DEFAULTS = {
                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, sliding_window=4096),
     "phi3": dict(hidden_act="silu", tie_word_embeddings=False, vocab_size=32064, hidden_size=3072,
                  intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=4096),
+    # configuration_gemma3.py Gemma3TextConfig (262,208-token vocabulary, 256-wide heads, tied embeddings)
+    "gemma3_text": dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False, tie_word_embeddings=True,
+                        vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                        sliding_window=4096, query_pre_attn_scalar=256, final_logit_softcapping=None,
+                        attn_logit_softcapping=None),
+    # configuration_olmo2.py Olmo2Config
+    "olmo2": dict(hidden_act="silu", attention_bias=False, tie_word_embeddings=False, vocab_size=50304,
+                  hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  max_position_embeddings=2048),
 }
+# Keys of Gemma3TextConfig that the multimodal `gemma3` config.json may leave out of its `text_config`: transformers
+# builds the nested config as `Gemma3TextConfig(**text_config)` (configuration_gemma3.py Gemma3Config.__post_init__),
+# so an absent key takes the class default (the published gemma-3-4b/12b/27b configs omit the vocabulary and the
+# head counts of the smaller ones).
+_GEMMA3_TEXT_DEFAULTS = dict(_FAMILY_DEFAULTS["gemma3_text"], num_hidden_layers=26, hidden_size=2304,
+                             intermediate_size=9216)
 
 
 @dataclass(frozen=True)
@@ -95,17 +114,38 @@ class ModelArch:
     aliases: tuple[str, ...] = ()
     source: str = ""
     config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    note: str = ""  # what ftplan plans when it is not the whole checkpoint (a multimodal model's text tower)
 
     # -- families ---------------------------------------------------------------------------------
     @property
-    def gemma_norm(self) -> bool:
-        """Gemma's RMSNorm computes `x.float() * rsqrt(...) * (1 + w.float())` then casts (modeling_gemma.py)."""
-        return self.model_type in ("gemma", "gemma2")
+    def fp32_norm_product(self) -> bool:
+        """The RMSNorm multiplies its weight into the fp32 normalized tensor, then casts to the input dtype: Gemma's
+        `(x.float() * rsqrt(...)) * (1 + w.float())` (modeling_gemma.py, gemma2, gemma3) and OLMo-2's
+        `(w * x.float() * rsqrt(...)).to(dtype)` (modeling_olmo2.py Olmo2RMSNorm); Llama casts first, then
+        multiplies."""
+        return self.model_type in ("gemma", "gemma2", "gemma3_text", "olmo2")
 
     @property
     def scales_embeddings(self) -> bool:
-        """Gemma multiplies the embeddings by sqrt(hidden_size) (a new activation tensor)."""
-        return self.model_type in ("gemma", "gemma2")
+        """Gemma multiplies the embeddings by sqrt(hidden_size) (a new activation tensor; Gemma-3 by its
+        `embed_scale` buffer, Gemma3TextScaledWordEmbedding)."""
+        return self.model_type in ("gemma", "gemma2", "gemma3_text")
+
+    @property
+    def rope_fp32(self) -> bool:
+        """The rotary cos/sin stay fp32 and q, k are cast back after rotation: `Olmo2RotaryEmbedding.forward`
+        returns fp32 cos/sin, `apply_rotary_pos_emb` ends `q_embed.to(q_type)` (modeling_olmo2.py); the other
+        families cast cos/sin to the activations' dtype."""
+        return self.model_type == "olmo2"
+
+    @property
+    def rope_tables(self) -> int:
+        """Rotary (cos, sin) pairs the model computes per step: Gemma-3 one per layer type present
+        (`Gemma3TextModel.forward`: `for layer_type in set(config.layer_types)`; local and global RoPE differ);
+        the others one."""
+        if self.model_type != "gemma3_text":
+            return 1
+        return len({k.window is None for k, _ in self.kind_counts})
 
     # -- layer kinds ------------------------------------------------------------------------------
     def __post_init__(self):
@@ -167,7 +207,7 @@ class ModelArch:
     @property
     def layer_norm_params(self) -> int:
         """Norm parameters of the decoder layer with the most (all layers alike in the supported families)."""
-        return max(k.norm_params(self.hidden_size, self.head_dim) for k, _ in self.kind_counts)
+        return max(k.norm_params(self.hidden_size, self.head_dim, self.q_dim, self.kv_dim) for k, _ in self.kind_counts)
 
     @property
     def layer_params(self) -> int:
@@ -181,7 +221,7 @@ class ModelArch:
             self.embedding_params
             + self.lm_head_params
             + self.num_layers * self.layer_linear_params
-            + sum(n * k.norm_params(self.hidden_size, self.head_dim) for k, n in self.kind_counts)
+            + sum(n * k.norm_params(self.hidden_size, self.head_dim, self.q_dim, self.kv_dim) for k, n in self.kind_counts)
             + self.hidden_size  # final norm
         )
 
@@ -223,6 +263,7 @@ class ModelArch:
             "tie_word_embeddings": self.tie_word_embeddings,
             "linear_modules": list(self.linear_names),
             "max_position_embeddings": self.max_position_embeddings,
+            **({"note": self.note} if self.note else {}),
         }
 
 
@@ -254,7 +295,47 @@ def _check_required(config: dict, label: str) -> None:
             raise ArchError(f"{label}: '{key}' must be a positive integer, got {v!r}")
 
 
-def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, aliases=(), source: str = "") -> ModelArch:
+def _check_full_rotary(config: dict, label: str) -> None:
+    """ArchError for a partial rotary embedding (Phi-4-mini's `partial_rotary_factor` 0.75: Phi3's
+    `apply_rotary_pos_emb` rotates a slice and concatenates the rest, other tensors than the full rotation ftplan
+    models); 1.0 or absent is full rotation (transformers 5.17 modeling_phi3.py, modeling_rope_utils.py)."""
+    for where in (config, config.get("rope_parameters") or {}, config.get("rope_scaling") or {}):
+        f = where.get("partial_rotary_factor") if isinstance(where, dict) else None
+        if f is not None and f != 1.0:
+            raise ArchError(f"{label}: partial_rotary_factor {f!r} is not modelled (ftplan plans full rotary "
+                            f"embeddings); valid: 1.0 or absent")
+    if config.get("model_type") == "phi3":
+        # Phi3DecoderLayer's resid_attn_dropout / resid_mlp_dropout (nn.Dropout(config.resid_pdrop)): masks ftplan
+        # does not model; every published Phi-3 / Phi-4 config sets 0.0 (embd_pdrop is unused in 5.17's Phi3Model)
+        v = config.get("resid_pdrop")
+        if v not in (None, 0, 0.0):
+            raise ArchError(f"{label}: resid_pdrop {v!r} is not modelled (dropout masks on the residual stream); "
+                            f"valid: 0.0")
+
+
+GEMMA3_TEXT_TOWER_NOTE = ("multimodal Gemma-3: planned as its text tower (Gemma3ForCausalLM); the SigLIP vision "
+                          "tower and projector, and image tokens, are not counted")
+
+
+def gemma3_text_config(config: dict, label: str) -> dict:
+    """The text tower of a multimodal `gemma3` config.json as a `gemma3_text` config: its `text_config` with the
+    Gemma3TextConfig defaults for what it leaves out, `Gemma3ForCausalLM` as the architecture. The top-level
+    `tie_word_embeddings` (Gemma3Config, default true) decides the tie of the language-model head."""
+    text = config.get("text_config")
+    if text is None:
+        text = {}
+    if not isinstance(text, dict):
+        raise ArchError(f"{label}: 'text_config' must be a JSON object, got {type(text).__name__}")
+    out = dict(_GEMMA3_TEXT_DEFAULTS)
+    out.update(text)
+    out["model_type"] = "gemma3_text"
+    out["architectures"] = ["Gemma3ForCausalLM"]
+    out["tie_word_embeddings"] = config.get("tie_word_embeddings", True)
+    return out
+
+
+def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, aliases=(), source: str = "",
+                     note: str = "") -> ModelArch:
     """Build a `ModelArch` from the fields of a Hugging Face `config.json`.
 
     Raises ArchError naming the problem (not a causal LM, unsupported `model_type`, missing or invalid fields).
@@ -265,7 +346,7 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
     archs = config.get("architectures") or []
     if model_type is None:
         raise ArchError("config has no 'model_type'; is this a Hugging Face config.json?")
-    if archs and not any(a.endswith("ForCausalLM") for a in archs):
+    if archs and not any(a.endswith("ForCausalLM") for a in archs) and model_type != "gemma3":
         raise ArchError(
             f"{name or 'config'}: architectures {archs} has no *ForCausalLM; ftplan plans causal-LM fine-tuning"
         )
@@ -274,7 +355,14 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
             f"{name or 'config'}: model_type {model_type!r} is not a supported causal LM; "
             f"valid: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    if model_type == "gemma3":
+        return arch_from_config(gemma3_text_config(config, name or "config"), name=name, hf_id=hf_id, aliases=aliases,
+                                source=source, note=GEMMA3_TEXT_TOWER_NOTE)
+    if config.get("use_bidirectional_attention"):
+        raise ArchError(f"{name or 'config'}: use_bidirectional_attention is true (an embedding model, not a causal LM); "
+                        f"ftplan plans causal-LM fine-tuning")
     _check_required(config, name or "config")
+    _check_full_rotary(config, name or "config")
     c = dict(_FAMILY_DEFAULTS[model_type])
     c.update(config)  # an explicit null (e.g. Mistral v0.3 sliding_window) overrides the family default
 
@@ -301,7 +389,7 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
         qkv_bias = o_bias = bool(c.get("attention_bias", False))
     elif model_type == "qwen2":
         qkv_bias, o_bias = True, False  # Qwen2Attention: q/k/v with bias, o_proj without
-    else:  # mistral, gemma, gemma2, phi3
+    else:  # mistral, gemma, gemma2, gemma3_text, olmo2, phi3: `attention_bias` on all four
         qkv_bias = o_bias = bool(c.get("attention_bias", False))
     mlp_bias = bool(c.get("mlp_bias", False))
     try:
@@ -340,12 +428,13 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
         linears=linears,
         layer_kinds=kinds,
         hidden_act=act,
-        final_logit_softcapping=c.get("final_logit_softcapping") if model_type == "gemma2" else None,
+        final_logit_softcapping=c.get("final_logit_softcapping") if model_type in ("gemma2", "gemma3_text") else None,
         max_position_embeddings=int(c.get("max_position_embeddings") or 0),
         hf_id=hf_id,
         aliases=tuple(aliases),
         source=source,
         config=dict(config),
+        note=note,
     )
 
 

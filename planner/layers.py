@@ -118,31 +118,33 @@ class Builder:
         return y
 
     # -- norms --------------------------------------------------------------------------------------------------
-    def rmsnorm(self, x: int, width: int) -> int:
+    def rmsnorm(self, x: int, width: int, groups: int = 1) -> int:
         """LlamaRMSNorm: `w * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).to(x.dtype)`.
 
         Saved, when x needs a gradient: the fp32 copy of x (x itself if already fp32: 4 B/element either way)
-        and rsqrt (4 B/token); when w is trained (full FT): the normalized tensor cast back to x's dtype.
-        GemmaRMSNorm computes `(x.float() * rsqrt(...)) * (1 + w.float())` then casts: it saves the fp32
-        normalized tensor instead (4 B/element)."""
+        and rsqrt (4 B per token and group); when w is trained (full FT): the normalized tensor cast back to x's
+        dtype. GemmaRMSNorm computes `(x.float() * rsqrt(...)) * (1 + w.float())` then casts, OLMo-2's
+        `(w * x.float() * rsqrt(...)).to(dtype)` likewise: they save the fp32 normalized tensor instead
+        (4 B/element). `groups`: rows normalized per token (a per-head q/k norm over the (B, S, H, D) view: one
+        mean and rsqrt per head, Qwen3RMSNorm / Gemma3RMSNorm on `head_dim`)."""
         g, R = self.g, self.R
         rx, rw = g.rg(x), self.full
         xd = self.dtype[x]
         x32 = self.cast(x, width, FP32)
         sq = self.new(width, FP32, rx)
         g.op("pow", [x32], [sq], saved=[x32] if rx else [])
-        var = self.new(1, FP32, rx)
+        var = self.new(groups, FP32, rx)
         g.op("mean", [sq], [var])
-        var2 = self.new(1, FP32, rx)
+        var2 = self.new(groups, FP32, rx)
         g.op("add_eps", [var], [var2])
-        r = self.new(1, FP32, rx)
+        r = self.new(groups, FP32, rx)
         g.op("rsqrt", [var2], [r], saved=[r] if rx else [])
         y32 = self.new(width, FP32, rx)
         g.op("mul_norm", [x32, r], [y32], saved=[x32, r] if rx else [])
         wbytes = FP32 if (R.quantized or R.weight == FP32) else R.weight
         out_dt = max(wbytes, xd)
         pgrad = (0, param_bytes(width, wbytes)) if rw else ZERO
-        if self.arch.gemma_norm:
+        if self.arch.fp32_norm_product:
             out32 = self.new(width, FP32, rx or rw)
             g.op("mul_weight", [y32], [out32], saved=[y32] if rw else [], param_grad=pgrad,
                  bwd_temp=(self.seq * width * FP32, 0) if rw else ZERO)
@@ -203,9 +205,11 @@ class Builder:
     # -- attention ----------------------------------------------------------------------------------------------
     def rope(self, q: int, width: int) -> int:
         """`q * cos + rotate_half(q) * sin` with cos/sin in the embeddings' dtype: four new tensors, none saved
-        but cos/sin (shared). Backward: each half's slice gradient is materialized at full size."""
+        but cos/sin (shared). Backward: each half's slice gradient is materialized at full size. OLMo-2 keeps
+        cos/sin fp32 and casts the result back to q's dtype (`q_embed.to(q_type)`, modeling_olmo2.py)."""
         g = self.g
-        dt = max(self.dtype[q], self.R.act)
+        q_dtype = self.dtype[q]
+        dt = max(self.dtype[q], FP32 if self.arch.rope_fp32 else self.R.act)
         rg = g.rg(q)
         t1 = self.new(width, dt, rg)
         g.op("mul_cos", [q], [t1])
@@ -215,7 +219,8 @@ class Builder:
         g.op("cat", [neg, q], [rot], grad_alias=[])
         t2 = self.new(width, dt, rg)
         g.op("mul_sin", [rot], [t2])
-        return self.add(t1, t2, width)
+        out = self.add(t1, t2, width)
+        return self.cast(out, width, q_dtype) if self.arch.rope_fp32 else out
 
     def sdpa(self, q: int, k: int, v: int, prefix=None) -> int:
         """`F.scaled_dot_product_attention` as CUDA runs it (bf16, no mask: flash / cuDNN, native GQA; fp32 or a
@@ -242,13 +247,22 @@ class Builder:
             v = self._held_copy("cache_v", [v], K * d, max(dk, self.dtype[v]), self.seq, v)
         masked = prefix is not None or self.masked
         kv_width = K * d
-        if masked and H != K:
+        # one key/value head (MQA: Gemma-3-1B): repeat_kv's expand + reshape only merges a size-1 dimension, a
+        # view, not a copy; sdpa's backward still writes dense (B, H, S, D) gradients for k and v, which the
+        # expand's backward sums back to one head, and a dtype cast of the view is dense too
+        mqa_view = masked and H != K and K == 1
+        grads_dense = 0
+        if masked and H != K and not mqa_view:
             # a mask turns native GQA off: repeat_kv copies keys and values to every head
             k, v = self._repeat_kv(k, H * d), self._repeat_kv(v, H * d)
             kv_width = H * d
+        if mqa_view:  # the views that reach sdpa uncast get dense gradients there
+            grads_dense = sum((H - K) * d * self.kv_seq * self.dtype[t] for t in (k, v)
+                              if not (R.autocast and self.dtype[t] != BF16))
         if R.autocast:  # inside F.sdpa: autocast casts what it is given
             q = self.cast(q, H * d, BF16)
-            k, v = self.cast(k, kv_width, BF16, self.kv_seq), self.cast(v, kv_width, BF16, self.kv_seq)
+            cast_width = H * d if mqa_view else kv_width
+            k, v = self.cast(k, cast_width, BF16, self.kv_seq), self.cast(v, cast_width, BF16, self.kv_seq)
         dt = self.dtype[q]
         saved_extra = []
         if masked:  # the mem-efficient kernel keeps an additive bias of q's dtype, keys padded to 16
@@ -262,7 +276,7 @@ class Builder:
         lse = self.g.tensor((lse_tokens * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
         s128 = round_up(self.seq, 128)
-        ws = (s128 * H * FP32 + s128 * H * d * FP32, 0) if fused else (lse_tokens * H * FP32, 0)
+        ws = (s128 * H * FP32 + s128 * H * d * FP32, 0) if fused else (lse_tokens * H * FP32 + grads_dense, 0)
         g.op("sdpa", [q, k, v], [out, lse], saved=([q, k, v, out, lse] + saved_extra) if rg else [], bwd_temp=ws)
         return out
 
@@ -285,12 +299,13 @@ class Builder:
 
     # -- the decoder layer --------------------------------------------------------------------------------------
     def decoder_layer(self, x: int, prefix=None) -> int:
-        """One decoder layer of `self.kind` (pre-norms; Gemma-2's kinds add post-attention and post-feed-forward
-        norms, Qwen3's q/k norms; a sliding window masks `sdpa`)."""
+        """One decoder layer of `self.kind` (pre-norms, absent in OLMo-2; Gemma-2/3 and OLMo-2 add post-attention
+        and post-feed-forward norms; Qwen3/Gemma-3 per-head and OLMo-2 whole-projection q/k norms, before rotary;
+        a sliding window masks `sdpa`)."""
         a, kind = self.arch, self.kind
         h, I = a.hidden_size, a.intermediate_size
         lin = {l.name: l for l in a.linears}
-        n1 = self.rmsnorm(x, h)
+        n1 = self.rmsnorm(x, h) if kind.pre_norms else x
         if a.fused_qkv:
             L = lin["qkv_proj"]
             qkv = self.linear(n1, "qkv_proj", L.in_features, L.out_features, L.bias)
@@ -304,8 +319,9 @@ class Builder:
             k = self.linear(n1, "k_proj", h, a.kv_dim, lin["k_proj"].bias)
             v = self.linear(n1, "v_proj", h, a.kv_dim, lin["v_proj"].bias)
         if kind.qk_norm:
-            q = self.rmsnorm(q, a.q_dim)
-            k = self.rmsnorm(k, a.kv_dim)
+            per_head = kind.qk_norm_over == "head"
+            q = self.rmsnorm(q, a.q_dim, a.num_heads if per_head else 1)
+            k = self.rmsnorm(k, a.kv_dim, a.num_kv_heads if per_head else 1)
         q = self.rope(q, a.q_dim)
         k = self.rope(k, a.kv_dim)
         o_in = self.attention(q, k, v, prefix)
@@ -313,7 +329,7 @@ class Builder:
         if kind.post_attention_norm:
             o = self.rmsnorm(o, h)
         h1 = self.add(x, o, h)
-        n2 = self.rmsnorm(h1, h)
+        n2 = self.rmsnorm(h1, h) if kind.pre_norms else h1
         if a.fused_qkv:
             L = lin["gate_up_proj"]
             gu = self.linear(n2, "gate_up_proj", h, 2 * I, L.bias)
@@ -427,10 +443,19 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         e = b.mul_scalar(e, h)
     e = b.method.head(b, e, arch, tc)
     d = arch.head_dim
-    # position_ids are (1, S): the tables are shared by the batch
-    cos = b.fixed(param_bytes(b.seq * d, R.act), False, "activations", R.act)
-    sin = b.fixed(param_bytes(b.seq * d, R.act), False, "activations", R.act)
-    g.op("rotary", [], [cos, sin], fwd_temp=(0, 3 * param_bytes(b.seq * d, FP32)))
-    g.hold(cos)
-    g.hold(sin)
+    # position_ids are (1, S): the tables are shared by the batch; Gemma-3 computes one pair per layer type;
+    # OLMo-2's stay fp32 (no cast, so no fp32 pair to free)
+    table = FP32 if arch.rope_fp32 else R.act
+    for _ in range(arch.rope_tables):
+        cos = b.fixed(param_bytes(b.seq * d, table), False, "activations", table)
+        sin = b.fixed(param_bytes(b.seq * d, table), False, "activations", table)
+        g.op("rotary", [], [cos, sin], fwd_temp=(0, (2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
+        g.hold(cos)
+        g.hold(sin)
+    if tc.grad_ckpt and arch.masked_layers(b.seq):
+        # a sliding-window mask: one bool (1, 1, S, S) tensor expanded over the batch (transformers 5.17
+        # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward
+        mask = b.fixed(b.seq * b.seq, False, "activations", 1)
+        g.op("sliding_mask", [], [mask])
+        g.hold(mask)
     return b, e

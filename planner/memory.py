@@ -46,9 +46,11 @@ def param_tensors(arch: ModelArch) -> list[tuple[str, tuple[int, int], int]]:
         out.append(("linear", (lin.out_features, lin.in_features), L))
         if lin.bias:
             out.append(("bias", (1, lin.out_features), L))
-    out.append(("norm", (1, h), L * arch.norms_per_layer + 1))
-    if arch.qk_norm:
-        out.append(("norm", (1, arch.head_dim), 2 * L))
+    out.append(("norm", (1, h), sum(k.norms * n for k, n in arch.kind_counts) + 1))
+    for kind, n in arch.kind_counts:  # q/k norms: head_dim wide (Qwen3, Gemma-3) or the projection's (OLMo-2)
+        for width in kind.qk_norm_widths(arch.head_dim, arch.q_dim, arch.kv_dim):
+            if width:
+                out.append(("norm", (1, width), n))
     return out
 
 

@@ -100,6 +100,22 @@ def accuracy_block() -> str:
         f"{100 * statistics.median(derr):.3f}%, max {100 * max(derr):.2f}%, {sum(e > 0.02 for e in derr)} above 2%; "
         f"no GPU measurement of DoRA yet (`calibrate/matrix.toml` has the points)."
     )
+    from planner.arch import arch_from_config
+
+    fam = [json.loads(line) for line in (ROOT / "calibrate/reference/trace-points-families.jsonl").read_text()
+           .splitlines() if line]
+    ferr = [abs(estimate_memory(arch_from_config(p["config"]) if "config" in p else load_model(p["model"]),
+                                TrainConfig.from_dict(p["train"])).peak_allocated_bytes
+                - p["trace"]["peak_allocated_bytes"]) / p["trace"]["peak_allocated_bytes"] for p in fam]
+    full = sorted({p["model"] for p in fam if "config" not in p})
+    out.append("")
+    out.append(
+        f"Qwen3, Gemma-3 (text and the multimodal config's text tower), OLMo-2, Phi-4 and Mistral-Small-3, against "
+        f"{len(fam)} configurations traced the same way (`calibrate/reference/trace-points-families.jsonl`: small "
+        f"configs of each family, and {', '.join(full)} at full size): median error "
+        f"{100 * statistics.median(ferr):.3f}%, max {100 * max(ferr):.2f}%, {sum(e > 0.02 for e in ferr)} above 2%; "
+        f"not measured on a GPU yet."
+    )
     return "\n".join(out) + "\n"
 
 

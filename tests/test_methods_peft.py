@@ -21,6 +21,11 @@ FAMILIES = {
     "gemma": dict(model_type="gemma", head_dim=16),
     "gemma2": dict(model_type="gemma2", head_dim=16),
     "phi3": dict(model_type="phi3", pad_token_id=0, eos_token_id=1, bos_token_id=1),
+    "phi3-gqa": dict(model_type="phi3", pad_token_id=0, eos_token_id=1, bos_token_id=1, num_attention_heads=8,
+                     num_key_value_heads=2),  # Phi-4's shape: fused qkv_proj of 8 + 2 x 2 heads
+    "mistral-head-dim": dict(model_type="mistral", head_dim=24),  # Mistral-Small-3: head_dim != hidden / heads
+    "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=32, sliding_window_pattern=2),
+    "olmo2": dict(model_type="olmo2", pad_token_id=0, eos_token_id=1),
 }
 CONFIGS = [
     dict(method="lora", rank=8, target_modules=("q_proj", "v_proj")),
@@ -47,7 +52,7 @@ def _phi3_targets(d):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda d: "-".join(str(v) if not isinstance(v, tuple) else "+".join(v) for v in d.values()))
 def test_counts_equal_peft(family, cfg):
     config = dict(BASE, **FAMILIES[family])
-    if family == "phi3":
+    if family.startswith("phi3"):
         cfg = _phi3_targets(cfg)
     tc = TrainConfig(seq_len=64, **cfg)
     with torch.device("meta"):

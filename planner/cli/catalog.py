@@ -95,8 +95,12 @@ def models_list(as_json):
 @json_option
 def models_show(ref, as_json):
     """One model's shapes, resolved from a name, alias, hf id or config.json.  ftplan models show 70b"""
+    from ..methods.lora import family_default_targets
+
     arch, how = resolve_model_or_fail(ref)
-    d = arch.summary() | {"aliases": list(arch.aliases), "resolved": how, "source": arch.source}
+    d = arch.summary() | {"aliases": list(arch.aliases), "resolved": how, "source": arch.source,
+                          "default_lora_targets": list(family_default_targets(arch)),
+                          "layer_kinds": [f"{n}x {k.label}" for k, n in arch.kind_counts]}
     if as_json:
         emit_json(d)
         return

@@ -66,6 +66,8 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
     d = plan.to_dict()
     if data is not None:
         d["data"] = data
+    if arch.note:  # what is planned when it is not the whole checkpoint (a multimodal model's text tower)
+        d["model_note"] = arch.note
     fit_line = None
     if plan.fits is False:
         fit_line = _fits_up_to(arch, tc, gpu, d)
@@ -78,6 +80,8 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
         return
     head = f"{arch.name}" + (f" ({how})" if "->" in how or "config.json" in how else "")
     click.echo(f"{head}: {arch.total_params / 1e9:.2f}B params, {arch.model_type}")
+    if arch.note:
+        click.echo(f"note: {arch.note}")
     click.echo(f"config: {tc.describe()}" + (f"  |  gpu: {gpu.display_name}" if gpu else ""))
     click.echo("")
     click.echo(plan_summary(d))

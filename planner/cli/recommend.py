@@ -149,6 +149,8 @@ def _print(res, how, top, verified, variants=False):
     r = res.request
     g = r.gpu
     click.echo(f"model  {r.arch.name} ({r.arch.total_params / 1e9:.2f}B params)" + (f"  [{how}]" if "->" in how else ""))
+    if r.arch.note:
+        click.echo(f"note   {r.arch.note}")
     click.echo(f"gpu    {g.display_name}, {fmt_gib(g.memory_bytes)}" + (f", up to {r.max_gpus}" if r.max_gpus > 1 else ""))
     work = f"seq {r.seq_len}, {r.effective_batch} sequences per optimizer step"
     if r.workload.total_tokens:

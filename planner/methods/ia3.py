@@ -15,6 +15,9 @@ IA3_TARGETS = {
     "gemma": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
     "phi3": (("qkv_proj", "down_proj"), ("down_proj",)),
+    "gemma3_text": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    # OLMo-2 has no entry in peft; ftplan passes Llama's (the IA3 paper's keys, values and feed-forward input)
+    "olmo2": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
 }
 
 

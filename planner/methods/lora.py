@@ -12,13 +12,22 @@ from .base import Method, TargetError, Trainable, rank_label
 
 RANKS = (8, 16, 64)  # what recommend tries
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj for llama, mistral,
-# qwen2, qwen3, gemma, gemma2; Phi-3 has no entry (peft asks for target_modules): its fused q/k/v projection.
+# qwen2, qwen3, gemma, gemma2, gemma3_text; Phi-3 has no entry (peft asks for target_modules): its fused q/k/v
+# projection; OLMo-2 has none either: ftplan passes q_proj, v_proj explicitly, as for its Llama-shaped neighbours.
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 FUSED_DEFAULT_TARGETS = ("qkv_proj",)
+FAMILY_DEFAULT_TARGETS = {
+    "llama": DEFAULT_TARGETS, "mistral": DEFAULT_TARGETS, "qwen2": DEFAULT_TARGETS, "qwen3": DEFAULT_TARGETS,
+    "gemma": DEFAULT_TARGETS, "gemma2": DEFAULT_TARGETS, "gemma3_text": DEFAULT_TARGETS, "olmo2": DEFAULT_TARGETS,
+    "phi3": FUSED_DEFAULT_TARGETS,
+}
 
 
 def family_default_targets(arch) -> tuple:
-    """The target modules LoRA uses on `arch` when the user names none."""
+    """The target modules LoRA uses on `arch` when the user names none (`FAMILY_DEFAULT_TARGETS`; a family not in
+    the table: q_proj, v_proj where the layer has them, else the fused qkv_proj)."""
+    if arch.model_type in FAMILY_DEFAULT_TARGETS:
+        return FAMILY_DEFAULT_TARGETS[arch.model_type]
     return DEFAULT_TARGETS if set(DEFAULT_TARGETS) <= set(arch.linear_names) else FUSED_DEFAULT_TARGETS
 
 
