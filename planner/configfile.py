@@ -258,6 +258,9 @@ class _Reader:
         self.notes.append(text)
 
     def sched(self, field_name: str, key: str, kind: str = "float") -> None:
+        if field_name == "max_steps" and self.data.get(key) == -1:  # transformers' "unset"
+            self.seen.add(key)
+            return
         v = self.float(key) if kind == "float" else self.int(key, minimum=0)
         if v is not None:
             self.schedule[field_name] = v
@@ -942,6 +945,8 @@ def build_values(mapping: ConfigMapping, overrides: dict | None = None) -> tuple
     recipe_fields = {f.name for f in fields(Recipe)}
     values = dict(mapping.options)
     values.update(overrides or {})
+    if values.get("quant", "none") == "none" and values.get("method") not in ("qlora", "qdora"):
+        values.pop("kbit_preparation", None)  # it means something over a quantized base only
     train, recipe = {}, {}
     for k, v in values.items():
         if k in train_fields:

@@ -18,11 +18,14 @@ from .options import (
     train_options,
 )
 from .checks import check_model, check_provider, given
+from .configopt import (config_dict, config_lines, config_option, load_config_or_fail, model_optional, model_or_fail,
+                        train_config_from_file)
 from .render import plan_summary
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
+@config_option
 @train_options
 @gpu_option()
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for time and cost.")
@@ -31,7 +34,7 @@ from .render import plan_summary
 @click.option("--trace", is_flag=True,
               help="Also run the real training step on fake tensors (needs the train extra; seconds to a minute).")
 @json_option
-def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_json, **kwargs):
+def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, provider, trace, as_json, **kwargs):
     """Memory (by component), fit, tokens/s and cost of one configuration.
 
     \b
@@ -39,10 +42,18 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
         --seq-len 2048 --batch-size 4 --grad-ckpt --gpu a100-80
     ftplan estimate --model ./my-model/config.json --method full --precision mixed --gpu h100-80 \\
         --num-gpus 8 --strategy zero3 --json
+    ftplan estimate --config axolotl.yaml --gpu a100-80 --batch-size 4
     """
-    tc = build_train_config(pop_train_kwargs(kwargs))
+    mapping = overrides = None
+    if config_path is not None:
+        mapping = load_config_or_fail(config_path)
+        tc, overrides = train_config_from_file(mapping, {**kwargs, **pop_train_kwargs(kwargs)})
+    else:
+        tc = build_train_config(pop_train_kwargs(kwargs))
+    model_ref = model_or_fail(model_ref, mapping)
     arch, how = resolve_model_or_fail(model_ref)
-    tc = check_model(arch, tc, targets_given=given("target_modules"))
+    targets_given = given("target_modules") or (mapping is not None and "target_modules" in mapping.options)
+    tc = check_model(arch, tc, targets_given=targets_given)
     gpu = resolve_gpu_or_fail(gpu_ref)
     tokens = parse_tokens_option(dataset_tokens)
     if epochs <= 0:
@@ -57,12 +68,16 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     if trace:
         traced = _trace(arch, tc, gpu)
         d["trace"] = traced
+    if mapping is not None:
+        d["config_file"] = config_dict(mapping, overrides)
     if as_json:
         emit_json(d)
         return
     head = f"{arch.name}" + (f" ({how})" if "->" in how or "config.json" in how else "")
     click.echo(f"{head}: {arch.total_params / 1e9:.2f}B params, {arch.model_type}")
     click.echo(f"config: {tc.describe()}" + (f"  |  gpu: {gpu.display_name}" if gpu else ""))
+    if mapping is not None:
+        click.echo("\n".join(config_lines(mapping, overrides)))
     click.echo("")
     click.echo(plan_summary(d))
     if fit_line:
@@ -90,6 +105,9 @@ def _fits_up_to(arch, tc, gpu, d: dict) -> str:
              else "fits at no sequence length at this batch")
     second = f"up to {batch:,} sequences at this length" if batch else "not with one sequence at this length"
     return f"{first} (and {second}), {keep}; `ftplan limits` says more"
+
+
+model_optional(estimate)
 
 
 def _trace(arch, tc, gpu) -> dict:

@@ -23,7 +23,9 @@ from .options import (
     resolve_gpu_or_fail,
     resolve_model_or_fail,
 )
-from .checks import check_positions, check_provider, os_error, writable_file
+from .checks import check_positions, check_provider, given, os_error, writable_file
+from .configopt import (config_dict, config_lines, config_option, load_config_or_fail, model_optional, model_or_fail,
+                        train_config_from_file)
 from .render import table
 
 ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
@@ -31,6 +33,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
+@config_option
 @gpu_option(required=True)
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for hours and $.")
@@ -52,7 +55,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
-def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
+def recommend(model_ref, config_path, gpu_ref, seq_len, dataset_tokens, epochs, effective_batch, objective, max_gpus, methods,
               margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
 
@@ -61,7 +64,24 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
     ftplan recommend --model meta-llama/Llama-3.1-8B --gpu rtx-4090 --seq-len 4096 \\
         --dataset-tokens 50M --epochs 3 --save plan.toml
     ftplan recommend --model 70b --gpu a100-80 --max-gpus 16 --methods full
+    ftplan recommend --config axolotl.yaml --gpu rtx-4090
+
+    With --config, the file's model, sequence length, effective batch (micro-batch x accumulation), method and
+    recipe (attention, loss, packing, offloading) are kept, unless --model, --seq-len, --effective-batch or
+    --methods are passed; micro-batch, checkpointing, optimizer and GPUs are what is searched.
     """
+    mapping = overrides = None
+    recipe = None
+    if config_path is not None:
+        mapping = load_config_or_fail(config_path)
+        tc_file, overrides = train_config_from_file(mapping, {"seq_len": seq_len})
+        recipe = tc_file.recipe
+        seq_len = tc_file.seq_len
+        if not given("effective_batch"):
+            effective_batch = tc_file.batch_size * tc_file.grad_accum * tc_file.num_gpus
+        if not given("methods"):
+            methods = tc_file.method_name
+    model_ref = model_or_fail(model_ref, mapping)
     arch, how = resolve_model_or_fail(model_ref)
     gpu = resolve_gpu_or_fail(gpu_ref)
     for name, value in (("--seq-len", seq_len), ("--effective-batch", effective_batch), ("--max-gpus", max_gpus),
@@ -82,9 +102,17 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
+    extra = {}
+    if recipe is not None:
+        for m in wanted:  # a recipe a method cannot run (packing with prefix tuning...) is a usage error, not a crash
+            try:
+                TrainConfig(method=m, seq_len=seq_len, recipe=recipe)
+            except ValueError as e:
+                raise click.BadParameter(f"{m} with the recipe of {config_path}: {e}", param_hint="--methods") from None
+        extra["recipe"] = recipe
     req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
-                  model_ref=model_ref)
+                  model_ref=model_ref, **extra)
     res = run_recommend(req)
     verified = _verify(res, min(3, top)) if verify else {}
     # --pick numbers the plans as the table lists them (best per method, or every variant), at most --top
@@ -104,8 +132,14 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
         except OSError as e:
             raise os_error(e, "--chart") from None
     if as_json:
-        emit_json(_as_json(res, top, verified, save_path if chosen else None))
+        out = _as_json(res, top, verified, save_path if chosen else None)
+        if mapping is not None:
+            out["config_file"] = config_dict(mapping, overrides)
+        emit_json(out)
         return
+    if mapping is not None:
+        click.echo("\n".join(config_lines(mapping, overrides)))
+        click.echo("")
     _print(res, how, top, verified, variants)
     if save_path:
         if chosen is None:
@@ -113,6 +147,9 @@ def recommend(model_ref, gpu_ref, seq_len, dataset_tokens, epochs, effective_bat
         click.echo(f"\nsaved plan #{pick} to {save_path}  (run it: ftplan run {save_path} --data train.jsonl --output-dir runs/x)")
     if chart_path:
         click.echo(f"chart: {chart_path}")
+
+
+model_optional(recommend)
 
 
 def _print(res, how, top, verified, variants=False):
