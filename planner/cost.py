@@ -20,6 +20,9 @@ Step time on one device is a sum of named parts (`Throughput.parts_seconds`), ea
   around each 4-bit linear (fp32 input to bf16 and the bf16 output back to fp32, `quantized_cast_bytes_per_token`).
 - `optimizer`: the optimizer step reads and writes parameters, gradients and state once per step
   (`optimizer_bytes_per_step`).
+- `host_transfer` (offloaded checkpoints only): each layer input copied to pinned host memory in forward and back
+  in backward, on the compute stream (transformers 5.17 `gradient_checkpointing_enable(offload=True)` docstring:
+  "Both copies run on the compute stream, so the step gets slower"), at the PCIe figure ZeRO offload uses.
 - `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
   reduce-scatter gradients ((n-1)/n x (2W + G)) over the interconnect, half of it hidden behind compute.
 
@@ -280,9 +283,12 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
     optimizer = 0.0 if S.offloads_optimizer(tc) else opt_bytes / bw
     comm = comm_bytes_per_step(arch, tc) / (gpu.interconnect_gb_per_s * 1e9) * 0.5
     if S.offloads_optimizer(tc):  # PCIe (25 GB/s)
-        comm += S.offload_bytes_per_step(tc, optimizer_state_bytes(arch, tc)["state"]) / 25e9
+        comm += S.offload_bytes_per_step(tc, optimizer_state_bytes(arch, tc)["state"]) / PCIE_BYTES_PER_S
     parts = {"compute": compute, "fp32_compute": fp32_compute, "adapters": adapters, "dequant": dequant,
              "optimizer": optimizer, "communication": comm}
+    host = host_transfer_bytes_per_step(arch, tc)
+    if host:  # only offloading recipes have the part (the reference's parts stay as they were)
+        parts["host_transfer"] = host / PCIE_BYTES_PER_S
     step = sum(parts.values())
     per_gpu = tokens_step / step
     return Throughput(
@@ -293,6 +299,18 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
         flops_per_token=f["total"],
         parts_seconds=parts,
     )
+
+
+PCIE_BYTES_PER_S = 25e9  # host <-> device, PCIe 4.0 x16 in practice
+
+
+def host_transfer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
+    """Bytes copied between device and pinned host memory per optimizer step: with offloaded checkpoints, every
+    layer input (B x S x h in the residual stream's dtype) once to the host in forward and once back in backward."""
+    if not (tc.grad_ckpt and tc.recipe.offload_checkpoints):
+        return 0
+    seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
+    return 2 * tc.grad_accum * arch.num_layers * tc.batch_size * seq * arch.hidden_size * regime(tc).act
 
 
 def training_hours(total_tokens: int, tokens_per_s: float) -> float:

@@ -31,10 +31,12 @@ from .render import plan_summary
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for time and cost.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
 @click.option("--provider", default=None, help="Price rows of this provider only (`profiles/prices.toml`).")
+@click.option("--host-ram", type=float, default=None, metavar="GIB",
+              help="CPU memory of the machine in GiB: says whether offloaded tensors and state fit the host.")
 @click.option("--trace", is_flag=True,
               help="Also run the real training step on fake tensors (needs the train extra; seconds to a minute).")
 @json_option
-def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, provider, trace, as_json, **kwargs):
+def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, provider, host_ram, trace, as_json, **kwargs):
     """Memory (by component), fit, tokens/s and cost of one configuration.
 
     \b
@@ -61,6 +63,10 @@ def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, provider, 
     check_provider(provider)
     plan = make_plan(arch, tc, gpu, Workload(tokens, epochs), provider=provider, model_ref=model_ref)
     d = plan.to_dict()
+    if host_ram is not None:
+        if host_ram <= 0:
+            raise click.BadParameter(f"must be > 0, got {host_ram:g}", param_hint="--host-ram")
+        host_limit(d, tc, int(host_ram * 2**30))
     fit_line = None
     if plan.fits is False:
         fit_line = _fits_up_to(arch, tc, gpu, d)
@@ -85,6 +91,13 @@ def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, provider, 
     if traced is not None:
         click.echo("")
         click.echo(_trace_summary(traced, d["peak_allocated_bytes"]))
+
+
+def host_limit(d: dict, tc, host_ram_bytes: int) -> None:
+    """Host memory of every GPU's share on one machine (`num_gpus` processes, each with its offloaded tensors and
+    state) against `--host-ram`: adds host_ram_bytes, host_bytes_all_gpus and host_fits to `d`."""
+    total = d["host_bytes"] * tc.num_gpus
+    d.update(host_ram_bytes=host_ram_bytes, host_bytes_all_gpus=total, host_fits=total <= host_ram_bytes)
 
 
 def _fits_up_to(arch, tc, gpu, d: dict) -> str:
