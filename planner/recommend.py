@@ -103,6 +103,13 @@ def _families(req: Request) -> list[dict]:
     return out
 
 
+def _checkpointing(req: Request, method: str) -> tuple:
+    """Gradient checkpointing off and on where the method supports it; on only when the recipe offloads the
+    checkpoints (`Recipe.offload_checkpoints` needs them)."""
+    options = (False, True) if get_method(method).supports_grad_ckpt else (False,)
+    return tuple(c for c in options if c) if req.recipe.offload_checkpoints else options
+
+
 def _optimizers(method: str) -> tuple:
     if get_method(method).trains_base:
         return ("adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
@@ -150,7 +157,7 @@ def recommend(req: Request) -> Result:
                 continue
             per_gpu = req.effective_batch // n
             for opt in _optimizers(fam["method"]):
-                for ckpt in ((False, True) if get_method(fam["method"]).supports_grad_ckpt else (False,)):
+                for ckpt in _checkpointing(req, fam["method"]):
                     for b in MICRO_BATCHES:
                         if b > per_gpu or per_gpu % b:
                             continue

@@ -212,3 +212,16 @@ output_dir: ignored
     assert res.exit_code == 2 and "not both" in res.output
     res = invoke("run", "--data", data, "--output-dir", tmp_path / "x")
     assert res.exit_code == 2 and "Missing argument 'PLAN'" in res.output
+
+
+def test_recommend_keeps_the_files_offloaded_checkpointing(tmp_path):
+    path = write(tmp_path, "base_model: meta-llama/Llama-3.1-8B\nadapter: lora\ngradient_checkpointing: offload\n"
+                           "sequence_len: 4096\nmicro_batch_size: 4\n")
+    res = invoke("recommend", "--config", path, "--gpu", "l40s", "--json", "--variants")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["plans"] and all(p["config"]["grad_ckpt"] and p["config"]["recipe"]["offload_checkpoints"]
+                              for p in d["plans"])
+    assert all(p["host_pinned_bytes"] > 0 for p in d["plans"])
+    res = invoke("recommend", "--config", path, "--gpu", "l40s", "--methods", "lora,prefix")
+    assert res.exit_code == 2 and "--methods" in res.output and "prefix" in res.output

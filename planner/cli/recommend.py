@@ -106,7 +106,7 @@ def recommend(model_ref, config_path, gpu_ref, seq_len, dataset_tokens, epochs, 
     if recipe is not None:
         for m in wanted:  # a recipe a method cannot run (packing with prefix tuning...) is a usage error, not a crash
             try:
-                TrainConfig(method=m, seq_len=seq_len, recipe=recipe)
+                TrainConfig(method=m, seq_len=seq_len, grad_ckpt=recipe.offload_checkpoints, recipe=recipe)
             except ValueError as e:
                 raise click.BadParameter(f"{m} with the recipe of {config_path}: {e}", param_hint="--methods") from None
         extra["recipe"] = recipe
