@@ -872,6 +872,9 @@ def _map_llamafactory(r: _Reader):
     if not off:
         if r.bool("use_unsloth_gc", False):
             r.set("offload_checkpoints", True, "use_unsloth_gc")
+            r.note("use_unsloth_gc: modelled as transformers' offloaded checkpointing (the layer input in pinned host "
+                   "memory); Unsloth's function keeps the input it brings back through the layer's whole backward, "
+                   "about one layer input more at a backward peak")
         if r.bool("use_reentrant_gc", True):
             r.note("use_reentrant_gc (default true): reentrant checkpointing keeps the same tensors (each layer's "
                    "input) as the non-reentrant kind ftplan models")
