@@ -269,11 +269,12 @@ class _Reader:
         ignore = IGNORED_COMMON | IGNORED[self.framework]
         ignored, unknown = [], []
         for k in self.data:
-            if k in self.seen:
-                if k not in self.read and self.data[k] is None:
-                    ignored.append(k)  # a key set to null: the default applies
+            if k in self.read:
                 continue
-            (ignored if k in ignore or k.startswith(IGNORED_PREFIXES) else unknown).append(k)
+            # set to null (the default applies), looked at but without effect here (lora_r without use_peft), or
+            # known not to change memory or speed
+            known = k in self.seen or k in ignore or k.startswith(IGNORED_PREFIXES)
+            (ignored if known else unknown).append(k)
         return ConfigMapping(framework=self.framework, path=self.path, model=model, options=dict(self.options),
                              source=dict(self.source), read=dict(self.read), defaults=dict(self.defaults),
                              ignored=tuple(ignored), unknown=tuple(unknown), schedule=dict(self.schedule),
@@ -787,7 +788,7 @@ def _map_llamafactory(r: _Reader):
     stage = r.raw("stage", "sft")
     r.choice("stage", stage, {"sft": 0, "pt": 0}, "is not a training stage ftplan models")
     ft = r.raw("finetuning_type")
-    method = r.choice("finetuning_type", ft if ft is not None else "lora", {"lora": "lora", "full": "full"})
+    finetuning = r.choice("finetuning_type", ft if ft is not None else "lora", {"lora": "lora", "full": "full"})
     bits = r.raw("quantization_bit")
     if bits is not None:
         r.choice("quantization_bit", bits, {4: 4}, "is not a quantization ftplan models")
@@ -795,18 +796,18 @@ def _map_llamafactory(r: _Reader):
                  "is not a quantization method ftplan models")
         r.choice("quantization_type", r.raw("quantization_type", "nf4"), {"nf4": 0}, "is not a 4-bit type ftplan models")
         r.raw("double_quantization")
-        if method != "lora":
+        if finetuning != "lora":
             raise ConfigFileError("quantization_bit: 4 needs finetuning_type: lora (LLaMA-Factory refuses full "
                                   "training of a quantized model)", "quantization_bit")
-    dora = method == "lora" and r.bool("use_dora", False)
+    dora = finetuning == "lora" and r.bool("use_dora", False)
     if ft is None:
         r.default("method", "dora" if dora else "lora", "LLaMA-Factory finetuning_type defaults to lora")
     else:
-        r.set("method", "dora" if dora else method, "finetuning_type" + (", use_dora" if dora else ""))
+        r.set("method", "dora" if dora else finetuning, "finetuning_type" + (", use_dora" if dora else ""))
     if bits is not None:
         r.set("quant", "nf4", "quantization_bit")
     pure = r.bool("pure_bf16", False)
-    if method == "lora":
+    if finetuning == "lora":
         rank = r.int("lora_rank")
         r.set("rank", rank, "lora_rank") if rank else r.default("rank", 8, "LLaMA-Factory lora_rank")
         alpha = r.int("lora_alpha")
@@ -831,7 +832,7 @@ def _map_llamafactory(r: _Reader):
         raise ConfigFileError("bf16 and fp16 are both true (valid: one of them)", "fp16")
     if bits is not None:
         precision = "fp16" if fp16 else "bf16"
-    elif method == "full":
+    elif finetuning == "full":
         precision = "bf16" if pure else ("mixed" if bf16 else "fp16" if fp16 else "fp32")
     else:
         precision = "bf16" if bf16 or pure else "fp16" if fp16 else "fp32"
@@ -948,7 +949,9 @@ def build_values(mapping: ConfigMapping, overrides: dict | None = None) -> tuple
     recipe_fields = {f.name for f in fields(Recipe)}
     values = dict(mapping.options)
     values.update(overrides or {})
-    if values.get("quant", "none") == "none" and values.get("method") not in ("qlora", "qdora"):
+    from .methods import ALIASES  # qlora, qdora: a method over a quantized base
+
+    if values.get("quant", "none") == "none" and values.get("method") not in ALIASES:
         values.pop("kbit_preparation", None)  # it means something over a quantized base only
     train, recipe = {}, {}
     for k, v in values.items():

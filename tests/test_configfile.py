@@ -283,3 +283,9 @@ def test_build_values_splits_fields_and_lets_overrides_win(tmp_path):
     m2.source["unheard_of"] = "some_key"
     with pytest.raises(ConfigFileError, match="some_key"):
         build_values(m2)
+
+
+def test_keys_without_effect_are_listed_as_ignored(tmp_path):
+    m = _load(tmp_path, "model_name_or_path: x/y\nuse_peft: false\nlora_r: 64\nlora_alpha: 128\nloss_type: nll\n")
+    assert m.options["method"] == "full" and "rank" not in m.options
+    assert {"lora_r", "lora_alpha"} <= set(m.ignored) and not m.unknown
