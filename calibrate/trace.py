@@ -21,6 +21,10 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   copy of each weight in forward and backward).
 - DoRA over a 4-bit base: peft dequantizes the base weight every forward (`dequantize_module_weight`); the trace
   allocates what `bnb.functional.dequantize_4bit` allocates (the nested absmax in fp32, the bf16 weight).
+- offloaded checkpoints (`save_on_cpu(pin_memory=True)`, which transformers wraps around each checkpoint): pack
+  copies the saved tensor into a new pinned host buffer, unpack copies it back into a new device tensor; on fake CPU
+  tensors pinning needs an accelerator and `.to("cpu")` would return the same tensor, so the host buffer is counted
+  in host memory (rounded as the pinned allocator rounds: a power of two) and unpack allocates the device copy.
 - bitsandbytes 8-bit optimizers: their state buffers (uint8 x 2 + fp32 absmax per 256; fp32 below 4096 elements);
   paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
 
@@ -71,6 +75,35 @@ class LiveBytes(TorchDispatchMode):
         self.default_tag = "activations"
         self.excluded: dict[int, int] = {}  # storages outside max_memory_allocated (paged): id -> bytes
         self.paused = False  # while True, new storages are CUDA managed memory (not the caching allocator's)
+        self.on_host = False  # while True, new storages are pinned host memory
+        self.host_live: dict[int, tuple[int, object]] = {}
+        self.host_current = 0
+        self.host_peak = 0
+
+    @contextlib.contextmanager
+    def host_memory(self):
+        """Storages created inside are pinned host memory (offloaded tensors), counted apart from the device's."""
+        self.on_host = True
+        try:
+            yield
+        finally:
+            self.on_host = False
+
+    def _track_host(self, st) -> None:
+        key = id(st)
+        if key in self.host_live:
+            return
+        nbytes = st.nbytes()
+        n = 0 if nbytes == 0 else 1 << (nbytes - 1).bit_length()  # CachingHostAllocator: PowerOf2Ceil(size)
+
+        def release(_ref, key=key):
+            entry = self.host_live.pop(key, None)
+            if entry is not None:
+                self.host_current -= entry[0]
+
+        self.host_live[key] = (n, weakref.ref(st, release))
+        self.host_current += n
+        self.host_peak = max(self.host_peak, self.host_current)
 
     @contextlib.contextmanager
     def managed_memory(self):
@@ -96,6 +129,11 @@ class LiveBytes(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):
             return
         key = id(st)
+        if key in self.host_live:
+            return
+        if self.on_host:
+            self._track_host(st)
+            return
         if key in self.live:
             if tag is not None:
                 self.retag(key, tag)
@@ -198,6 +236,29 @@ def _dropout_cuda(input, p=0.5, training=True, inplace=False):
     return _F_DROPOUT(input, p, training, inplace)
 
 
+class _SaveOnCPUCUDA(torch.autograd.graph.saved_tensors_hooks):
+    """torch's `save_on_cpu(pin_memory=True)` as it runs on CUDA (torch 2.13 `autograd/graph.py`): `pack_to_cpu`
+    makes a new pinned host tensor of the saved tensor's size and copies into it; `unpack_from_cpu` returns
+    `tensor.to(device)`, a new device tensor. Here the host tensor is counted in the trace's host memory and the
+    unpack allocates the device copy (`.to("cpu")` of a fake CPU tensor would return the tensor itself)."""
+
+    tracker: "LiveBytes | None" = None
+
+    def __init__(self, pin_memory: bool = False, device_type: str = "cuda"):
+        tracker = _SaveOnCPUCUDA.tracker
+
+        def pack(t):
+            with tracker.host_memory() if tracker is not None else contextlib.nullcontext():
+                packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout)
+            packed.copy_(t)
+            return packed
+
+        def unpack(packed):
+            return torch.empty_like(packed).copy_(packed)
+
+        super().__init__(pack, unpack)
+
+
 class _Matmul4bitCUDA(torch.autograd.Function):
     """bitsandbytes 0.50 on CUDA for M > 1536 tokens: dequantize the nested absmax (fp32, + offset), the NF4 weight
     to bf16 (N, K), then F.linear; backward dequantizes again for grad_input. Nothing large is saved."""
@@ -291,11 +352,13 @@ def _dequantize_module_weight(module):
 def cuda_behaviour():
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace."""
     import transformers.masking_utils as mu
+    import transformers.modeling_utils as modeling
 
-    saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
+    saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _never_packed
+    modeling.save_on_cpu = _SaveOnCPUCUDA
     linear4bit = None
     try:
         import bitsandbytes as bnb
@@ -312,7 +375,7 @@ def cuda_behaviour():
     try:
         yield
     finally:
-        F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]
@@ -415,6 +478,7 @@ class TraceResult:
     steps: int
     cuda_workspace_bytes: int = 0
     notes: list = field(default_factory=list)
+    host_pinned_bytes: int = 0  # peak pinned host memory (offloaded tensors)
 
     def to_dict(self) -> dict:
         return {
@@ -426,6 +490,7 @@ class TraceResult:
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "cuda_workspace_bytes": self.cuda_workspace_bytes,
+            "host_pinned_bytes": self.host_pinned_bytes,
             "seconds": round(self.seconds, 3),
             "steps": self.steps,
             "notes": list(self.notes),
@@ -445,6 +510,7 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveBytes()
+    _SaveOnCPUCUDA.tracker = tracker
     notes = []
     with cuda_behaviour():
         model = build_traced_model(config, tc, fake_mode, tracker)
@@ -494,6 +560,7 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
         steps=steps,
         cuda_workspace_bytes=cuda_workspace_bytes,
         notes=notes,
+        host_pinned_bytes=tracker.host_peak,
     )
 
 

@@ -96,6 +96,9 @@ class TrainConfig:
                 f"precision {self.precision!r} is not valid with {self.method_name} ({spec.name} over a {q.name} base): "
                 "it computes in bf16 over 4-bit weights (valid: bf16)"
             )
+        if self.recipe.offload_checkpoints and not self.grad_ckpt:
+            raise ValueError("recipe.offload_checkpoints offloads the inputs gradient checkpointing keeps: it needs "
+                             "grad_ckpt (valid with offload_checkpoints: grad_ckpt true)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:
@@ -184,7 +187,7 @@ class TrainConfig:
             parts.append(self.precision)
         parts.append(f"b{self.batch_size}x{self.seq_len}" + (f" ga{self.grad_accum}" if self.grad_accum > 1 else ""))
         if self.grad_ckpt:
-            parts.append("ckpt")
+            parts.append("ckpt" + ("+offload" if self.recipe.offload_checkpoints else ""))
         parts.append(self.optimizer)
         if self.num_gpus > 1:
             parts.append(f"{self.num_gpus}x {self.strategy}" + ("+offload" if self.cpu_offload else ""))

@@ -20,6 +20,9 @@ and fp32 peaks, memory bandwidth, SM count: `profiles/gpus/*.toml`) and a few pa
   (`launch_seconds` each), asynchronously, so a micro-step takes max(GPU work, kernels x launch_seconds); this
   part is the excess of the host over the GPU (small models at short sequences are host-bound);
 - `optimizer`: the optimizer step and gradient clipping by the bytes their passes move (`optimizer_bytes_per_step`);
+- `host_transfer` (offloaded checkpoints only): each layer input copied to pinned host memory in forward and back
+  in backward, on the compute stream (transformers 5.17 `gradient_checkpointing_enable(offload=True)` docstring:
+  "Both copies run on the compute stream, so the step gets slower"), over the card's PCIe link (`planner.comm.topology`).
 - `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
   reduce-scatter gradients ((n-1)/n x (2W + G)) over the slowest link the ring crosses (NVLink/PCIe in a node, the
   NIC share between nodes), minus what the compute hides (FSDP2 prefetch, DDP/ZeRO buckets in backward), plus CPU
@@ -44,7 +47,7 @@ from .kernels import step_ops
 from .layers import regime
 from .methods import trainable_params
 from .memory import _piece_key, batch_free, gradient_bytes, optimizer_state_bytes
-from .comm import communication_time
+from .comm import communication_time, topology
 from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -392,6 +395,9 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
         parts["communication"] = ct.exposed_seconds + ct.host_seconds
     else:
         parts["communication"] = 0.0
+    host = host_transfer_bytes_per_step(arch, tc)
+    if host:  # only offloading recipes have the part (the reference's parts stay as they were)
+        parts["host_transfer"] = host / (topology(gpu).host_link_gb_per_s * 1e9)
     step = sum(parts.values())
     per_gpu = tokens_step / step
     peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
@@ -405,6 +411,15 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
         provenance=params.provenance,
         expected_error=params.expected_error,
     )
+
+
+def host_transfer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
+    """Bytes copied between device and pinned host memory per optimizer step: with offloaded checkpoints, every
+    layer input (B x S x h in the residual stream's dtype) once to the host in forward and once back in backward."""
+    if not (tc.grad_ckpt and tc.recipe.offload_checkpoints):
+        return 0
+    seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
+    return 2 * tc.grad_accum * arch.num_layers * tc.batch_size * seq * arch.hidden_size * regime(tc).act
 
 
 def training_hours(total_tokens: int, tokens_per_s: float) -> float:

@@ -368,7 +368,9 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
     b = Builder(arch, tc, seq, kv_seq, checkpointed, kind)
     R = b.R
     x = b.input(arch.hidden_size, R.act, input_rg)
-    if checkpointed:
+    if checkpointed and not tc.recipe.offload_checkpoints:
+        # the checkpoint keeps its input to the end of the layer's backward; offloaded (`offload_checkpoints`), the
+        # input is a copy unpacked from host memory for the recompute, which dies after its last use
         b.g.hold(x, scope="piece")
     y = b.decoder_layer(x, b.method.layer_prefix(b, arch, tc))
     return b, x, y

@@ -326,7 +326,15 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     g_tail = -(-_at(P.tail.param_grads, B) // shard)
     # per replay: what such a layer keeps while later layers run forward, what it keeps after its backward (KV
     # caches, held by the outputs), and the parameter gradients it leaves
-    kept = [_at(P.layer_input, B) if ck else _at(s.kept, B) for s in P.layers]
+    # offloaded checkpoints (`offload_checkpoints`): the input each checkpoint keeps is in host memory instead
+    # offloaded checkpoints (`offload_checkpoints`): the input each checkpoint keeps is in host memory instead, but
+    # for a frozen embedding the first layer's input is a leaf that requires grad (transformers'
+    # `enable_input_require_grads`, which `gradient_checkpointing_enable` calls), and autograd's AccumulateGrad node
+    # of that leaf keeps it on the device until the backward reaches it
+    offloaded = ck and tc.recipe.offload_checkpoints
+    leaf_input = offloaded and not tc.spec.first_input_requires_grad()
+    kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
+            for key, s in zip(P.replays, P.layers)]
     held = [_at(s.held, B) for s in P.layers]
     layer_grads = [-(-_at(s.param_grads, B) // shard) for s in P.layers]
     held_tail = _at(P.tail.held, B)
@@ -339,8 +347,11 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # forward
     last_fwd = P.forward_nosave[P.of_layer[L - 1]] if ck else sim(L - 1).forward
+    # offloaded checkpoints, trained first input: the first layer's input is still referenced by the model's forward
+    # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
+    embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
     events.append(event("forward (last layer)", peak_point(last_fwd, B),
-                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]], logits=previous))
+                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds, logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), activations=head_kept + kept_all, logits=previous))
     events.append(event("loss backward", peak_point(P.tail.backward, B), activations=head_kept + kept_all))
 
@@ -350,6 +361,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
         grads = g_tail + total_over(layer_grads, i + 1, L)
         name = "last layer" if i == L - 1 else ("first layer" if i == 0 else f"layer {i}")
         s = sim(i)
+        if i == 0 and leaf_input:  # the leaf embeddings, held by AccumulateGrad, next to the unpacked copy
+            acts += _at(P.layer_input, B)
         if ck:  # the checkpoint re-runs the layer's forward while the output gradient waits
             events.append(event(f"{name} recompute", peak_point(s.forward, B), activations=acts, gradients=grads,
                                 temporaries=_at(P.layer_input, B)))
@@ -362,6 +375,25 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     events.append(event("optimizer step", None, gradients=grads_total,
                         logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))
     return events
+
+
+def pinned_block_bytes(nbytes: int) -> int:
+    """Bytes the pinned-memory allocator takes for `nbytes`: the next power of two (torch 2.13
+    `ATen/core/CachingHostAllocator.h` `allocate`: `PowerOf2Ceil(size)` below `pinned_max_round_threshold`, which
+    is unlimited by default)."""
+    return 0 if nbytes <= 0 else 1 << (nbytes - 1).bit_length()
+
+
+def offloaded_checkpoint_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """Pinned host memory of offloaded checkpoints: every decoder layer's input (B x S x h in the residual stream's
+    dtype) copied to a pinned buffer by `save_on_cpu(pin_memory=True)` when its checkpoint saves it (transformers
+    5.17 `gradient_checkpointing_enable(offload=True)`; torch `autograd/graph.py` `save_on_cpu.pack_to_cpu`:
+    `torch.empty(..., pin_memory=True)` then `copy_`). All are live at the end of the forward; the host allocator
+    caches the blocks for the next step."""
+    if not (tc.grad_ckpt and tc.recipe.offload_checkpoints):
+        return 0
+    seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
+    return arch.num_layers * pinned_block_bytes(tc.batch_size * seq * arch.hidden_size * regime(tc).act)
 
 
 def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Event:
@@ -407,6 +439,12 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     notes: list = field(default_factory=list)
+    host_pinned_bytes: int = 0  # pinned host memory of offloaded activations/checkpoints (per device)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory this device's training step needs: pinned offload buffers plus CPU-offloaded state."""
+        return self.host_pinned_bytes + self.cpu_offload_bytes
 
 
 _static_configs: dict = {}
@@ -469,4 +507,5 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
         trainable_params=params[0],
         total_params=params[1],
         notes=sharding_notes,
+        host_pinned_bytes=offloaded_checkpoint_bytes(arch, tc),
     )

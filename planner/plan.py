@@ -69,6 +69,8 @@ class Plan:
             "events": dict(m.events),
             "paged_bytes": m.paged_bytes,
             "cpu_offload_bytes": m.cpu_offload_bytes,
+            "host_pinned_bytes": m.host_pinned_bytes,
+            "host_bytes": m.host_bytes,
             "trainable_params": m.trainable_params,
             "total_params": m.total_params,
             "notes": list(m.notes) + list(self.notes),

@@ -9,6 +9,7 @@ is the step ftplan has always modelled and measured (`trainer/recipe.py`, README
 - `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`);
 - `packing=False`: every row is one full-length sequence;
 - `activation_offload=False`: saved tensors stay on the GPU;
+- `offload_checkpoints=False`: with gradient checkpointing, each layer's input stays on the GPU;
 - `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head).
 
 Readers: `planner.layers` (attention, loss, the quantized regime), `planner.memory` (the k-bit preparation event),
@@ -33,6 +34,7 @@ MODELLED = {
     "loss": ("plain",),
     "packing": (False,),
     "activation_offload": (False,),
+    "offload_checkpoints": (False, True),
     "kbit_preparation": (True,),
 }
 
@@ -45,6 +47,9 @@ class Recipe:
         not modelled yet).
     packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
     activation_offload: saved tensors in pinned host memory (not modelled yet).
+    offload_checkpoints: with gradient checkpointing, each checkpointed layer's input in pinned host memory
+        (transformers' `gradient_checkpointing_enable(offload=True)`: `save_on_cpu(pin_memory=True)` around each
+        checkpoint, as Unsloth's and Axolotl's offloaded checkpointing do); needs `grad_ckpt`.
     kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True; skipping it is not modelled yet).
     """
 
@@ -52,6 +57,7 @@ class Recipe:
     loss: str = "plain"
     packing: bool = False
     activation_offload: bool = False
+    offload_checkpoints: bool = False
     kbit_preparation: bool = True
 
     REFERENCE: ClassVar["Recipe"]

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .methods import ALIASES, get_method, method_label
 from .plan import DEFAULT_MARGIN, Plan, Workload, make_plan
 from .profiles import GPUProfile
+from .recipe import Recipe
 from .strategies import most_sharded, recommend_layouts
 
 OBJECTIVES = ("quality", "time", "cost")
@@ -61,6 +62,7 @@ class Request:
     methods: tuple = ("full", "lora", "qlora", "ia3", "prefix", "prompt")
     provider: str | None = None
     model_ref: str = ""
+    recipe: Recipe = Recipe.REFERENCE  # how every candidate's step runs (a --config file's attention, loss...)
 
 
 @dataclass
@@ -99,6 +101,13 @@ def _families(req: Request) -> list[dict]:
                 fam = dict(fam, quant=quant)
             out.append(fam)
     return out
+
+
+def _checkpointing(req: Request, method: str) -> tuple:
+    """Gradient checkpointing off and on where the method supports it; on only when the recipe offloads the
+    checkpoints (`Recipe.offload_checkpoints` needs them)."""
+    options = (False, True) if get_method(method).supports_grad_ckpt else (False,)
+    return tuple(c for c in options if c) if req.recipe.offload_checkpoints else options
 
 
 def _optimizers(method: str) -> tuple:
@@ -148,12 +157,13 @@ def recommend(req: Request) -> Result:
                 continue
             per_gpu = req.effective_batch // n
             for opt in _optimizers(fam["method"]):
-                for ckpt in ((False, True) if get_method(fam["method"]).supports_grad_ckpt else (False,)):
+                for ckpt in _checkpointing(req, fam["method"]):
                     for b in MICRO_BATCHES:
                         if b > per_gpu or per_gpu % b:
                             continue
                         tc = TrainConfig(seq_len=req.seq_len, batch_size=b, grad_accum=per_gpu // b, grad_ckpt=ckpt,
-                                         optimizer=opt, num_gpus=n, strategy=strategy, cpu_offload=offload, **fam)
+                                         optimizer=opt, num_gpus=n, strategy=strategy, cpu_offload=offload,
+                                         recipe=req.recipe, **fam)
                         p = make_plan(req.arch, tc, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
                         evaluated += 1
                         if p.device_bytes > limit:
@@ -168,7 +178,8 @@ def recommend(req: Request) -> Result:
             continue
         # report the standard recipe (AdamW, micro-batch 1, checkpointing where allowed) on one GPU
         tc = TrainConfig(seq_len=req.seq_len, batch_size=1, grad_accum=req.effective_batch,
-                         grad_ckpt=get_method(fam["method"]).supports_grad_ckpt, optimizer="adamw", **fam)
+                         grad_ckpt=get_method(fam["method"]).supports_grad_ckpt, optimizer="adamw", recipe=req.recipe,
+                         **fam)
         p = make_plan(req.arch, tc, req.gpu, req.workload, provider=req.provider, model_ref=req.model_ref)
         evaluated += 1
         n, plan = gpus_needed(req, p.train)

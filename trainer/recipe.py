@@ -79,12 +79,17 @@ def apply_method(model, tc: TrainConfig):
     import peft
 
     gc_kwargs = {"use_reentrant": False}
+    # offloaded checkpoints: transformers 5.17 `gradient_checkpointing_enable(offload=True)` runs each checkpoint
+    # under `save_on_cpu(pin_memory=True)`, so the layer input it keeps goes to pinned host memory
+    offload = tc.recipe.offload_checkpoints
     if tc.base_quant.quantized and tc.recipe.kbit_preparation:
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=tc.grad_ckpt, gradient_checkpointing_kwargs=gc_kwargs
         )
+        if tc.grad_ckpt and offload:  # peft enabled checkpointing without the offload; enable it again with it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs, offload=True)
     elif tc.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs, offload=offload)
     pc = peft_config(tc, getattr(getattr(model, "config", None), "model_type", None))
     if pc is not None:
         model = peft.get_peft_model(model, pc)

@@ -176,6 +176,9 @@ def check_device(tc: TrainConfig, device: str) -> None:
     if tc.optimizer in ("adamw8bit", "paged_adamw8bit"):
         raise RunUsageError(f"optimizer {tc.optimizer} needs CUDA (bitsandbytes); on CPU valid optimizers are "
                             "adamw, sgd, adafactor", "--optimizer")
+    if tc.recipe.offload_checkpoints:
+        raise RunUsageError("offloaded checkpoints need CUDA (pinned host memory; torch refuses pin_memory without an "
+                            "accelerator); on CPU valid: checkpointing without offload", "--offload-ckpt")
     if tc.num_gpus > 1 and tc.strategy not in CPU_STRATEGIES:
         raise RunUsageError(f"strategy {tc.strategy} does not run on CPU processes (valid on CPU: "
                             f"{', '.join(CPU_STRATEGIES)})", "--strategy")

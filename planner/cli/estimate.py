@@ -19,22 +19,27 @@ from .options import (
 )
 from .checks import check_model, check_provider, given
 from .datainfo import check_data_args, data_lines, data_options, data_report, read_data_or_fail
+from .configopt import (config_dict, config_lines, config_option, load_config_or_fail, model_optional, model_or_fail,
+                        train_config_from_file)
 from .render import plan_summary
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
+@config_option
 @train_options
 @gpu_option()
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for time and cost.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
 @data_options
 @click.option("--provider", default=None, help="Price rows of this provider only (`profiles/prices.toml`).")
+@click.option("--host-ram", type=float, default=None, metavar="GIB",
+              help="CPU memory of the machine in GiB: says whether offloaded tensors and state fit the host.")
 @click.option("--trace", is_flag=True,
               help="Also run the real training step on fake tensors (needs the train extra; seconds to a minute).")
 @json_option
-def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format, tokenizer_ref, trust_remote_code,
-             packing, provider, trace, as_json, **kwargs):
+def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
+             trust_remote_code, packing, provider, host_ram, trace, as_json, **kwargs):
     """Memory (by component), fit, tokens/s and cost of one configuration.
 
     \b
@@ -43,10 +48,18 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
     ftplan estimate --model ./my-model/config.json --method full --precision mixed --gpu h100-80 \\
         --num-gpus 8 --strategy zero3 --json
     ftplan estimate --model ./my-model --method lora --batch-size 4 --gpu l40s --data train.jsonl --epochs 3
+    ftplan estimate --config axolotl.yaml --gpu a100-80 --batch-size 4
     """
-    tc = build_train_config(pop_train_kwargs(kwargs))
+    mapping = overrides = None
+    if config_path is not None:
+        mapping = load_config_or_fail(config_path)
+        tc, overrides = train_config_from_file(mapping, {**kwargs, **pop_train_kwargs(kwargs)})
+    else:
+        tc = build_train_config(pop_train_kwargs(kwargs))
+    model_ref = model_or_fail(model_ref, mapping)
     arch, how = resolve_model_or_fail(model_ref)
-    tc = check_model(arch, tc, targets_given=given("target_modules"))
+    targets_given = given("target_modules") or (mapping is not None and "target_modules" in mapping.options)
+    tc = check_model(arch, tc, targets_given=targets_given)
     gpu = resolve_gpu_or_fail(gpu_ref)
     tokens = parse_tokens_option(dataset_tokens)
     if epochs <= 0:
@@ -68,6 +81,10 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
         d["data"] = data
     if arch.note:  # what is planned when it is not the whole checkpoint (a multimodal model's text tower)
         d["model_note"] = arch.note
+    if host_ram is not None:
+        if host_ram <= 0:
+            raise click.BadParameter(f"must be > 0, got {host_ram:g}", param_hint="--host-ram")
+        host_limit(d, tc, int(host_ram * 2**30))
     fit_line = None
     if plan.fits is False:
         fit_line = _fits_up_to(arch, tc, gpu, d)
@@ -75,6 +92,8 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
     if trace:
         traced = _trace(arch, tc, gpu)
         d["trace"] = traced
+    if mapping is not None:
+        d["config_file"] = config_dict(mapping, overrides)
     if as_json:
         emit_json(d)
         return
@@ -83,6 +102,8 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, data_path, data_format,
     if arch.note:
         click.echo(f"note: {arch.note}")
     click.echo(f"config: {tc.describe()}" + (f"  |  gpu: {gpu.display_name}" if gpu else ""))
+    if mapping is not None:
+        click.echo("\n".join(config_lines(mapping, overrides)))
     click.echo("")
     click.echo(plan_summary(d))
     if fit_line:
@@ -107,6 +128,13 @@ def _time_from_data(plan, hours: float) -> None:
         plan.cost_usd = cost_usd(hours, plan.train.num_gpus, plan.price.usd_per_gpu_hour)
 
 
+def host_limit(d: dict, tc, host_ram_bytes: int) -> None:
+    """Host memory of every GPU's share on one machine (`num_gpus` processes, each with its offloaded tensors and
+    state) against `--host-ram`: adds host_ram_bytes, host_bytes_all_gpus and host_fits to `d`."""
+    total = d["host_bytes"] * tc.num_gpus
+    d.update(host_ram_bytes=host_ram_bytes, host_bytes_all_gpus=total, host_fits=total <= host_ram_bytes)
+
+
 def _fits_up_to(arch, tc, gpu, d: dict) -> str:
     """For a configuration that does not fit: the longest sequence at its batch and the largest batch at its
     sequence length that do (`planner.fitlimits`, at recommend's margin); adds `max_seq_len_that_fits` and
@@ -125,6 +153,9 @@ def _fits_up_to(arch, tc, gpu, d: dict) -> str:
              else "fits at no sequence length at this batch")
     second = f"up to {batch:,} sequences at this length" if batch else "not with one sequence at this length"
     return f"{first} (and {second}), {keep}; `ftplan limits` says more"
+
+
+model_optional(estimate)
 
 
 def _trace(arch, tc, gpu) -> dict:

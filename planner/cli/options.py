@@ -13,6 +13,7 @@ from ..arch import ArchError
 from ..config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
 from ..methods import METHOD_CHOICES, TargetError, lora_targets
 from ..quant import QUANTS
+from ..recipe import Recipe
 from ..profiles import DEFAULT_REVISION, ProfileError, load_gpu, resolve_model
 from ..units import parse_count
 
@@ -86,6 +87,10 @@ def train_options(f):
         click.option("--strategy", type=click.Choice(STRATEGIES), default="ddp", show_default=True,
                      help="Multi-GPU strategy (ZeRO/FSDP shard weights, grads and state)."),
         click.option("--cpu-offload", is_flag=True, help="Offload optimizer state (and ZeRO-3/FSDP params) to CPU."),
+        # -- recipe options (planner.recipe.Recipe): how the step runs; RECIPE_OPTIONS maps them to fields
+        click.option("--offload-ckpt/--no-offload-ckpt", "offload_ckpt", default=False,
+                     help="With --grad-ckpt: each checkpointed layer input in pinned host memory (transformers' "
+                          "offload=True, Unsloth/Axolotl offloaded checkpointing)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -93,7 +98,10 @@ def train_options(f):
 
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
-              "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload")
+              "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload",
+              "offload_ckpt")
+RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints"}  # CLI parameter -> Recipe field
+OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt"})
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:
@@ -114,6 +122,10 @@ def _option_for(message: str) -> str | None:
 def build_train_config(values: dict) -> TrainConfig:
     """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
     values = {k: v for k, v in values.items() if not (k in ("quant", "use_rslora") and v is None)}
+    recipe = {RECIPE_OPTIONS[k]: values.pop(k) for k in list(values) if k in RECIPE_OPTIONS}
+    if recipe:  # on top of the recipe the values carry (a plan file's), else the reference
+        base = values.get("recipe") or Recipe.REFERENCE
+        values["recipe"] = {**(base.to_dict() if isinstance(base, Recipe) else dict(base)), **recipe}
     try:
         if "target_modules" in values and isinstance(values["target_modules"], str):
             values["target_modules"] = parse_target_modules(values["target_modules"])

@@ -21,8 +21,10 @@ from .options import (
     parse_tokens_option,
     resolve_model_or_fail,
 )
-from .checks import check_positions, check_provider, os_error, writable_file
+from .checks import check_positions, check_provider, given, os_error, writable_file
 from .compare import parse_gpu_list, several_gpus
+from .configopt import (config_dict, config_lines, config_option, load_config_or_fail, model_optional, model_or_fail,
+                        train_config_from_file)
 from .datainfo import check_data_args, data_facts, data_options, data_timer, print_data, read_data_or_fail
 from .render import table
 
@@ -31,6 +33,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
+@config_option
 @click.option("--gpu", "gpu_refs", required=True, multiple=True, metavar="NAME[,NAME...]|all",
               help="GPU name or alias (a100-80, h100, 4090; `ftplan gpus list`); several (a comma list, or --gpu "
                    "repeated) or `all` rank every GPU type x count x plan by the job's cost.")
@@ -56,7 +59,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False), default=None,
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
-def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
+def recommend(model_ref, config_path, gpu_refs, seq_len, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
               trust_remote_code, packing, effective_batch, objective, max_gpus, methods,
               margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
@@ -67,7 +70,24 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
         --dataset-tokens 50M --epochs 3 --save plan.toml
     ftplan recommend --model 70b --gpu a100-80 --max-gpus 16 --methods full
     ftplan recommend --model 70b --gpu all --max-gpus 8 --dataset-tokens 50M --epochs 3
+    ftplan recommend --config axolotl.yaml --gpu rtx-4090
+
+    With --config, the file's model, sequence length, effective batch (micro-batch x accumulation), method and
+    recipe (attention, loss, packing, offloading) are kept, unless --model, --seq-len, --effective-batch or
+    --methods are passed; micro-batch, checkpointing, optimizer and GPUs are what is searched.
     """
+    mapping = overrides = None
+    recipe = None
+    if config_path is not None:
+        mapping = load_config_or_fail(config_path)
+        tc_file, overrides = train_config_from_file(mapping, {"seq_len": seq_len})
+        recipe = tc_file.recipe
+        seq_len = tc_file.seq_len
+        if not given("effective_batch"):
+            effective_batch = tc_file.batch_size * tc_file.grad_accum * tc_file.num_gpus
+        if not given("methods"):
+            methods = tc_file.method_name
+    model_ref = model_or_fail(model_ref, mapping)
     arch, how = resolve_model_or_fail(model_ref)
     gpus = parse_gpu_list(gpu_refs)
     several = len(gpus) > 1 or any("," in r or r.strip().lower() == "all" for r in gpu_refs)
@@ -101,9 +121,17 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
         for flag, value in (("--verify", verify), ("--chart", chart_path)):
             if value:
                 raise click.BadParameter("works with one GPU type; valid: a single --gpu NAME", param_hint=flag)
+    extra = {}
+    if recipe is not None:
+        for m in wanted:  # a recipe a method cannot run (packing with prefix tuning...) is a usage error, not a crash
+            try:
+                TrainConfig(method=m, seq_len=seq_len, grad_ckpt=recipe.offload_checkpoints, recipe=recipe)
+            except ValueError as e:
+                raise click.BadParameter(f"{m} with the recipe of {config_path}: {e}", param_hint="--methods") from None
+        extra["recipe"] = recipe
     req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,
-                  model_ref=model_ref)
+                  model_ref=model_ref, **extra)
     if several:
         return several_gpus(req, gpus, how, top, variants, save_path, pick, as_json, timer, stats, packing,
                             save=_save)
@@ -133,8 +161,13 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
         out = _as_json(res, top, verified, save_path if chosen else None)
         if data is not None:
             out["data"] = data
+        if mapping is not None:
+            out["config_file"] = config_dict(mapping, overrides)
         emit_json(out)
         return
+    if mapping is not None:
+        click.echo("\n".join(config_lines(mapping, overrides)))
+        click.echo("")
     _print(res, how, top, verified, variants)
     print_data(data, res.request, chosen, pick)
     if save_path:
@@ -143,6 +176,9 @@ def recommend(model_ref, gpu_refs, seq_len, dataset_tokens, epochs, data_path, d
         click.echo(f"\nsaved plan #{pick} to {save_path}  (run it: ftplan run {save_path} --data train.jsonl --output-dir runs/x)")
     if chart_path:
         click.echo(f"chart: {chart_path}")
+
+
+model_optional(recommend)
 
 
 def _print(res, how, top, verified, variants=False):

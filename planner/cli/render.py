@@ -57,6 +57,13 @@ def plan_summary(d: dict) -> str:
         lines.append(f"paged state     {fmt_gib(d['paged_bytes']):>11}   bitsandbytes paged optimizer (managed memory, included on the device)")
     if d.get("cpu_offload_bytes"):
         lines.append(f"host (offload)  {fmt_gib(d['cpu_offload_bytes']):>11}   per GPU, in CPU memory")
+    if d.get("host_pinned_bytes"):
+        lines.append(f"host (pinned)   {fmt_gib(d['host_pinned_bytes']):>11}   per GPU, offloaded checkpoints in pinned "
+                     "(page-locked) CPU memory")
+    if "host_ram_bytes" in d:
+        verdict = "fits" if d["host_fits"] else "DOES NOT FIT: the host is the limit"
+        lines.append(f"host memory     {fmt_gib(d['host_bytes_all_gpus']):>11}   of {fmt_gib(d['host_ram_bytes'])} "
+                     f"(--host-ram, all {d['config']['num_gpus']} GPU(s) of the machine): {verdict}")
     lines.append("")
     lines += breakdown_lines(d["breakdown"], pa)
     lines.append("")

@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from ..config import TrainConfig, parse_target_modules
 from ..planfile import read_plan, write_plan
 from .checks import check_model, os_error, writable_dir
+from .configopt import config_lines, config_option, load_config_or_fail, plan_from_config
 from .options import OPTION_OF, TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
 
 DATA_FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
@@ -159,7 +160,8 @@ def _clear_run(out: Path) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.argument("plan_path", metavar="PLAN", type=click.Path(dir_okay=False), required=False)
+@config_option
 @click.option("--data", "data_path", required=True, metavar="PATH",
               help="Training data: JSON lines (alpaca, chat, prompt/completion, text) or a `datasets` folder.")
 @click.option("--eval-data", "eval_path", default=None, metavar="PATH", help="Held-out data: eval loss at the end.")
@@ -200,8 +202,8 @@ def _clear_run(out: Path) -> None:
 @click.option("--print-launch", is_flag=True, help="Print each machine's command and the launch it starts; run nothing.")
 @json_option
 @click.pass_context
-def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_inputs, packing, resume, overwrite,
-        device, no_fallback, no_record, model_path, tokenizer_path, eval_steps, keep_checkpoints, no_progress,
+def run(ctx, plan_path, config_path, data_path, eval_path, output_dir, data_format, train_on_inputs, packing, resume,
+        overwrite, device, no_fallback, no_record, model_path, tokenizer_path, eval_steps, keep_checkpoints, no_progress,
         num_machines, machine_rank, main_process_ip, main_process_port, print_launch, as_json, **kwargs):
     """Execute a saved plan on your data with transformers + peft (the recipe `ftplan estimate` predicts).
 
@@ -209,16 +211,29 @@ def run(ctx, plan_path, data_path, eval_path, output_dir, data_format, train_on_
     ftplan run plan.toml --data train.jsonl --eval-data eval.jsonl --output-dir runs/my-run
     ftplan run plan.toml --data train.jsonl --output-dir runs/my-run --resume
     ftplan run plan.toml --data train.jsonl --output-dir runs/try --device cpu --max-steps 20 --method lora
+    ftplan run --config axolotl.yaml --data train.jsonl --output-dir runs/my-run
 
     Any [train] field of the plan can be overridden with its option (--method, --rank, --batch-size, ...), and any
     [schedule] field with --learning-rate, --max-steps, --epochs, --save-steps, .... Options you do not pass keep
     the plan's values.
     """
-    try:
-        pf = read_plan(plan_path)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="PLAN") from None
+    if (plan_path is None) == (config_path is None):
+        if plan_path is None:
+            raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "plan_path"))
+        raise click.BadParameter("give a PLAN or --config, not both (valid: one of them)", param_hint="--config")
+    if config_path is not None:  # the user's own TRL / Axolotl / LLaMA-Factory file, run as `estimate` predicts it
+        mapping = load_config_or_fail(config_path)
+        pf = plan_from_config(mapping, {k: v for k, v in kwargs.items() if k in TRAIN_KEYS})
+        plan_path = config_path
+        if not as_json:
+            click.echo("\n".join(config_lines(mapping, {})), err=True)
+    else:
+        try:
+            pf = read_plan(plan_path)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="PLAN") from None
     tc = _train_config(ctx, pf, kwargs)
+    packing = packing or tc.recipe.packing  # a config file's packing packs the data too
     sched_over = {f: kwargs[f] for f in SCHEDULE_OPTIONS if kwargs.get(f) is not None}
     schedule = _schedule(pf, sched_over)
     for name, value, low in (("--eval-steps", eval_steps, 0), ("--keep-checkpoints", keep_checkpoints, 1)):
