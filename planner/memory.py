@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
+from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
 from .moe_graph import unsummed_grad_bytes_per_token
 from .quant import nf4_linear_bytes  # noqa: F401  (re-exported: the NF4 term lives with the quantization)
@@ -469,6 +470,7 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
 
 def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
     """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
+    check_moe_supported(arch, tc)
     static, grads, opt_temp, offload, sharding_notes, paged, params = _static_terms(arch, batch_free(tc),
                                                                                       cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)

@@ -238,3 +238,41 @@ def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str 
         return None
     return (f"the experts alone take {experts / 2**30:.1f} GiB, more than one GPU ({gpu_bytes / 2**30:.0f} GiB); "
             "expert parallelism would spread them, but ftplan does not model it (only ZeRO/FSDP sharding)")
+
+
+# -- what is modelled ------------------------------------------------------------------------------------------------
+
+MOE_METHODS = ("full", "lora")  # methods whose MoE graph is traced and tested
+
+
+def unsupported(arch, tc) -> tuple[str, str] | None:
+    """(field, message) when `tc` on the MoE model `arch` is outside what ftplan models; None when modelled (or
+    when `arch` is dense). The field names the option to change."""
+    if arch.moe is None:
+        return None
+    if arch.model_type == "gpt_oss":
+        return ("model", f"{arch.name}: gpt-oss attention adds learned sinks and transformers 5.17 gives it no sdpa "
+                         "path (GptOssPreTrainedModel._supports_sdpa = False: eager, flash or flex only); ftplan models "
+                         "sdpa attention, so it counts gpt-oss parameters and FLOPs but does not plan its memory; "
+                         f"MoE families planned: {', '.join(t for t in MOE_MODEL_TYPES if t != 'gpt_oss')}")
+    if tc.method not in MOE_METHODS:
+        return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
+                          f"{', '.join(MOE_METHODS)}")
+    if tc.base_quant.quantized:
+        return ("quant", f"a {tc.quant} base on the MoE model {arch.name} is not modelled (bitsandbytes quantizes only "
+                         "nn.Linear: the fused 3-D experts stay unquantized and k-bit preparation casts them to fp32); "
+                         "valid: none")
+    if tc.precision != "bf16":
+        return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled (grouped_mm runs "
+                             "the experts in the weights' dtype outside autocast); valid: bf16")
+    if arch.moe.aux_loss:
+        return ("model", f"{arch.name}: output_router_logits (the load-balancing loss in training) is not modelled; "
+                         "set it to false in config.json")
+    return None
+
+
+def check_supported(arch, tc) -> None:
+    """ValueError with `unsupported`'s message."""
+    bad = unsupported(arch, tc)
+    if bad:
+        raise ValueError(bad[1])
