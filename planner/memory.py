@@ -316,7 +316,10 @@ def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tupl
     `weighted_out.view(T, top_k, h).sum(1)` makes (the expanded gradient reshaped: `planner.moe_graph`)."""
     if kind.mlp != "moe":
         return (0, 0)
-    return (seq * arch.hidden_size * regime(tc).act + seq * unsummed_grad_bytes_per_token(arch, regime(tc)), 0)
+    # Qwen2-MoE: the shared expert's gating product is the block's last op with saved tensors, so its backward,
+    # which needs them, runs (and recomputes) before the experts' sum is reached
+    unsummed = 0 if arch.moe.shared_intermediate else unsummed_grad_bytes_per_token(arch, regime(tc))
+    return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
 def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int) -> list[Event]:

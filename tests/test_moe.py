@@ -19,7 +19,6 @@ from trainer import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 MOE_REFERENCE = ROOT / "calibrate" / "reference" / "trace-points-moe.jsonl"
-STRESS_TOL = 0.05  # measured max 4.9% (Qwen2-MoE LoRA, checkpointed); every other stress point within 1.7%
 
 _TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=128)
@@ -96,27 +95,16 @@ def _stress(point) -> bool:
     return point["model"].endswith("-v512")
 
 
-@pytest.mark.parametrize("point", [p for p in _moe_points() if not _stress(p)],
-                         ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")
+@pytest.mark.parametrize("point", _moe_points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")
 def test_moe_within_2_percent_of_the_trace(point):
-    """The real transformers MoE model and peft on fake tensors (`python -m calibrate.trace_grid --grid moe`)."""
+    """The real transformers MoE model and peft on fake tensors (`python -m calibrate.trace_grid --grid moe`).
+    The `-v512` points (a 512-token vocabulary) leave the MoE layers' own transients as the peak: the last
+    layer's forward and a checkpointed layer's recomputation."""
     tc = TrainConfig.from_dict(point["train"])
     est = estimate_memory(_arch_of(point), tc)
     traced = point["trace"]["peak_allocated_bytes"]
     assert abs(est.peak_allocated_bytes - traced) / traced <= 0.02, f"{tc.describe()} at {est.peak_event}"
     assert est.trainable_params == point["trace"]["trainable_params"]
-
-
-@pytest.mark.parametrize("point", [p for p in _moe_points() if _stress(p)],
-                         ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")
-def test_moe_layer_transients_within_STRESS_of_the_trace(point):
-    """A 512-token vocabulary leaves the MoE layers' own transients as the peak (the last layer's forward, a
-    checkpointed layer's recomputation): the analytic graph follows the grouped_mm path within STRESS_TOL; the
-    remaining gap is in what the recomputation keeps alive, not in what is saved (see planner/moe_graph.py)."""
-    tc = TrainConfig.from_dict(point["train"])
-    est = estimate_memory(_arch_of(point), tc)
-    traced = point["trace"]["peak_allocated_bytes"]
-    assert abs(est.peak_allocated_bytes - traced) / traced <= STRESS_TOL, f"{tc.describe()} at {est.peak_event}"
 
 
 def test_the_moe_grid_covers_the_families_and_mechanisms():
