@@ -1,6 +1,7 @@
 """Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`
 (and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
-`--grid families --out calibrate/reference/trace-points-families.jsonl`).
+`--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
+calibrate/reference/trace-points-moe.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -131,12 +132,15 @@ FAMILY_CONFIGS = {
 
 
 def family_arch(model: str):
-    """The ModelArch of a grid point's model: `family:<key>` (FAMILY_CONFIGS) or a catalog name."""
+    """The ModelArch of a grid point's model: `family:<key>` (FAMILY_CONFIGS), a small MoE config (MOE_CONFIGS) or a
+    catalog name."""
     from planner.arch import arch_from_config
     from planner.profiles import load_model
 
     if model.startswith("family:"):
         return arch_from_config(FAMILY_CONFIGS[model.split(":", 1)[1]], name=model)
+    if model in MOE_CONFIGS:
+        return arch_from_config(MOE_CONFIGS[model], name=model)
     return load_model(model)
 
 
@@ -175,9 +179,62 @@ def family_points() -> list[tuple[str, dict]]:
     return pts
 
 
+# Small MoE configs (planner/moe.py families) whose MoE layers, not the loss, decide the peak: a vocabulary of 4096
+_MOE_BASE = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                 vocab_size=4096, max_position_embeddings=16384)
+MOE_CONFIGS = {
+    "tiny-qwen3-moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], intermediate_size=1024,
+                           moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+                           **_MOE_BASE),
+    "tiny-qwen3-moe-dense0": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], intermediate_size=1024,
+                                  moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                                  mlp_only_layers=[0], **_MOE_BASE),
+    "tiny-mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=768,
+                         num_local_experts=8, num_experts_per_tok=2, **_MOE_BASE),
+    "tiny-qwen2-moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], intermediate_size=1024,
+                           moe_intermediate_size=256, shared_expert_intermediate_size=512, num_experts=8,
+                           num_experts_per_tok=2, **_MOE_BASE),
+}
+
+# The same with a 512-token vocabulary: the loss no longer dominates, so the MoE layers' own transients (forward
+# of the last layer, a checkpointed layer's recomputation) decide the peak: a stress test of the layer graph
+MOE_CONFIGS.update({f"{k}-v512": dict(v, vocab_size=512) for k, v in list(MOE_CONFIGS.items())})
+
+
+def moe_points() -> list[tuple[str, dict]]:
+    """MoE families (issue 13 item 2): full FT and LoRA on the attention projections, with and without
+    checkpointing, the optimizers, dropout on and off, dense-first layers, a shared expert, Mixtral's fp32 routing
+    weights; and two full-size catalog models. Small configs are named in MOE_CONFIGS (their config travels in the
+    record), catalog ones by name."""
+    qv, qkvo = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
+    pts = []
+    for model in [m for m in MOE_CONFIGS if not m.endswith("-v512")]:
+        for ckpt in (False, True):
+            pts += [
+                (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+                (model, dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=2, grad_ckpt=ckpt)),
+                (model, dict(method="lora", rank=8, target_modules=qkvo, lora_dropout=0.0, seq_len=1024, batch_size=4,
+                             grad_ckpt=ckpt)),
+            ]
+    for model in [m for m in MOE_CONFIGS if m.endswith("-v512")]:
+        for ckpt in (False, True):
+            pts += [
+                (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+                (model, dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=2, grad_ckpt=ckpt)),
+            ]
+    for opt in ("adamw8bit", "sgd", "adafactor"):
+        pts.append(("tiny-qwen3-moe", dict(method="full", precision="bf16", seq_len=512, batch_size=2, optimizer=opt)))
+    pts += [
+        ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
+        ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
+    ]
+    return pts
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
          "dora": lambda args: dora_points(),
-         "families": lambda args: family_points()}
+         "families": lambda args: family_points(),
+         "moe": lambda args: moe_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -229,7 +286,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
-                         "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl)")
+                         "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
+                         "moe: MoE families (calibrate/reference/trace-points-moe.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -254,6 +312,8 @@ def main(argv=None) -> int:
             rec = {"id": f"t{i:03d}", "model": model, "train": tc.to_dict(), "trace": r.to_dict(), "versions": versions}
             if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
                 rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]
+            elif model in MOE_CONFIGS:
+                rec["config"] = MOE_CONFIGS[model]
             f.write(json.dumps(rec) + "\n")
             f.flush()
             el = time.time() - t0

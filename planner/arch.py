@@ -16,12 +16,14 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
+from dataclasses import replace as _dc_replace
 from pathlib import Path
 
+from . import moe as _moe
 from .layerkinds import LayerKind, LayerKindError, layer_kinds_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo2",
-                         "phi3")
+                         "phi3") + _moe.MOE_MODEL_TYPES
 
 # transformers' config defaults for keys a config.json may omit, per family (configuration_<family>.py).
 _FAMILY_DEFAULTS = {
@@ -113,6 +115,7 @@ class ModelArch:
     hf_id: str | None = None
     aliases: tuple[str, ...] = ()
     source: str = ""
+    moe: _moe.MoE | None = None  # the sparse block of a MoE family (planner.moe); `linears` are then attention only
     config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     note: str = ""  # what ftplan plans when it is not the whole checkpoint (a multimodal model's text tower)
 
@@ -212,7 +215,8 @@ class ModelArch:
     @property
     def layer_params(self) -> int:
         """Parameters of the largest decoder layer."""
-        return self.layer_linear_params + self.layer_norm_params
+        mlp = _moe.largest_mlp_params(self) if self.moe else 0
+        return self.layer_linear_params + self.layer_norm_params + mlp
 
     @functools.cached_property
     def total_params(self) -> int:
@@ -223,6 +227,7 @@ class ModelArch:
             + self.num_layers * self.layer_linear_params
             + sum(n * k.norm_params(self.hidden_size, self.head_dim, self.q_dim, self.kv_dim) for k, n in self.kind_counts)
             + self.hidden_size  # final norm
+            + (_moe.mlp_params(self) if self.moe else 0)  # MoE: experts, routers, dense-first MLPs
         )
 
     @property
@@ -363,7 +368,7 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
                         f"ftplan plans causal-LM fine-tuning")
     _check_required(config, name or "config")
     _check_full_rotary(config, name or "config")
-    c = dict(_FAMILY_DEFAULTS[model_type])
+    c = dict(_FAMILY_DEFAULTS.get(model_type) or _moe.FAMILY_DEFAULTS[model_type])
     c.update(config)  # an explicit null (e.g. Mistral v0.3 sliding_window) overrides the family default
 
     def get_int(key: str) -> int:
@@ -385,6 +390,9 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
     act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
 
     q, kv = n_heads * head_dim, n_kv * head_dim
+    if model_type in _moe.MOE_MODEL_TYPES:
+        return _moe_arch(model_type, c, config, name, hf_id, aliases, source, h, n_layers, n_heads, n_kv, head_dim,
+                         inter, vocab, tie, act)
     if model_type in ("llama", "qwen3"):
         qkv_bias = o_bias = bool(c.get("attention_bias", False))
     elif model_type == "qwen2":
@@ -435,6 +443,47 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
         source=source,
         config=dict(config),
         note=note,
+    )
+
+
+def _moe_arch(model_type, c, config, name, hf_id, aliases, source, h, n_layers, n_heads, n_kv, head_dim, inter, vocab,
+              tie, act) -> ModelArch:
+    """A MoE family (planner.moe): the attention of its dense relative, the MoE block on its sparse layers.
+    `linears` lists the attention projections only; the feed-forward tensors are `planner.moe.param_tensors`."""
+    label = name or "config"
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    if model_type == "qwen2_moe":
+        qkv_bias, o_bias = bool(c.get("qkv_bias", True)), False  # Qwen2MoeAttention: o_proj without bias
+    elif model_type == "mixtral":
+        qkv_bias = o_bias = False
+    else:  # qwen3_moe, gpt_oss: attention_bias on all four
+        qkv_bias = o_bias = bool(c.get("attention_bias", False))
+    try:
+        block = _moe.moe_from_config(model_type, c)
+        sparse = _moe.sparse_layers(model_type, c, n_layers)
+        family = _moe.ATTENTION_FAMILY[model_type]
+        if family == "gpt_oss":
+            # gpt-oss builds `layer_types` as Gemma-2 does (sliding on even layers, `sliding_window` keys),
+            # without Gemma-2's post-norms (configuration_gpt_oss.py, modeling_gpt_oss.py)
+            kinds = tuple(_dc_replace(k, post_attention_norm=False, post_feedforward_norm=False)
+                          for k in layer_kinds_from_config("gemma2", c, n_layers, n_heads, n_kv))
+        else:
+            kinds = layer_kinds_from_config(family, c, n_layers, n_heads, n_kv)
+        kinds = _moe.with_moe_kinds(kinds, sparse)
+    except (LayerKindError, _moe.MoEError) as e:
+        raise ArchError(f"{label}: {e}") from None
+    linears = (
+        Linear("q_proj", h, q, qkv_bias),
+        Linear("k_proj", h, kv, qkv_bias),
+        Linear("v_proj", h, kv, qkv_bias),
+        Linear("o_proj", q, h, o_bias),
+    )
+    return ModelArch(
+        name=name or c.get("_name_or_path") or model_type, model_type=model_type, hidden_size=h, num_layers=n_layers,
+        num_heads=n_heads, num_kv_heads=n_kv, head_dim=head_dim, intermediate_size=inter, vocab_size=vocab,
+        tie_word_embeddings=tie, linears=linears, layer_kinds=kinds, hidden_act=act,
+        max_position_embeddings=int(c.get("max_position_embeddings") or 0), hf_id=hf_id, aliases=tuple(aliases),
+        source=source, moe=block, config=dict(config),
     )
 
 

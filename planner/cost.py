@@ -48,6 +48,7 @@ from .layers import regime
 from .methods import trainable_params
 from .memory import _piece_key, batch_free, gradient_bytes, optimizer_state_bytes
 from .comm import communication_time, topology
+from .moe import active_matmul_params as moe_active_matmul_params
 from .strategies import OPTIMIZER_STATE, strategy_of
 
 # -- FLOPs ----------------------------------------------------------------------------------------------------------
@@ -55,8 +56,11 @@ from .strategies import OPTIMIZER_STATE, strategy_of
 
 def matmul_params(arch: ModelArch) -> int:
     """Weights that take part in a matmul per token: every decoder linear and the output projection
-    (lm_head, tied or not). Norms, biases and the embedding lookup are not matmuls."""
-    return arch.num_layers * sum(lin.in_features * lin.out_features for lin in arch.linears) + arch.vocab_size * arch.hidden_size
+    (lm_head, tied or not). Norms, biases and the embedding lookup are not matmuls. A MoE model counts the
+    *active* feed-forward weights of a token (router, top_k experts, shared expert: `planner.moe`), not all
+    experts: memory holds every expert, each token's FLOPs go through top_k of them."""
+    n = arch.num_layers * sum(lin.in_features * lin.out_features for lin in arch.linears) + arch.vocab_size * arch.hidden_size
+    return n + (moe_active_matmul_params(arch) if arch.moe else 0)
 
 
 def attention_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:

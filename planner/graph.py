@@ -126,6 +126,21 @@ class Timeline:
     param_grads: Size  # parameter gradients it leaves after backward
     grad_inputs: Size  # gradients of its external inputs it leaves after backward
     held: Size  # bytes held to the end (outputs object, caches)
+    recompute: tuple = ()  # envelope of forward Points up to the last saved tensor (a checkpoint's recomputation)
+
+
+def _recompute_end(g: Graph, starts: list, n_points: int) -> int:
+    """How many forward points a checkpoint's recomputation reaches. torch.utils.checkpoint (non-reentrant, early
+    stop on by default) stops the recomputation once the last saved tensor is packed; autograd packs an op's saved
+    inputs before running it and its saved outputs after, so the last saving op's outputs exist only if it saves
+    one of them."""
+    last = max((i for i, n in enumerate(g.nodes) if n.saved), default=None)
+    if last is None:
+        return n_points
+    n = g.nodes[last]
+    if set(n.saved) & set(n.outputs):
+        return starts[last + 1] if last + 1 < len(starts) else n_points
+    return starts[last]
 
 
 def forward_without_saving(g: Graph, outputs=()) -> tuple:
@@ -172,7 +187,9 @@ def simulate(g: Graph, outputs=(), incoming_grads=()) -> Timeline:
             alive[i] = True
             alloc(t.size, t.kind)
     fwd: list = []
+    starts: list = []  # len(fwd) when each node starts
     for idx, n in enumerate(g.nodes):
+        starts.append(len(fwd))
         for t in n.outputs:
             alive[t] = True
             alloc(g.tensors[t].size, g.tensors[t].kind)
@@ -285,6 +302,7 @@ def simulate(g: Graph, outputs=(), incoming_grads=()) -> Timeline:
             grad_inputs[1] += storages[sid][0][1]
     return Timeline(
         forward=_envelope(fwd),
+        recompute=_envelope(fwd[: _recompute_end(g, starts, len(fwd))]),
         backward=_envelope(bwd),
         kept=tuple(kept),
         outputs=tuple(out_bytes),

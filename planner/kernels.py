@@ -91,6 +91,30 @@ class _Walk:
         key = (tokens, n, k, dtype, phase)
         self.gemms[key] = self.gemms.get(key, 0) + times
 
+    def _grouped(self, b, n, times: int, seq: int, run_bwd: bool, phase: str) -> None:
+        """A MoE layer's `F.grouped_mm` over the E experts (planner/moe_graph.py `_grouped_linear`): its input holds
+        seq x top_k routed rows; with balanced routing (planner.moe) each expert multiplies seq x top_k / E of them,
+        so it times as E GEMMs of that many rows; backward: the input gradient, and the weights' when they train."""
+        g, dt, m = b.g, b.dtype, b.arch.moe
+        x = _first_activation(g, n.inputs)
+        y = n.outputs[0] if n.outputs else None
+        if x is None or y is None or g.tensors[y].size[0] == 0:
+            return
+        rows = seq * m.top_k
+        K = g.tensors[x].size[0] // (rows * dt[x])
+        N = g.tensors[y].size[0] // (rows * dt[y])
+        per_expert = max(1, rows // m.num_experts)
+        e = times * m.num_experts
+        self.gemm(per_expert, N, K, dt[x], phase, e)
+        self.kernels[0] += times
+        if run_bwd:
+            if g.tensors[x].rg:
+                self.gemm(per_expert, K, N, dt[x], "input_grad", e)
+                self.kernels[1] += times
+            if n.param_grad != (0, 0):
+                self.gemm(per_expert, N, K, dt[x], "weight_grad", e)
+                self.kernels[1] += times
+
     def add(self, b, times: int, seq: int, backward: bool = True, phase: str = "forward") -> None:
         g, dt = b.g, b.dtype
         masked = any(n.name == "mask_bias" for n in g.nodes)
@@ -99,6 +123,9 @@ class _Walk:
                 continue
             outs_rg = any(g.tensors[t].rg for t in n.outputs)
             run_bwd = backward and outs_rg
+            if n.name == "grouped_mm" and b.arch.moe is not None:
+                self._grouped(b, n, times, seq, run_bwd, phase)
+                continue
             if n.name in GEMM_OPS:
                 x = _first_activation(g, n.inputs)
                 y = n.outputs[0] if n.outputs else None

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
+from .moe_graph import moe_block
 from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
 
@@ -303,7 +304,7 @@ class Builder:
         and post-feed-forward norms; Qwen3/Gemma-3 per-head and OLMo-2 whole-projection q/k norms, before rotary;
         a sliding window masks `sdpa`)."""
         a, kind = self.arch, self.kind
-        h, I = a.hidden_size, a.intermediate_size
+        h = a.hidden_size
         lin = {l.name: l for l in a.linears}
         n1 = self.rmsnorm(x, h) if kind.pre_norms else x
         if a.fused_qkv:
@@ -330,6 +331,25 @@ class Builder:
             o = self.rmsnorm(o, h)
         h1 = self.add(x, o, h)
         n2 = self.rmsnorm(h1, h) if kind.pre_norms else h1
+        dn = self.feed_forward(n2)
+        if kind.mlp == "moe":
+            # the model's layer loop still references the layer's input while the MoE block's transients peak
+            # (`hidden_states = decoder_layer(hidden_states, ...)`); modelled for MoE layers, whose peak is there
+            self.g.op("caller_ref", [x], [])
+        if kind.post_feedforward_norm:
+            dn = self.rmsnorm(dn, h)
+        return self.add(h1, dn, h)
+
+    def feed_forward(self, n2: int) -> int:
+        """The layer's MLP: gate/up/down (Phi-3: fused gate_up), or the MoE block of a `moe` kind
+        (planner.moe_graph)."""
+        a = self.arch
+        if self.kind.mlp == "moe":
+            return moe_block(self, n2)
+        h, I = a.hidden_size, a.intermediate_size
+        lin = {l.name: l for l in a.linears}
+        # a MoE model's dense layers: their projections are not in `linears` (attention only), and have no bias
+        bias = {n: lin[n].bias if n in lin else False for n in ("gate_proj", "up_proj", "down_proj")}
         if a.fused_qkv:
             L = lin["gate_up_proj"]
             gu = self.linear(n2, "gate_up_proj", h, 2 * I, L.bias)
@@ -337,14 +357,11 @@ class Builder:
             act = self.activation(gate, I)
             p = self.mul(up, act, I)
         else:
-            gate = self.linear(n2, "gate_proj", h, I, lin["gate_proj"].bias)
+            gate = self.linear(n2, "gate_proj", h, I, bias["gate_proj"])
             act = self.activation(gate, I)
-            up = self.linear(n2, "up_proj", h, I, lin["up_proj"].bias)
+            up = self.linear(n2, "up_proj", h, I, bias["up_proj"])
             p = self.mul(act, up, I)
-        dn = self.linear(p, "down_proj", I, h, lin["down_proj"].bias)
-        if kind.post_feedforward_norm:
-            dn = self.rmsnorm(dn, h)
-        return self.add(h1, dn, h)
+        return self.linear(p, "down_proj", I, h, bias["down_proj"])
 
     def _view(self, t: int, width: int) -> int:
         """A view into `t` (Phi-3's fused projections): same storage, modelled as `t` itself."""

@@ -26,6 +26,9 @@ from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
+from .moe import check_supported as check_moe_supported
+from .moe import param_tensors as moe_param_tensors
+from .moe_graph import unsummed_grad_bytes_per_token
 from .quant import nf4_linear_bytes  # noqa: F401  (re-exported: the NF4 term lives with the quantization)
 from .strategies import GRADIENTS, OPTIMIZER_STATE, strategy_of
 from .units import BF16, FP32, MIB, param_bytes
@@ -51,6 +54,8 @@ def param_tensors(arch: ModelArch) -> list[tuple[str, tuple[int, int], int]]:
         for width in kind.qk_norm_widths(arch.head_dim, arch.q_dim, arch.kv_dim):
             if width:
                 out.append(("norm", (1, width), n))
+    if arch.moe:  # experts, routers, shared experts, dense-first MLPs (planner.moe)
+        out += moe_param_tensors(arch)
     return out
 
 
@@ -193,6 +198,7 @@ class _Pieces:
     layers: tuple  # per replay: Timeline (checkpointed when tc.grad_ckpt)
     forward_nosave: tuple  # per replay: forward points of a checkpointed layer's first forward (when checkpointed)
     layer_input: tuple  # bytes of one layer's input (what a checkpoint keeps)
+    pending: tuple  # per replay: gradients live while a checkpointed layer recomputes (`_recompute_pending`)
     of_layer: tuple  # per layer: the index of its replay
     counts: tuple  # per replay: counts[i] = how many layers < i are that replay (i = 0..num_layers)
     backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
@@ -221,6 +227,11 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
     seq = tc.seq_len + extra_seq
     kv_seq = tc.seq_len + extra_kv
     first_rg = method.first_input_requires_grad()
+    if arch.moe and tc.grad_ckpt and not tc.base_quant.quantized and method.peft_type:
+        # peft 0.21 PeftModel.__init__: a model with gradient checkpointing on (not k-bit) gets
+        # `enable_input_require_grads()`, so the embeddings' output, the first layer's input, needs a gradient.
+        # Applied to MoE models only: the dense models' frozen snapshot predates this (see the MoE report).
+        first_rg = True
     # one replay per distinct (first layer?, kind, masked at this key length); the first layer's input needs no
     # gradient unless embeddings train
     index, kinds, of_layer = {}, [], []
@@ -255,6 +266,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
         layers=tuple(layers),
         forward_nosave=tuple(nosave),
         layer_input=(seq * arch.hidden_size * regime(tc).act, 0),
+        pending=tuple(_recompute_pending(arch, tc, kind, seq) for kind in kinds),
         of_layer=tuple(of_layer),
         counts=tuple(tuple(c) for c in counts),
         backward_layers=_backward_candidates(of_layer),
@@ -297,6 +309,19 @@ class Event:
             for k, v in self._point.kinds_at(self._batch).items():
                 parts[k] = parts.get(k, 0) + v
         return {k: v for k, v in parts.items() if v}
+
+
+def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tuple:
+    """Gradients already live when a checkpointed layer starts recomputing: backward ops that need no saved tensor
+    run first (torch.utils.checkpoint recomputes on the first unpack of a saved tensor). Dense layers: none beyond
+    what the event counts. A MoE layer: the output's gradient, and the (S, h) copy that the backward of
+    `weighted_out.view(T, top_k, h).sum(1)` makes (the expanded gradient reshaped: `planner.moe_graph`)."""
+    if kind.mlp != "moe":
+        return (0, 0)
+    # Qwen2-MoE: the shared expert's gating product is the block's last op with saved tensors, so its backward,
+    # which needs them, runs (and recomputes) before the experts' sum is reached
+    unsummed = 0 if arch.moe.shared_intermediate else unsummed_grad_bytes_per_token(arch, regime(tc))
+    return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
 def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int) -> list[Event]:
@@ -364,8 +389,11 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
         if i == 0 and leaf_input:  # the leaf embeddings, held by AccumulateGrad, next to the unpacked copy
             acts += _at(P.layer_input, B)
         if ck:  # the checkpoint re-runs the layer's forward while the output gradient waits
-            events.append(event(f"{name} recompute", peak_point(s.forward, B), activations=acts, gradients=grads,
-                                temporaries=_at(P.layer_input, B)))
+            # MoE layers stop the recomputation at the last saved tensor (`Timeline.recompute`); dense layers keep
+            # the whole forward (the frozen snapshot; the difference there is one output-sized tensor)
+            moe = arch.layer_kinds[i].mlp == "moe"
+            events.append(event(f"{name} recompute", peak_point(s.recompute if moe else s.forward, B), activations=acts, gradients=grads,
+                                temporaries=_at(P.layer_input, B) + _at(P.pending[P.of_layer[i]], B)))
         events.append(event(f"{name} backward", peak_point(s.backward, B), activations=acts, gradients=grads))
 
     # embedding backward: every layer's gradients are done
@@ -485,6 +513,7 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
 
 def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimate:
     """Peak `torch.cuda.max_memory_allocated()` of the reference recipe for `tc` on one device."""
+    check_moe_supported(arch, tc)
     static, grads, opt_temp, offload, sharding_notes, paged, params = _static_terms(arch, batch_free(tc),
                                                                                       cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)

@@ -136,6 +136,12 @@ def make_plan(
     if not gpu.supports_bf16 and (tc.precision in ("bf16", "mixed") or tc.base_quant.quantized):
         plan.notes.append(f"{gpu.name} has no bf16 tensor cores: the recipe's bf16 matmuls run on the CUDA cores "
                           f"({gpu.fp32_tflops:g} TFLOP/s), which the speed estimate assumes")
+    if arch.moe is not None:
+        from .moe import expert_bytes_note
+
+        note = expert_bytes_note(arch, 2, gpu.memory_bytes)  # bf16 experts
+        if note:
+            plan.notes.append(note)
     plan.speed = throughput(arch, tc, gpu, params)
     total = (workload or Workload()).total_tokens
     if total:

@@ -100,6 +100,12 @@ def _families(req: Request) -> list[dict]:
                     continue
                 fam = dict(fam, quant=quant)
             out.append(fam)
+    if req.arch.moe is not None:
+        # a MoE model: LoRA on the attention projections (all-linear would reach the fused experts through peft's
+        # target_parameters, not modelled), and only what its graph models (planner.moe.unsupported)
+        out = [dict(fam, target_modules=req.arch.linear_names) if fam.get("target_modules") == ("all-linear",) else fam
+               for fam in out]
+        out = [fam for fam in out if _moe_modelled(req, fam)]
     return out
 
 
@@ -108,6 +114,21 @@ def _checkpointing(req: Request, method: str) -> tuple:
     checkpoints (`Recipe.offload_checkpoints` needs them)."""
     options = (False, True) if get_method(method).supports_grad_ckpt else (False,)
     return tuple(c for c in options if c) if req.recipe.offload_checkpoints else options
+
+
+def _moe_modelled(req: Request, fam: dict) -> bool:
+    from .methods import TargetError, lora_targets
+    from .moe import unsupported
+
+    tc = TrainConfig(seq_len=req.seq_len, **fam)
+    if unsupported(req.arch, tc):
+        return False
+    try:
+        if tc.spec.uses_rank:
+            lora_targets(req.arch, tc)
+    except TargetError:
+        return False
+    return True
 
 
 def _optimizers(method: str) -> tuple:
@@ -196,6 +217,8 @@ def _fam_of(tc: TrainConfig) -> dict:
         d["precision"] = tc.precision
     if tc.spec.uses_rank:
         d["rank"] = tc.rank
+        if not tc.all_linear:  # a MoE model's attention projections
+            d["target_modules"] = tuple(tc.target_modules)
     return d
 
 

@@ -44,6 +44,11 @@ def check_model(arch, tc: TrainConfig, *, targets_given: bool = False, hint=opti
     from ..methods import TargetError, lora_targets
     from ..methods.lora import DEFAULT_TARGETS, family_default_targets
 
+    from ..moe import unsupported
+
+    bad = unsupported(arch, tc)  # a MoE model with what ftplan does not model for MoE
+    if bad:
+        raise click.BadParameter(bad[1], param_hint=hint(bad[0]))
     if tc.spec.uses_rank and not targets_given and tuple(tc.target_modules) == DEFAULT_TARGETS:
         tc = tc.replace(target_modules=family_default_targets(arch))
     if tc.spec.uses_rank:

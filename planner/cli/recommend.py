@@ -237,6 +237,13 @@ def _print(res, how, top, verified, variants=False):
             else:
                 line += "; does not fit even on 1024 GPUs with ZeRO-3 + offload (activations alone exceed the GPU)"
             click.echo(line)
+    if r.arch.moe is not None:
+        from ..moe import expert_bytes_note
+
+        note = expert_bytes_note(r.arch, 2, g.memory_bytes)
+        if note:
+            click.echo("")
+            click.echo(f"note: {note}")
 
 
 def _size(n: int) -> str:

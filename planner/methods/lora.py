@@ -35,6 +35,13 @@ def lora_targets(arch, tc) -> tuple:
     """The `Linear`s of one decoder layer that LoRA adapts. `all-linear` is every linear layer of the decoder
     (peft excludes the output layer, lm_head). Unknown names raise TargetError listing the valid ones."""
     if tc.all_linear:
+        if arch.moe is not None:
+            raise TargetError(
+                f"target_modules all-linear on the MoE model {arch.name}: peft 0.21 maps it to `target_parameters` on "
+                "the fused 3-D experts and router (ParamWrapper, which refuses lora_dropout != 0 and adds "
+                "expert-sized weights per forward), not modelled; valid: "
+                f"{', '.join(arch.linear_names)}"
+            )
         return arch.linears
     names = set(arch.linear_names)
     missing = [t for t in tc.target_modules if t not in names]
@@ -86,7 +93,8 @@ class LoRA(Method):
     def family_label(self, fam: dict) -> str:
         from ..quant import get_quant
 
-        return f"{get_quant(fam.get('quant', 'none')).label_prefix}{self.label} r{fam['rank']} all-linear"
+        targets = fam.get("target_modules") or ("all-linear",)  # recommend names a MoE model's attention projections
+        return f"{get_quant(fam.get('quant', 'none')).label_prefix}{self.label} r{fam['rank']} {','.join(targets)}"
 
     def scaling(self, tc) -> float:
         """peft: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""

@@ -1,0 +1,180 @@
+"""The ops of a MoE feed-forward block, as `planner.graph` ops (see `planner.layers` for the conventions).
+
+Mirrors transformers 5.17: the router (`<Family>TopKRouter.forward` in modeling_mixtral.py / modeling_qwen3_moe.py /
+modeling_qwen2_moe.py), the experts run by the default `grouped_mm` implementation (integrations/moe.py
+`grouped_mm_experts_forward`), Qwen2-MoE's shared expert and its sigmoid gate, and what autograd saves for each op
+(torch 2.13: `GroupedMmBackward0` saves the input when the weight needs a gradient and the weight when the input
+does; `IndexBackward0` saves the indices; `MaskedFillBackward0` the mask; `SoftmaxBackward0` its result;
+`TopkBackward0` the indices). S = tokens x top_k rows, so a tensor of S rows is `top_k x width` per token.
+"""
+
+from __future__ import annotations
+
+from .units import BF16, BOOL, FP32
+
+I64, I32 = 8, 4
+
+
+def moe_block(b, x: int) -> int:
+    """The sparse block of `b.arch.moe` on the normed hidden states `x`; returns the block's output."""
+    a = b.arch
+    m, h = a.moe, a.hidden_size
+    shared = _shared_expert(b, x) if m.shared_intermediate else None
+    scores, gate_in = _router(b, x)
+    out = _experts_grouped_mm(b, x, scores)
+    if shared is not None:
+        g = b.g
+        # sigmoid(shared_expert_gate(x)) * shared_expert_output, then added to the experts' output
+        sg = b._linear_plain(x, h, 1, False, trained=b.full)
+        sig = b.new(1, b.dtype[sg], b.g.rg(sg))
+        g.op("sigmoid", [sg], [sig], saved=[sig] if g.rg(sg) else [])
+        shared = b.mul(sig, shared, h)
+        out = b.add(out, shared, h)
+    return out
+
+
+def _shared_expert(b, x: int) -> int:
+    """Qwen2-MoE's shared expert: an ordinary gate/up/down MLP (`nn.Linear`s named gate_proj, up_proj, down_proj
+    inside `mlp.shared_expert`)."""
+    h, Is = b.arch.hidden_size, b.arch.moe.shared_intermediate
+    gate = b.linear(x, "gate_proj", h, Is, False)
+    act = b.activation(gate, Is)
+    up = b.linear(x, "up_proj", h, Is, False)
+    p = b.mul(act, up, Is)
+    return b.linear(p, "down_proj", Is, h, False)
+
+
+def _router(b, x: int):
+    """Router logits `F.linear(x, W)` (E per token, the weight is a parameter, not an `nn.Linear`: no adapter), then
+    Mixtral/Qwen: `softmax(logits, dtype=float)` (an fp32 copy of bf16 logits, then the fp32 softmax, saved),
+    `topk` (fp32 values, int64 indices), optional renormalization (`/=` a (T, 1) sum in place: autograd keeps a
+    copy of the values and the sum), and Qwen's cast back to the logits' dtype (Mixtral keeps fp32 scores).
+    Returns (routing weights per (token, k), the router's input)."""
+    g, a = b.g, b.arch
+    m, h, E, k = a.moe, a.hidden_size, a.moe.num_experts, a.moe.top_k
+    if b.R.autocast:
+        logits = b._linear_autocast(x, h, E, m.router_bias, trained=b.full)
+    else:
+        logits = b._linear_plain(x, h, E, m.router_bias, trained=b.full)
+    rg = g.rg(logits)
+    ldt = b.dtype[logits]
+    idx = b.new(k, I64, False)
+    if m.softmax_first:
+        lf = b.cast(logits, E, FP32)
+        probs = b.new(E, FP32, rg)
+        g.op("softmax", [lf], [probs], saved=[probs] if rg else [])
+        top = b.new(k, FP32, rg)
+        g.op("topk", [probs], [top, idx], saved=[idx] if rg else [])
+        if m.norm_topk_prob:
+            s = b.new(1, FP32, rg)
+            g.op("sum", [top], [s])
+            orig = b.new(k, FP32, False)  # in-place div: autograd keeps the values before the division
+            g.op("clone", [top], [orig])
+            normed = b.new(k, FP32, rg)
+            g.op("div_", [top, s], [normed], saved=[s, orig] if rg else [], grad_alias=[top])
+            top = normed
+        if a.model_type != "mixtral":  # Qwen: router_top_value.to(router_logits.dtype)
+            top = b.cast(top, k, ldt)
+        return top, x
+    top = b.new(k, ldt, rg)  # gpt-oss: topk of the logits, softmax over the k in their dtype
+    g.op("topk", [logits], [top, idx], saved=[idx] if rg else [])
+    sm = b.new(k, ldt, rg)
+    g.op("softmax", [top], [sm], saved=[sm] if rg else [])
+    return sm, x
+
+
+def _experts_grouped_mm(b, x: int, scores: int) -> int:
+    """`grouped_mm_experts_forward`: sort the S (token, expert) pairs by expert (int64 values and permutation),
+    gather the token rows (`hidden_states[perm // top_k]`, saving the int64 indices), gather the routing weights,
+    the (S,) sentinel mask (bool; saved by every masked_fill), the per-expert counts (histc) and offsets, then
+    up projection `grouped_mm` (S x 2I; saves its input when the weights train) and `masked_fill` (a new S x 2I,
+    which the gate's views keep alive), `act(gate) * up`, the down projection (S x h), `masked_fill`, the product
+    with the routing weights (saved both ways; fp32 when the scores are, as Mixtral's), the inverse permutation
+    (int64 S, plus a transient arange), the gather back to token order (saves inv_perm), and the sum over top_k,
+    cast back to the hidden states' dtype."""
+    g, a, R = b.g, b.arch, b.R
+    m, h = a.moe, a.hidden_size
+    k, I = m.top_k, m.expert_intermediate
+    E = m.num_experts
+    trained = b.full
+    rg_x = g.rg(x)
+    wdt = R.weight
+    # sort(expert_ids): values and permutation, int64 (S)
+    ids_sorted, perm = b.new(k, I64, False), b.new(k, I64, False)
+    g.op("sort", [], [ids_sorted, perm])
+    src = b.new(k, I64, False)
+    g.op("floordiv", [perm], [src])
+    # `hidden_states[perm // top_k]`, then `masked_fill_(sentinel_mask, 0)` in place: one (S, h) storage in
+    # forward; in backward the in-place fill's gradient is a second (S, h) tensor. The gather's output is a
+    # zero-size stand-in so that the storage is counted once; the fill allocates it and its backward copy.
+    xg0 = b.new(0, b.dtype[x], rg_x)
+    g.op("index", [x, src], [xg0], saved=[src] if rg_x else [])
+    sw = b.new(k, b.dtype[scores], g.rg(scores))
+    g.op("index", [scores, perm], [sw], saved=[perm] if g.rg(scores) else [])
+    # histc over the sorted ids (int32 on CUDA, fp32 on CPU: 4 B either way), counts and offsets (E values)
+    hist_in = b.new(k, I32, False)
+    g.op("to_int", [ids_sorted], [hist_in])
+    counts = b.fixed(_block(E * FP32), False, "activations", FP32)
+    g.op("histc", [hist_in], [counts])
+    offs = b.fixed(_block(E * I32), False, "activations", I32)
+    g.op("cumsum", [counts], [offs])
+    mask = b.new(k, BOOL, False)
+    g.op("ge", [ids_sorted], [mask])
+    xg = b.new(k * h, b.dtype[x], rg_x)
+    g.op("masked_fill_", [xg0, mask], [xg], saved=[mask] if rg_x else [],
+         bwd_temp=(b.seq * k * h * b.dtype[x], 0) if rg_x else (0, 0))
+    xg = b.cast(xg, k * h, wdt, None)  # `input.to(weight.dtype)` (grouped_mm is not autocast-enabled)
+    up = _grouped_linear(b, xg, [mask, offs], k * h, k * 2 * I, E * 2 * I * h, trained)
+    if m.expert_bias:
+        g.op("bias_index", [ids_sorted], [], param_grad=(0, _block(E * 2 * I * wdt)) if trained else (0, 0))
+    upm = b.new(k * 2 * I, b.dtype[up], g.rg(up))
+    g.op("masked_fill", [up, mask], [upm], saved=[mask])
+    act = b.activation(upm, k * I)  # act(gate): saves the gate view, which keeps `upm` alive
+    p = b.new(k * I, b.dtype[upm], g.rg(upm))
+    saved = [act, upm] if g.rg(upm) else []  # `act * up`: saves act and the up view (of upm)
+    g.op("mul", [act, upm], [p], saved=saved)
+    dn = _grouped_linear(b, p, [offs], k * I, k * h, E * h * I, trained)
+    dnm = b.new(k * h, b.dtype[dn], g.rg(dn))
+    g.op("masked_fill", [dn, mask], [dnm], saved=[mask])
+    # proj_out * sample_weights_g.unsqueeze(-1): saves both; the weights' gradient is a full S x h product
+    # summed over h (transient)
+    wdt_out = max(b.dtype[dnm], b.dtype[sw])
+    w = b.new(k * h, wdt_out, g.rg(dnm) or g.rg(sw))
+    g.op("mul_routing", [dnm, sw], [w], saved=([sw] if g.rg(dnm) else []) + ([dnm] if g.rg(sw) else []),
+         bwd_temp=(b.seq * k * h * wdt_out, 0) if g.rg(sw) else (0, 0))
+    inv = b.new(k, I64, False)
+    g.op("inv_perm", [perm], [inv], fwd_temp=(0, 0))
+    ar = b.new(k, I64, False)
+    g.op("arange", [], [ar])
+    g.op("index_put_", [inv, ar], [])
+    back = b.new(k * h, b.dtype[w], g.rg(w))
+    g.op("index", [w, inv], [back], saved=[inv] if g.rg(w) else [])
+    out = b.new(h, b.dtype[back], g.rg(back))
+    # backward: the expanded (T, top_k, h) gradient viewed as (S, h) is copied (reshape of a non-contiguous tensor)
+    g.op("sum_topk", [back], [out])
+    # Python locals of `grouped_mm_experts_forward` live until it returns: its input, the gathered rows and the
+    # histc input
+    g.op("return", [x, xg, hist_in], [])
+    return b.cast(out, h, b.dtype[x])
+
+
+def unsummed_grad_bytes_per_token(arch, R) -> int:
+    """Bytes per token of the gradient of the experts' (S, h) output before the sum over top_k: in the routing
+    weights' dtype when wider (Mixtral keeps fp32 scores), else the weights' dtype."""
+    m = arch.moe
+    scores = FP32 if (m.softmax_first and arch.model_type == "mixtral") else (BF16 if R.lin == BF16 else FP32)
+    return m.top_k * arch.hidden_size * max(R.weight, scores)
+
+
+def _grouped_linear(b, x: int, extra_inputs: list, width_in: int, width_out: int, numel: int, trained: bool) -> int:
+    """`F.grouped_mm(x, W^T, offs)` over all experts: output S x out in the weights' dtype; saves x when W trains
+    (full FT: W's gradient, E x out x in)."""
+    g = b.g
+    y = b.new(width_out, b.dtype[x], g.rg(x) or trained)
+    pgrad = (0, _block(numel * b.R.weight)) if trained else (0, 0)
+    g.op("grouped_mm", [x] + list(extra_inputs), [y], saved=[x] if trained else [], param_grad=pgrad)
+    return y
+
+
+def _block(nbytes: int) -> int:
+    return -(-nbytes // 512) * 512

@@ -1,0 +1,148 @@
+"""MoE families (planner/moe.py, planner/moe_graph.py) against transformers, peft and the FakeTensor trace."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from calibrate.trace_grid import MOE_CONFIGS
+from planner.arch import arch_from_config
+from planner.cli import cli
+from planner.config import TrainConfig
+from planner.cost import matmul_params
+from planner.memory import estimate_memory
+from planner.methods import trainable_params
+from planner.profiles import load_model
+from trainer import recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+MOE_REFERENCE = ROOT / "calibrate" / "reference" / "trace-points-moe.jsonl"
+
+_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128)
+TINY = {
+    "qwen3_moe": dict(model_type="qwen3_moe", moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, head_dim=16,
+                      **_TINY),
+    "qwen3_moe-dense-first": dict(model_type="qwen3_moe", moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                  head_dim=16, mlp_only_layers=[0], decoder_sparse_step=2, **_TINY),
+    "qwen2_moe": dict(model_type="qwen2_moe", moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8,
+                      num_experts_per_tok=2, **_TINY),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, **_TINY),
+    "gpt_oss": dict(model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2, head_dim=16, **_TINY),
+}
+
+
+def _meta_model(config: dict):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(recipe.hf_config(config))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_parameter_count_equals_transformers(name):
+    """sum(p.numel()) of transformers' own model on the meta device: fused experts, routers (gpt-oss: biases),
+    Qwen2-MoE's shared expert and gate, dense-first layers, gpt-oss sinks. (Full-size catalog profiles:
+    tests/test_methods_peft.py::test_catalog_totals_equal_transformers.)"""
+    config = TINY[name]
+    assert arch_from_config(config).total_params == sum(p.numel() for p in _meta_model(config).parameters())
+
+
+def test_dense_first_layers_are_their_own_kind():
+    arch = arch_from_config(TINY["qwen3_moe-dense-first"])
+    assert [k.mlp for k in arch.layer_kinds] == ["dense", "moe", "dense", "moe"]
+    assert len(arch.kind_counts) == 2
+
+
+def test_gpt_oss_layers_alternate_sliding_and_full():
+    arch = load_model("gpt-oss-20b")
+    assert [k.window for k in arch.layer_kinds[:4]] == [128, None, 128, None]
+    assert {k.mlp for k in arch.layer_kinds} == {"moe"}
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_lora_trainable_count_equals_peft(name, targets):
+    import peft
+
+    config = TINY[name]
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets)
+    model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
+    assert trainable_params(arch_from_config(config), tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_flops_follow_the_active_parameters():
+    """Active parameters per token (matmul weights plus the embedding) against the model cards: Qwen3-30B-A3B
+    3.3B activated, Mixtral-8x7B 12.9B used per token; all experts are held in memory."""
+    for name, active in (("qwen3-30b-a3b", 3.3e9), ("mixtral-8x7b", 12.9e9)):
+        arch = load_model(name)
+        n = matmul_params(arch) + arch.vocab_size * arch.hidden_size
+        assert abs(n - active) / active < 0.03, (name, n)
+        assert n < arch.total_params / 3
+
+
+def _moe_points():
+    return [json.loads(line) for line in MOE_REFERENCE.read_text().splitlines() if line.strip()]
+
+
+def _arch_of(point):
+    return arch_from_config(point["config"], name=point["model"]) if "config" in point else load_model(point["model"])
+
+
+def _stress(point) -> bool:
+    return point["model"].endswith("-v512")
+
+
+@pytest.mark.parametrize("point", _moe_points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")
+def test_moe_within_2_percent_of_the_trace(point):
+    """The real transformers MoE model and peft on fake tensors (`python -m calibrate.trace_grid --grid moe`).
+    The `-v512` points (a 512-token vocabulary) leave the MoE layers' own transients as the peak: the last
+    layer's forward and a checkpointed layer's recomputation."""
+    tc = TrainConfig.from_dict(point["train"])
+    est = estimate_memory(_arch_of(point), tc)
+    traced = point["trace"]["peak_allocated_bytes"]
+    assert abs(est.peak_allocated_bytes - traced) / traced <= 0.02, f"{tc.describe()} at {est.peak_event}"
+    assert est.trainable_params == point["trace"]["trainable_params"]
+
+
+def test_the_moe_grid_covers_the_families_and_mechanisms():
+    pts = _moe_points()
+    types = {_arch_of(p).model_type for p in pts}
+    assert types == {"qwen3_moe", "qwen2_moe", "mixtral"}
+    trains = [TrainConfig.from_dict(p["train"]) for p in pts]
+    assert {t.method for t in trains} == {"full", "lora"}
+    assert any(t.grad_ckpt for t in trains) and any(not t.grad_ckpt for t in trains)
+    assert {t.optimizer for t in trains} >= {"adamw", "adamw8bit", "sgd", "adafactor"}
+    assert any(p["model"] == "qwen3-30b-a3b" for p in pts) and set(MOE_CONFIGS) <= {p["model"] for p in pts}
+    assert any(_stress(p) for p in pts)
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--model", "mixtral-8x7b", "--method", "qlora"], "--quant"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--target-modules"),
+    (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
+    (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
+    (["--model", "gpt-oss-20b", "--method", "lora"], "model"),
+])
+def test_what_is_not_modelled_is_a_usage_error(args, option):
+    r = CliRunner().invoke(cli, ["estimate", *args])
+    assert r.exit_code == 2, r.output
+    assert option in r.output
+    assert "valid" in r.output.lower() or "families planned:" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_expert_parallelism_is_named_when_the_experts_exceed_the_gpu():
+    r = CliRunner().invoke(cli, ["estimate", "--model", "mixtral-8x7b", "--gpu", "h100", "--method", "lora"])
+    assert r.exit_code == 0, r.output
+    assert "expert parallelism" in r.output
+    r = CliRunner().invoke(cli, ["estimate", "--model", "qwen3-30b-a3b", "--gpu", "h100", "--method", "lora"])
+    assert "expert parallelism" not in r.output  # 56.6 GiB of experts fit an 80 GiB GPU
+
+
+def test_recommend_plans_lora_on_the_attention_of_a_moe_model():
+    r = CliRunner().invoke(cli, ["recommend", "--model", "qwen3-30b-a3b", "--gpu", "h100"])
+    assert r.exit_code == 0, r.output
+    assert "LoRA r16 q_proj,k_proj,v_proj,o_proj" in r.output and "all-linear wins" not in r.output
