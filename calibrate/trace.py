@@ -112,6 +112,9 @@ class LiveBytes(TorchDispatchMode):
         self.live[key] = (n, weakref.ref(st, release), tag)
         self.current += n
         self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        self._note_peak()
+
+    def _note_peak(self) -> None:
         if self.current > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = self.current
         if self.current > self.peak:

@@ -77,6 +77,27 @@ def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
     }
 
 
+def fsdp_config(tc: TrainConfig, model_type: str | None = None) -> dict:
+    """accelerate's `fsdp_config` block for the plan's FSDP strategy. The mixed-precision policy is not a key
+    accelerate's yaml can carry (its `mixed_precision: bf16` would also reduce in bf16 and upcast trainable weights
+    to fp32): `trainer.dist` hands it to accelerate's FSDP plugin from the same function the planner and the trace
+    read (`planner.strategies.fsdp2.mixed_precision_policy`); `write_configs` states it in a comment."""
+    strategy = strategy_of(tc)
+    launcher = strategy.launcher
+    fsdp = {
+        "fsdp_version": launcher.fsdp_version,
+        "fsdp_reshard_after_forward": launcher.fsdp_reshard_after_forward,  # True: FULL_SHARD
+        "fsdp_offload_params": bool(tc.cpu_offload) and WEIGHTS in strategy.offloads,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_activation_checkpointing": False,  # the recipe's gradient_checkpointing_enable, where on
+    }
+    if model_type in DECODER_LAYERS:
+        fsdp["fsdp_transformer_layer_cls_to_wrap"] = DECODER_LAYERS[model_type]
+    return fsdp
+
+
 def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = None, port: int | None = None,
                       ds_config_file: str | None = None) -> dict:
     """The accelerate config (as a dict) of a plan with `tc.num_gpus` processes."""
@@ -101,18 +122,7 @@ def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = 
         cfg["distributed_type"] = "MULTI_GPU"  # on CPU too: see the module docstring
     elif launcher.distributed_type == "FSDP":
         cfg["distributed_type"] = "FSDP"
-        fsdp = {
-            "fsdp_version": launcher.fsdp_version,
-            "fsdp_reshard_after_forward": launcher.fsdp_reshard_after_forward,  # True: FULL_SHARD
-            "fsdp_offload_params": bool(tc.cpu_offload) and WEIGHTS in strategy.offloads,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_activation_checkpointing": False,  # the recipe's gradient_checkpointing_enable, where on
-        }
-        if model_type in DECODER_LAYERS:
-            fsdp["fsdp_transformer_layer_cls_to_wrap"] = DECODER_LAYERS[model_type]
-        cfg["fsdp_config"] = fsdp
+        cfg["fsdp_config"] = fsdp_config(tc, model_type)
     elif launcher.distributed_type == "DEEPSPEED":  # zero1 / zero2 / zero3
         cfg["distributed_type"] = "DEEPSPEED"
         cfg["deepspeed_config"] = {
@@ -152,8 +162,15 @@ def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_ty
         ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm), indent=2) + "\n")
     cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None)
     path = out / CONFIG_NAME
+    note = ""
+    if cfg.get("distributed_type") == "FSDP":
+        from planner.strategies.fsdp2 import mixed_precision_policy
+
+        mp = mixed_precision_policy(tc)
+        note = (f"# FSDP2 MixedPrecisionPolicy(param_dtype={mp['param_dtype']}, reduce_dtype={mp['reduce_dtype']}):"
+                " handed to accelerate's FSDP plugin by trainer.dist (not a yaml key)\n")
     path.write_text("# written by `ftplan run` for this run's plan; `accelerate launch --config_file` reads it\n"
-                    + _yaml(cfg))
+                    + note + _yaml(cfg))
     return path
 
 

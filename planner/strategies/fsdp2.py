@@ -10,6 +10,18 @@ from .base import GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, gathe
 from .registry import register
 
 
+def mixed_precision_policy(tc) -> dict:
+    """The `torch.distributed.fsdp.MixedPrecisionPolicy` `ftplan run` launches FSDP2 with (dtype names):
+    parameters gathered in the compute dtype (bf16 under bf16 weights, bf16 autocast or a 4-bit base; fp32 in fp32)
+    and gradients reduced in fp32. What users of FSDP2 mixed precision ask for (torchtitan's default,
+    `mixed_precision_param = bfloat16`, `mixed_precision_reduce = float32`): half the gather traffic and memory,
+    and a reduction that does not round at every rank. `trainer.dist` hands it to accelerate's FSDP plugin,
+    `calibrate.trace_multigpu` traces it, and the formulas below count its buffers."""
+    from .base import compute_bytes
+
+    return {"param_dtype": "bfloat16" if compute_bytes(tc) == 2 else "float32", "reduce_dtype": "float32"}
+
+
 class FSDP2(Strategy):
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         return gathered_param_bytes(arch, tc)
