@@ -48,7 +48,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
+def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0, hidden_size: int | None = None) -> dict:
     """DeepSpeed config for ZeRO-1/2/3 (the strategy's `launcher.deepspeed_stage`) with the plan's micro-batch,
     accumulation and clipping (explicit numbers: the loop does not hand accelerate a dataloader to fill "auto"
     values from); CPU offload moves what the strategy offloads (optimizer state; and parameters for ZeRO-3)."""
@@ -57,6 +57,14 @@ def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
     if stage is None:
         raise ValueError(f"strategy {tc.strategy} on {tc.num_gpus} GPU(s) does not run on DeepSpeed")
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if hidden_size:  # the buckets the planner counts (planner.strategies.zero.zero_buckets), as numbers
+        from planner.strategies.zero import zero_buckets
+
+        b = zero_buckets(hidden_size)
+        keys = (("reduce_bucket_size", "allgather_bucket_size") if stage < 3 else
+                ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                 "stage3_max_live_parameters"))
+        zero.update({k: b[k] for k in keys})
     if tc.cpu_offload:
         if OPTIMIZER_STATE in strategy.offloads:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -152,14 +160,15 @@ def _yaml(cfg: dict) -> str:
 
 
 def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_type: str | None = None,
-                  max_grad_norm: float = 1.0) -> Path:
+                  max_grad_norm: float = 1.0, hidden_size: int | None = None) -> Path:
     """Write accelerate_config.yaml (and ds_config.json for ZeRO) into `out_dir`; returns the yaml's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds_file = None
     if device != "cpu" and strategy_of(tc).launcher.deepspeed_stage is not None:
         ds_file = out / DS_CONFIG_NAME
-        ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm), indent=2) + "\n")
+        ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm, hidden_size=hidden_size),
+                                      indent=2) + "\n")
     cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None)
     path = out / CONFIG_NAME
     note = ""
@@ -196,7 +205,8 @@ def launch_run(spec) -> dict:
 
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_type = json.loads((Path(spec.model_path) / "config.json").read_text()).get("model_type")
+    model_config = json.loads((Path(spec.model_path) / "config.json").read_text())
+    model_type = model_config.get("model_type")
     from planner.planfile import read_plan
 
     schedule = read_plan(spec.plan).schedule
@@ -211,7 +221,8 @@ def launch_run(spec) -> dict:
                                     resume_as_given=i > 0)
         spec_path = out / loop.SPEC_NAME
         files.write_text(spec_path, child.to_json() + "\n")
-        cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm)
+        cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm,
+                            hidden_size=model_config.get("hidden_size"))
         cmd = launch_command(cfg, spec_path)
         echo(f"launch {tc.num_gpus} processes: {' '.join(cmd[1:])}")
         env = dict(os.environ)

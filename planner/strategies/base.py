@@ -95,6 +95,13 @@ class Strategy:
         """Per-device bytes of the strategy's own buffers (`sharding_buffers`); `grads` is unsharded."""
         return 0
 
+    def step_buffers(self, arch, tc, moment: str, layer: int | None = None) -> int:
+        """Per-device bytes of the strategy's buffers that live only at `moment` of the step (gathered
+        parameters, reduce-scatter inputs), on top of `buffer_bytes` (live throughout). Moments, in step order:
+        "forward" (the last decoder layer's forward), "forward_loss", "loss_backward", "layer_backward" (of decoder
+        layer `layer`), "embedding_backward", "optimizer"."""
+        return 0
+
     def notes(self, num_gpus: int, cpu_offload: bool) -> list[str]:
         notes = [f"{self.label}: {self.summary.format(n=num_gpus)}"]
         if cpu_offload:
