@@ -60,6 +60,16 @@ def fsdp_units(arch, tc) -> dict:
 
 
 class FSDP2(Strategy):
+    def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
+        """With CPU offload (accelerate's `fsdp_offload_params` -> `CPUOffloadPolicy`) the sharded parameters,
+        their gradients (copied to the host after each reduce-scatter: `_fsdp_collectives.foreach_reduce`) and the
+        optimizer state and step live on the host: host bytes per device = weights + gradients + state shards."""
+        static, grads, opt_temp, offload, notes = super().shard_static(arch, tc, static, grads, opt_temp)
+        if tc.cpu_offload and self.multi_gpu and tc.num_gpus > 1:
+            offload += grads
+            grads = 0
+        return static, grads, opt_temp, offload, notes
+
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         return 0  # everything FSDP2 adds lives only at some moments: `step_buffers`
 
