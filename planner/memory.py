@@ -364,6 +364,10 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # embedding backward: every layer's gradients are done
     events.append(event("embedding backward", peak_point(P.head.backward, B), "embedding_backward",
                         activations=head_kept + held_tail + held_layers, gradients=g_tail + total_over(layer_grads, 0, L)))
+    if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "embedding_reduce"):  # the embedding unit's reduction
+        events.append(event("embedding reduce-scatter", None, "embedding_reduce",
+                            activations=head_kept + held_tail + held_layers,
+                            gradients=g_tail + total_over(layer_grads, 0, L)))
     # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
     events.append(event("optimizer step", None, "optimizer", gradients=grads_total,
                         logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))

@@ -79,16 +79,18 @@ class FSDP2(Strategy):
 
         forward (a decoder layer):  2 x layer  (+ tail when tied: gathered at the first op)
         forward_loss:               untied 2 x tail; tied tail + the last layer's kept all-gather output
-        loss_backward:              tail + layer (prefetched)
+        loss_backward:              tail + layer (prefetched); tied: tail (its unit ran its post-forward first, at
+                                    the embedding, so `_backward_prefetch` has no earlier unit to fetch)
         tail_reduce (untied):       the tail's unsharded gradient, its fp32 RS input and output, the prefetched
                                     layer (its parameters freed first: reshard before reduce)
         layer_backward i:           layer + prefetched (layer; the embedding at i = 0 when untied)
                                     + RS input of the unit after i (untied: the tail's at i = L-1)
                                     + tied: the tail and its unsharded gradient (reduced only after the embedding's
                                     backward, the tail unit's last use)
-        embedding_backward:         the larger of the embedding's backward (its unit gathered, + layer 0's RS
-                                    input; tied: + the tail's unsharded gradient) and the RS of the unit holding
-                                    the embedding (its unsharded gradient copied into its fp32 RS input)
+        embedding_backward:         the embedding's unit gathered, + layer 0's RS input (tied: + the tail's
+                                    unsharded gradient)
+        embedding_reduce:           the post-backward of the unit holding the embedding: its unsharded gradient,
+                                    its fp32 RS input and output
         optimizer:                  0"""
         u = fsdp_units(arch, tc)
         g = compute_bytes(tc)
@@ -103,8 +105,8 @@ class FSDP2(Strategy):
             return 2 * layer_g + (tail_g if tied else 0)
         if moment == "forward_loss":
             return tail_g + layer_g if tied else 2 * tail_g
-        if moment == "loss_backward":
-            return tail_g + layer_g
+        if moment == "loss_backward":  # tied: the tail unit's post-forward came first, so it prefetches nothing
+            return tail_g if tied else tail_g + layer_g
         if moment == "tail_reduce":  # untied: the tail's post-backward, the last layer prefetched (flat)
             if tied or not u["tail_trainable"]:
                 return 0
@@ -118,10 +120,10 @@ class FSDP2(Strategy):
                 rs_after = 0 if tied else u["tail_trainable"] * REDUCE_BYTES
             return layer_g + prefetched + rs_after + tied_tail
         if moment == "embedding_backward":
-            emb_trainable = u["tail_trainable"] if tied else u["embed_trainable"]
-            backward = (tied_tail if tied else u["embed"] * g) + rs_layer
-            reduce = emb_trainable * (g + REDUCE_BYTES)
-            return max(backward, reduce)
+            return (tied_tail if tied else u["embed"] * g) + rs_layer
+        if moment == "embedding_reduce":  # its parameters freed first (reshard before reduce)
+            t = u["tail_trainable"] if tied else u["embed_trainable"]
+            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus)
         return 0
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
