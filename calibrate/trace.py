@@ -25,8 +25,8 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
 
 What the trace cannot follow: CUDA library workspaces (cuBLAS: 32 MiB per handle on Hopper, added as a constant),
-fused or custom kernels' internal scratch, caching-allocator fragmentation (reserved memory), multi-GPU
-sharding and communication buffers (single device only).
+fused or custom kernels' internal scratch, caching-allocator fragmentation (reserved memory). Multi-GPU FSDP2 is
+traced by `calibrate.trace_multigpu` (one rank on a fake process group); other strategies are not traced.
 """
 
 from __future__ import annotations

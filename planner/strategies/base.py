@@ -12,9 +12,11 @@ planner asks it instead of comparing strategy names:
 - search: `recommend_offload` (the offload variants `recommend` tries; empty: not tried);
 - run: `launcher` (accelerate's distributed_type, the DeepSpeed stage, the FSDP version: `trainer.launch`).
 
-These are first-order formulas from the strategies' designs (ZeRO, arXiv:1910.02054 Sec. 5 and 7; PyTorch FSDP,
-arXiv:2304.11277; accelerate's "auto" DeepSpeed values); unlike the single-device model they are not yet checked
-against measurements. Pure planner code: no torch, and no planner import at module level (`planner.config` imports
+FSDP2's per-moment buffers (`step_buffers`) follow torch's FSDP2 and are held to the multi-GPU trace
+(calibrate/trace_multigpu.py, calibrate/reference/trace-points-multigpu.jsonl); ZeRO's model states follow
+DeepSpeed's bf16 mode and are held to DeepSpeed's own estimators (tests/test_strategies_deepspeed.py); DDP's
+buckets and the communication volumes are first-order formulas from the designs (arXiv:1910.02054 Sec. 5 and 7;
+arXiv:2304.11277), not yet checked against measurements. Pure planner code: no torch, and no planner import at module level (`planner.config` imports
 the registry for its choice list, and `planner.layers` imports `planner.config`).
 """
 
