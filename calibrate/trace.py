@@ -29,8 +29,8 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
 
 What the trace cannot follow: CUDA library workspaces (cuBLAS: 32 MiB per handle on Hopper, added as a constant),
-fused or custom kernels' internal scratch, caching-allocator fragmentation (reserved memory), multi-GPU
-sharding and communication buffers (single device only).
+fused or custom kernels' internal scratch, caching-allocator fragmentation (reserved memory). Multi-GPU FSDP2 is
+traced by `calibrate.trace_multigpu` (one rank on a fake process group); other strategies are not traced.
 """
 
 from __future__ import annotations
@@ -150,6 +150,9 @@ class LiveBytes(TorchDispatchMode):
         self.live[key] = (n, weakref.ref(st, release), tag)
         self.current += n
         self.by_tag[tag] = self.by_tag.get(tag, 0) + n
+        self._note_peak()
+
+    def _note_peak(self) -> None:
         if self.current > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = self.current
         if self.current > self.peak:

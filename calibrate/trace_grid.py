@@ -1,7 +1,7 @@
 """Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`
 (and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
-calibrate/reference/trace-points-moe.jsonl`).
+calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -231,10 +231,27 @@ def moe_points() -> list[tuple[str, dict]]:
     return pts
 
 
+def multigpu_points() -> list[tuple[str, dict]]:
+    """FSDP2 across GPUs (calibrate/trace_multigpu.py): 2, 8 and 64 GPUs, full fine-tuning and LoRA, with and
+    without checkpointing, on two tied models (the tail unit holds the embedding) and an untied 7B."""
+    pts = []
+    fsdp = dict(strategy="fsdp", seq_len=512, batch_size=1)
+    for model in ("qwen2.5-0.5b", "llama-3.2-1b"):
+        for ckpt in (False, True):
+            for n in (2, 8, 64):
+                pts.append((model, dict(fsdp, method="full", precision="bf16", num_gpus=n, grad_ckpt=ckpt)))
+            pts.append((model, dict(fsdp, method="lora", rank=16, target_modules=("all-linear",), num_gpus=8,
+                                    grad_ckpt=ckpt)))
+    pts += [("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=8, grad_ckpt=True)),
+            ("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=64, grad_ckpt=False))]
+    return pts
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
          "dora": lambda args: dora_points(),
          "families": lambda args: family_points(),
-         "moe": lambda args: moe_points()}
+         "moe": lambda args: moe_points(),
+         "multigpu": lambda args: multigpu_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -287,7 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
-                         "moe: MoE families (calibrate/reference/trace-points-moe.jsonl)")
+                         "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
+                         "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -308,7 +326,12 @@ def main(argv=None) -> int:
             tc = TrainConfig(**d)
             config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
             config.pop("rope_scaling", None)
-            r = trace_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+            if tc.num_gpus > 1:
+                from .trace_multigpu import trace_sharded_step
+
+                r = trace_sharded_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+            else:
+                r = trace_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
             rec = {"id": f"t{i:03d}", "model": model, "train": tc.to_dict(), "trace": r.to_dict(), "versions": versions}
             if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
                 rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]

@@ -343,7 +343,11 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
             out += (c[hi] - c[lo]) * v
         return out
 
-    def event(name, point, **extra):
+    strategy = strategy_of(tc)
+
+    def event(name, point, moment=None, layer=None, **extra):
+        if moment is not None and tc.num_gpus > 1:  # what the strategy gathers or reduces at that moment
+            extra["sharding_buffers"] = strategy.step_buffers(arch, tc, moment, layer)
         return Event(name, static, static_total, {k: v for k, v in extra.items() if v}, point, B)
 
     # strategies that shard gradients (ZeRO-2/3, FSDP) reduce-scatter each layer's as backward produces it: 1/N kept
@@ -375,10 +379,13 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # offloaded checkpoints, trained first input: the first layer's input is still referenced by the model's forward
     # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
     embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
-    events.append(event("forward (last layer)", peak_point(last_fwd, B),
+    events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
                         activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds, logits=previous))
-    events.append(event("forward (loss)", peak_point(P.tail.forward, B), activations=head_kept + kept_all, logits=previous))
-    events.append(event("loss backward", peak_point(P.tail.backward, B), activations=head_kept + kept_all))
+    events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss", activations=head_kept + kept_all, logits=previous))
+    events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward", activations=head_kept + kept_all))
+    if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "tail_reduce"):  # the tail unit's gradient reduction
+        events.append(event("lm_head reduce-scatter", None, "tail_reduce", activations=head_kept + kept_all,
+                            logits=held_tail, gradients=g_tail))
 
     # backward through layer i: kept by layers < i, held by layers > i, gradients of layers > i and the tail
     for i in P.backward_layers:
@@ -392,15 +399,21 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
             # MoE layers stop the recomputation at the last saved tensor (`Timeline.recompute`); dense layers keep
             # the whole forward (the frozen snapshot; the difference there is one output-sized tensor)
             moe = arch.layer_kinds[i].mlp == "moe"
-            events.append(event(f"{name} recompute", peak_point(s.recompute if moe else s.forward, B), activations=acts, gradients=grads,
+            events.append(event(f"{name} recompute", peak_point(s.recompute if moe else s.forward, B), "layer_backward", i,
+                                activations=acts, gradients=grads,
                                 temporaries=_at(P.layer_input, B) + _at(P.pending[P.of_layer[i]], B)))
-        events.append(event(f"{name} backward", peak_point(s.backward, B), activations=acts, gradients=grads))
+        events.append(event(f"{name} backward", peak_point(s.backward, B), "layer_backward", i, activations=acts,
+                            gradients=grads))
 
     # embedding backward: every layer's gradients are done
-    events.append(event("embedding backward", peak_point(P.head.backward, B), activations=head_kept + held_tail + held_layers,
-                        gradients=g_tail + total_over(layer_grads, 0, L)))
+    events.append(event("embedding backward", peak_point(P.head.backward, B), "embedding_backward",
+                        activations=head_kept + held_tail + held_layers, gradients=g_tail + total_over(layer_grads, 0, L)))
+    if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "embedding_reduce"):  # the embedding unit's reduction
+        events.append(event("embedding reduce-scatter", None, "embedding_reduce",
+                            activations=head_kept + held_tail + held_layers,
+                            gradients=g_tail + total_over(layer_grads, 0, L)))
     # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
-    events.append(event("optimizer step", None, gradients=grads_total,
+    events.append(event("optimizer step", None, "optimizer", gradients=grads_total,
                         logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))
     return events
 

@@ -57,7 +57,7 @@ class Attempt:
         torch.manual_seed(self.schedule["seed"])
         random.seed(self.schedule["seed"])
         model = recipe.build_model(None, tc, path=run.spec.model_path, device=str(self.device))
-        model = dist.shard(recipe.apply_method(model, tc), tc.precision)
+        model = dist.shard(recipe.apply_method(model, tc))
         params = recipe.trainable_parameters(model)
         optimizer = recipe.make_optimizer(params, tc, lr=self.schedule["learning_rate"])
         scheduler = make_scheduler(optimizer, self.schedule, total)
@@ -66,7 +66,8 @@ class Attempt:
             if dist.ds_direct:
                 from .launch import deepspeed_config
 
-                ds_config = deepspeed_config(tc, max_grad_norm=self.schedule["max_grad_norm"])
+                ds_config = deepspeed_config(tc, max_grad_norm=self.schedule["max_grad_norm"],
+                                             hidden_size=getattr(getattr(model, "config", None), "hidden_size", None))
             model, optimizer = dist.prepare(model, optimizer, ds_config)
             params = [p for p in model.parameters() if p.requires_grad]
         train_step = TrainStep(model, optimizer, params, tc, run.device_type,

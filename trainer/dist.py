@@ -12,17 +12,34 @@ import os
 import torch
 
 
+def _fsdp_plugin(mixed_precision: dict | None):
+    """accelerate's FSDP plugin from the launcher's environment (accelerate_config.yaml's fsdp_config) with the
+    plan's mixed-precision policy; None when the launch is not FSDP2 (accelerate then reads its environment)."""
+    if (mixed_precision is None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+            or os.environ.get("FSDP_VERSION", "1") != "2"):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(**{k: getattr(torch, v) for k, v in mixed_precision.items()})
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
+
+
 class Dist:
     """One process, or one of several started by `accelerate launch` (then an `Accelerator` prepares the model and
     the optimizer: DDP, FSDP or DeepSpeed from the launcher's config)."""
 
-    def __init__(self, device: str, strategy: str = "ddp"):
+    def __init__(self, device: str, strategy: str = "ddp", fsdp_mixed_precision: dict | None = None):
+        """`strategy`: the plan's (CPU processes shard FSDP2 or start DeepSpeed here); `fsdp_mixed_precision`: the
+        FSDP2 `MixedPrecisionPolicy` fields (dtype names) to launch FSDP with
+        (`planner.strategies.fsdp2.mixed_precision_policy`); accelerate's yaml cannot say it."""
+        self.fsdp_mixed_precision = fsdp_mixed_precision
         self.acc = None
         self.rank, self.world = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            self.acc = Accelerator(cpu=device == "cpu")
+            self.acc = Accelerator(cpu=device == "cpu", fsdp_plugin=_fsdp_plugin(fsdp_mixed_precision))
             self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.kind = "single" if self.acc is None else str(self.acc.distributed_type).split(".")[-1].lower()
         self.deepspeed = self.kind == "deepspeed"
@@ -55,13 +72,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
 
-    def shard(self, model, precision: str):
+    def shard(self, model):
         """FSDP2 over the CPU processes (before the optimizer is built: it must see the sharded parameters)."""
         if not self.fsdp_direct:
             return model
         from . import fsdp
 
-        return fsdp.shard(model, precision)
+        return fsdp.shard(model, self.fsdp_mixed_precision)
 
     def prepare(self, model, optimizer, ds_config: dict | None = None):
         """accelerate's wrapping (DDP, FSDP, DeepSpeed); the directly sharded model is ready as it is; CPU ZeRO

@@ -14,8 +14,8 @@ tests run multi-process code, so here the same wrapping is done directly, follow
    `reshard_after_forward=False` (they are used again at the start of backward);
 4. the root gets `fully_shard` with torch's default `reshard_after_forward` (False for the root).
 
-The mixed-precision policy is `trainer.fsdp.mp_policy`: none for fp32 plans (every CPU run in the tests) and, for bf16
-or mixed plans, the one `trainer.launch` writes for accelerate. Sharded checkpoints use torch.distributed.checkpoint
+The mixed-precision policy is the one the plan launches with on CUDA (`planner.strategies.fsdp2.mixed_precision_policy`:
+fp32 gathers for fp32 plans, every CPU run in the tests; bf16 gathers and fp32 reduction otherwise). Sharded checkpoints use torch.distributed.checkpoint
 (`save_state` / `load_state`), the final weights are gathered with `full_state`.
 """
 
@@ -58,21 +58,20 @@ def _final_norm(model):
     return norm
 
 
-def mp_policy(precision: str):
-    """FSDP2 `MixedPrecisionPolicy` for a plan's precision: fp32 plans none; bf16 / mixed plans gather and compute in
-    bf16 and reduce gradients in fp32 (torch/distributed/fsdp/_fully_shard/_fsdp_api.py)."""
+def mp_policy(policy: dict | None):
+    """FSDP2 `MixedPrecisionPolicy` from dtype names (`planner.strategies.fsdp2.mixed_precision_policy`: the policy
+    `ftplan run` launches with; None: torch's default, no casting)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision == "fp32":
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(**{k: getattr(torch, v) for k, v in (policy or {}).items()})
 
 
-def shard(model, precision: str = "fp32"):
-    """Apply FSDP2 to `model` in place as accelerate does (module docstring); returns the model."""
+def shard(model, policy: dict | None = None):
+    """Apply FSDP2 to `model` in place as accelerate does (module docstring) with the mixed-precision `policy`;
+    returns the model."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    kwargs = {"reshard_after_forward": True, "mp_policy": mp_policy(precision)}
+    kwargs = {"reshard_after_forward": True, "mp_policy": mp_policy(policy)}
     layers = decoder_layer_classes(model)
     if not layers:
         raise ValueError("FSDP: the model names no decoder layer class (_no_split_modules); cannot shard it per layer")

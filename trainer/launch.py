@@ -95,7 +95,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
+def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0, hidden_size: int | None = None) -> dict:
     """DeepSpeed config for ZeRO-1/2/3 (the strategy's `launcher.deepspeed_stage`) with the plan's micro-batch,
     accumulation and clipping (explicit numbers: the loop does not hand accelerate a dataloader to fill "auto"
     values from); CPU offload moves what the strategy offloads (optimizer state; and parameters for ZeRO-3)."""
@@ -104,6 +104,14 @@ def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
     if stage is None:
         raise ValueError(f"strategy {tc.strategy} on {tc.num_gpus} GPU(s) does not run on DeepSpeed")
     zero = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if hidden_size:  # the buckets the planner counts (planner.strategies.zero.zero_buckets), as numbers
+        from planner.strategies.zero import zero_buckets
+
+        b = zero_buckets(hidden_size)
+        keys = (("reduce_bucket_size", "allgather_bucket_size") if stage < 3 else
+                ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                 "stage3_max_live_parameters"))
+        zero.update({k: b[k] for k in keys})
     if tc.cpu_offload:
         if OPTIMIZER_STATE in strategy.offloads:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -122,6 +130,27 @@ def deepspeed_config(tc: TrainConfig, *, max_grad_norm: float = 1.0) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "wall_clock_breakdown": False,
     }
+
+
+def fsdp_config(tc: TrainConfig, model_type: str | None = None) -> dict:
+    """accelerate's `fsdp_config` block for the plan's FSDP strategy. The mixed-precision policy is not a key
+    accelerate's yaml can carry (its `mixed_precision: bf16` would also reduce in bf16 and upcast trainable weights
+    to fp32): `trainer.dist` hands it to accelerate's FSDP plugin from the same function the planner and the trace
+    read (`planner.strategies.fsdp2.mixed_precision_policy`); `write_configs` states it in a comment."""
+    strategy = strategy_of(tc)
+    launcher = strategy.launcher
+    fsdp = {
+        "fsdp_version": launcher.fsdp_version,
+        "fsdp_reshard_after_forward": launcher.fsdp_reshard_after_forward,  # True: FULL_SHARD
+        "fsdp_offload_params": bool(tc.cpu_offload) and WEIGHTS in strategy.offloads,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_activation_checkpointing": False,  # the recipe's gradient_checkpointing_enable, where on
+    }
+    if model_type in DECODER_LAYERS:
+        fsdp["fsdp_transformer_layer_cls_to_wrap"] = DECODER_LAYERS[model_type]
+    return fsdp
 
 
 def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = None, port: int | None = None,
@@ -152,18 +181,7 @@ def accelerate_config(tc: TrainConfig, *, device: str, model_type: str | None = 
         cfg["distributed_type"] = "MULTI_GPU"  # on CPU too: see the module docstring
     elif launcher.distributed_type == "FSDP":
         cfg["distributed_type"] = "FSDP"
-        fsdp = {
-            "fsdp_version": launcher.fsdp_version,
-            "fsdp_reshard_after_forward": launcher.fsdp_reshard_after_forward,  # True: FULL_SHARD
-            "fsdp_offload_params": bool(tc.cpu_offload) and WEIGHTS in strategy.offloads,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_activation_checkpointing": False,  # the recipe's gradient_checkpointing_enable, where on
-        }
-        if model_type in DECODER_LAYERS:
-            fsdp["fsdp_transformer_layer_cls_to_wrap"] = DECODER_LAYERS[model_type]
-        cfg["fsdp_config"] = fsdp
+        cfg["fsdp_config"] = fsdp_config(tc, model_type)
     elif launcher.distributed_type == "DEEPSPEED":  # zero1 / zero2 / zero3
         cfg["distributed_type"] = "DEEPSPEED"
         cfg["deepspeed_config"] = {
@@ -193,19 +211,27 @@ def _yaml(cfg: dict) -> str:
 
 
 def write_configs(out_dir: str | Path, tc: TrainConfig, *, device: str, model_type: str | None = None,
-                  max_grad_norm: float = 1.0, nodes: Nodes = Nodes()) -> Path:
+                  max_grad_norm: float = 1.0, nodes: Nodes = Nodes(), hidden_size: int | None = None) -> Path:
     """Write accelerate_config.yaml (and ds_config.json for ZeRO) into `out_dir`; returns the yaml's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds_file = None
     if device != "cpu" and strategy_of(tc).launcher.deepspeed_stage is not None:
         ds_file = out / DS_CONFIG_NAME
-        ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm), indent=2) + "\n")
+        ds_file.write_text(json.dumps(deepspeed_config(tc, max_grad_norm=max_grad_norm, hidden_size=hidden_size),
+                                      indent=2) + "\n")
     cfg = accelerate_config(tc, device=device, model_type=model_type, ds_config_file=str(ds_file) if ds_file else None,
                             nodes=nodes)
     path = out / nodes.config_name()
+    note = ""
+    if cfg.get("distributed_type") == "FSDP":
+        from planner.strategies.fsdp2 import mixed_precision_policy
+
+        mp = mixed_precision_policy(tc)
+        note = (f"# FSDP2 MixedPrecisionPolicy(param_dtype={mp['param_dtype']}, reduce_dtype={mp['reduce_dtype']}):"
+                " handed to accelerate's FSDP plugin by trainer.dist (not a yaml key)\n")
     path.write_text("# written by `ftplan run` for this run's plan; `accelerate launch --config_file` reads it\n"
-                    + _yaml(cfg))
+                    + note + _yaml(cfg))
     return path
 
 
@@ -232,7 +258,8 @@ def launch_run(spec) -> dict:
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     nodes = Nodes(**spec.nodes)
-    model_type = json.loads((Path(spec.model_path) / "config.json").read_text()).get("model_type")
+    model_config = json.loads((Path(spec.model_path) / "config.json").read_text())
+    model_type = model_config.get("model_type")
     from planner.planfile import read_plan
 
     schedule = read_plan(spec.plan).schedule
@@ -248,7 +275,7 @@ def launch_run(spec) -> dict:
         spec_path = out / (f"run_spec.node{nodes.machine_rank}.json" if nodes.several else loop.SPEC_NAME)
         files.write_text(spec_path, child.to_json() + "\n")
         cfg = write_configs(out, tc, device=spec.device, model_type=model_type, max_grad_norm=schedule.max_grad_norm,
-                            nodes=nodes)
+                            nodes=nodes, hidden_size=model_config.get("hidden_size"))
         cmd = launch_command(cfg, spec_path)
         echo(f"launch {tc.num_gpus // nodes.num_machines} of {tc.num_gpus} processes"
              + (f" (machine {nodes.machine_rank} of {nodes.num_machines})" if nodes.several else "")

@@ -77,7 +77,10 @@ class Run:
             raise RunUsageError(str(e), "PLAN") from None
         self.schedule = dataclasses.asdict(self.pf.schedule)
         device_name = resolve_device(spec.device)
-        self.dist = Dist(device_name, spec.train_config().strategy)
+        from planner.strategies.fsdp2 import mixed_precision_policy
+
+        tc0 = spec.train_config()
+        self.dist = Dist(device_name, tc0.strategy, fsdp_mixed_precision=mixed_precision_policy(tc0))
         self.device = self.dist.device(device_name)
         self.device_type = self.device.type
         self.tokenizer, self.train_ds, self.eval_ds = prepared or prepare_data(spec)

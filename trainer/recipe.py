@@ -42,6 +42,16 @@ def hf_config(config: dict):
     return AutoConfig.for_model(config["model_type"], **fields)
 
 
+def quant_storage_kwargs(tc: TrainConfig) -> dict:
+    """QLoRA sharded by FSDP or ZeRO-3 stores the packed 4-bit weights in a bf16 tensor
+    (`bnb_4bit_quant_storage=torch.bfloat16`, as the peft and bitsandbytes FSDP-QLoRA guides say): the sharding
+    engines flatten floating tensors only (accelerate 1.15's fsdp2_prepare_model leaves uint8 Params4bit out of
+    sharding). Same bytes: 4 NF4 values per bf16 element."""
+    from planner.strategies import WEIGHTS, strategy_of
+
+    return {"bnb_4bit_quant_storage": torch.bfloat16} if WEIGHTS in strategy_of(tc).shards else {}
+
+
 def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None, device: str | torch.device = "cpu"):
     """Build the base model: from `path` (a local checkpoint, real weights) or from `config` (random weights,
     built directly on `device`). QLoRA needs `path` (bitsandbytes quantizes while loading)."""
@@ -59,6 +69,7 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
+            **quant_storage_kwargs(tc),
         )
         return AutoModelForCausalLM.from_pretrained(
             path, quantization_config=bnb, dtype=torch.bfloat16, attn_implementation=attn, device_map={"": device}

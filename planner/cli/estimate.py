@@ -166,11 +166,22 @@ def _trace(arch, tc, gpu) -> dict:
         raise click.ClickException(f"--trace needs {e.name}: pip install 'ftplan[train]'") from None
     from ..memory import cuda_workspace_bytes
 
-    if tc.num_gpus > 1:
-        tc = tc.replace(num_gpus=1, strategy="ddp", cpu_offload=False)
     config = dict(arch.config)
     config.setdefault("model_type", arch.model_type)
-    return trace_step(config, tc, cuda_workspace_bytes=cuda_workspace_bytes(gpu)).to_dict()
+    workspace = cuda_workspace_bytes(gpu)
+    if tc.num_gpus > 1:
+        from calibrate.trace_multigpu import traceable
+
+        if traceable(tc):  # one rank of the real sharded run, on a fake process group
+            from calibrate.trace_multigpu import trace_sharded_step
+
+            return trace_sharded_step(config, tc, cuda_workspace_bytes=workspace).to_dict()
+        one = tc.replace(num_gpus=1, strategy="ddp", cpu_offload=False)
+        d = trace_step(config, one, cuda_workspace_bytes=workspace).to_dict()
+        d["notes"].append(f"{tc.strategy} on {tc.num_gpus} GPUs is not traced ({traceable.__doc__.strip()}); "
+                          "this is one GPU holding everything")
+        return d
+    return trace_step(config, tc, cuda_workspace_bytes=workspace).to_dict()
 
 
 def _trace_summary(t: dict, analytic: int) -> str:

@@ -12,9 +12,11 @@ planner asks it instead of comparing strategy names:
 - search: `recommend_offload` (the offload variants `recommend` tries; empty: not tried);
 - run: `launcher` (accelerate's distributed_type, the DeepSpeed stage, the FSDP version: `trainer.launch`).
 
-These are first-order formulas from the strategies' designs (ZeRO, arXiv:1910.02054 Sec. 5 and 7; PyTorch FSDP,
-arXiv:2304.11277; accelerate's "auto" DeepSpeed values); unlike the single-device model they are not yet checked
-against measurements. Pure planner code: no torch, and no planner import at module level (`planner.config` imports
+FSDP2's per-moment buffers (`step_buffers`) follow torch's FSDP2 and are held to the multi-GPU trace
+(calibrate/trace_multigpu.py, calibrate/reference/trace-points-multigpu.jsonl); ZeRO's model states follow
+DeepSpeed's bf16 mode and are held to DeepSpeed's own estimators (tests/test_strategies_deepspeed.py); DDP's
+buckets and the communication volumes are first-order formulas from the designs (arXiv:1910.02054 Sec. 5 and 7;
+arXiv:2304.11277), not yet checked against measurements. Pure planner code: no torch, and no planner import at module level (`planner.config` imports
 the registry for its choice list, and `planner.layers` imports `planner.config`).
 """
 
@@ -93,6 +95,13 @@ class Strategy:
     # -- memory -------------------------------------------------------------------------------------------------
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         """Per-device bytes of the strategy's own buffers (`sharding_buffers`); `grads` is unsharded."""
+        return 0
+
+    def step_buffers(self, arch, tc, moment: str, layer: int | None = None) -> int:
+        """Per-device bytes of the strategy's buffers that live only at `moment` of the step (gathered
+        parameters, reduce-scatter inputs), on top of `buffer_bytes` (live throughout). Moments, in step order:
+        "forward" (the last decoder layer's forward), "forward_loss", "loss_backward", "layer_backward" (of decoder
+        layer `layer`), "embedding_backward", "optimizer"."""
         return 0
 
     def notes(self, num_gpus: int, cpu_offload: bool) -> list[str]:

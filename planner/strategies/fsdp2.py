@@ -1,18 +1,130 @@
-"""PyTorch FSDP2 full shard (`fully_shard`, reshard after forward), through accelerate's FSDP plugin with
-`fsdp_version: 2` and one unit per decoder layer (arXiv:2304.11277). The stored name is "fsdp".
+"""PyTorch FSDP2 full shard (`fully_shard`, reshard after forward) as `ftplan run` launches it: accelerate 1.15's
+FSDP plugin with `fsdp_version: 2` (accelerate/utils/fsdp_utils.py `fsdp2_prepare_model`) and the mixed-precision
+policy below. The stored name is "fsdp".
 
-Today its numbers equal ZeRO-3's; it is its own object so that they can differ (prefetch depth, unit sizes,
-FSDP2's per-parameter sharding)."""
+The units accelerate 1.15 makes: one per decoder layer (resharded after forward); the untied input embedding alone
+(resharded after forward); the tail [final norm, lm_head (+ the embedding when tied)] with
+reshard_after_forward=False, so it stays gathered from its forward to its backward (tied: from the first forward
+op to the embedding's backward); the root (no parameters of its own left). What each rank holds beyond its shards
+follows torch 2.13's FSDP2 (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, _fsdp_collectives.py):
+
+- forward: a unit's all-gather output (flat, param dtype) is kept after its copy-out into the per-parameter
+  unsharded tensors until the next unit's copy-out (`all_gather_state`, the implicit forward prefetch): two
+  unit-sized buffers while a layer computes;
+- backward: a unit's pre-backward prefetches the unit before it (`_backward_prefetch`: its flat all-gather
+  output); its post-backward copies the unsharded gradients into a reduce-scatter input in the reduce dtype (fp32
+  here), kept until the next unit's post-backward (`reduce_scatter_states`, `reduce_scatter_max_input_buffers`
+  = 1), and leaves a sharded gradient in the parameter's own dtype;
+- optimizer step: nothing gathered; gradients and state are the local shards.
+
+Checked against the multi-GPU trace (calibrate/trace_multigpu.py: the real FSDP2 on a fake process group) on
+calibrate/reference/trace-points-multigpu.jsonl.
+"""
 
 from __future__ import annotations
 
-from .base import GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, gathered_param_bytes, layer_gather_step_bytes
+from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, compute_bytes, layer_gather_step_bytes)
 from .registry import register
+
+REDUCE_BYTES = 4  # reduce_dtype fp32 (mixed_precision_policy)
+
+
+def mixed_precision_policy(tc) -> dict:
+    """The `torch.distributed.fsdp.MixedPrecisionPolicy` `ftplan run` launches FSDP2 with (dtype names):
+    parameters gathered in the compute dtype (bf16 under bf16 weights, bf16 autocast or a 4-bit base; fp32 in fp32)
+    and gradients reduced in fp32. What users of FSDP2 mixed precision ask for (torchtitan's default,
+    `mixed_precision_param = bfloat16`, `mixed_precision_reduce = float32`): half the gather traffic and memory,
+    and a reduction that does not round at every rank. `trainer.dist` hands it to accelerate's FSDP plugin,
+    `calibrate.trace_multigpu` traces it, and the formulas below count its buffers."""
+    return {"param_dtype": "bfloat16" if compute_bytes(tc) == 2 else "float32", "reduce_dtype": "float32"}
+
+
+def fsdp_units(arch, tc) -> dict:
+    """Element counts of accelerate 1.15's FSDP2 units: `layer` (one decoder layer with its adapters), `tail`
+    (final norm + lm_head, + the embedding when tied), `embed` (0 when tied: it is in the tail), and the trainable
+    elements of each (`*_trainable`): what is gathered and what is reduce-scattered. Under a 4-bit base a linear
+    weight gathers as its packed bytes (bnb_4bit_quant_storage=bf16: numel / 4 bf16 elements)."""
+    from ..layers import regime
+
+    trainable = tc.spec.trainable_params(arch, tc)
+    adapters = 0 if tc.spec.trains_base else trainable
+    layer_linear = arch.layer_linear_params // 4 if regime(tc).quantized else arch.layer_linear_params
+    layer = layer_linear + arch.layer_norm_params + adapters // arch.num_layers
+    embed = 0 if arch.tie_word_embeddings else arch.embedding_params
+    tail = arch.hidden_size + (arch.embedding_params if arch.tie_word_embeddings else arch.lm_head_params)
+    if tc.spec.trains_base:
+        return dict(layer=layer, tail=tail, embed=embed, layer_trainable=layer, tail_trainable=tail,
+                    embed_trainable=embed)
+    return dict(layer=layer, tail=tail, embed=embed, layer_trainable=adapters // arch.num_layers,
+                tail_trainable=0, embed_trainable=0)
 
 
 class FSDP2(Strategy):
+    def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
+        """With CPU offload (accelerate's `fsdp_offload_params` -> `CPUOffloadPolicy`) the sharded parameters,
+        their gradients (copied to the host after each reduce-scatter: `_fsdp_collectives.foreach_reduce`) and the
+        optimizer state and step live on the host: host bytes per device = weights + gradients + state shards."""
+        static, grads, opt_temp, offload, notes = super().shard_static(arch, tc, static, grads, opt_temp)
+        if tc.cpu_offload and self.multi_gpu and tc.num_gpus > 1:
+            offload += grads
+            grads = 0
+        return static, grads, opt_temp, offload, notes
+
     def buffer_bytes(self, arch, tc, grads: int) -> int:
-        return gathered_param_bytes(arch, tc)
+        return 0  # everything FSDP2 adds lives only at some moments: `step_buffers`
+
+    def step_buffers(self, arch, tc, moment: str, layer: int | None = None) -> int:
+        """Gathered units, unsharded gradients and reduce-scatter (RS) inputs live at `moment` (module docstring),
+        in the gather dtype g (`mixed_precision_policy`); an RS input is its unit's trainable elements x 4 B:
+
+        forward (a decoder layer):  2 x layer  (+ tail when tied: gathered at the first op)
+        forward_loss:               untied 2 x tail; tied tail + the last layer's kept all-gather output
+        loss_backward:              tail + layer (prefetched); tied: tail (its unit ran its post-forward first, at
+                                    the embedding, so `_backward_prefetch` has no earlier unit to fetch)
+        tail_reduce (untied):       the tail's unsharded gradient, its fp32 RS input and output, the prefetched
+                                    layer (its parameters freed first: reshard before reduce)
+        layer_backward i:           layer + prefetched (layer; the embedding at i = 0 when untied)
+                                    + RS input of the unit after i (untied: the tail's at i = L-1)
+                                    + tied: the tail and its unsharded gradient (reduced only after the embedding's
+                                    backward, the tail unit's last use)
+        embedding_backward:         the embedding's unit gathered, + layer 0's RS input (tied: + the tail's
+                                    unsharded gradient)
+        embedding_reduce:           the post-backward of the unit holding the embedding: its unsharded gradient,
+                                    its fp32 RS input and output
+        optimizer:                  0"""
+        u = fsdp_units(arch, tc)
+        g = compute_bytes(tc)
+        tied = arch.tie_word_embeddings
+        tail_g = u["tail"] * g
+        layer_g = u["layer"] * g
+        rs_layer = u["layer_trainable"] * REDUCE_BYTES
+        # tied: the tail's gradient stays unsharded through backward; the timeline counts 1/N of it already
+        tail_grad = u["tail_trainable"] * g - -(-u["tail_trainable"] * g // tc.num_gpus) if tied else 0
+        tied_tail = tail_g + tail_grad if tied else 0
+        if moment == "forward":
+            return 2 * layer_g + (tail_g if tied else 0)
+        if moment == "forward_loss":
+            return tail_g + layer_g if tied else 2 * tail_g
+        if moment == "loss_backward":  # tied: the tail unit's post-forward came first, so it prefetches nothing
+            return tail_g if tied else tail_g + layer_g
+        if moment == "tail_reduce":  # untied: the tail's post-backward, the last layer prefetched (flat)
+            if tied or not u["tail_trainable"]:
+                return 0
+            t = u["tail_trainable"]
+            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus) + layer_g
+        if moment == "layer_backward":
+            prefetched = layer_g if layer else u["embed"] * g
+            if layer < arch.num_layers - 1:
+                rs_after = rs_layer
+            else:
+                rs_after = 0 if tied else u["tail_trainable"] * REDUCE_BYTES
+            return layer_g + prefetched + rs_after + tied_tail
+        if moment == "embedding_backward":
+            return (tied_tail if tied else u["embed"] * g) + rs_layer
+        if moment == "embedding_reduce":  # its parameters freed first (reshard before reduce)
+            t = u["tail_trainable"] if tied else u["embed_trainable"]
+            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus)
+        return 0
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
         return layer_gather_step_bytes(arch, tc, grads)

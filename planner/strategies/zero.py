@@ -1,37 +1,126 @@
-"""DeepSpeed ZeRO stages 1, 2 and 3 (arXiv:1910.02054), launched through accelerate's DEEPSPEED plugin.
+"""DeepSpeed ZeRO stages 1, 2 and 3 (arXiv:1910.02054) in DeepSpeed's bf16 mode, as `ftplan run` configures them
+(trainer/launch.py `deepspeed_config`: `bf16.enabled`, overlap_comm, contiguous_gradients, and the bucket sizes of
+`zero_buckets`), launched through accelerate's DEEPSPEED plugin.
 
-Stages 1 and 2 are DeepSpeed's `DeepSpeedZeroOptimizer` (deepspeed/runtime/zero/stage_1_and_2.py:
-`partition_grads` is False for stage 1, True for stage 2): each rank steps its partition of the optimizer state;
-gradients go through the reduce bucket (`ipg` buffer) - stage 2 keeps only its partition of them, stage 1 keeps
-them whole until the step. Stage 3 (stage3.py) shards the weights too and gathers them a layer at a time.
+Model states per device follow DeepSpeed's bf16 mode (DeepSpeed 38327e0, deepspeed/runtime/zero/stage_1_and_2.py
+`DeepSpeedZeroOptimizer`, stage3.py `DeepSpeedZeroOptimizer_Stage3`; `deepspeed/runtime/engine.py` casts the model
+to bf16 when `bf16.enabled`): bf16 weights (all of them for stages 1/2, a 1/N partition for stage 3), bf16
+gradients (whole for stage 1, the 1/N partition for stages 2/3), fp32 master weights of the trainable parameters and
+the optimizer's fp32 state (AdamW: 8 B/param), both partitioned 1/N, and the fp32 gradient partition the optimizer
+step builds (`single_grad_partition`). For full fine-tuning with AdamW that is DeepSpeed's own estimate,
+`estimate_zero2_model_states_mem_needs` (2P + 18P/N) and `estimate_zero3_model_states_mem_needs`
+(4 x largest layer + 18P/N) without offload; tests/test_strategies_deepspeed.py holds the formulas to them.
 """
 
 from __future__ import annotations
 
-from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, all_reduce_bytes, gathered_param_bytes,
-                   layer_gather_step_bytes)
+from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, all_reduce_bytes, layer_gather_step_bytes)
 from .registry import register
+
+MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: DeepSpeed's default, written explicitly
+
+
+def zero_buckets(hidden_size: int) -> dict:
+    """The bucket sizes (elements) `ftplan run` writes into ds_config.json: accelerate's "auto" rule
+    (accelerate/utils/deepspeed.py `deepspeed_config_process`: reduce_bucket_size = hidden^2,
+    stage3_prefetch_bucket_size = 0.9 hidden^2, stage3_param_persistence_threshold = 10 hidden), which ftplan
+    writes as numbers because it hands DeepSpeed a file, not a model to derive them from; the all-gather bucket of
+    stages 1/2 takes the reduce bucket's size. Left unset, DeepSpeed would use 5e8-element buckets (1 GB each
+    in bf16)."""
+    h2 = hidden_size * hidden_size
+    return {"reduce_bucket_size": h2, "allgather_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_max_live_parameters": MAX_LIVE_PARAMETERS}
+
+
+def deepspeed_bf16(tc) -> bool:
+    """ds_config's `bf16.enabled` (trainer/launch.py): bf16 weights, bf16 autocast (DeepSpeed then casts the whole
+    model to bf16: its bf16 mode has no fp32 weights on the device) or a 4-bit base."""
+    return tc.precision in ("bf16", "mixed") or tc.base_quant.quantized
 
 
 def zero_reduce_bucket_bytes(arch, grad_bytes_per_elem: int) -> int:
-    """DeepSpeed's reduce bucket with accelerate's 'auto' size: hidden_size^2 elements."""
+    """One reduce bucket (`reduce_bucket_size` elements, hidden^2) in the gradients' dtype."""
     from ..layers import param_bytes
 
-    return param_bytes(arch.hidden_size**2, grad_bytes_per_elem)
+    return param_bytes(zero_buckets(arch.hidden_size)["reduce_bucket_size"], grad_bytes_per_elem)
 
 
 def reduce_grad_bytes_per_elem(tc) -> int:
-    """The reduce bucket's dtype: the gradients' (the weights' for full fine-tuning; peft adapters are fp32)."""
+    """The gradients' dtype: bf16 in DeepSpeed's bf16 mode (the model is cast whole, adapters included), else the
+    weights' (peft adapters are fp32)."""
     from ..layers import regime
 
+    if deepspeed_bf16(tc):
+        return 2
     return regime(tc).weight if tc.spec.trains_base else 4
+
+
+def bf16_model_states(arch, tc, static: dict, grads: int, opt_temp: int, stage3: bool = False):
+    """Static terms, gradients and optimizer-step scratch of one unsharded device in DeepSpeed's bf16 mode
+    (module docstring), before partitioning. P = trainable parameters:
+    weights and adapters in bf16; gradients 2P; optimizer state 4P fp32 master + the optimizer's state in fp32
+    (AdamW 8P; 8-bit optimizers keep their own layout); optimizer-step scratch: the fp32 gradient partition 4P plus
+    the optimizer's own scratch in fp32 (AdamW foreach: 4P). Stage 3 reduces the gradients into an fp32 partition
+    (gradients 4P, no separate fp32 copy at the step): DeepSpeed's 18P/N for stage 3 against 2P + 18P/N for
+    stage 2 (2 bf16 weights + 4 fp32 gradients + 4 master + 8 Adam per parameter and device share)."""
+    from ..layers import regime
+
+    if not deepspeed_bf16(tc):
+        return static, grads, opt_temp
+    P = tc.spec.trainable_params(arch, tc)
+    R = regime(tc)
+    static = dict(static)
+    if R.weight == 4 and not R.quantized:  # fp32 weights under autocast: DeepSpeed casts them to bf16
+        static["weights"] = static["weights"] // 2
+    if R.quantized:
+        pass  # the 4-bit storage stays; the non-quantized bf16/fp32 rest is small
+    static["trainable_weights"] = 2 * (P if not tc.spec.trains_base else 0)
+    state_per_param = {"adamw": 8, "sgd": 0}.get(tc.optimizer)
+    state = P * state_per_param if state_per_param is not None else static["optimizer_state"]
+    static["optimizer_state"] = 4 * P + state
+    foreach = 4 * P if tc.optimizer == "adamw" else 0
+    if stage3:  # stage3.py: gradients reduce-scattered straight into an fp32 partition (`grad_partitions_flat_buffer`)
+        return static, 4 * P, foreach + _clip_bytes(arch, tc)
+    return static, 2 * P, 4 * P + foreach + _clip_bytes(arch, tc)
+
+
+def shard_deepspeed(strategy, arch, tc, static: dict, grads: int, opt_temp: int):
+    """`Strategy.shard_static` on DeepSpeed's bf16 model states; with CPU offload (ZeRO-Offload,
+    stage_1_and_2.py `cpu_offload`, stage3.py `offload_optimizer`) the fp32 master weights, the optimizer state and
+    the fp32 gradient partition (4P/N: gradients are copied out of the reduce buckets into pinned host buffers) live
+    on the host, and stages 2/3 keep no gradient partition on the device. Host bytes per device: what moved."""
+    stage3 = strategy.launcher.deepspeed_stage == 3
+    static, grads, opt_temp = bf16_model_states(arch, tc, static, grads, opt_temp, stage3)
+    static, grads, opt_temp, offload, notes = Strategy.shard_static(strategy, arch, tc, static, grads, opt_temp)
+    if tc.cpu_offload and strategy.multi_gpu:
+        P = tc.spec.trainable_params(arch, tc)
+        offload += 0 if stage3 else -(-4 * P // tc.num_gpus)  # stage 3: the fp32 gradients are `grads`
+        if stage3:
+            offload += grads
+        if GRADIENTS in strategy.shards:
+            grads = 0
+    return static, grads, opt_temp, offload, notes
+
+
+def _clip_bytes(arch, tc) -> int:
+    """`clip_grad_norm_`'s per-tensor norms: what `optimizer_step_temp_bytes` counts beyond the optimizer's own
+    scratch (one 512-byte block per trainable tensor, twice)."""
+    from ..memory import trainable_tensors
+
+    return 2 * 512 * sum(t.count for t in trainable_tensors(arch, tc))
 
 
 class ZeroOptimizer(Strategy):
     """ZeRO-1 / ZeRO-2: weights replicated, optimizer state (and for stage 2 the gradients) partitioned."""
 
+    def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
+        return shard_deepspeed(self, arch, tc, static, grads, opt_temp)
+
     def buffer_bytes(self, arch, tc, grads: int) -> int:
-        return zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc))
+        """overlap_comm with contiguous_gradients: two reduce (ipg) buckets, filled alternately
+        (stage_1_and_2.py `ipg_buffer`)."""
+        return 2 * zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc))
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
         """Reduce(-scatter) of the gradients and all-gather of the updated weights: DDP's volume, 2 (n-1)/n x G
@@ -39,11 +128,27 @@ class ZeroOptimizer(Strategy):
         return all_reduce_bytes(grads, tc.num_gpus)
 
 
+def zero3_live_bytes(arch, tc) -> int:
+    """ZeRO-3's gathered parameters and their gradients: DeepSpeed's estimator counts 4 B x the largest layer's
+    parameters (`estimate_zero3_model_states_mem_needs`: the bf16 layer gathered and its bf16 gradient), plus the
+    prefetch bucket (stage3_prefetch_bucket_size bf16 elements) gathered ahead. stage3_max_live_parameters (1e9) caps
+    what stays gathered; with per-layer release it is not reached by one layer."""
+    from ..layers import param_bytes
+
+    largest = max(arch.layer_params, arch.embedding_params)
+    prefetch = zero_buckets(arch.hidden_size)["stage3_prefetch_bucket_size"]
+    return 4 * largest + param_bytes(prefetch, 2)
+
+
 class Zero3(Strategy):
     """ZeRO-3: weights, gradients and optimizer state partitioned; each layer's weights gathered when used."""
 
+    def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
+        return shard_deepspeed(self, arch, tc, static, grads, opt_temp)
+
     def buffer_bytes(self, arch, tc, grads: int) -> int:
-        return gathered_param_bytes(arch, tc)
+        """Live gathered parameters (`zero3_live_bytes`) and two reduce buckets (overlap_comm)."""
+        return zero3_live_bytes(arch, tc) + 2 * zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc))
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
         return layer_gather_step_bytes(arch, tc, grads)

@@ -1,0 +1,114 @@
+"""ZeRO model states against DeepSpeed's own estimators (DeepSpeed 38327e07f6cd39b63418f60cedd1651b0be3e7c3,
+deepspeed/runtime/zero/stage_1_and_2.py `estimate_zero2_model_states_mem_needs` and stage3.py
+`estimate_zero3_model_states_mem_needs` with `model_to_params`), within 3 %: full fine-tuning, bf16, AdamW, as
+`ftplan run` configures DeepSpeed (bf16.enabled). deepspeed is not a dependency; the oracles below follow those
+functions line by line (GPU side; the CPU side carries their 1.5 buffer factor, a margin, not a prediction). When
+deepspeed is importable the real functions are called too."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.config import TrainConfig
+from planner.memory import _static_terms
+from planner.profiles import load_model
+
+
+def ds_zero2_gpu_bytes(total_params: int, num_gpus: int, cpu_offload: bool) -> int:
+    """stage_1_and_2.py L2436-2444: offload 2P; else 2P + int(18P / N)."""
+    if cpu_offload:
+        return 2 * total_params
+    return 2 * total_params + int(18 * total_params / num_gpus)
+
+
+def ds_zero3_gpu_bytes(total_params: int, largest_layer_params: int, num_gpus: int, cpu_offload: bool,
+                       cpu_offload_params: bool) -> int:
+    """stage3.py L3017-3038: 4 x largest layer; + int(2P / N) offloading the optimizer only; + int(18P / N)
+    without offload."""
+    largest_layer_memory = 4 * largest_layer_params
+    if cpu_offload:
+        if cpu_offload_params:
+            return largest_layer_memory
+        return largest_layer_memory + int(2 * total_params / num_gpus)
+    return largest_layer_memory + int(18 * total_params / num_gpus)
+
+
+def largest_module_params(arch) -> int:
+    """stage3.py `model_to_params`: the largest module's own parameters (recurse=False): the embedding, an untied
+    lm_head or the largest linear."""
+    return max(arch.embedding_params, arch.lm_head_params, max(lin.params for lin in arch.linears))
+
+
+def model_states(arch, tc) -> int:
+    """ftplan's per-device model states: weights, gradients (as held at the step), optimizer state (fp32 master +
+    AdamW), the step's fp32 gradient partition, and ZeRO-3's live parameters."""
+    from planner.strategies.zero import zero3_live_bytes
+
+    static, grads, opt_temp, _offload, _notes, _paged, _params = _static_terms(arch, tc, 0)
+    stage2 = tc.strategy != "zero3"  # stage 3's gradients are its fp32 partition already
+    fp32_grads = -(-4 * tc.spec.trainable_params(arch, tc) // tc.num_gpus) if stage2 and not tc.cpu_offload else 0
+    live = zero3_live_bytes(arch, tc) - 2 * int(0.9 * arch.hidden_size ** 2) if tc.strategy == "zero3" else 0
+    return static["weights"] + static["optimizer_state"] + grads + fp32_grads + live
+
+
+CASES = [(m, n) for m in ("llama-3.1-8b", "qwen2.5-7b", "llama-3.2-1b") for n in (2, 8, 64)]
+
+
+@pytest.mark.parametrize("model,n", CASES)
+def test_zero2_model_states_match_deepspeed(model, n):
+    arch = load_model(model)
+    tc = TrainConfig(method="full", precision="bf16", num_gpus=n, strategy="zero2")
+    expect = ds_zero2_gpu_bytes(arch.total_params, n, cpu_offload=False)
+    assert model_states(arch, tc) == pytest.approx(expect, rel=0.03)
+
+
+@pytest.mark.parametrize("model,n", CASES)
+def test_zero3_model_states_match_deepspeed(model, n):
+    arch = load_model(model)
+    tc = TrainConfig(method="full", precision="bf16", num_gpus=n, strategy="zero3")
+    expect = ds_zero3_gpu_bytes(arch.total_params, largest_module_params(arch), n, False, False)
+    assert model_states(arch, tc) == pytest.approx(expect, rel=0.03)
+
+
+@pytest.mark.parametrize("n", (2, 8))
+def test_offload_moves_master_state_and_fp32_grads_to_the_host(n):
+    """ZeRO-3 with optimizer and parameter offload: the device keeps what DeepSpeed's estimator keeps (4 x the
+    largest layer, plus the buckets), and the host holds the 16P/N (master, Adam, fp32 gradients) + 2P/N bf16
+    parameters of each rank."""
+    from planner.memory import estimate_memory
+
+    arch = load_model("llama-3.1-8b")
+    tc = TrainConfig(method="full", precision="bf16", num_gpus=n, strategy="zero3", cpu_offload=True)
+    m = estimate_memory(arch, tc)
+    P = arch.total_params
+    assert m.cpu_offload_bytes == pytest.approx(18 * P / n, rel=0.01)
+    assert m.breakdown.get("optimizer_state", 0) == 0 and m.breakdown.get("weights", 0) == 0
+    z2 = estimate_memory(arch, tc.replace(strategy="zero2"))
+    assert z2.cpu_offload_bytes == pytest.approx(16 * P / n, rel=0.01)
+    assert z2.breakdown["weights"] == pytest.approx(ds_zero2_gpu_bytes(P, n, True), rel=0.01)
+
+
+def test_the_real_estimators_when_deepspeed_is_importable():
+    ds = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    s3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    for p, ll, n in ((8_030_261_248, 525_336_576, 8), (1_235_814_400, 262_668_288, 2)):
+        assert ds.estimate_zero2_model_states_mem_needs(p, n, 1, False)[1] == ds_zero2_gpu_bytes(p, n, False)
+        assert s3.estimate_zero3_model_states_mem_needs(p, ll, n, 1, False, False)[1] == \
+            ds_zero3_gpu_bytes(p, ll, n, False, False)
+
+
+def test_ds_config_writes_the_buckets_the_planner_counts():
+    from planner.strategies.zero import zero_buckets
+    from trainer import launch
+
+    for stage, name in ((2, "zero2"), (3, "zero3")):
+        tc = TrainConfig(method="full", num_gpus=8, strategy=name)
+        cfg = launch.deepspeed_config(tc, hidden_size=4096)
+        z = cfg["zero_optimization"]
+        assert cfg["bf16"]["enabled"] and z["stage"] == stage
+        assert z["reduce_bucket_size"] == zero_buckets(4096)["reduce_bucket_size"] == 4096 ** 2
+        if stage == 3:
+            assert z["stage3_prefetch_bucket_size"] == int(0.9 * 4096 ** 2)
+            assert z["stage3_max_live_parameters"] == 10 ** 9
+        else:
+            assert z["allgather_bucket_size"] == 4096 ** 2
