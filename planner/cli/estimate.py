@@ -13,6 +13,7 @@ from .options import (
     model_option,
     parse_tokens_option,
     pop_train_kwargs,
+    check_attention_gpu,
     resolve_gpu_or_fail,
     resolve_model_or_fail,
     train_options,
@@ -44,6 +45,7 @@ def estimate(model_ref, gpu_ref, dataset_tokens, epochs, provider, trace, as_jso
     arch, how = resolve_model_or_fail(model_ref)
     tc = check_model(arch, tc, targets_given=given("target_modules"))
     gpu = resolve_gpu_or_fail(gpu_ref)
+    check_attention_gpu(tc, gpu)
     tokens = parse_tokens_option(dataset_tokens)
     if epochs <= 0:
         raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
@@ -104,7 +106,10 @@ def _trace(arch, tc, gpu) -> dict:
         tc = tc.replace(num_gpus=1, strategy="ddp", cpu_offload=False)
     config = dict(arch.config)
     config.setdefault("model_type", arch.model_type)
-    return trace_step(config, tc, cuda_workspace_bytes=cuda_workspace_bytes(gpu)).to_dict()
+    from ..attention import DEFAULT_CAPABILITY, parse_capability
+
+    sm = parse_capability(gpu.compute_capability) if gpu is not None else DEFAULT_CAPABILITY
+    return trace_step(config, tc, cuda_workspace_bytes=cuda_workspace_bytes(gpu), capability=sm).to_dict()
 
 
 def _trace_summary(t: dict, analytic: int) -> str:

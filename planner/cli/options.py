@@ -13,6 +13,7 @@ from ..arch import ArchError
 from ..config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
 from ..methods import METHOD_CHOICES, TargetError, lora_targets
 from ..quant import QUANTS
+from ..recipe import CHOICES as RECIPE_CHOICES, Recipe
 from ..profiles import DEFAULT_REVISION, ProfileError, load_gpu, resolve_model
 from ..units import parse_count
 
@@ -86,6 +87,10 @@ def train_options(f):
         click.option("--strategy", type=click.Choice(STRATEGIES), default="ddp", show_default=True,
                      help="Multi-GPU strategy (ZeRO/FSDP shard weights, grads and state)."),
         click.option("--cpu-offload", is_flag=True, help="Offload optimizer state (and ZeRO-3/FSDP params) to CPU."),
+        # recipe options (planner.recipe): how the step runs
+        click.option("--attn", "attn_implementation", type=click.Choice(RECIPE_CHOICES["attn_implementation"]),
+                     default="sdpa", show_default=True,
+                     help="transformers attn_implementation: sdpa (the kernel torch picks for the GPU) or eager."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -94,10 +99,11 @@ def train_options(f):
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload")
+RECIPE_OPTIONS = {"attn_implementation": "--attn"}  # Recipe field -> CLI option
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:
-    return {k: kwargs.pop(k) for k in TRAIN_KEYS if k in kwargs}
+    return {k: kwargs.pop(k) for k in TRAIN_KEYS + tuple(RECIPE_OPTIONS) if k in kwargs}
 
 
 def _option_for(message: str) -> str | None:
@@ -114,6 +120,13 @@ def _option_for(message: str) -> str | None:
 def build_train_config(values: dict) -> TrainConfig:
     """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
     values = {k: v for k, v in values.items() if not (k in ("quant", "use_rslora") and v is None)}
+    recipe = {k: values.pop(k) for k in RECIPE_OPTIONS if k in values}
+    if recipe:
+        try:
+            values["recipe"] = Recipe(**recipe)
+        except ValueError as e:
+            field = next((f for f in RECIPE_OPTIONS if str(e).startswith(f"recipe.{f}")), None)
+            raise click.BadParameter(str(e), param_hint=RECIPE_OPTIONS.get(field, "recipe")) from None
     try:
         if "target_modules" in values and isinstance(values["target_modules"], str):
             values["target_modules"] = parse_target_modules(values["target_modules"])
@@ -147,6 +160,17 @@ def resolve_gpu_or_fail(ref: str | None):
         return load_gpu(ref)
     except ProfileError as e:
         raise click.BadParameter(str(e), param_hint="--gpu") from None
+
+
+def check_attention_gpu(tc: TrainConfig, gpu) -> None:
+    """An attention implementation the GPU cannot run (flash_attention_2 below sm80): a usage error on --attn."""
+    from ..attention import implementation_error, parse_capability
+
+    if gpu is None:
+        return
+    err = implementation_error(tc.recipe.attn_implementation, gpu.name, parse_capability(gpu.compute_capability))
+    if err:
+        raise click.BadParameter(err, param_hint="--attn")
 
 
 def check_targets(arch, tc: TrainConfig) -> None:
