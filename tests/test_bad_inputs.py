@@ -575,7 +575,7 @@ JSON_CASES = [
     (["estimate", "--model", "8b", "--seq-len", "0"], "--seq-len", "a positive integer"),
     (["estimate", "--model", "8b", "--method", "banana"], "--method", ["full", "lora", "qlora", "dora", "qdora", "prefix", "prompt", "ia3"]),
     (["estimate", "--model", "8b", "--seq-len", "1000000000"], "--seq-len", "at most 524288"),
-    (["estimate", "--model", "8b", "--ranks", "8"], "--ranks", ["--rank"]),
+    (["estimate", "--model", "8b", "--ranks", "8"], "--ranks", ["--attn", "--rank"]),  # click's close matches
     (["recommend", "--model", "8b", "--gpu", "a100-80", "--pick", "99"], "--pick", "1 to 8"),
     (["recommend", "--model", "8b", "--gpu", "a100-80", "--provider", "nowhere"], "--provider", "AWS, Akash"),
     (["recommend", "--model", "8b"], "--gpu", "required"),
