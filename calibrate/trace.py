@@ -12,6 +12,9 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
 - sdpa: the flash / cuDNN kernels CUDA picks for bf16 without a mask save q, k, v, the output and an fp32
   logsumexp (B, H, S), and support GQA natively; with a mask (prefix tuning) the mem-efficient kernel also keeps the
   additive bias (B, 1, S, KV padded to 16). The CPU kernels differ (math fallback for GQA), so they are replaced.
+- flash_attention_2 (`--attn`): flash-attn 2 is CUDA-only, so transformers' own flash path runs around stand-ins
+  of `flash_attn_func` that allocate what flash-attn's `mha_fwd` / `mha_bwd` allocate (the model is built with sdpa,
+  which transformers accepts without flash-attn installed, then switched); the varlen path is not followed yet.
 - dropout: CUDA's fused `native_dropout` keeps a 1-byte mask; the CPU path keeps a noise tensor of the input dtype.
 - masks: without a KV cache (checkpointing) transformers checks the position ids for packed sequences, a data
   check fake tensors cannot make; the synthetic batch is never packed, so no causal mask is built, as on CUDA.
@@ -46,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from planner.config import TrainConfig
+from calibrate import sdpa_dispatch
 from trainer import recipe
 from trainer.step import TrainStep
 
@@ -193,15 +197,18 @@ class LiveBytes(TorchDispatchMode):
 
 
 class _AttentionCUDA(torch.autograd.Function):
-    """Allocations of CUDA's fused sdpa kernels: out (B, S, H, D layout), fp32 logsumexp (B, H, S); saved for
-    backward with q, k, v (and the mask bias when one is given); backward returns dq, dk, dv plus the flash
-    kernel's fp32 workspaces (softmax_d, dq_accum), freed at once."""
+    """Allocations of CUDA's fused sdpa kernels: out (B, S, H, D layout), fp32 logsumexp (B, H, S; mem-efficient
+    pads S to 32); saved for backward with q, k, v (and the mask bias when one is given); backward returns dq, dk,
+    dv plus fp32 scratch freed at once: flash / cuDNN softmax_d (B, H, S rounded to 128) and dq_accum (B, S rounded
+    to 128, H, D); mem-efficient its delta (B, H, S rounded to 32) and, for fp16/bf16 outputs, an fp32 dq
+    accumulator (cutlass `kNeedsAccumGradQ`: the output type differs from the fp32 accumulator)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias):
+    def forward(ctx, q, k, v, bias, efficient):
         b, h, s, _ = q.shape
         out = torch.empty(b, s, h, v.shape[-1], dtype=q.dtype).transpose(1, 2)
-        lse = torch.empty(b, h, s, dtype=torch.float32)
+        lse = torch.empty(b, h, -(-s // 32) * 32 if efficient else s, dtype=torch.float32)
+        ctx.efficient = efficient
         ctx.save_for_backward(q, k, v, out, lse, bias)
         return out
 
@@ -210,24 +217,104 @@ class _AttentionCUDA(torch.autograd.Function):
         q, k, v, _out, _lse, _bias = ctx.saved_tensors
         b, h, s, d = q.shape
         s_round = -(-s // 128) * 128
-        softmax_d = torch.empty(b, h, s_round, dtype=torch.float32)
-        dq_accum = torch.empty(b, s_round, h, d, dtype=torch.float32)
+        if ctx.efficient:
+            scratch = [torch.empty(b, h, -(-s // 32) * 32, dtype=torch.float32)]
+            if q.dtype != torch.float32:
+                scratch.append(torch.empty(b, s_round, h, d, dtype=torch.float32))
+        else:
+            scratch = [torch.empty(b, h, s_round, dtype=torch.float32), torch.empty(b, s_round, h, d, dtype=torch.float32)]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        del softmax_d, dq_accum
-        return dq, dk, dv, None
+        del scratch
+        return dq, dk, dv, None, None
+
+
+_CAPABILITY = [(9, 0)]  # the traced GPU's compute capability (set by `cuda_behaviour`)
+SDPA_BACKENDS: list = []  # the backend of every sdpa call of the current trace, in order
 
 
 def _sdpa_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """CUDA's sdpa on fake CPU tensors: the backend torch 2.13 selects for these tensors on the traced GPU
+    (calibrate.sdpa_dispatch), then what that kernel allocates: flash / cuDNN / memory-efficient through
+    `_AttentionCUDA`; math through torch's own `_scaled_dot_product_attention_math` (a composite op: its
+    decomposition allocates and saves on any device what it does on CUDA)."""
     if torch.is_autocast_enabled("cpu"):
         dt = torch.get_autocast_dtype("cpu")
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    backend = sdpa_dispatch.select(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, _CAPABILITY[0])
+    SDPA_BACKENDS.append(backend)
+    if backend == "math":
+        mask = attn_mask
+        if mask is not None and mask.dtype == torch.bool:  # the composite turns a bool mask into an additive one
+            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill(mask.logical_not(), float("-inf"))
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
     bias = None
     if attn_mask is not None:
         # the mem-efficient kernel turns a bool mask into an additive bias of q's dtype, last dim padded to 16
         kv = attn_mask.shape[-1]
         padded = -(-kv // 16) * 16
         bias = torch.empty(*attn_mask.shape[:-1], padded, dtype=query.dtype)[..., :kv]
-    return _AttentionCUDA.apply(query, key, value, bias)
+    return _AttentionCUDA.apply(query, key, value, bias, backend == "efficient")
+
+
+class _FlashAttn2CUDA(torch.autograd.Function):
+    """flash-attn 2's `FlashAttnFunc` as its CUDA extension allocates (csrc/flash_attn/flash_api.cpp, Dao-AILab/
+    flash-attention 765fbd9): `mha_fwd` writes out (B, S, H, D) in the inputs' dtype, softmax_lse (B, H, S) fp32 and
+    an rng_state (2 int64), all saved with q, k, v; `mha_bwd` allocates dq, dk, dv (empty_like), softmax_d
+    (B, H, S rounded to 128) and dq_accum (B, S rounded to 128, H, D rounded to 32) in fp32, and for grouped
+    heads dk_expanded / dv_expanded (B, S_k, H, D) summed into dk, dv; the scratch is freed on return."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        b, s, h, _ = q.shape
+        out = torch.empty(b, s, h, v.shape[-1], dtype=q.dtype)
+        lse = torch.empty(b, h, s, dtype=torch.float32)
+        rng = torch.empty(2, dtype=torch.int64)
+        ctx.save_for_backward(q, k, v, out, lse, rng)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, _out, _lse, _rng = ctx.saved_tensors
+        b, s, h, d = q.shape
+        round_up = lambda x, m: -(-x // m) * m  # noqa: E731
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        softmax_d = torch.empty(b, h, round_up(s, 128), dtype=torch.float32)
+        dq_accum = torch.empty(b, round_up(s, 128), h, round_up(d, 32) if d <= 192 else 256, dtype=torch.float32)
+        expanded = []
+        if k.shape[2] != h:
+            expanded = [torch.empty(b, k.shape[1], h, d, dtype=k.dtype), torch.empty(b, v.shape[1], h, v.shape[-1], dtype=v.dtype)]
+        del softmax_d, dq_accum, expanded
+        return dq, dk, dv
+
+
+def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2 `flash_attn_func` (q, k, v: (B, S, heads, D), last dimension contiguous)."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("FlashAttention only support fp16 and bf16 data type")  # mha_fwd's own check
+    return _FlashAttn2CUDA.apply(q, k, v)
+
+
+def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                            deterministic=False, return_attn_probs=False, block_table=None):
+    raise NotImplementedError("the trace does not follow flash-attn's varlen path (padding, packing) yet")
+
+
+def _lazy_import_flash_attention(implementation=None, attention_wrapper=None, allow_all_kernels=False):
+    """Stand-in for transformers' `lazy_import_flash_attention`: flash-attn 2's entry points (above) with
+    transformers' own pad/unpad helpers and kwargs processing, so transformers' real code runs around them."""
+    from transformers import modeling_flash_attention_utils as mfu
+
+    fns = (_flash_attn_func, _flash_attn_varlen_func, None, mfu._pad_input, mfu._unpad_input)
+    return fns, mfu._lazy_define_process_function(_flash_attn_varlen_func)
+
+
+def _not_packed_sequence(position_ids, batch_size):
+    """transformers' `_is_packed_sequence` asks the position ids (a data check fake tensors cannot answer); the
+    synthetic batch's arange ids are one sequence per row."""
+    return False
 
 
 _F_DROPOUT = F.dropout
@@ -352,16 +439,23 @@ def _dequantize_module_weight(module):
 
 
 @contextlib.contextmanager
-def cuda_behaviour():
-    """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace."""
+def cuda_behaviour(capability: tuple = (9, 0)):
+    """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace on a GPU of
+    compute capability `capability` (which sdpa kernel runs)."""
     import transformers.masking_utils as mu
     import transformers.modeling_utils as modeling
 
+    _CAPABILITY[0] = tuple(capability)
+    SDPA_BACKENDS.clear()
+    import transformers.modeling_flash_attention_utils as mfu
+
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu)
+    saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _never_packed
     modeling.save_on_cpu = _SaveOnCPUCUDA
+    mfu.lazy_import_flash_attention, mfu._is_packed_sequence = _lazy_import_flash_attention, _not_packed_sequence
     linear4bit = None
     try:
         import bitsandbytes as bnb
@@ -379,6 +473,7 @@ def cuda_behaviour():
         yield
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
+        mfu.lazy_import_flash_attention, mfu._is_packed_sequence = saved_fa
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]
@@ -391,13 +486,17 @@ def _quantize_on_meta(model) -> None:
     """Replace linear layers by bitsandbytes Linear4bit exactly as transformers' bnb quantizer selects them."""
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.base import _assign_is_quantized, get_keys_to_not_convert
 
     qc = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
     )
     replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model), quantization_config=qc)
     model.is_loaded_in_4bit = True
+    # what the quantizer does after loading (quantizers/base.py `postprocess_model`): flash_attention_2 reads it
+    # to cast fp32 inputs back to `config.dtype`
+    model.config.quantization_config = qc
+    _assign_is_quantized(model)
 
 
 def _materialize(model, fake_mode, tracker: LiveBytes) -> None:
@@ -448,16 +547,24 @@ def _materialize(model, fake_mode, tracker: LiveBytes) -> None:
 
 
 def build_traced_model(config: dict, tc: TrainConfig, fake_mode, tracker: LiveBytes):
-    """The recipe's model and method on the meta device, then swapped for fake tensors."""
+    """The recipe's model and method on the meta device, then swapped for fake tensors. flash_attention_2: built
+    with sdpa (transformers refuses flash-attn where it is not installed), then switched to it; its kernels are
+    the stand-ins above."""
+    attn = tc.recipe.attn_implementation
+    build_tc = tc
+    if attn == "flash_attention_2":
+        build_tc = tc.replace(recipe=tc.recipe.__class__(**{**tc.recipe.to_dict(), "attn_implementation": "sdpa"}))
     with torch.device("meta"):
         if tc.base_quant.quantized:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16,
-                                                     attn_implementation=tc.recipe.attn_implementation)
+                                                     attn_implementation=build_tc.recipe.attn_implementation)
             _quantize_on_meta(model)
         else:
-            model = recipe.build_model(config, tc, device="meta")
+            model = recipe.build_model(config, build_tc, device="meta")
+        if attn == "flash_attention_2":
+            model.config._attn_implementation = attn
         model = recipe.apply_method(model, tc)
     _materialize(model, fake_mode, tracker)
     return model
@@ -500,7 +607,8 @@ class TraceResult:
         }
 
 
-def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_bytes: int = 0) -> TraceResult:
+def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_bytes: int = 0,
+               capability: tuple = (9, 0)) -> TraceResult:
     """Trace `steps` training steps (the second one has optimizer state) of the recipe on fake tensors.
 
     `config`: Hugging Face config.json fields. `cuda_workspace_bytes`: library workspace added to the peak
@@ -515,7 +623,7 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
     tracker = LiveBytes()
     _SaveOnCPUCUDA.tracker = tracker
     notes = []
-    with cuda_behaviour():
+    with cuda_behaviour(capability):
         model = build_traced_model(config, tc, fake_mode, tracker)
         params = recipe.trainable_parameters(model)
         n_trainable = sum(p.numel() for p in params)
@@ -548,6 +656,8 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
                 batch = recipe.synthetic_batch(vocab, tc, device="cpu")
                 train_step([batch], micro_steps=1)
             train_step.release()
+    if SDPA_BACKENDS:
+        notes.append(f"sdpa on sm{capability[0]}{capability[1]}: " + ", ".join(sorted(set(SDPA_BACKENDS))))
     peak_by_tag = {k: v for k, v in tracker.peak_by_tag.items() if v}
     if cuda_workspace_bytes:
         peak_by_tag["cuda_workspace"] = cuda_workspace_bytes

@@ -1,7 +1,8 @@
 """Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`
 (and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
-calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`).
+calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
+`--grid attn --out calibrate/reference/trace-points-attn.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -247,11 +248,56 @@ def multigpu_points() -> list[tuple[str, dict]]:
     return pts
 
 
+# attention grid: two tiny families where the attention matrices dominate (small vocabulary, 1K tokens)
+ATTN_FAMILIES = {
+    # llama-3.2-1b's shape of attention (grouped heads 4:1, head_dim 64), scaled down
+    "tiny-llama3-gqa": dict(model_type="llama", hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=2, intermediate_size=1024, vocab_size=4096, tie_word_embeddings=True,
+                            max_position_embeddings=16384, rope_theta=500000.0),
+    # llama-2's (every head its own keys), scaled down
+    "tiny-llama2-mha": dict(model_type="llama", hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                            num_key_value_heads=8, intermediate_size=1024, vocab_size=4096, tie_word_embeddings=False,
+                            max_position_embeddings=16384),
+}
+
+
+def attn_points() -> list[tuple[str, dict, str]]:
+    """attn_implementation x precision/method x checkpointing x a GQA and a non-GQA family, on the H100 (sm90)
+    (flash_attention_2 without fp32: flash-attn refuses it), plus fp32 points on the T4 (sm75: no flash) and the
+    L4 (sm89).
+    Returns (family, train dict, gpu profile)."""
+    all_lin = ("all-linear",)
+    recipes = [
+        dict(method="lora", target_modules=all_lin, precision="bf16"),
+        dict(method="full", precision="bf16"),
+        dict(method="full", precision="mixed"),
+        dict(method="full", precision="fp32"),
+        dict(method="qlora", target_modules=all_lin),
+        dict(method="prefix", num_virtual_tokens=32),
+        dict(method="prompt", num_virtual_tokens=16),
+    ]
+    pts = []
+    for fam in ATTN_FAMILIES:
+        for attn in ("sdpa", "eager", "flash_attention_2"):
+            for r in recipes:
+                for ckpt in (False, True):
+                    if (ckpt and r["method"] == "prefix") or (attn == "flash_attention_2" and r.get("precision") == "fp32"):
+                        continue
+                    pts.append((fam, dict(r, seq_len=1024, batch_size=2, grad_ckpt=ckpt,
+                                          recipe=dict(attn_implementation=attn)), "h100-sxm-80gb"))
+        for gpu in ("t4-16gb", "l4-24gb"):
+            pts.append((fam, dict(method="full", precision="fp32", seq_len=1024, batch_size=2), gpu))
+            pts.append((fam, dict(method="lora", target_modules=all_lin, precision="fp32", seq_len=1024, batch_size=2,
+                                  grad_ckpt=True), gpu))
+    return pts
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
          "dora": lambda args: dora_points(),
          "families": lambda args: family_points(),
          "moe": lambda args: moe_points(),
-         "multigpu": lambda args: multigpu_points()}
+         "multigpu": lambda args: multigpu_points(),
+         "attn": lambda args: attn_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -305,7 +351,8 @@ def main(argv=None) -> int:
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
                          "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
-                         "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl)")
+                         "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
+                         "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -320,23 +367,40 @@ def main(argv=None) -> int:
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     t0 = time.time()
     with out.open("w") as f:
-        for i, (model, d) in enumerate(points):
-            arch = family_arch(model)
+        for i, point in enumerate(points):
+            model, d = point[:2]
+            rec = {"id": f"t{i:03d}", "model": model}
+            if model in ATTN_FAMILIES:  # a tiny family of the attention grid, on the point's GPU
+                from planner.arch import arch_from_config
+                from planner.attention import parse_capability
+                from planner.memory import cuda_workspace_bytes
+                from planner.profiles import load_gpu
+
+                gpu = load_gpu(point[2])
+                arch = arch_from_config(ATTN_FAMILIES[model], name=model)
+                config = dict(ATTN_FAMILIES[model])
+                kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu), capability=parse_capability(gpu.compute_capability))
+                rec.update(config=config, gpu=gpu.name)
+            else:
+                arch = family_arch(model)
+                config = None
+                kw = dict(cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+                if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
+                    rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]
+                elif model in MOE_CONFIGS:
+                    rec["config"] = MOE_CONFIGS[model]
             d = _fix_targets(model, d, arch)
             tc = TrainConfig(**d)
-            config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
-            config.pop("rope_scaling", None)
+            if config is None:
+                config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
+                config.pop("rope_scaling", None)
             if tc.num_gpus > 1:
                 from .trace_multigpu import trace_sharded_step
 
-                r = trace_sharded_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+                r = trace_sharded_step(config, tc, **kw)
             else:
-                r = trace_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
-            rec = {"id": f"t{i:03d}", "model": model, "train": tc.to_dict(), "trace": r.to_dict(), "versions": versions}
-            if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
-                rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]
-            elif model in MOE_CONFIGS:
-                rec["config"] = MOE_CONFIGS[model]
+                r = trace_step(config, tc, **kw)
+            rec.update({"train": tc.to_dict(), "trace": r.to_dict(), "versions": versions})
             f.write(json.dumps(rec) + "\n")
             f.flush()
             el = time.time() - t0

@@ -99,6 +99,11 @@ class TrainConfig:
         if self.recipe.offload_checkpoints and not self.grad_ckpt:
             raise ValueError("recipe.offload_checkpoints offloads the inputs gradient checkpointing keeps: it needs "
                              "grad_ckpt (valid with offload_checkpoints: grad_ckpt true)")
+        if self.recipe.attn_implementation == "flash_attention_2" and self.precision == "fp32":
+            # flash-attn computes in fp16/bf16 only; transformers casts fp32 inputs back only under autocast or
+            # for a quantized model (integrations/flash_attention.py `get_target_dtype`)
+            raise ValueError("precision 'fp32' is not valid with recipe.attn_implementation 'flash_attention_2' "
+                             "(flash-attn computes in fp16/bf16; valid: bf16, mixed)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:

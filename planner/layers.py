@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import attention as sdp
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import ZERO, Graph
@@ -58,8 +59,9 @@ class Builder:
     (default: layer 0's)."""
 
     def __init__(self, arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, checkpointed: bool = False,
-                 kind: LayerKind | None = None):
+                 kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY):
         self.arch, self.tc, self.seq, self.kv_seq = arch, tc, seq, kv_seq
+        self.sm = tuple(sm)  # the GPU's compute capability: which sdpa kernel runs (planner.attention)
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
         # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
@@ -224,39 +226,39 @@ class Builder:
         return self.cast(out, width, q_dtype) if self.arch.rope_fp32 else out
 
     def sdpa(self, q: int, k: int, v: int, prefix=None) -> int:
-        """`F.scaled_dot_product_attention` as CUDA runs it (bf16, no mask: flash / cuDNN, native GQA; fp32 or a
-        mask: mem-efficient). Saves q, k, v, the output and an fp32 logsumexp of H values per token (padded to 32
-        tokens for mem-efficient); backward adds the flash workspaces (fp32 softmax_d and dq_accum, tokens padded
-        to 128). Under autocast q, k, v are cast to bf16 first.
+        """`F.scaled_dot_product_attention` as transformers calls it and CUDA runs it (`planner.attention`: the
+        backend torch 2.13 selects for the dtype, heads, mask, head dim and the GPU's compute capability). Under
+        autocast q, k, v are cast to bf16 first (inside sdpa). Grouped heads without a mask go to sdpa with
+        `enable_gqa`; with a mask (prefix tuning, a sliding window) `repeat_kv` copies keys and values to every
+        head first.
 
-        Prefix tuning: keys/values are `cat(prefix, k)` held by the cache; the mask it forces disables native GQA,
-        so `repeat_kv` copies k and v to all heads, and the mask becomes an additive bias (padded to 16 keys)."""
+        flash / cuDNN save q, k, v, the output and an fp32 logsumexp of H values per token; backward adds the flash
+        workspaces (fp32 softmax_d and dq_accum, tokens padded to 128). memory-efficient saves the same with the
+        logsumexp padded to 32 tokens and, with a mask, an additive bias of q's dtype (keys padded to 16); its
+        backward scratch is an fp32 delta and, for a 16-bit output, an fp32 dq accumulator. math
+        (`_sdpa_math`) saves the full attention matrix.
+
+        Prefix tuning: keys/values are `cat(prefix, k)` held by the cache."""
         g, a = self.g, self.arch
         R = self.R
         H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
         rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
-        if prefix is not None:
-            # the cache concatenates the prefix (peft casts it to the base model's dtype) and keeps the result
-            pk, pv = prefix
-            k = self._held_copy("cat_k", [pk, k], K * d, max(self.dtype[pk], self.dtype[k]), self.kv_seq, k)
-            v = self._held_copy("cat_v", [pv, v], K * d, max(self.dtype[pv], self.dtype[v]), self.kv_seq, v)
-        elif self.use_cache:
-            # transformers' DynamicCache (use_cache=True unless checkpointing): `cat([empty, k])` copies k and v
-            # and keeps them for the outputs' lifetime; its empty tensors have k's dtype, so v is promoted to it
-            dk = self.dtype[k]
-            k = self._held_copy("cache_k", [k], K * d, dk, self.seq, k)
-            v = self._held_copy("cache_v", [v], K * d, max(dk, self.dtype[v]), self.seq, v)
+        k, v = self._cached_kv(k, v, prefix)
         masked = prefix is not None or self.masked
-        kv_width = K * d
+        dt = BF16 if R.autocast else self.dtype[q]
+        dropout = float(a.config.get("attention_dropout", 0.0) or 0.0)
+        name = "fp32" if dt == FP32 else ("fp16" if self.tc.precision == "fp16" else "bf16")
+        kv_len = self.kv_seq if prefix is not None else self.seq  # prompt tuning's virtual tokens are keys too
+        call = sdp.transformers_sdpa_call(name, H, K, d, self.seq, kv_len, masked,
+                                          dropout=dropout, requires_grad=rg)
+        kv_width = call.kv_heads * d
         # one key/value head (MQA: Gemma-3-1B): repeat_kv's expand + reshape only merges a size-1 dimension, a
         # view, not a copy; sdpa's backward still writes dense (B, H, S, D) gradients for k and v, which the
         # expand's backward sums back to one head, and a dtype cast of the view is dense too
-        mqa_view = masked and H != K and K == 1
+        mqa_view = call.kv_heads != K and K == 1
         grads_dense = 0
-        if masked and H != K and not mqa_view:
-            # a mask turns native GQA off: repeat_kv copies keys and values to every head
+        if call.kv_heads != K and not mqa_view:  # transformers' repeat_kv: keys and values copied to every head
             k, v = self._repeat_kv(k, H * d), self._repeat_kv(v, H * d)
-            kv_width = H * d
         if mqa_view:  # the views that reach sdpa uncast get dense gradients there
             grads_dense = sum((H - K) * d * self.kv_seq * self.dtype[t] for t in (k, v)
                               if not (R.autocast and self.dtype[t] != BF16))
@@ -264,29 +266,193 @@ class Builder:
             q = self.cast(q, H * d, BF16)
             cast_width = H * d if mqa_view else kv_width
             k, v = self.cast(k, cast_width, BF16, self.kv_seq), self.cast(v, cast_width, BF16, self.kv_seq)
-        dt = self.dtype[q]
+        backend = sdp.select_backend(call, self.sm)
+        if backend == "math":
+            return self._sdpa_math(q, k, v, call, rg)
         saved_extra = []
         if masked:  # the mem-efficient kernel keeps an additive bias of q's dtype, keys padded to 16
             bias = self.g.tensor((self.seq * round_up(self.kv_seq, 16) * dt, 0), kind="activations")
             self.dtype[bias] = dt
             g.op("mask_bias", [], [bias])
             saved_extra = [bias]
-        fused = dt == BF16 and prefix is None and not self.masked  # flash / cuDNN
+        fused = backend in ("flash", "cudnn")
         lse_tokens = self.seq if fused else round_up(self.seq, 32)
         out = self.new(H * d, dt, rg)
         lse = self.g.tensor((lse_tokens * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
         s128 = round_up(self.seq, 128)
-        ws = (s128 * H * FP32 + s128 * H * d * FP32, 0) if fused else (lse_tokens * H * FP32 + grads_dense, 0)
+        if fused:  # flash's softmax_d and dq_accum
+            ws = (s128 * H * FP32 + s128 * H * d * FP32, 0)
+        else:  # mem-efficient's delta and, for a 16-bit output, its fp32 dq accumulator (cutlass kNeedsAccumGradQ)
+            ws = (lse_tokens * H * FP32 + (s128 * H * d * FP32 if dt != FP32 else 0) + grads_dense, 0)
         g.op("sdpa", [q, k, v], [out, lse], saved=([q, k, v, out, lse] + saved_extra) if rg else [], bwd_temp=ws)
         return out
 
-    def attention(self, q: int, k: int, v: int, prefix=None) -> int:
-        """The attention of the recipe's `attn_implementation` (planner.recipe): sdpa."""
-        return {"sdpa": self.sdpa}[self.recipe.attn_implementation](q, k, v, prefix)
+    def _sdpa_math(self, q: int, k: int, v: int, call, rg: bool) -> int:
+        """torch 2.13 `_scaled_dot_product_attention_math` (aten/src/ATen/native/transformers/attention.cpp, a
+        CompositeImplicitAutograd op, so autograd saves what its decomposition saves): fp16/bf16 inputs are upcast
+        to fp32 (`.to(kFloat)`, the default without `allow_fp16_bf16_reduction_math_sdp`); `q * sqrt(scale)`;
+        `enable_gqa` repeats the fp32 keys/values to every head (`repeat_interleave`: a copy each);
+        `k * sqrt(scale)` (transposed); `is_causal` builds a bool (S, KV) `tril` turned into an fp32 additive mask
+        (shared by the batch); `attn = q @ k^T` (B, H, S, KV) fp32, saving both operands; `+ mask` (in place on
+        CUDA); `_safe_softmax` saves its fp32 output; dropout (CUDA `native_dropout`: a bool mask and the dropped
+        matrix); `attn @ v` saves the probabilities and v; the output is cast back to the inputs' dtype.
+        Backward: the gradients of the (B, H, S, KV) probabilities and scores, fp32."""
+        g = self.g
+        H, d = self.arch.num_heads, self.arch.head_dim
+        S, KV = call.q_len, call.kv_len
+        kvw = call.kv_heads * d
+        dt = self.dtype[q]
+        q32 = self.cast(q, H * d, FP32)
+        k32 = self.cast(k, kvw, FP32, KV)
+        v32 = self.cast(v, kvw, FP32, KV)
+        qs = self.mul_scalar(q32, H * d)
+        if call.kv_heads != H:  # enable_gqa: repeat_interleave of the fp32 copies
+            k32, v32 = self._repeat_kv(k32, H * d, KV), self._repeat_kv(v32, H * d, KV)
+        ks = self.new(H * d, FP32, self.g.rg(k32), seq=KV)
+        g.op("mul_scalar", [k32], [ks])
+        mat = (H * S * KV * FP32, 0)
+        scores = g.tensor(mat, rg=rg)
+        self.dtype[scores] = FP32
+        g.op("bmm_qk", [qs, ks], [scores], saved=[qs, ks] if rg else [])
+        if call.is_causal or call.mask:
+            # is_causal: bool tril (S, KV), one byte each, alive while the fp32 additive mask is written;
+            # a passed mask: its additive form of the inputs' dtype, per sequence (B, 1, S, KV)
+            size = (0, S * KV * FP32) if call.is_causal else (S * KV * dt, 0)
+            m = g.tensor(size)
+            self.dtype[m] = FP32
+            g.op("attn_mask", [], [m], fwd_temp=(0, S * KV) if call.is_causal else ZERO)
+            masked = g.tensor(mat, rg=rg)
+            self.dtype[masked] = FP32
+            g.op("add_mask", [scores, m], [masked], grad_alias=[scores])
+            scores = masked
+        probs = g.tensor(mat, rg=rg)
+        self.dtype[probs] = FP32
+        g.op("softmax", [scores], [probs], saved=[probs] if rg else [])
+        if call.dropout > 0.0:
+            keep = g.tensor((H * S * KV, 0))
+            dropped = g.tensor(mat, rg=rg)
+            self.dtype[keep], self.dtype[dropped] = 1, FP32
+            g.op("native_dropout", [probs], [dropped, keep], saved=[keep] if rg else [])
+            probs = dropped
+        out32 = self.new(H * d, FP32, rg)
+        g.op("bmm_pv", [probs, v32], [out32], saved=[probs, v32] if rg else [])
+        # (B, H, S, D): transformers' `transpose(1, 2).contiguous()` copies it (the fused kernels write (B, S, H, D))
+        return self._contiguous(self.cast(out32, H * d, dt), H * d)
 
-    def _repeat_kv(self, t: int, width: int) -> int:
-        r = self.new(width, self.dtype[t], self.g.rg(t), seq=self.kv_seq)
+    def _cached_kv(self, k: int, v: int, prefix) -> tuple[int, int]:
+        """Keys and values after the cache update. Prefix tuning: `cat(prefix, k)` (peft casts the prefix to the
+        base model's dtype), kept by the cache; otherwise transformers' DynamicCache (use_cache=True unless
+        checkpointing): `cat([empty, k])` copies k and v and keeps them for the outputs' lifetime; its empty
+        tensors have k's dtype, so v is promoted to it."""
+        K, d = self.arch.num_kv_heads, self.arch.head_dim
+        if prefix is not None:
+            pk, pv = prefix
+            k = self._held_copy("cat_k", [pk, k], K * d, max(self.dtype[pk], self.dtype[k]), self.kv_seq, k)
+            v = self._held_copy("cat_v", [pv, v], K * d, max(self.dtype[pv], self.dtype[v]), self.kv_seq, v)
+        elif self.use_cache:
+            dk = self.dtype[k]
+            k = self._held_copy("cache_k", [k], K * d, dk, self.seq, k)
+            v = self._held_copy("cache_v", [v], K * d, max(dk, self.dtype[v]), self.seq, v)
+        return k, v
+
+    def _matrix(self, dtype: int, rg: bool, kv_len: int) -> int:
+        """A (B, H, S, KV) attention matrix of `dtype`."""
+        t = self.g.tensor((self.arch.num_heads * self.seq * kv_len * dtype, 0), rg=rg)
+        self.dtype[t] = dtype
+        return t
+
+    def eager(self, q: int, k: int, v: int, prefix=None) -> int:
+        """transformers 5.17 `eager_attention_forward` (modeling_llama.py): `repeat_kv` copies keys and values to
+        every head; `matmul(q, k^T)` saves both; `* scaling`; `+ attention_mask` (the float mask `eager_mask`
+        always builds, of the embeddings' dtype, counted once per step in planner.memory); `softmax(dtype=fp32)`:
+        an fp32 copy of the scores (aten `softmax` converts first, except CUDA's fp16 -> fp32 shortcut) and its
+        fp32 output, saved; `.to(query.dtype)`, a copy unless fp32, saved by `matmul(probs, v)` with v; dropout
+        (p = 0 returns its input). Under autocast, `matmul` casts its operands to bf16 (copies, saved) and the
+        fp32 mask promotes the sum to fp32. The output `transpose(1, 2).contiguous()` is a copy."""
+        g, a = self.g, self.arch
+        R = self.R
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
+        k, v = self._cached_kv(k, v, prefix)
+        kv_len = self.kv_seq if prefix is not None else self.seq
+        if K != H:
+            k, v = self._repeat_kv(k, H * d, kv_len), self._repeat_kv(v, H * d, kv_len)
+        qdt = self.dtype[q]
+        qa, ka = q, k
+        if R.autocast:
+            qa, ka = self.cast(q, H * d, BF16), self.cast(k, H * d, BF16, kv_len)
+        sdt = self.dtype[qa]
+        scores = self._matrix(sdt, rg, kv_len)
+        g.op("matmul_qk", [qa, ka], [scores], saved=[qa, ka] if rg else [])
+        scaled = self._matrix(sdt, rg, kv_len)
+        g.op("mul_scalar", [scores], [scaled])
+        added = self._matrix(max(sdt, R.act), rg, kv_len)
+        g.op("add_mask", [scaled], [added], grad_alias=[scaled])
+        x = added
+        if self.dtype[x] != FP32:
+            x32 = self._matrix(FP32, rg, kv_len)
+            g.op("to_copy", [x], [x32])
+            x = x32
+        probs = self._matrix(FP32, rg, kv_len)
+        g.op("softmax", [x], [probs], saved=[probs] if rg else [])
+        if qdt != FP32:
+            pc = self._matrix(qdt, rg, kv_len)
+            g.op("to_copy", [probs], [pc])
+            probs = pc
+        va = v
+        if R.autocast:
+            probs_a = probs
+            if self.dtype[probs] != BF16:
+                probs_a = self._matrix(BF16, rg, kv_len)
+                g.op("to_copy", [probs], [probs_a])
+            probs, va = probs_a, self.cast(v, H * d, BF16, kv_len)
+        out = self.new(H * d, self.dtype[probs], rg)
+        g.op("matmul_pv", [probs, va], [out], saved=[probs, va] if rg else [])
+        return self._contiguous(out, H * d)
+
+    def flash_attention_2(self, q: int, k: int, v: int, prefix=None) -> int:
+        """transformers 5.17 `flash_attention_forward` (integrations/flash_attention.py) over flash-attn 2's
+        `flash_attn_func` (csrc/flash_attn/flash_api.cpp `mha_fwd` / `mha_bwd`, Dao-AILab/flash-attention 765fbd9).
+        fp32 inputs are cast back (`fa_peft_integration_check`) to the autocast dtype, or for a quantized model to
+        its `config.dtype` (bf16): q, k, v copies, which flash-attn's autograd function saves with the bf16 output
+        (B, S, H, D) and an fp32 logsumexp (B, H, S). Grouped heads are native (no repeat). Without padding or
+        packing no mask is built and nothing is unpadded. Backward: dq, dk, dv, `softmax_d` (B, H, S rounded to
+        128) and `dq_accum` (B, S rounded to 128, H, head_dim rounded to 32) in fp32 and, with grouped heads,
+        `dk_expanded` / `dv_expanded` (B, KV, H, D) in the inputs' dtype, summed into dk, dv."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
+        k, v = self._cached_kv(k, v, prefix)
+        kv_len = self.kv_seq if prefix is not None else self.seq
+        if self.dtype[q] == FP32:
+            if not (self.R.autocast or self.R.quantized):
+                raise ValueError("flash_attention_2 computes in fp16/bf16; an fp32 model reaches it in fp32")
+            q = self.cast(q, H * d, BF16)
+            k, v = self.cast(k, K * d, BF16, kv_len), self.cast(v, K * d, BF16, kv_len)
+        dt = self.dtype[q]
+        out = self.new(H * d, dt, rg)
+        lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
+        self.dtype[lse] = FP32
+        s128, d32 = round_up(self.seq, 128), round_up(d, 32) if d <= 192 else 256
+        ws = s128 * H * FP32 + s128 * H * d32 * FP32 + (2 * kv_len * H * d * dt if K != H else 0)
+        g.op("flash_attn", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=(ws, 0))
+        return out
+
+    def _contiguous(self, x: int, width: int) -> int:
+        """`x.transpose(1, 2).contiguous()` of a (B, H, S, D) tensor: a copy (nothing saved)."""
+        y = self.new(width, self.dtype[x], self.g.rg(x))
+        self.g.op("contiguous", [x], [y], grad_alias=[x])
+        return y
+
+    def attention(self, q: int, k: int, v: int, prefix=None) -> int:
+        """The attention of the recipe's `attn_implementation` (planner.recipe): sdpa, eager or flash_attention_2."""
+        impl = {"sdpa": self.sdpa, "eager": self.eager, "flash_attention_2": self.flash_attention_2}
+        return impl[self.recipe.attn_implementation](q, k, v, prefix)
+
+    def _repeat_kv(self, t: int, width: int, seq: int | None = None) -> int:
+        """`repeat_kv` / `repeat_interleave` over heads: a copy with every head; nothing saved."""
+        r = self.new(width, self.dtype[t], self.g.rg(t), seq=seq or self.kv_seq)
         self.g.op("repeat_kv", [t], [r])
         return r
 
@@ -378,11 +544,11 @@ class Builder:
 
 
 def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
-                kind: LayerKind | None = None):
+                kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY):
     """One decoder layer of `kind` (default: layer 0's) as a Graph. Returns (builder, input id, output id). With
     checkpointing the input is kept by the checkpoint (held), and the saved tensors are what the recomputation
     re-creates."""
-    b = Builder(arch, tc, seq, kv_seq, checkpointed, kind)
+    b = Builder(arch, tc, seq, kv_seq, checkpointed, kind, sm)
     R = b.R
     x = b.input(arch.hidden_size, R.act, input_rg)
     if checkpointed and not tc.recipe.offload_checkpoints:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
+from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
 from .moe import check_supported as check_moe_supported
@@ -202,6 +203,7 @@ class _Pieces:
     of_layer: tuple  # per layer: the index of its replay
     counts: tuple  # per replay: counts[i] = how many layers < i are that replay (i = 0..num_layers)
     backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
+    attn_mask: tuple = (0, 0)  # the 4D mask the model builds once per forward (`attention_mask_bytes`)
 
 
 _PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -220,8 +222,9 @@ def _piece_key(tc: TrainConfig) -> TrainConfig:
 
 
 @functools.lru_cache(maxsize=4096)
-def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
-    """Replay each piece once per (model, configuration without batch/optimizer/GPUs)."""
+def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) -> _Pieces:
+    """Replay each piece once per (model, configuration without batch/optimizer/GPUs, the GPU's attention
+    dispatch: `sm` is a canonical compute capability, planner.attention)."""
     method = tc.spec
     extra_seq, extra_kv = method.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
@@ -247,7 +250,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
             c.append(c[-1] + (j == r))
     layers, nosave = [], []
     for key, kind in zip(index, kinds):
-        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind)
+        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
         layers.append(simulate(b.g, outputs=[y], incoming_grads=[y]))
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
@@ -270,7 +273,20 @@ def _pieces(arch: ModelArch, tc: TrainConfig) -> _Pieces:
         of_layer=tuple(of_layer),
         counts=tuple(tuple(c) for c in counts),
         backward_layers=_backward_candidates(of_layer),
+        attn_mask=attention_mask_bytes(arch, tc, seq, kv_seq),
     )
+
+
+def attention_mask_bytes(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int) -> tuple:
+    """The 4D mask the model builds once per forward and every layer reads (per sequence, fixed). eager:
+    transformers 5.17 `masking_utils.eager_mask` never skips the causal mask: `torch.where(bool mask, 0, min)`
+    of the embeddings' dtype, (B, 1, S, KV). It lives while the model's forward runs (a local of the base model's
+    forward, freed before the loss) and, under gradient checkpointing, until the first layer's backward (each
+    checkpoint keeps its layer's arguments for the recomputation)."""
+    if tc.recipe.attn_implementation != "eager":
+        return (0, 0)
+    keys = kv_seq if tc.spec.virtual_tokens(tc)[1] else seq
+    return (seq * keys * regime(tc).act, 0)
 
 
 def _backward_candidates(keys: list) -> tuple[int, ...]:
@@ -324,10 +340,11 @@ def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tupl
     return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
-def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int) -> list[Event]:
+def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int,
+                    sm: tuple = DEFAULT_CAPABILITY) -> list[Event]:
     """Every candidate peak of the step with its composition. `static`: bytes live throughout (weights,
-    optimizer state from the second step on, workspaces) by term."""
-    P = _pieces(arch, _piece_key(tc))
+    optimizer state from the second step on, workspaces) by term; `sm`: the GPU's compute capability."""
+    P = _pieces(arch, _piece_key(tc), canonical_capability(sm))
     B = tc.batch_size
     L = arch.num_layers
     ck = tc.grad_ckpt
@@ -373,6 +390,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # the previous step's outputs (logits, KV caches) live until this step's forward returns
     previous = held_tail + held_layers
     events: list[Event] = []
+    mask = _at(P.attn_mask, B)  # alive through the layers' forward; under checkpointing, through their backward
+    mask_late = mask if ck else 0
 
     # forward
     last_fwd = P.forward_nosave[P.of_layer[L - 1]] if ck else sim(L - 1).forward
@@ -380,16 +399,18 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
     embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
     events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
-                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds, logits=previous))
-    events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss", activations=head_kept + kept_all, logits=previous))
-    events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward", activations=head_kept + kept_all))
+                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask, logits=previous))
+    events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
+                        activations=head_kept + kept_all + mask_late, logits=previous))
+    events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
+                        activations=head_kept + kept_all + mask_late))
     if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "tail_reduce"):  # the tail unit's gradient reduction
-        events.append(event("lm_head reduce-scatter", None, "tail_reduce", activations=head_kept + kept_all,
+        events.append(event("lm_head reduce-scatter", None, "tail_reduce", activations=head_kept + kept_all + mask_late,
                             logits=held_tail, gradients=g_tail))
 
     # backward through layer i: kept by layers < i, held by layers > i, gradients of layers > i and the tail
     for i in P.backward_layers:
-        acts = head_kept + total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L)
+        acts = head_kept + total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L) + mask_late
         grads = g_tail + total_over(layer_grads, i + 1, L)
         name = "last layer" if i == L - 1 else ("first layer" if i == 0 else f"layer {i}")
         s = sim(i)
@@ -530,7 +551,9 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
     static, grads, opt_temp, offload, sharding_notes, paged, params = _static_terms(arch, batch_free(tc),
                                                                                       cuda_workspace_bytes(gpu))
     sharding_notes = list(sharding_notes)
-    events = timeline_events(arch, tc, static, grads, opt_temp)
+    cc = getattr(gpu, "compute_capability", None)
+    sm = parse_capability(cc) if cc else DEFAULT_CAPABILITY
+    events = timeline_events(arch, tc, static, grads, opt_temp, sm)
     if tc.base_quant.quantized and tc.recipe.kbit_preparation:
         events.append(kbit_preparation_event(arch, tc, static))
     peak = max(events, key=lambda e: e.total)

@@ -30,7 +30,7 @@ CHOICES = {
     "loss": ("plain", "chunked", "liger", "cce"),
 }
 MODELLED = {
-    "attn_implementation": ("sdpa",),
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain",),
     "packing": (False,),
     "activation_offload": (False,),
@@ -42,7 +42,9 @@ MODELLED = {
 @dataclass(frozen=True)
 class Recipe:
     """Args:
-    attn_implementation: transformers' `attn_implementation` (sdpa; eager and flash_attention_2 not modelled yet).
+    attn_implementation: transformers' `attn_implementation`: sdpa (the kernel torch selects, planner.attention) or
+        eager (transformers' matmul-softmax-matmul, planner.layers `Builder.eager`) or flash_attention_2 (flash-attn
+        2, sm80 and newer; bf16 or mixed precision, or a quantized base).
     loss: plain `ForCausalLMLoss` (TRL's chunked NLL, Liger's fused linear cross-entropy and Cut Cross-Entropy are
         not modelled yet).
     packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).

@@ -167,9 +167,20 @@ CPU_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 def check_device(tc: TrainConfig, device: str) -> None:
-    """What needs CUDA (bitsandbytes) or a launcher that CPU lacks: usage errors naming the option."""
+    """What needs CUDA (bitsandbytes, flash-attn) or a launcher that CPU lacks: usage errors naming the option."""
     if device == "cuda":
+        import torch
+
+        from planner.attention import implementation_error
+
+        cap = torch.cuda.get_device_capability()
+        err = implementation_error(tc.recipe.attn_implementation, torch.cuda.get_device_name(), cap)
+        if err:
+            raise RunUsageError(err, "--attn")
         return
+    if tc.recipe.attn_implementation == "flash_attention_2":
+        raise RunUsageError("attn_implementation 'flash_attention_2' needs CUDA (flash-attn 2, sm80 or newer); on CPU "
+                            "valid: sdpa, eager", "--attn")
     if tc.base_quant.quantized:
         raise RunUsageError(f"{tc.method_name} needs CUDA (bitsandbytes 4-bit base); on CPU valid methods are full, lora, "
                             "dora, prefix, prompt, ia3 with --quant none", "--method")

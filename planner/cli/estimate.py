@@ -13,6 +13,7 @@ from .options import (
     model_option,
     parse_tokens_option,
     pop_train_kwargs,
+    check_attention_gpu,
     resolve_gpu_or_fail,
     resolve_model_or_fail,
     train_options,
@@ -61,6 +62,7 @@ def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, data_path,
     targets_given = given("target_modules") or (mapping is not None and "target_modules" in mapping.options)
     tc = check_model(arch, tc, targets_given=targets_given)
     gpu = resolve_gpu_or_fail(gpu_ref)
+    check_attention_gpu(tc, gpu)
     tokens = parse_tokens_option(dataset_tokens)
     if epochs <= 0:
         raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
@@ -168,6 +170,9 @@ def _trace(arch, tc, gpu) -> dict:
 
     config = dict(arch.config)
     config.setdefault("model_type", arch.model_type)
+    from ..attention import DEFAULT_CAPABILITY, parse_capability
+
+    sm = parse_capability(gpu.compute_capability) if gpu is not None else DEFAULT_CAPABILITY
     workspace = cuda_workspace_bytes(gpu)
     if tc.num_gpus > 1:
         from calibrate.trace_multigpu import traceable
@@ -177,11 +182,11 @@ def _trace(arch, tc, gpu) -> dict:
 
             return trace_sharded_step(config, tc, cuda_workspace_bytes=workspace).to_dict()
         one = tc.replace(num_gpus=1, strategy="ddp", cpu_offload=False)
-        d = trace_step(config, one, cuda_workspace_bytes=workspace).to_dict()
+        d = trace_step(config, one, cuda_workspace_bytes=workspace, capability=sm).to_dict()
         d["notes"].append(f"{tc.strategy} on {tc.num_gpus} GPUs is not traced ({traceable.__doc__.strip()}); "
                           "this is one GPU holding everything")
         return d
-    return trace_step(config, tc, cuda_workspace_bytes=workspace).to_dict()
+    return trace_step(config, tc, cuda_workspace_bytes=workspace, capability=sm).to_dict()
 
 
 def _trace_summary(t: dict, analytic: int) -> str:

@@ -16,6 +16,7 @@ from .options import (
     json_option,
     model_option,
     pop_train_kwargs,
+    check_attention_gpu,
     resolve_gpu_or_fail,
     resolve_model_or_fail,
     train_options,
@@ -40,6 +41,7 @@ def limits(model_ref, gpu_ref, as_json, **kwargs):
     arch, _ = resolve_model_or_fail(model_ref)
     tc = check_model(arch, tc, targets_given=given("target_modules"))
     gpu = resolve_gpu_or_fail(gpu_ref)
+    check_attention_gpu(tc, gpu)
     res = fit_limits(arch, tc, gpu, DEFAULT_MARGIN)
     if as_json:
         emit_json(dict(model=arch.name, model_ref=model_ref, gpu=gpu.name, gpu_memory_bytes=gpu.memory_bytes,

@@ -13,7 +13,7 @@ from ..arch import ArchError
 from ..config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
 from ..methods import METHOD_CHOICES, TargetError, lora_targets
 from ..quant import QUANTS
-from ..recipe import Recipe
+from ..recipe import CHOICES as RECIPE_CHOICES, Recipe
 from ..profiles import DEFAULT_REVISION, ProfileError, load_gpu, resolve_model
 from ..units import parse_count
 
@@ -91,6 +91,9 @@ def train_options(f):
         click.option("--offload-ckpt/--no-offload-ckpt", "offload_ckpt", default=False,
                      help="With --grad-ckpt: each checkpointed layer input in pinned host memory (transformers' "
                           "offload=True, Unsloth/Axolotl offloaded checkpointing)."),
+        click.option("--attn", "attn_implementation", type=click.Choice(RECIPE_CHOICES["attn_implementation"]),
+                     default="sdpa", show_default=True,
+                     help="transformers attn_implementation: sdpa (the kernel torch picks for the GPU) or eager."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -99,13 +102,15 @@ def train_options(f):
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload",
-              "offload_ckpt")
-RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints"}  # CLI parameter -> Recipe field
-OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt"})
+              "offload_ckpt", "attn_implementation")
+# CLI parameter -> Recipe field (the options that set how the step runs, on top of a plan's or file's recipe)
+RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "attn_implementation": "attn_implementation"}
+OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt",
+                  "recipe.attn_implementation": "--attn", "attn_implementation": "--attn"})
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:
-    return {k: kwargs.pop(k) for k in TRAIN_KEYS if k in kwargs}
+    return {k: kwargs.pop(k) for k in TRAIN_KEYS + tuple(RECIPE_OPTIONS) if k in kwargs}
 
 
 def _option_for(message: str) -> str | None:
@@ -159,6 +164,17 @@ def resolve_gpu_or_fail(ref: str | None):
         return load_gpu(ref)
     except ProfileError as e:
         raise click.BadParameter(str(e), param_hint="--gpu") from None
+
+
+def check_attention_gpu(tc: TrainConfig, gpu) -> None:
+    """An attention implementation the GPU cannot run (flash_attention_2 below sm80): a usage error on --attn."""
+    from ..attention import implementation_error, parse_capability
+
+    if gpu is None:
+        return
+    err = implementation_error(tc.recipe.attn_implementation, gpu.name, parse_capability(gpu.compute_capability))
+    if err:
+        raise click.BadParameter(err, param_hint="--attn")
 
 
 def check_targets(arch, tc: TrainConfig) -> None:

@@ -288,6 +288,7 @@ def _verify(res, n: int) -> dict:
         from calibrate.trace import trace_step
     except ModuleNotFoundError as e:
         raise click.ClickException(f"--verify needs {e.name}: pip install 'ftplan[train]'") from None
+    from ..attention import parse_capability
     from ..memory import cuda_workspace_bytes
 
     out = {}
@@ -296,7 +297,8 @@ def _verify(res, n: int) -> dict:
             continue
         config = dict(p.model.config)
         config.setdefault("model_type", p.model.model_type)
-        t = trace_step(config, p.train, cuda_workspace_bytes=cuda_workspace_bytes(p.gpu))
+        t = trace_step(config, p.train, cuda_workspace_bytes=cuda_workspace_bytes(p.gpu),
+                       capability=parse_capability(p.gpu.compute_capability))
         reserved_ratio = p.peak_reserved_bytes / p.peak_allocated_bytes
         out[id(p)] = int(t.peak_allocated_bytes * reserved_ratio) + p.params.cuda_context_bytes + p.memory.paged_bytes
     return out

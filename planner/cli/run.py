@@ -21,7 +21,7 @@ from ..config import TrainConfig, parse_target_modules
 from ..planfile import read_plan, write_plan
 from .checks import check_model, os_error, writable_dir
 from .configopt import config_lines, config_option, load_config_or_fail, plan_from_config
-from .options import OPTION_OF, TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
+from .options import OPTION_OF, RECIPE_OPTIONS, TRAIN_KEYS, build_train_config, emit_json, json_option, train_options
 
 DATA_FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 DEVICES = ("auto", "cuda", "cpu")
@@ -47,6 +47,9 @@ def _train_config(ctx, pf, kwargs) -> TrainConfig:
     for k in TRAIN_KEYS:
         if k in kwargs and _passed(ctx, k):
             values[k] = kwargs[k]
+    for k in RECIPE_OPTIONS:  # a recipe option passed on top of the plan's recipe
+        if k in kwargs and _passed(ctx, k):
+            values["recipe"] = {**values.get("recipe", {}), RECIPE_OPTIONS[k]: kwargs[k]}
     if _passed(ctx, "method") and not _passed(ctx, "quant"):
         values["quant"] = "none"  # `--method lora` on a QLoRA plan means a 16-bit base; `qlora` sets nf4 again
     if values.get("target_modules") is not None:
