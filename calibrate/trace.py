@@ -189,6 +189,33 @@ def _sdpa_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return _AttentionCUDA.apply(query, key, value, bias)
 
 
+def _cuda_autocast_policy():
+    """CUDA's autocast policy for the ops whose CPU autocast policy differs (torch 2.13 `ATen/autocast_mode.h`):
+    `log_softmax` and `softmax` are `AT_FORALL_FP32_SET_OPT_DTYPE` on CUDA (a bf16 input gives an fp32 result) and
+    `exp` is `AT_FORALL_FP32` (its input is cast to fp32), while CPU autocast leaves them in bf16. The chunked loss
+    (TRL) runs them on bf16 logits under `mixed`. Registered as AutocastCPU kernels on a `torch.library.Library`
+    that is destroyed (registrations removed) when the trace ends."""
+    lib = torch.library.Library("aten", "IMPL")
+    low = (torch.bfloat16, torch.float16)
+
+    def set_opt_dtype(op):
+        def kernel(x, dim, dtype=None):
+            with torch.autocast("cpu", enabled=False):
+                if dtype is None and x.dtype in low:
+                    dtype = torch.float32
+                return op(x, dim, dtype)
+        return kernel
+
+    def exp(x):
+        with torch.autocast("cpu", enabled=False):
+            return torch.ops.aten.exp.default(x.float() if x.dtype in low else x)
+
+    lib.impl("log_softmax.int", set_opt_dtype(torch.ops.aten.log_softmax.int), "AutocastCPU")
+    lib.impl("softmax.int", set_opt_dtype(torch.ops.aten.softmax.int), "AutocastCPU")
+    lib.impl("exp", exp, "AutocastCPU")
+    return lib
+
+
 _F_DROPOUT = F.dropout
 
 
@@ -259,6 +286,12 @@ class Emulated8bitOptimizer(torch.optim.Optimizer):
                     st["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
 
 
+def _all_valid(valid):
+    """`trainer.losses.count_valid` on fake tensors: the synthetic batch's labels are its input ids, never -100,
+    so every shifted label is valid (the count a GPU reads back with a sync)."""
+    return valid.numel()
+
+
 def _never_packed(position_ids):
     """transformers asks whether the position ids describe packed sequences (a data-dependent check a FakeTensor
     cannot answer, so it would build a causal mask 'to be safe'); on the GPU the synthetic batch's arange ids
@@ -267,6 +300,14 @@ def _never_packed(position_ids):
 
 
 _PEFT_DEQUANTIZE = None
+
+
+def _liger_cuda(*a, **k):
+    raise NotImplementedError
+
+
+def _cce_cuda(*a, **k):
+    raise NotImplementedError
 
 
 def _dequantize_module_weight(module):
@@ -292,10 +333,15 @@ def cuda_behaviour():
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace."""
     import transformers.masking_utils as mu
 
+    from trainer import losses
+
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices)
+    saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _never_packed
+    losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = _all_valid, _liger_cuda, _cce_cuda
+    autocast_lib = _cuda_autocast_policy()
     linear4bit = None
     try:
         import bitsandbytes as bnb
@@ -313,6 +359,8 @@ def cuda_behaviour():
         yield
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
+        losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
+        autocast_lib._destroy()
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]

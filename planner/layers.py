@@ -62,7 +62,8 @@ class Builder:
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
         # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
-        self.use_cache = bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
+        self.use_cache = (bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
+                          and tc.recipe.loss not in NO_CACHE_LOSSES)
         self.R = regime(tc)
         self.g = Graph()
         self.dtype: dict[int, int] = {}
@@ -359,45 +360,105 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
 
 
 def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
-    """Final norm, lm_head, (Gemma-2 logit soft-capping), and the loss of `ForCausalLMLoss`:
-    `logits.float()` (a copy unless fp32), `log_softmax` (fp32, saved), `nll_loss`. The logits stay alive
-    (held by the outputs the training loop keeps). Backward: nll's fp32 gradient (zeros + scatter), log_softmax's
-    fp32 gradient, the cast back to the logits' dtype, then lm_head's."""
+    """Final norm, then the recipe's loss (`LOSSES`): for `plain`, lm_head, (Gemma-2 logit soft-capping), and
+    `ForCausalLMLoss`; the fused and chunked losses take the normed hidden states and the lm_head weight
+    themselves. Returns (builder, input id, loss id, logits id or None)."""
     b = Builder(arch, tc, seq, seq)
-    g, R = b.g, b.R
-    h, V = arch.hidden_size, arch.vocab_size
+    R = b.R
+    h = arch.hidden_size
     x = b.input(h, R.act, True)
     n = b.rmsnorm(x, h)
-    # lm_head is never quantized nor LoRA-adapted ('all-linear' excludes it); tied or not, same compute
+    loss, logits = LOSSES[tc.recipe.loss](b, n)
+    return b, x, loss, logits
+
+
+def lm_head_logits(b: Builder, n: int) -> int:
+    """lm_head (never quantized nor LoRA-adapted: 'all-linear' excludes it; tied or not, same compute) and Gemma-2's
+    logit soft-capping. The logits stay alive (held by the outputs the training loop keeps)."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
     if R.autocast:
         logits = b._linear_autocast(n, h, V, False, trained=b.full)
-    else:
+    else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
         logits = b._linear_plain(n, h, V, False, trained=b.full)
-        if R.quantized:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
-            pass
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
         t2 = b.new(V, b.dtype[t1], True)
         g.op("tanh", [t1], [t2], saved=[t2])
         logits = b.mul_scalar(t2, V)
     g.hold(logits)
-    loss = LOSSES[tc.recipe.loss](b, logits, V)
-    return b, x, loss, logits
+    return logits
 
 
-def plain_loss(b: Builder, logits: int, V: int) -> int:
-    """transformers' `ForCausalLMLoss` (loss_utils.py): `logits.float()` (a copy unless fp32), `log_softmax`
-    (fp32, saved), `nll_loss` (its gradient: fp32 zeros + scatter)."""
+def plain_loss(b: Builder, n: int):
+    """transformers' `ForCausalLMLoss` (loss_utils.py) over the lm_head's logits: `logits.float()` (a copy unless
+    fp32), `log_softmax` (fp32, saved), `nll_loss` (its gradient: fp32 zeros + scatter)."""
     g = b.g
+    V = b.arch.vocab_size
+    logits = lm_head_logits(b, n)
     lf = b.cast(logits, V, FP32)
     lsm = b.new(V, FP32, True)
     g.op("log_softmax", [lf], [lsm], saved=[lsm])
     loss = b.fixed(512, True, "activations", FP32)
     g.op("nll_loss", [lsm], [loss], saved=[lsm])
-    return loss
+    return loss, logits
 
 
-LOSSES = {"plain": plain_loss}  # the recipe's `loss` -> its ops after the logits
+TRL_CHUNK_TOKENS = 256  # trl/trainer/sft_trainer.py `_CHUNKED_LM_HEAD_CHUNK_SIZE` (TRL f2cd577)
+
+
+def _lm_head_weight_bytes(b: Builder) -> int:
+    """Bytes per element of the lm_head weight: fp32 under `mixed`/`fp32` and after k-bit preparation, else bf16."""
+    return FP32 if (b.R.quantized or b.R.weight == FP32) else b.R.weight
+
+
+def chunked_loss(b: Builder, n: int):
+    """TRL's `chunked_nll` (trl f2cd577 `trl/trainer/sft_trainer.py` `_chunked_cross_entropy_loss`, `_chunk`;
+    re-implemented in trainer/losses.py). No logits are returned or kept, and the backbone runs with use_cache=False.
+
+    Forward: `hidden[..., :-1, :]` flattened and reordered by `argsort` of the valid mask (`hidden[order]`: a copy of
+    S-1 tokens, kept by the checkpointed chunks with the sorted labels and the int64 order, 16 B/token); then per chunk
+    of C = 256 tokens under non-reentrant checkpointing (nothing saved, every buffer transient):
+    `h.float() @ w.float().t()` (W32: an fp32 copy of the V x h lm_head unless it is fp32; under autocast the
+    matmul casts to bf16 instead: a bf16 copy W16 and bf16 logits), `log_softmax` (fp32: CUDA autocast's
+    fp32_set_opt_dtype), `exp(log_p) * log_p` for the entropy (two fp32 C x V):
+        peak = W32 + 4 C V 4                       (no autocast)
+        peak = W16 + C V 2 + 3 C V 4               (mixed)
+    Backward, chunk by chunk: the chunk's forward is recomputed (the same buffers; the mm also keeps h.float() when
+    the lm_head is trained), then, with a trained lm_head, its gradient: `grad_logits @ h` in fp32 (V x h) beside
+    the weight copy and grad_logits (no autocast: W32 + C V 4 + V h 4), or the bf16 grad and its fp32 cast (mixed:
+    V h 2 + V h 4); the lm_head gradient itself is summed chunk by chunk into one buffer (param_grad). The
+    gradient of the packed hidden states is one buffer; un-sorting it (`index_put`) and un-slicing it are one
+    transient of S-1 tokens."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
+    C = TRL_CHUNK_TOKENS
+    wdt = _lm_head_weight_bytes(b)
+    trained = b.full
+    cv4, cv2 = C * V * FP32, C * V * BF16
+    if R.autocast:
+        wcopy = param_bytes(V * h, BF16)
+        fwd = wcopy + cv2 + 3 * cv4
+        grad_phase = param_bytes(V * h, BF16) + param_bytes(V * h, FP32)
+    else:
+        wcopy = param_bytes(V * h, FP32) if wdt != FP32 else 0
+        fwd = wcopy + 4 * cv4
+        grad_phase = wcopy + cv4 + param_bytes(V * h, FP32)
+    recompute = fwd + (C * h * FP32 if trained and not R.autocast and b.dtype[n] != FP32 else 0)
+    bwd = max(recompute, grad_phase) if trained else recompute
+    tokens = b.seq - 1
+    packed = b.new(h, b.dtype[n], True, seq=tokens)
+    order = b.new(2, 8, False, seq=tokens)  # int64 order + sorted int64 labels, 8 B each per token
+    g.op("pack_valid", [n], [packed, order], bwd_temp=(tokens * h * b.dtype[n], 0))
+    loss = b.fixed(512, True, "activations", FP32)
+    pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
+    g.op("chunked_nll", [packed, order], [loss], saved=[packed, order], fwd_temp=(0, fwd), bwd_temp=(0, bwd),
+         param_grad=pgrad)
+    return loss, None
+
+
+LOSSES = {"plain": plain_loss, "chunked": chunked_loss}  # the recipe's `loss` -> its ops after the final norm
+NO_CACHE_LOSSES = ("chunked",)  # TRL's chunked path calls the backbone with use_cache=False
 
 
 def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):

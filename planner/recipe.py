@@ -30,7 +30,7 @@ CHOICES = {
 }
 MODELLED = {
     "attn_implementation": ("sdpa",),
-    "loss": ("plain",),
+    "loss": ("plain", "chunked"),
     "packing": (False,),
     "activation_offload": (False,),
     "kbit_preparation": (True,),

@@ -88,6 +88,9 @@ def apply_method(model, tc: TrainConfig):
     pc = peft_config(tc, getattr(getattr(model, "config", None), "model_type", None))
     if pc is not None:
         model = peft.get_peft_model(model, pc)
+    from . import losses
+
+    losses.install(model, tc.recipe.loss)  # the recipe's loss (trainer/losses.py); plain: transformers' own
     model.train()
     return model
 

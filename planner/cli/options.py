@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import click
 
@@ -13,6 +14,8 @@ from ..arch import ArchError
 from ..config import OPTIMIZERS, PRECISIONS, STRATEGIES, TrainConfig, parse_target_modules
 from ..methods import METHOD_CHOICES, TargetError, lora_targets
 from ..quant import QUANTS
+from ..recipe import CHOICES as RECIPE_CHOICES
+from ..recipe import Recipe
 from ..profiles import DEFAULT_REVISION, ProfileError, load_gpu, resolve_model
 from ..units import parse_count
 
@@ -22,7 +25,9 @@ OPTION_OF = {
     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules", "num_virtual_tokens": "--num-virtual-tokens",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "grad_ckpt": "--grad-ckpt",
     "optimizer": "--optimizer", "num_gpus": "--num-gpus", "strategy": "--strategy", "cpu_offload": "--cpu-offload",
+    "recipe.loss": "--loss",
 }
+RECIPE_KEYS = ("loss",)  # Recipe fields set by options (planner.recipe); the rest stay at the reference
 
 
 _REVISION_KEY = "ftplan.revision"
@@ -86,6 +91,9 @@ def train_options(f):
         click.option("--strategy", type=click.Choice(STRATEGIES), default="ddp", show_default=True,
                      help="Multi-GPU strategy (ZeRO/FSDP shard weights, grads and state)."),
         click.option("--cpu-offload", is_flag=True, help="Offload optimizer state (and ZeRO-3/FSDP params) to CPU."),
+        click.option("--loss", type=click.Choice(RECIPE_CHOICES["loss"]), default="plain", show_default=True,
+                     help="plain (transformers), chunked (TRL's chunked_nll), liger (Liger fused linear CE), "
+                          "cce (Cut Cross-Entropy, as Axolotl loads it)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -93,7 +101,7 @@ def train_options(f):
 
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
-              "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload")
+              "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload") + RECIPE_KEYS
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:
@@ -114,7 +122,11 @@ def _option_for(message: str) -> str | None:
 def build_train_config(values: dict) -> TrainConfig:
     """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
     values = {k: v for k, v in values.items() if not (k in ("quant", "use_rslora") and v is None)}
+    recipe = {k: values.pop(k) for k in RECIPE_KEYS if k in values and values[k] is not None}
     try:
+        if recipe:  # on top of the plan's recipe (`ftplan run`), else the reference
+            base = values.get("recipe")
+            values["recipe"] = replace(Recipe.from_dict(base) if base is not None else Recipe.REFERENCE, **recipe)
         if "target_modules" in values and isinstance(values["target_modules"], str):
             values["target_modules"] = parse_target_modules(values["target_modules"])
         return TrainConfig(**values)
