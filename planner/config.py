@@ -96,6 +96,11 @@ class TrainConfig:
                 f"precision {self.precision!r} is not valid with {self.method_name} ({spec.name} over a {q.name} base): "
                 "it computes in bf16 over 4-bit weights (valid: bf16)"
             )
+        if self.recipe.loss == "cce" and self.precision == "fp32" and not q.quantized:
+            # ml-cross-entropy d42911f: `cce_linear_cross_entropy` needs a bf16 GPU, and its backward kernel takes
+            # bf16/fp16 embeddings and classifier (cce_backward.py); Axolotl runs it under bf16
+            raise ValueError("recipe.loss 'cce' is not valid with precision 'fp32': Cut Cross-Entropy computes in "
+                             "bf16 (valid precisions with cce: bf16, mixed)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:

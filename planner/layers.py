@@ -457,7 +457,84 @@ def chunked_loss(b: Builder, n: int):
     return loss, None
 
 
-LOSSES = {"plain": plain_loss, "chunked": chunked_loss}  # the recipe's `loss` -> its ops after the final norm
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def liger_loss(b: Builder, n: int):
+    """Liger-Kernel's fused linear cross-entropy (`LigerForCausalLMLoss`, linkedin/Liger-Kernel ead96b6
+    `ops/fused_linear_cross_entropy.py`): the gradients are computed in the forward and saved; no logits are kept
+    and the backbone keeps its KV cache (`lce_forward` passes `use_cache` through).
+
+    Forward, on the S tokens of each sequence flattened (a view): `grad_input = zeros_like(x)` (S h, x's dtype; saved,
+    and returned as x's gradient in backward: no new buffer), `grad_weight = zeros_like(w)` when the lm_head trains
+    (saved, becomes its gradient), the fp32 per-token loss and the padded/shifted int64 labels (transient); then per
+    chunk of c = next_pow2(ceil(B S / ceil(V / h))) rows: the logits c x V (bf16 under autocast, else x's dtype;
+    Triton writes their gradient in place), `grad_logits @ w` (c x h, under autocast a bf16 cast of the weight per
+    call, cached when the weight trains), and a trained lm_head's `grad_weight += mm(...).float()` (V h in the logits'
+    dtype, plus its fp32 copy unless fp32; on sm80+ with an fp32 weight and bf16 logits `addmm(out=grad_weight)` in
+    place). The chunk is linear in B here (c(B) = B c(1)): exact when B is a power of two."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
+    S = b.seq
+    dt = b.dtype[n]
+    wdt = _lm_head_weight_bytes(b)
+    trained = b.full
+    ldt = BF16 if R.autocast else dt
+    c1 = _next_pow2(-(-S // -(-V // h)))
+    labels = S * (8 + 8 + FP32)  # padded labels, their shifted copy, the fp32 per-token loss
+    if R.autocast:
+        fwd = (labels + c1 * V * BF16 + c1 * h * BF16, param_bytes(V * h, BF16))
+    elif trained:
+        fwd = (labels + c1 * V * ldt, param_bytes(V * h, ldt) + (param_bytes(V * h, FP32) if ldt != FP32 else 0))
+    else:
+        fwd = (labels + c1 * V * ldt + c1 * h * dt, 0)
+    gi = b.new(h, dt, False, kind="temporaries")
+    outs = [gi]
+    gw_bytes = param_bytes(V * h, wdt) if trained else 0
+    if trained:
+        outs.append(b.fixed(gw_bytes, False, "gradients", wdt))
+    loss = b.fixed(512, True, "activations", FP32)
+    # backward hands back the saved buffers: the engine's new input gradient and parameter gradient are these
+    g.op("liger_flce", [n], [loss] + outs, saved=outs, fwd_temp=fwd, bwd_temp=(-S * h * dt, -gw_bytes),
+         param_grad=(0, gw_bytes))
+    return loss, None
+
+
+def cce_loss(b: Builder, n: int):
+    """Apple's Cut Cross-Entropy as Axolotl's patch calls it (`linear_cross_entropy(e, c, labels, shift=True,
+    impl="cce")`, apple/ml-cross-entropy d42911f `cce.py`, `cce_lse_forward.py`, `cce_backward.py`, `utils.py`): no
+    logits are materialized; the backbone keeps its KV cache.
+
+    Forward: under autocast e (the S x h hidden states) and c (the lm_head) are cast to bf16 and saved as cast;
+    the valid indices (`nonzero` int64 (M, 2), int32, scaled, summed to int64 M: the sum saved), the fp32 log-sum-exp
+    per token (saved), the negated target logits (fp32, transient) and the fp32 logit average (V, saved).
+    Backward: argsort of the logit average (int64 + int32 V), `de = zeros_like(e)` then cast to the input's dtype,
+    `dc = zeros_like(c)` (a trained lm_head) then cast to its dtype."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
+    S = b.seq
+    wdt = _lm_head_weight_bytes(b)
+    trained = b.full
+    e = b.cast(n, h, BF16) if R.autocast else n
+    ins = [e]
+    pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
+    if R.autocast:
+        wc = b.fixed(param_bytes(V * h, BF16), rg=trained, kind="weight_copies", dtype=BF16)
+        g.op("weight_cast", [], [wc], param_grad=pgrad)
+        ins.append(wc)
+        pgrad = ZERO
+    idx = b.new(1, 8, False)  # int64 valid indices
+    lse = b.new(1, FP32, False)
+    avg = b.fixed(param_bytes(V, FP32), False, "activations", FP32)
+    g.op("valid_indices", [], [idx], fwd_temp=(S * (16 + 8 + 8), 0))
+    loss = b.fixed(512, True, "activations", FP32)
+    g.op("cce", ins + [idx], [loss, lse, avg], saved=ins + [idx, lse, avg], fwd_temp=(S * FP32, 0),
+         bwd_temp=(0, param_bytes(V, 8 + 4)), param_grad=pgrad)
+    return loss, None
+
+
+LOSSES = {"plain": plain_loss, "chunked": chunked_loss, "liger": liger_loss, "cce": cce_loss}    # the recipe's `loss` -> its ops after the final norm
 NO_CACHE_LOSSES = ("chunked",)  # TRL's chunked path calls the backbone with use_cache=False
 
 

@@ -6,7 +6,7 @@ packed, whether saved activations are offloaded, and what the trainer does to a 
 is the step ftplan has always modelled and measured (`trainer/recipe.py`, README "The memory model"):
 
 - `attn_implementation="sdpa"`: transformers' default; `F.scaled_dot_product_attention` with CUDA's kernels;
-- `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`);
+- `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`); also chunked, liger, cce;
 - `packing=False`: every row is one full-length sequence;
 - `activation_offload=False`: saved tensors stay on the GPU;
 - `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head).
@@ -30,7 +30,7 @@ CHOICES = {
 }
 MODELLED = {
     "attn_implementation": ("sdpa",),
-    "loss": ("plain", "chunked"),
+    "loss": ("plain", "chunked", "liger", "cce"),
     "packing": (False,),
     "activation_offload": (False,),
     "kbit_preparation": (True,),
@@ -41,8 +41,8 @@ MODELLED = {
 class Recipe:
     """Args:
     attn_implementation: transformers' `attn_implementation` (sdpa; eager and flash_attention_2 not modelled yet).
-    loss: plain `ForCausalLMLoss` (TRL's chunked NLL, Liger's fused linear cross-entropy and Cut Cross-Entropy are
-        not modelled yet).
+    loss: plain `ForCausalLMLoss`; chunked (TRL's `chunked_nll`), liger (Liger's fused linear cross-entropy), cce
+        (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
     packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
     activation_offload: saved tensors in pinned host memory (not modelled yet).
     kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True; skipping it is not modelled yet).

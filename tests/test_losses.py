@@ -87,3 +87,83 @@ def test_loss_option_and_bad_values():
     assert json.loads(r.output)["peak_allocated_bytes"] > 0
     r = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.2-1b", "--loss", "softmax"])
     assert r.exit_code == 2 and "--loss" in r.output and "chunked" in r.output
+
+
+FUSED_CASES = [
+    ("liger", dict(method="lora", precision="mixed"), 2),
+    ("liger", dict(method="full", precision="bf16"), 2),
+    ("cce", dict(method="lora", precision="mixed"), 1),
+    ("cce", dict(method="full", precision="mixed"), 2),
+]
+
+
+@pytest.mark.parametrize("loss, kw, batch", FUSED_CASES, ids=lambda v: str(v))
+def test_fused_losses_trace_agrees_with_the_analytic_model(loss, kw, batch):
+    """Liger's and CCE's Triton kernels are stand-ins in the trace that allocate what their forward and backward
+    allocate (gradients computed in Liger's forward; CCE's bf16 casts, lse and logit average); no logits kept."""
+    pytest.importorskip("torch")
+    from calibrate.trace import trace_step
+    from planner.arch import arch_from_config
+    from planner.memory import cuda_workspace_bytes
+
+    cfg = dict(TINY, hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+               num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096)
+    tc = TrainConfig(seq_len=512, batch_size=batch, target_modules=("all-linear",), recipe=Recipe(loss=loss), **kw)
+    t = trace_step(cfg, tc, cuda_workspace_bytes=cuda_workspace_bytes(None))
+    a = estimate_memory(arch_from_config(cfg), tc)
+    assert "logits" not in a.breakdown or a.breakdown["logits"] < 32000 * 512
+    assert abs(a.peak_allocated_bytes - t.peak_allocated_bytes) / t.peak_allocated_bytes < 0.02, (a.peak_event, t.peak_phase)
+
+
+def test_fused_losses_need_their_library_and_say_which():
+    pytest.importorskip("torch")
+    from trainer import losses
+
+    for loss, package in (("liger", "liger-kernel"), ("cce", "cut-cross-entropy")):
+        try:
+            losses.check_available(loss)
+        except losses.LossLibraryMissing as e:
+            assert f"pip install {package}" in str(e) and f"'{loss}'" in str(e)
+        else:  # installed (a GPU machine): nothing to say
+            pass
+
+
+def test_cce_refuses_fp32_naming_the_key_and_the_valid_precisions():
+    r = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.2-1b", "--method", "full", "--precision", "fp32",
+                                 "--loss", "cce"])
+    assert r.exit_code == 2 and "--loss" in r.output and "'cce'" in r.output and "bf16, mixed" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_fused_losses_cut_the_logits_from_the_peak():
+    arch = load_model("llama-3.1-8b")
+    tc = TrainConfig(method="qlora", target_modules=("all-linear",), seq_len=4096, batch_size=2, grad_ckpt=True)
+    plain = estimate_memory(arch, tc).peak_allocated_bytes
+    for loss in ("chunked", "liger", "cce"):
+        assert estimate_memory(arch, tc.replace(recipe=Recipe(loss=loss))).peak_allocated_bytes < plain - 2**30, loss
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["liger", "cce"])
+def test_fused_loss_runs_for_real_on_cuda(loss):
+    """With the library installed and a GPU: the fused loss gives transformers' loss on a tiny model."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from trainer import losses
+    from trainer import recipe as tr
+
+    try:
+        losses.check_available(loss)
+    except losses.LossLibraryMissing:
+        pytest.skip(f"{loss} library not installed")
+    values = {}
+    for name in ("plain", loss):
+        torch.manual_seed(0)
+        tc = TrainConfig(method="lora", precision="bf16", seq_len=256, batch_size=2, recipe=Recipe(loss=name))
+        model = tr.apply_method(tr.build_model(TINY, tc, device="cuda"), tc)
+        batch = tr.synthetic_batch(TINY["vocab_size"], tc, "cuda", generator=torch.Generator("cuda").manual_seed(1))
+        out = tr.forward(model, batch, tc, "cuda")
+        out.loss.backward()
+        values[name] = out.loss.float().item()
+    assert abs(values["plain"] - values[loss]) / values["plain"] < 1e-2

@@ -16,7 +16,7 @@ def test_the_reference_recipe_is_the_default_and_files_do_not_change():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(loss="liger"), ["recipe.loss", "not modelled", "plain"]),
+    (dict(activation_offload=True), ["recipe.activation_offload", "not modelled", "False"]),
     (dict(attn_implementation="flash_attention_2"), ["recipe.attn_implementation", "not modelled", "sdpa"]),
     (dict(attn_implementation="flash"), ["recipe.attn_implementation", "must be one of", "flash_attention_2"]),
     (dict(packing="yes"), ["recipe.packing", "must be one of"]),
