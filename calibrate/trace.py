@@ -16,6 +16,7 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
 - masks: without a KV cache (checkpointing) transformers checks the position ids for packed sequences, a data
   check fake tensors cannot make; the synthetic batch is never packed, so no causal mask is built, as on CUDA.
 - AdamW / SGD: `foreach=True`, CUDA's default.
+- fp16's GradScaler: the step is taken (its `found_inf.item()` check is a sync; no overflow assumed).
 - losses (trainer/losses.py): TRL's chunked NLL runs for real (the valid-token count, a sync, is the synthetic
   batch's: all tokens), with CUDA's autocast policy for log_softmax / softmax / exp (fp32 on CUDA, bf16 on CPU);
   Liger's fused linear cross-entropy and Cut Cross-Entropy are Triton kernels: stand-ins allocate what their
@@ -296,6 +297,12 @@ def _all_valid(valid):
     return valid.numel()
 
 
+def _step_without_overflow(self, optimizer, optimizer_state, *args, **kwargs):
+    """`GradScaler._maybe_opt_step` on fake tensors: it reads `found_inf` back (`.item()`, a sync fake tensors cannot
+    answer) and steps when no gradient overflowed, the case of every step but the rare skipped one."""
+    return optimizer.step(*args, **kwargs)
+
+
 def _never_packed(position_ids):
     """transformers asks whether the position ids describe packed sequences (a data-dependent check a FakeTensor
     cannot answer, so it would build a causal mask 'to be safe'); on the GPU the synthetic batch's arange ids
@@ -447,6 +454,8 @@ def cuda_behaviour():
     mu.find_packed_sequence_indices = _never_packed
     losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = _all_valid, _liger_cuda, _cce_cuda
     autocast_lib = _cuda_autocast_policy()
+    scaler_step = torch.amp.GradScaler._maybe_opt_step
+    torch.amp.GradScaler._maybe_opt_step = _step_without_overflow
     linear4bit = None
     try:
         import bitsandbytes as bnb
@@ -466,6 +475,7 @@ def cuda_behaviour():
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices = saved
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
         autocast_lib._destroy()
+        torch.amp.GradScaler._maybe_opt_step = scaler_step
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]

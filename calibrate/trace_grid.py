@@ -1,5 +1,6 @@
 """Generate trace reference points: `python -m calibrate.trace_grid --out calibrate/reference/trace-points.jsonl`
-(and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`).
+(and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
+`--grid recipe --out calibrate/reference/trace-points-recipe.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -104,8 +105,47 @@ def dora_points() -> list[tuple[str, dict]]:
     return pts
 
 
+# tiny families built from config.json fields (no catalog entry): a GQA Llama and a non-GQA Qwen2 (q/k/v biases)
+TINY_FAMILIES = {
+    "tiny-llama-gqa": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=512,
+                           intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                           vocab_size=32000, max_position_embeddings=4096),
+    "tiny-qwen2-mha": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512,
+                           intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+                           vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def recipe_points() -> list[tuple[str, dict]]:
+    """Issue 11: every loss x precision x method (full, lora, qlora) x checkpointing on a GQA and a non-GQA tiny
+    family (calibrate/reference/trace-points-recipe.jsonl; seconds per point)."""
+    combos = [("full", "bf16"), ("full", "mixed"), ("lora", "bf16"), ("lora", "mixed"), ("qlora", "bf16")]
+    pts = []
+    for model in TINY_FAMILIES:
+        for loss in ("plain", "chunked", "liger", "cce"):
+            for i, (method, precision) in enumerate(combos):
+                for ckpt in (False, True):
+                    d = dict(method=method, seq_len=512, batch_size=1 + (i + ckpt) % 2, grad_ckpt=ckpt,
+                             recipe={"loss": loss})
+                    if method != "qlora":
+                        d["precision"] = precision
+                    if method != "full":
+                        d.update(rank=16, target_modules=("all-linear",))
+                    pts.append((model, d))
+    return pts
+
+
+def model_arch(model: str):
+    """The ModelArch of a catalog name or a tiny family."""
+    from planner.arch import arch_from_config
+    from planner.profiles import load_model
+
+    return arch_from_config(TINY_FAMILIES[model]) if model in TINY_FAMILIES else load_model(model)
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
-         "dora": lambda args: dora_points()}
+         "dora": lambda args: dora_points(),
+         "recipe": lambda args: recipe_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -148,8 +188,6 @@ def _fix_targets(model: str, d: dict, arch) -> dict:
 
 
 def main(argv=None) -> int:
-    from planner.profiles import load_model
-
     from .trace import trace_step
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -158,7 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
-                    help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl)")
+                    help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
+                         "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -174,7 +213,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     with out.open("w") as f:
         for i, (model, d) in enumerate(points):
-            arch = load_model(model)
+            arch = model_arch(model)
             d = _fix_targets(model, d, arch)
             tc = TrainConfig(**d)
             config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))

@@ -13,7 +13,7 @@ from .quant import get_quant
 from .recipe import Recipe
 from .strategies import OFFLOAD_STRATEGY_NAMES, STRATEGY_NAMES
 
-PRECISIONS = ("bf16", "mixed", "fp32")
+PRECISIONS = ("bf16", "mixed", "fp32", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
 STRATEGIES = STRATEGY_NAMES  # planner/strategies: ddp, fsdp, zero1, zero2, zero3
 
@@ -29,7 +29,8 @@ class TrainConfig:
             alias of method lora over quant nf4 (and `qdora` of dora over nf4).
         quant: how the frozen base weights are stored (`planner.quant`: none, or nf4 4-bit).
         precision: bf16 (weights, grads and optimizer state in bf16), mixed (fp32 master weights, grads and
-            state, forward/backward under bf16 autocast) or fp32. A 4-bit base computes in bf16.
+            state, forward/backward under bf16 autocast), fp16 (as mixed, under fp16 autocast with a GradScaler: for
+            GPUs without bf16) or fp32. A 4-bit base computes in bf16.
         rank: LoRA/DoRA rank r.  # higher increases quality and memory
         use_rslora: rank-stabilized LoRA scaling, alpha / sqrt(r) (scaling only: no memory change).
         lora_alpha: LoRA scaling numerator; None means 2 x rank.

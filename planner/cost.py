@@ -261,8 +261,12 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
     """Predicted step time and tokens per second of `tc` on `gpu` (parts: see the module docstring)."""
     params = params or throughput_params(gpu.name)
     peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
-    # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores
-    peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
+    # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores;
+    # `--precision fp16` (fp16 autocast) runs them on the fp16 tensor cores every profiled GPU has
+    if tc.precision == "fp16" and not tc.base_quant.quantized:
+        peak = gpu.fp16_dense_tflops * 1e12
+    else:
+        peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
     width = params.size_factor(arch, tc)
     eff = params.efficiency(arch, tc)
     f = flops_per_token(arch, tc)

@@ -42,8 +42,8 @@ class Regime:
 def regime(tc: TrainConfig) -> Regime:
     if tc.base_quant.quantized:
         return Regime("qlora", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=True)
-    if tc.precision == "mixed":
-        return Regime("mixed", act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
+    if tc.precision in ("mixed", "fp16"):  # fp16 autocast: the same bytes as bf16's (2 B)
+        return Regime(tc.precision, act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
     if tc.precision == "fp32":
         return Regime("fp32", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=False)
     return Regime("bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False, quantized=False)

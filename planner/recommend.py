@@ -97,6 +97,8 @@ def _families(req: Request) -> list[dict]:
                 if "rank" in fam and fam["rank"] not in QUANT_RANKS.get(quant, (fam["rank"],)):
                     continue
                 fam = dict(fam, quant=quant)
+            if fam.get("precision") == "mixed" and not req.gpu.supports_bf16:
+                fam = dict(fam, precision="fp16")  # no bf16 tensor cores (T4, V100): fp16 autocast + GradScaler
             out.append(fam)
     return out
 

@@ -30,7 +30,7 @@ DEFAULT_LR = 1e-5
 
 def torch_dtype(precision: str) -> torch.dtype:
     """Dtype the model is built in: bf16 for `bf16` (and QLoRA's non-quantized part before k-bit preparation), fp32
-    for `mixed` (master weights) and `fp32`."""
+    for `mixed` and `fp16` (master weights) and `fp32`."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -121,9 +121,11 @@ def make_optimizer(params, tc: TrainConfig, lr: float = DEFAULT_LR, *, foreach: 
 
 
 def autocast_context(tc: TrainConfig, device_type: str):
-    """bf16 autocast for `mixed`; nothing otherwise."""
+    """bf16 autocast for `mixed`, fp16 autocast for `fp16` (its GradScaler: trainer.step); nothing otherwise."""
     if tc.precision == "mixed":
         return torch.autocast(device_type, dtype=torch.bfloat16)
+    if tc.precision == "fp16":
+        return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 

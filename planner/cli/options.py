@@ -73,7 +73,7 @@ def train_options(f):
         click.option("--quant", type=click.Choice(tuple(QUANTS)), default=None,
                      help="Base weights: none, or nf4 4-bit (bitsandbytes, QLoRA/QDoRA)  [default: none]"),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
-                     help="bf16 weights/grads/state, mixed (fp32 master + bf16 autocast), or fp32."),
+                     help="bf16 weights/grads/state, mixed (fp32 master + bf16 autocast), fp16 (fp32 master + fp16 autocast + GradScaler: T4, V100), or fp32."),
         click.option("--rank", type=int, default=16, show_default=True, help="LoRA/QLoRA rank (higher: more memory)."),
         click.option("--lora-alpha", type=int, default=None, help="LoRA alpha  [default: 2 x rank]"),
         click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout."),
