@@ -98,10 +98,10 @@ def fp32_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
 
     `--precision fp32`: all of it. QLoRA: the lm_head (fp32 after `prepare_model_for_kbit_training`, frozen: forward
     and input gradient, 4 x V x h) and attention (fp32 q, k, v: forward, backward, and the checkpointed recompute).
-    Other configurations: none (bf16, and autocast's bf16 for `mixed`)."""
+    Other configurations: none (bf16, autocast's bf16 for `mixed`, QLoRA without k-bit preparation)."""
     if tc.precision == "fp32" and not tc.base_quant.quantized:
         return flops_per_token(arch, tc)["total"]
-    if not tc.base_quant.quantized:
+    if not tc.base_quant.quantized or not tc.recipe.kbit_preparation:
         return 0.0
     attn = attention_flops_per_token(arch, tc)
     return 4.0 * arch.vocab_size * arch.hidden_size + attn * (2.5 + (1.0 if tc.grad_ckpt else 0.0))
@@ -122,7 +122,7 @@ def _adapter_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
 def quantized_cast_bytes_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     """A 4-bit base: bitsandbytes' `Linear4bit` casts its fp32 input to bf16 and its bf16 output back to fp32
     (read 4 + write 2 bytes per element each way), forward and backward, on every decoder linear."""
-    if not tc.base_quant.quantized:
+    if not tc.base_quant.quantized or not tc.recipe.kbit_preparation:  # bf16 stream: the casts are no-ops
         return 0.0
     recompute = 2 if tc.grad_ckpt else 1
     widths = sum(lin.in_features + lin.out_features for lin in arch.linears)

@@ -9,7 +9,8 @@ or fixed (weight copies, parameter gradients); widths are elements per token.
 Dtypes follow the precision (see `Regime`): bf16 keeps everything in bf16; `mixed` keeps the residual stream
 and norms in fp32 (fp32 embeddings and weights) while autocast runs linears and sdpa in bf16; fp32 is fp32
 throughout; QLoRA's residual stream, norms, embeddings and lm_head are fp32 after
-`prepare_model_for_kbit_training`, and `Linear4bit` computes in bf16 but returns its input's dtype (fp32).
+`prepare_model_for_kbit_training`, and `Linear4bit` computes in bf16 but returns its input's dtype (fp32);
+without the preparation (`Recipe.kbit_preparation=False`) they stay bf16, as loaded.
 peft adapters (LoRA A/B, IA3 vectors, prompt encoders) are fp32 in every case (peft `autocast_adapter_dtype`).
 """
 
@@ -40,6 +41,11 @@ class Regime:
 
 
 def regime(tc: TrainConfig) -> Regime:
+    if tc.base_quant.quantized and not tc.recipe.kbit_preparation:
+        # no prepare_model_for_kbit_training (TRL, LLaMA-Factory): embeddings, norms and lm_head stay in the bf16
+        # the model was loaded in, so the residual stream is bf16 and Linear4bit's casts are no-ops
+        return Regime("qlora-bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False,
+                      quantized=True)
     if tc.base_quant.quantized:
         return Regime("qlora", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=True)
     if tc.precision in ("mixed", "fp16"):  # fp16 autocast: the same bytes as bf16's (2 B)
@@ -140,7 +146,7 @@ class Builder:
         g.op("rsqrt", [var2], [r], saved=[r] if rx else [])
         y32 = self.new(width, FP32, rx)
         g.op("mul_norm", [x32, r], [y32], saved=[x32, r] if rx else [])
-        wbytes = FP32 if (R.quantized or R.weight == FP32) else R.weight
+        wbytes = R.weight  # fp32 after k-bit preparation (QLoRA's regime) and under mixed/fp32
         out_dt = max(wbytes, xd)
         pgrad = (0, param_bytes(width, wbytes)) if rw else ZERO
         if self.arch.gemma_norm:
@@ -409,7 +415,7 @@ TRL_CHUNK_TOKENS = 256  # trl/trainer/sft_trainer.py `_CHUNKED_LM_HEAD_CHUNK_SIZ
 
 def _lm_head_weight_bytes(b: Builder) -> int:
     """Bytes per element of the lm_head weight: fp32 under `mixed`/`fp32` and after k-bit preparation, else bf16."""
-    return FP32 if (b.R.quantized or b.R.weight == FP32) else b.R.weight
+    return b.R.weight
 
 
 def chunked_loss(b: Builder, n: int):

@@ -33,7 +33,7 @@ MODELLED = {
     "loss": ("plain", "chunked", "liger", "cce"),
     "packing": (False,),
     "activation_offload": (False,),
-    "kbit_preparation": (True,),
+    "kbit_preparation": (True, False),
 }
 
 
@@ -45,7 +45,8 @@ class Recipe:
         (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
     packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
     activation_offload: saved tensors in pinned host memory (not modelled yet).
-    kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True; skipping it is not modelled yet).
+    kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True, as Axolotl; False as TRL and
+        LLaMA-Factory: non-quantized parameters and the residual stream stay bf16).
     """
 
     attn_implementation: str = "sdpa"

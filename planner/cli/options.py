@@ -25,9 +25,9 @@ OPTION_OF = {
     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules", "num_virtual_tokens": "--num-virtual-tokens",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "grad_ckpt": "--grad-ckpt",
     "optimizer": "--optimizer", "num_gpus": "--num-gpus", "strategy": "--strategy", "cpu_offload": "--cpu-offload",
-    "recipe.loss": "--loss",
+    "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep",
 }
-RECIPE_KEYS = ("loss",)  # Recipe fields set by options (planner.recipe); the rest stay at the reference
+RECIPE_KEYS = ("loss", "kbit_preparation")  # Recipe fields set by options (planner.recipe); the rest stay at the reference
 
 
 _REVISION_KEY = "ftplan.revision"
@@ -94,6 +94,9 @@ def train_options(f):
         click.option("--loss", type=click.Choice(RECIPE_CHOICES["loss"]), default="plain", show_default=True,
                      help="plain (transformers), chunked (TRL's chunked_nll), liger (Liger fused linear CE), "
                           "cce (Cut Cross-Entropy, as Axolotl loads it)."),
+        click.option("--kbit-prep/--no-kbit-prep", "kbit_preparation", default=True, show_default=True,
+                     help="QLoRA: peft's prepare_model_for_kbit_training (fp32 embeddings, norms, lm_head; as Axolotl); "
+                          "--no-kbit-prep keeps them bf16, as TRL and LLaMA-Factory do."),
     ]
     for o in reversed(opts):
         f = o(f)
