@@ -127,9 +127,10 @@ def recipe_points() -> list[tuple[str, dict]]:
                 for ckpt in (False, True):
                     d = dict(method=method, seq_len=512, batch_size=1 + (i + ckpt) % 2, grad_ckpt=ckpt,
                              recipe={"loss": loss})
-                    if method != "qlora":
+                    name, quant = ALIASES.get(method, (method, "none"))
+                    if quant == "none":
                         d["precision"] = precision
-                    if method != "full":
+                    if get_method(name).uses_rank:
                         d.update(rank=16, target_modules=("all-linear",))
                     pts.append((model, d))
     return pts

@@ -102,6 +102,9 @@ class TrainConfig:
             # bf16/fp16 embeddings and classifier (cce_backward.py); Axolotl runs it under bf16
             raise ValueError("recipe.loss 'cce' is not valid with precision 'fp32': Cut Cross-Entropy computes in "
                              "bf16 (valid precisions with cce: bf16, mixed)")
+        if self.recipe.adapter_dtype == "bf16" and (not spec.bf16_adapters or self.precision != "bf16"):
+            raise ValueError(f"recipe.adapter_dtype 'bf16' is modelled for LoRA and QLoRA in precision bf16, not "
+                             f"{self.method_name} in {self.precision} (valid here: fp32)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:

@@ -27,6 +27,7 @@ from typing import ClassVar
 CHOICES = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain", "chunked", "liger", "cce"),
+    "adapter_dtype": ("fp32", "bf16"),
 }
 MODELLED = {
     "attn_implementation": ("sdpa",),
@@ -34,6 +35,7 @@ MODELLED = {
     "packing": (False,),
     "activation_offload": (False,),
     "kbit_preparation": (True, False),
+    "adapter_dtype": ("fp32", "bf16"),
 }
 
 
@@ -47,6 +49,9 @@ class Recipe:
     activation_offload: saved tensors in pinned host memory (not modelled yet).
     kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True, as Axolotl; False as TRL and
         LLaMA-Factory: non-quantized parameters and the residual stream stay bf16).
+    adapter_dtype: fp32 (peft's `autocast_adapter_dtype=True`) or bf16 (TRL casts a quantized model's trainable
+        parameters to bf16 after `get_peft_model`: trl f2cd577 sft_trainer.py); bf16 is modelled for LoRA under a
+        bf16 compute (bf16, QLoRA).
     """
 
     attn_implementation: str = "sdpa"
@@ -54,6 +59,7 @@ class Recipe:
     packing: bool = False
     activation_offload: bool = False
     kbit_preparation: bool = True
+    adapter_dtype: str = "fp32"
 
     REFERENCE: ClassVar["Recipe"]
 
@@ -61,7 +67,7 @@ class Recipe:
         for f in fields(self):
             v = getattr(self, f.name)
             valid = CHOICES.get(f.name, (False, True))
-            if v not in valid or (isinstance(v, bool) != (f.type == "bool")):
+            if v not in valid or (isinstance(v, bool) != (str(f.type) == "bool")):
                 raise ValueError(f"recipe.{f.name} must be one of {', '.join(map(str, valid))}; got {v!r}")
             if v not in MODELLED[f.name]:
                 raise ValueError(f"recipe.{f.name} = {v!r} is not modelled yet (modelled: "

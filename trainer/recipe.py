@@ -88,6 +88,10 @@ def apply_method(model, tc: TrainConfig):
     pc = peft_config(tc, getattr(getattr(model, "config", None), "model_type", None))
     if pc is not None:
         model = peft.get_peft_model(model, pc)
+        if tc.recipe.adapter_dtype == "bf16":  # TRL (sft_trainer.py): trainable parameters cast to bf16
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
     from . import losses
 
     losses.install(model, tc.recipe.loss)  # the recipe's loss (trainer/losses.py); plain: transformers' own

@@ -25,9 +25,9 @@ OPTION_OF = {
     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules", "num_virtual_tokens": "--num-virtual-tokens",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "grad_ckpt": "--grad-ckpt",
     "optimizer": "--optimizer", "num_gpus": "--num-gpus", "strategy": "--strategy", "cpu_offload": "--cpu-offload",
-    "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep",
+    "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep", "recipe.adapter_dtype": "--adapter-dtype",
 }
-RECIPE_KEYS = ("loss", "kbit_preparation")  # Recipe fields set by options (planner.recipe); the rest stay at the reference
+RECIPE_KEYS = ("loss", "kbit_preparation", "adapter_dtype")  # Recipe fields set by options (planner.recipe); the rest stay at the reference
 
 
 _REVISION_KEY = "ftplan.revision"
@@ -97,6 +97,8 @@ def train_options(f):
         click.option("--kbit-prep/--no-kbit-prep", "kbit_preparation", default=True, show_default=True,
                      help="QLoRA: peft's prepare_model_for_kbit_training (fp32 embeddings, norms, lm_head; as Axolotl); "
                           "--no-kbit-prep keeps them bf16, as TRL and LLaMA-Factory do."),
+        click.option("--adapter-dtype", type=click.Choice(RECIPE_CHOICES["adapter_dtype"]), default="fp32",
+                     show_default=True, help="LoRA adapters in fp32 (peft) or bf16 (TRL casts them on a quantized model)."),
     ]
     for o in reversed(opts):
         f = o(f)
