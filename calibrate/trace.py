@@ -19,6 +19,11 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
 - masks: without a KV cache (checkpointing) transformers checks the position ids for packed sequences, a data
   check fake tensors cannot make; the synthetic batch is never packed, so no causal mask is built, as on CUDA.
 - AdamW / SGD: `foreach=True`, CUDA's default.
+- fp16's GradScaler: the step is taken (its `found_inf.item()` check is a sync; no overflow assumed).
+- losses (trainer/losses.py): TRL's chunked NLL runs for real (the valid-token count, a sync, is the synthetic
+  batch's: all tokens), with CUDA's autocast policy for log_softmax / softmax / exp (fp32 on CUDA, bf16 on CPU);
+  Liger's fused linear cross-entropy and Cut Cross-Entropy are Triton kernels: stand-ins allocate what their
+  forward and backward allocate (`_LigerFLCECUDA`, `_CCECUDA`).
 - bitsandbytes 4-bit (QLoRA): packed NF4 weights and double-quantized constants as bitsandbytes stores them, and
   the dequantize-then-matmul path bitsandbytes 0.50 takes on CUDA for more than 1536 tokens (a transient bf16
   copy of each weight in forward and backward).
@@ -317,6 +322,33 @@ def _not_packed_sequence(position_ids, batch_size):
     return False
 
 
+def _cuda_autocast_policy():
+    """CUDA's autocast policy for the ops whose CPU autocast policy differs (torch 2.13 `ATen/autocast_mode.h`):
+    `log_softmax` and `softmax` are `AT_FORALL_FP32_SET_OPT_DTYPE` on CUDA (a bf16 input gives an fp32 result) and
+    `exp` is `AT_FORALL_FP32` (its input is cast to fp32), while CPU autocast leaves them in bf16. The chunked loss
+    (TRL) runs them on bf16 logits under `mixed`. Registered as AutocastCPU kernels on a `torch.library.Library`
+    that is destroyed (registrations removed) when the trace ends."""
+    lib = torch.library.Library("aten", "IMPL")
+    low = (torch.bfloat16, torch.float16)
+
+    def set_opt_dtype(op):
+        def kernel(x, dim, dtype=None):
+            with torch.autocast("cpu", enabled=False):
+                if dtype is None and x.dtype in low:
+                    dtype = torch.float32
+                return op(x, dim, dtype)
+        return kernel
+
+    def exp(x):
+        with torch.autocast("cpu", enabled=False):
+            return torch.ops.aten.exp.default(x.float() if x.dtype in low else x)
+
+    lib.impl("log_softmax.int", set_opt_dtype(torch.ops.aten.log_softmax.int), "AutocastCPU")
+    lib.impl("softmax.int", set_opt_dtype(torch.ops.aten.softmax.int), "AutocastCPU")
+    lib.impl("exp", exp, "AutocastCPU")
+    return lib
+
+
 _F_DROPOUT = F.dropout
 
 
@@ -410,6 +442,18 @@ class Emulated8bitOptimizer(torch.optim.Optimizer):
                     st["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
 
 
+def _all_valid(valid):
+    """`trainer.losses.count_valid` on fake tensors: the synthetic batch's labels are its input ids, never -100,
+    so every shifted label is valid (the count a GPU reads back with a sync)."""
+    return valid.numel()
+
+
+def _step_without_overflow(self, optimizer, optimizer_state, *args, **kwargs):
+    """`GradScaler._maybe_opt_step` on fake tensors: it reads `found_inf` back (`.item()`, a sync fake tensors cannot
+    answer) and steps when no gradient overflowed, the case of every step but the rare skipped one."""
+    return optimizer.step(*args, **kwargs)
+
+
 def _never_packed(position_ids):
     """transformers asks whether the position ids describe packed sequences (a data-dependent check a FakeTensor
     cannot answer, so it would build a causal mask 'to be safe'); on the GPU the synthetic batch's arange ids
@@ -418,6 +462,115 @@ def _never_packed(position_ids):
 
 
 _PEFT_DEQUANTIZE = None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _LigerFLCECUDA(torch.autograd.Function):
+    """Allocations of Liger-Kernel's `LigerFusedLinearCrossEntropyFunction` (linkedin/Liger-Kernel ead96b6,
+    `ops/fused_linear_cross_entropy.py`, reduction "mean"): the forward allocates the gradient of the input (zeros,
+    BT x H) and, when the lm_head trains, of the weight (zeros like it), the fp32 per-token loss (BT), then per chunk
+    of `next_pow2(ceil(BT / ceil(V / H)))` rows: the logits `x_chunk @ w.t()` (Triton overwrites them in place with
+    their gradient: nothing allocated), `grad_input[chunk] = grad_logits @ w` (a chunk x H product copied in), and
+    the weight gradient: on sm80+ with an fp32 weight and bf16 logits `addmm(..., out_dtype=fp32, out=grad_weight)`
+    in place (the input chunk cast to bf16 first), else `grad_weight += mm(grad_logits.t(), x_chunk).float()`.
+    Saved: the two gradients; backward returns them (the in-place rescale when grad_output != 1 allocates nothing)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target):
+        bt, h = x.shape
+        v = weight.shape[0]
+        chunk = _next_pow2(-(-bt // -(-v // h)))
+        grad_input = torch.zeros_like(x)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        loss_1d = torch.zeros(bt, dtype=torch.float32)
+        target_mask = target != -100
+        del target_mask
+        for start in range(0, bt, chunk):
+            x_c = x[start:start + chunk]
+            logits = x_c @ weight.t()
+            grad_input[start:start + chunk] = logits @ weight
+            if grad_weight is not None:
+                if grad_weight.dtype == torch.float32 and logits.dtype in (torch.float16, torch.bfloat16):
+                    x_c16 = x_c.to(logits.dtype) if x_c.dtype != logits.dtype else x_c
+                    del x_c16  # addmm(out=grad_weight, out_dtype=fp32): in place
+                else:
+                    grad_weight += torch.mm(logits.t(), x_c).float()
+            del logits
+        loss = torch.sum(loss_1d)
+        ctx.save_for_backward(grad_input, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_input, grad_weight = ctx.saved_tensors
+        return grad_input, grad_weight, None
+
+
+def _liger_cuda(hidden_states, lm_head_weight, labels, hidden_size, final_logit_softcapping=None, **kwargs):
+    """`LigerForCausalLMLoss` (Liger-Kernel ead96b6 `transformers/model/loss_utils.py`): pad the labels by one
+    ignored token and take `[..., 1:].contiguous()` (int64 copies), flatten the hidden states (a view), then the fused
+    function (its Triton kernel replaced by `_LigerFLCECUDA`'s allocations)."""
+    labels = F.pad(labels, (0, 1), value=-100)
+    shift_labels = labels[..., 1:].contiguous()
+    return _LigerFLCECUDA.apply(hidden_states.view(-1, hidden_size), lm_head_weight, shift_labels.view(-1))
+
+
+class _CCECUDA(torch.autograd.Function):
+    """Allocations of Cut Cross-Entropy's `LinearCrossEntropyFunction` with the "cce" preset (apple/ml-cross-entropy
+    d42911f, `cce.py`, `cce_lse_forward.py`, `indexed_dot.py`, `cce_backward.py`): under autocast e and c are cast to
+    the autocast dtype; forward allocates the fp32 log-sum-exp per valid token, its locks, the fp32 running logit
+    average (V; filter_eps "auto" when a gradient is needed) and the fp32 negated target logits (nll = neg_dot.add_(lse)
+    in place); saved: e, c (as cast), lse, the targets, the valid indices, the logit average. Backward: argsort of the
+    logit average (int64 -> int32), `de = zeros_like(e)` and `dc = zeros_like(c)` for what needs a gradient (the "cce"
+    preset accumulates in their dtype), per-128-row int32 locks, then each cast back to its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, e, c, targets, valids):
+        ctx.e_info = (e.dtype, e.requires_grad)
+        ctx.c_info = (c.dtype, c.requires_grad)
+        if torch.is_autocast_enabled("cpu"):
+            dt = torch.get_autocast_dtype("cpu")
+            e, c = e.to(dt), c.to(dt)
+        n = valids.numel()
+        v = c.shape[0]
+        lse = torch.empty(n, dtype=torch.float32)
+        locks = torch.empty(-(-n // 128), dtype=torch.int32)
+        del locks
+        logit_avg = torch.zeros(v, dtype=torch.float32)
+        neg_dot = torch.zeros(n, dtype=torch.float32)
+        nll = neg_dot.add_(lse)
+        ctx.save_for_backward(e, c, lse, targets, valids, logit_avg)
+        return nll.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        e, c, lse, targets, valids, logit_avg = ctx.saved_tensors
+        order = torch.argsort(logit_avg).to(torch.int32)
+        de = torch.zeros_like(e) if ctx.e_info[1] else None
+        dc = torch.zeros_like(c) if ctx.c_info[1] else None
+        locks = [torch.zeros(-(-t.shape[0] // 128), 8, dtype=torch.int32) for t in (e, c)]
+        del order, locks
+        if dc is not None:
+            dc = dc.to(ctx.c_info[0])
+        if de is not None:
+            de = de.to(ctx.e_info[0])
+        return de, dc, None, None
+
+
+def _cce_cuda(hidden, weight, labels, softcap=None):
+    """`linear_cross_entropy(e, c, labels, shift=True, impl="cce")` as Axolotl's patch calls it: the valid indices of
+    the shifted targets (`nonzero` int64 (M, 2) -> int32, scaled by the strides, summed to int64 M), then the
+    function (its Triton kernels replaced by `_CCECUDA`'s allocations)."""
+    targets = labels[..., 1:]
+    mask = targets != -100
+    # `mask.nonzero()`: data-dependent on fake tensors; every synthetic label is valid, so M = all shifted tokens
+    valids = torch.empty(mask.numel(), mask.dim(), dtype=torch.int64).to(torch.int32)
+    valids = valids * torch.tensor([targets.stride(0), 1], dtype=torch.int32)
+    valids = valids.sum(1)
+    return _CCECUDA.apply(hidden.flatten(0, -2), weight, labels.flatten(), valids)
 
 
 def _dequantize_module_weight(module):
@@ -448,14 +601,20 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     _CAPABILITY[0] = tuple(capability)
     SDPA_BACKENDS.clear()
     import transformers.modeling_flash_attention_utils as mfu
+    from trainer import losses
 
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu)
     saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence)
+    saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _never_packed
     modeling.save_on_cpu = _SaveOnCPUCUDA
     mfu.lazy_import_flash_attention, mfu._is_packed_sequence = _lazy_import_flash_attention, _not_packed_sequence
+    losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = _all_valid, _liger_cuda, _cce_cuda
+    autocast_lib = _cuda_autocast_policy()
+    scaler_step = torch.amp.GradScaler._maybe_opt_step
+    torch.amp.GradScaler._maybe_opt_step = _step_without_overflow
     linear4bit = None
     try:
         import bitsandbytes as bnb
@@ -474,6 +633,9 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence = saved_fa
+        losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
+        autocast_lib._destroy()
+        torch.amp.GradScaler._maybe_opt_step = scaler_step
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
             linear4bit[0].forward = linear4bit[1]

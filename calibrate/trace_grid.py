@@ -2,7 +2,8 @@
 (and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
 calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
-`--grid attn --out calibrate/reference/trace-points-attn.jsonl`).
+`--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
+calibrate/reference/trace-points-recipe.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -142,6 +143,8 @@ def family_arch(model: str):
         return arch_from_config(FAMILY_CONFIGS[model.split(":", 1)[1]], name=model)
     if model in MOE_CONFIGS:
         return arch_from_config(MOE_CONFIGS[model], name=model)
+    if model in TINY_FAMILIES:
+        return arch_from_config(TINY_FAMILIES[model])
     return load_model(model)
 
 
@@ -292,12 +295,49 @@ def attn_points() -> list[tuple[str, dict, str]]:
     return pts
 
 
+# tiny families built from config.json fields (no catalog entry): a GQA Llama and a non-GQA Qwen2 (q/k/v biases)
+TINY_FAMILIES = {
+    "tiny-llama-gqa": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=512,
+                           intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2,
+                           vocab_size=32000, max_position_embeddings=4096),
+    "tiny-qwen2-mha": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512,
+                           intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+                           vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def recipe_points() -> list[tuple[str, dict]]:
+    """Issue 11: every loss x precision x method (full, lora, qlora) x checkpointing on a GQA and a non-GQA tiny
+    family (calibrate/reference/trace-points-recipe.jsonl; seconds per point)."""
+    combos = [("full", "bf16"), ("full", "mixed"), ("lora", "bf16"), ("lora", "mixed"), ("qlora", "bf16")]
+    pts = []
+    for model in TINY_FAMILIES:
+        for loss in ("plain", "chunked", "liger", "cce"):
+            for i, (method, precision) in enumerate(combos):
+                for ckpt in (False, True):
+                    d = dict(method=method, seq_len=512, batch_size=1 + (i + ckpt) % 2, grad_ckpt=ckpt,
+                             recipe={"loss": loss})
+                    name, quant = ALIASES.get(method, (method, "none"))
+                    if quant == "none":
+                        d["precision"] = precision
+                    if get_method(name).uses_rank:
+                        d.update(rank=16, target_modules=("all-linear",))
+                    pts.append((model, d))
+    return pts
+
+
+def model_arch(model: str):
+    """The ModelArch of a catalog name or any small config of these grids (`family_arch`)."""
+    return family_arch(model)
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
          "dora": lambda args: dora_points(),
          "families": lambda args: family_points(),
          "moe": lambda args: moe_points(),
          "multigpu": lambda args: multigpu_points(),
-         "attn": lambda args: attn_points()}
+         "attn": lambda args: attn_points(),
+         "recipe": lambda args: recipe_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -352,7 +392,8 @@ def main(argv=None) -> int:
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
                          "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
                          "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
-                         "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl)")
+                         "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
+                         "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl)")
     args = ap.parse_args(argv)
 
     import torch

@@ -13,7 +13,7 @@ from .quant import get_quant
 from .recipe import Recipe
 from .strategies import OFFLOAD_STRATEGY_NAMES, STRATEGY_NAMES
 
-PRECISIONS = ("bf16", "mixed", "fp32")
+PRECISIONS = ("bf16", "mixed", "fp32", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd", "adafactor")
 STRATEGIES = STRATEGY_NAMES  # planner/strategies: ddp, fsdp, zero1, zero2, zero3
 
@@ -29,7 +29,8 @@ class TrainConfig:
             alias of method lora over quant nf4 (and `qdora` of dora over nf4).
         quant: how the frozen base weights are stored (`planner.quant`: none, or nf4 4-bit).
         precision: bf16 (weights, grads and optimizer state in bf16), mixed (fp32 master weights, grads and
-            state, forward/backward under bf16 autocast) or fp32. A 4-bit base computes in bf16.
+            state, forward/backward under bf16 autocast), fp16 (as mixed, under fp16 autocast with a GradScaler: for
+            GPUs without bf16) or fp32. A 4-bit base computes in bf16.
         rank: LoRA/DoRA rank r.  # higher increases quality and memory
         use_rslora: rank-stabilized LoRA scaling, alpha / sqrt(r) (scaling only: no memory change).
         lora_alpha: LoRA scaling numerator; None means 2 x rank.
@@ -104,6 +105,14 @@ class TrainConfig:
             # for a quantized model (integrations/flash_attention.py `get_target_dtype`)
             raise ValueError("precision 'fp32' is not valid with recipe.attn_implementation 'flash_attention_2' "
                              "(flash-attn computes in fp16/bf16; valid: bf16, mixed)")
+        if self.recipe.loss == "cce" and self.precision == "fp32" and not q.quantized:
+            # ml-cross-entropy d42911f: `cce_linear_cross_entropy` needs a bf16 GPU, and its backward kernel takes
+            # bf16/fp16 embeddings and classifier (cce_backward.py); Axolotl runs it under bf16
+            raise ValueError("recipe.loss 'cce' is not valid with precision 'fp32': Cut Cross-Entropy computes in "
+                             "bf16 (valid precisions with cce: bf16, mixed)")
+        if self.recipe.adapter_dtype == "bf16" and (not spec.bf16_adapters or self.precision != "bf16"):
+            raise ValueError(f"recipe.adapter_dtype 'bf16' is modelled for LoRA and QLoRA in precision bf16, not "
+                             f"{self.method_name} in {self.precision} (valid here: fp32)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:

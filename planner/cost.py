@@ -335,12 +335,22 @@ def attention_seconds(arch: ModelArch, tc: TrainConfig, batch: int, kernel: str,
     keys = (seq / 2 if causal else seq) + extra_kv
     flops = 4.0 * arch.q_dim * keys * seq * batch
     eff = params.attention_efficiency(gpu)
-    if kernel == "flash" and gpu.supports_bf16:
-        return flops / (gpu.peak_tflops * 1e12 * eff)
-    if kernel == "efficient" and gpu.supports_bf16:
-        return flops / (gpu.peak_tflops * 1e12 * eff * EFFICIENT_ATTENTION_SPEED)
+    peak16, tensor_cores = tensor_peak(gpu, tc)
+    if kernel == "flash" and tensor_cores:
+        return flops / (peak16 * eff)
+    if kernel == "efficient" and tensor_cores:
+        return flops / (peak16 * eff * EFFICIENT_ATTENTION_SPEED)
     peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
     return flops / (peak32 * params.fp32_efficiency * EFFICIENT_ATTENTION_SPEED)
+
+
+def tensor_peak(gpu, tc: TrainConfig) -> tuple[float, bool]:
+    """(FLOP/s of the 16-bit tensor cores the step's GEMMs use, whether it has them): the bf16 peak where the GPU
+    has bf16 tensor cores; with `--precision fp16` (fp16 autocast, GradScaler) the fp16 peak, which every profiled
+    GPU has (T4, V100 included); otherwise none (bf16 on sm75/sm70 runs on the CUDA cores)."""
+    if tc.precision == "fp16" and not tc.base_quant.quantized:
+        return gpu.fp16_dense_tflops * 1e12, gpu.fp16_dense_tflops > 0
+    return gpu.peak_tflops * 1e12, bool(gpu.supports_bf16)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -349,13 +359,13 @@ def _micro_step(arch: ModelArch, tc: TrainConfig, batch: int, gpu, params: Throu
     `batch` (`planner.kernels.step_ops`)."""
     ops = step_ops(arch, _piece_key(tc))  # the graph depends on no batch, optimizer or GPU count
     peak32 = (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
-    # the recipe computes in bf16; without bf16 tensor cores (T4, V100) those GEMMs run on the CUDA cores
-    peak16 = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else peak32
+    peak16, tensor_cores = tensor_peak(gpu, tc)
+    peak16 = peak16 if tensor_cores else peak32
     bw = gpu.hbm_bandwidth_gb_per_s * 1e9 * params.bandwidth_efficiency
     sms = gpu.sm_count
     gemm = gemm32 = 0.0
     for g in ops.gemms:
-        tensor = g.dtype <= 2 and gpu.supports_bf16
+        tensor = g.dtype <= 2 and tensor_cores
         peak, eff = (peak16, params.gemm_efficiency) if tensor else (peak32, params.fp32_efficiency)
         if g.phase == "weight_grad":
             m, n, k = g.n, g.k, g.tokens * batch
@@ -404,7 +414,8 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
         parts["host_transfer"] = host / (topology(gpu).host_link_gb_per_s * 1e9)
     step = sum(parts.values())
     per_gpu = tokens_step / step
-    peak = gpu.peak_tflops * 1e12 if gpu.supports_bf16 else (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
+    peak16, tensor_cores = tensor_peak(gpu, tc)
+    peak = peak16 if tensor_cores else (gpu.fp32_tflops or gpu.peak_tflops / 16) * 1e12
     return Throughput(
         step_seconds=step,
         tokens_per_s=per_gpu * tc.num_gpus,

@@ -37,6 +37,9 @@ from .graph import Graph
 from .layers import head_graph, layer_graph, tail_graph
 
 GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
+# attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by
+# FLOPs like sdpa, one call per QK^T product; the (S, KV) softmax, mask and casts stay bandwidth-bound ops
+ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn"})
 NO_KERNEL = frozenset({"batch", "dora_return"})  # bookkeeping ops of the memory model: no kernel runs
 
 
@@ -151,6 +154,23 @@ class _Walk:
                             self.gemm(seq, N, K, d, "weight_grad", times)
                             self.kernels[1] += times
                     continue
+            if n.name in ATTENTION_MATMULS:  # math / eager / flash-attn 2: one attention call per QK^T
+                x = _first_activation(g, n.inputs)
+                fp32 = x is not None and dt.get(x) == 4
+                # flash-attn 2 skips the causally masked half; math and eager multiply the whole (S, KV) matrix
+                kernel, causal = ("flash", True) if n.name == "flash_attn" else ("efficient_fp32" if fp32 else "flash", False)
+                acc = self.attn.setdefault((kernel, causal), [0, 0])
+                acc[0] += times
+                self.kernels[0] += times
+                if run_bwd:
+                    acc[1] += times
+                    self.kernels[1] += times
+                continue
+            if n.name in ("bmm_pv", "matmul_pv"):  # the second half of the call counted at its QK^T
+                self.kernels[0] += times
+                if run_bwd:
+                    self.kernels[1] += times
+                continue
             if n.name == "sdpa":
                 x = _first_activation(g, n.inputs)
                 fp32 = x is not None and dt.get(x) == 4

@@ -9,7 +9,8 @@ or fixed (weight copies, parameter gradients); widths are elements per token.
 Dtypes follow the precision (see `Regime`): bf16 keeps everything in bf16; `mixed` keeps the residual stream
 and norms in fp32 (fp32 embeddings and weights) while autocast runs linears and sdpa in bf16; fp32 is fp32
 throughout; QLoRA's residual stream, norms, embeddings and lm_head are fp32 after
-`prepare_model_for_kbit_training`, and `Linear4bit` computes in bf16 but returns its input's dtype (fp32).
+`prepare_model_for_kbit_training`, and `Linear4bit` computes in bf16 but returns its input's dtype (fp32);
+without the preparation (`Recipe.kbit_preparation=False`) they stay bf16, as loaded.
 peft adapters (LoRA A/B, IA3 vectors, prompt encoders) are fp32 in every case (peft `autocast_adapter_dtype`).
 """
 
@@ -42,10 +43,15 @@ class Regime:
 
 
 def regime(tc: TrainConfig) -> Regime:
+    if tc.base_quant.quantized and not tc.recipe.kbit_preparation:
+        # no prepare_model_for_kbit_training (TRL, LLaMA-Factory): embeddings, norms and lm_head stay in the bf16
+        # the model was loaded in, so the residual stream is bf16 and Linear4bit's casts are no-ops
+        return Regime("qlora-bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False,
+                      quantized=True)
     if tc.base_quant.quantized:
         return Regime("qlora", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=True)
-    if tc.precision == "mixed":
-        return Regime("mixed", act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
+    if tc.precision in ("mixed", "fp16"):  # fp16 autocast: the same bytes as bf16's (2 B)
+        return Regime(tc.precision, act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
     if tc.precision == "fp32":
         return Regime("fp32", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=False)
     return Regime("bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False, quantized=False)
@@ -65,7 +71,8 @@ class Builder:
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
         # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
-        self.use_cache = bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
+        self.use_cache = (bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
+                          and tc.recipe.loss not in NO_CACHE_LOSSES)
         self.R = regime(tc)
         self.g = Graph()
         self.dtype: dict[int, int] = {}
@@ -144,7 +151,7 @@ class Builder:
         g.op("rsqrt", [var2], [r], saved=[r] if rx else [])
         y32 = self.new(width, FP32, rx)
         g.op("mul_norm", [x32, r], [y32], saved=[x32, r] if rx else [])
-        wbytes = FP32 if (R.quantized or R.weight == FP32) else R.weight
+        wbytes = R.weight  # fp32 after k-bit preparation (QLoRA's regime) and under mixed/fp32
         out_dt = max(wbytes, xd)
         pgrad = (0, param_bytes(width, wbytes)) if rw else ZERO
         if self.arch.fp32_norm_product:
@@ -560,45 +567,182 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
 
 
 def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
-    """Final norm, lm_head, (Gemma-2 logit soft-capping), and the loss of `ForCausalLMLoss`:
-    `logits.float()` (a copy unless fp32), `log_softmax` (fp32, saved), `nll_loss`. The logits stay alive
-    (held by the outputs the training loop keeps). Backward: nll's fp32 gradient (zeros + scatter), log_softmax's
-    fp32 gradient, the cast back to the logits' dtype, then lm_head's."""
+    """Final norm, then the recipe's loss (`LOSSES`): for `plain`, lm_head, (Gemma-2 logit soft-capping), and
+    `ForCausalLMLoss`; the fused and chunked losses take the normed hidden states and the lm_head weight
+    themselves. Returns (builder, input id, loss id, logits id or None)."""
     b = Builder(arch, tc, seq, seq)
-    g, R = b.g, b.R
-    h, V = arch.hidden_size, arch.vocab_size
+    R = b.R
+    h = arch.hidden_size
     x = b.input(h, R.act, True)
     n = b.rmsnorm(x, h)
-    # lm_head is never quantized nor LoRA-adapted ('all-linear' excludes it); tied or not, same compute
+    loss, logits = LOSSES[tc.recipe.loss](b, n)
+    return b, x, loss, logits
+
+
+def lm_head_logits(b: Builder, n: int) -> int:
+    """lm_head (never quantized nor LoRA-adapted: 'all-linear' excludes it; tied or not, same compute) and Gemma-2's
+    logit soft-capping. The logits stay alive (held by the outputs the training loop keeps)."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
     if R.autocast:
         logits = b._linear_autocast(n, h, V, False, trained=b.full)
-    else:
+    else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
         logits = b._linear_plain(n, h, V, False, trained=b.full)
-        if R.quantized:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
-            pass
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
         t2 = b.new(V, b.dtype[t1], True)
         g.op("tanh", [t1], [t2], saved=[t2])
         logits = b.mul_scalar(t2, V)
     g.hold(logits)
-    loss = LOSSES[tc.recipe.loss](b, logits, V)
-    return b, x, loss, logits
+    return logits
 
 
-def plain_loss(b: Builder, logits: int, V: int) -> int:
-    """transformers' `ForCausalLMLoss` (loss_utils.py): `logits.float()` (a copy unless fp32), `log_softmax`
-    (fp32, saved), `nll_loss` (its gradient: fp32 zeros + scatter)."""
+def plain_loss(b: Builder, n: int):
+    """transformers' `ForCausalLMLoss` (loss_utils.py) over the lm_head's logits: `logits.float()` (a copy unless
+    fp32), `log_softmax` (fp32, saved), `nll_loss` (its gradient: fp32 zeros + scatter)."""
     g = b.g
+    V = b.arch.vocab_size
+    logits = lm_head_logits(b, n)
     lf = b.cast(logits, V, FP32)
     lsm = b.new(V, FP32, True)
     g.op("log_softmax", [lf], [lsm], saved=[lsm])
     loss = b.fixed(512, True, "activations", FP32)
     g.op("nll_loss", [lsm], [loss], saved=[lsm])
-    return loss
+    return loss, logits
 
 
-LOSSES = {"plain": plain_loss}  # the recipe's `loss` -> its ops after the logits
+TRL_CHUNK_TOKENS = 256  # trl/trainer/sft_trainer.py `_CHUNKED_LM_HEAD_CHUNK_SIZE` (TRL f2cd577)
+
+
+def _lm_head_weight_bytes(b: Builder) -> int:
+    """Bytes per element of the lm_head weight: fp32 under `mixed`/`fp32` and after k-bit preparation, else bf16."""
+    return b.R.weight
+
+
+def chunked_loss(b: Builder, n: int):
+    """TRL's `chunked_nll` (trl f2cd577 `trl/trainer/sft_trainer.py` `_chunked_cross_entropy_loss`, `_chunk`;
+    re-implemented in trainer/losses.py). No logits are returned or kept, and the backbone runs with use_cache=False.
+
+    Forward: `hidden[..., :-1, :]` flattened and reordered by `argsort` of the valid mask (`hidden[order]`: a copy of
+    S-1 tokens, kept by the checkpointed chunks with the sorted labels and the int64 order, 16 B/token); then per chunk
+    of C = 256 tokens under non-reentrant checkpointing (nothing saved, every buffer transient):
+    `h.float() @ w.float().t()` (W32: an fp32 copy of the V x h lm_head unless it is fp32; under autocast the
+    matmul casts to bf16 instead: a bf16 copy W16 and bf16 logits), `log_softmax` (fp32: CUDA autocast's
+    fp32_set_opt_dtype), `exp(log_p) * log_p` for the entropy (two fp32 C x V):
+        peak = W32 + 4 C V 4                       (no autocast)
+        peak = W16 + C V 2 + 3 C V 4               (mixed)
+    Backward, chunk by chunk: the chunk's forward is recomputed (the same buffers; the mm also keeps h.float() when
+    the lm_head is trained), then, with a trained lm_head, its gradient: `grad_logits @ h` in fp32 (V x h) beside
+    the weight copy and grad_logits (no autocast: W32 + C V 4 + V h 4), or the bf16 grad and its fp32 cast (mixed:
+    V h 2 + V h 4); the lm_head gradient itself is summed chunk by chunk into one buffer (param_grad). The
+    gradient of the packed hidden states is one buffer; un-sorting it (`index_put`) and un-slicing it are one
+    transient of S-1 tokens."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
+    C = TRL_CHUNK_TOKENS
+    wdt = _lm_head_weight_bytes(b)
+    trained = b.full
+    cv4, cv2 = C * V * FP32, C * V * BF16
+    if R.autocast:
+        wcopy = param_bytes(V * h, BF16)
+        fwd = wcopy + cv2 + 3 * cv4
+        grad_phase = param_bytes(V * h, BF16) + param_bytes(V * h, FP32)
+    else:
+        wcopy = param_bytes(V * h, FP32) if wdt != FP32 else 0
+        fwd = wcopy + 4 * cv4
+        grad_phase = wcopy + cv4 + param_bytes(V * h, FP32)
+    recompute = fwd + (C * h * FP32 if trained and not R.autocast and b.dtype[n] != FP32 else 0)
+    bwd = max(recompute, grad_phase) if trained else recompute
+    tokens = b.seq - 1
+    packed = b.new(h, b.dtype[n], True, seq=tokens)
+    order = b.new(2, 8, False, seq=tokens)  # int64 order + sorted int64 labels, 8 B each per token
+    g.op("pack_valid", [n], [packed, order], bwd_temp=(tokens * h * b.dtype[n], 0))
+    loss = b.fixed(512, True, "activations", FP32)
+    pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
+    g.op("chunked_nll", [packed, order], [loss], saved=[packed, order], fwd_temp=(0, fwd), bwd_temp=(0, bwd),
+         param_grad=pgrad)
+    return loss, None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def liger_loss(b: Builder, n: int):
+    """Liger-Kernel's fused linear cross-entropy (`LigerForCausalLMLoss`, linkedin/Liger-Kernel ead96b6
+    `ops/fused_linear_cross_entropy.py`): the gradients are computed in the forward and saved; no logits are kept
+    and the backbone keeps its KV cache (`lce_forward` passes `use_cache` through).
+
+    Forward, on the S tokens of each sequence flattened (a view): `grad_input = zeros_like(x)` (S h, x's dtype; saved,
+    and returned as x's gradient in backward: no new buffer), `grad_weight = zeros_like(w)` when the lm_head trains
+    (saved, becomes its gradient), the fp32 per-token loss and the padded/shifted int64 labels (transient); then per
+    chunk of c = next_pow2(ceil(B S / ceil(V / h))) rows: the logits c x V (bf16 under autocast, else x's dtype;
+    Triton writes their gradient in place), `grad_logits @ w` (c x h, under autocast a bf16 cast of the weight per
+    call, cached when the weight trains), and a trained lm_head's `grad_weight += mm(...).float()` (V h in the logits'
+    dtype, plus its fp32 copy unless fp32; on sm80+ with an fp32 weight and bf16 logits `addmm(out=grad_weight)` in
+    place). The chunk is linear in B here (c(B) = B c(1)): exact when B is a power of two."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
+    S = b.seq
+    dt = b.dtype[n]
+    wdt = _lm_head_weight_bytes(b)
+    trained = b.full
+    ldt = BF16 if R.autocast else dt
+    c1 = _next_pow2(-(-S // -(-V // h)))
+    labels = S * (8 + 8 + FP32)  # padded labels, their shifted copy, the fp32 per-token loss
+    if R.autocast:
+        fwd = (labels + c1 * V * BF16 + c1 * h * BF16, param_bytes(V * h, BF16))
+    elif trained:
+        fwd = (labels + c1 * V * ldt, param_bytes(V * h, ldt) + (param_bytes(V * h, FP32) if ldt != FP32 else 0))
+    else:
+        fwd = (labels + c1 * V * ldt + c1 * h * dt, 0)
+    gi = b.new(h, dt, False, kind="temporaries")
+    outs = [gi]
+    gw_bytes = param_bytes(V * h, wdt) if trained else 0
+    if trained:
+        outs.append(b.fixed(gw_bytes, False, "gradients", wdt))
+    loss = b.fixed(512, True, "activations", FP32)
+    # backward hands back the saved buffers: the engine's new input gradient and parameter gradient are these
+    g.op("liger_flce", [n], [loss] + outs, saved=outs, fwd_temp=fwd, bwd_temp=(-S * h * dt, -gw_bytes),
+         param_grad=(0, gw_bytes))
+    return loss, None
+
+
+def cce_loss(b: Builder, n: int):
+    """Apple's Cut Cross-Entropy as Axolotl's patch calls it (`linear_cross_entropy(e, c, labels, shift=True,
+    impl="cce")`, apple/ml-cross-entropy d42911f `cce.py`, `cce_lse_forward.py`, `cce_backward.py`, `utils.py`): no
+    logits are materialized; the backbone keeps its KV cache.
+
+    Forward: under autocast e (the S x h hidden states) and c (the lm_head) are cast to bf16 and saved as cast;
+    the valid indices (`nonzero` int64 (M, 2), int32, scaled, summed to int64 M: the sum saved), the fp32 log-sum-exp
+    per token (saved), the negated target logits (fp32, transient) and the fp32 logit average (V, saved).
+    Backward: argsort of the logit average (int64 + int32 V), `de = zeros_like(e)` then cast to the input's dtype,
+    `dc = zeros_like(c)` (a trained lm_head) then cast to its dtype."""
+    g, R, arch = b.g, b.R, b.arch
+    h, V = arch.hidden_size, arch.vocab_size
+    S = b.seq
+    wdt = _lm_head_weight_bytes(b)
+    trained = b.full
+    e = b.cast(n, h, BF16) if R.autocast else n
+    ins = [e]
+    pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
+    if R.autocast:
+        wc = b.fixed(param_bytes(V * h, BF16), rg=trained, kind="weight_copies", dtype=BF16)
+        g.op("weight_cast", [], [wc], param_grad=pgrad)
+        ins.append(wc)
+        pgrad = ZERO
+    idx = b.new(1, 8, False)  # int64 valid indices
+    lse = b.new(1, FP32, False)
+    avg = b.fixed(param_bytes(V, FP32), False, "activations", FP32)
+    g.op("valid_indices", [], [idx], fwd_temp=(S * (16 + 8 + 8), 0))
+    loss = b.fixed(512, True, "activations", FP32)
+    g.op("cce", ins + [idx], [loss, lse, avg], saved=ins + [idx, lse, avg], fwd_temp=(S * FP32, 0),
+         bwd_temp=(0, param_bytes(V, 8 + 4)), param_grad=pgrad)
+    return loss, None
+
+
+LOSSES = {"plain": plain_loss, "chunked": chunked_loss, "liger": liger_loss, "cce": cce_loss}    # the recipe's `loss` -> its ops after the final norm
+NO_CACHE_LOSSES = ("chunked",)  # TRL's chunked path calls the backbone with use_cache=False
 
 
 def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):

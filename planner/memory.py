@@ -176,6 +176,14 @@ def optimizer_step_temp_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     return clip
 
 
+def grad_scaler_bytes(tc: TrainConfig) -> int:
+    """`--precision fp16`: torch.amp.GradScaler (torch 2.13 `torch/amp/grad_scaler.py`) keeps its fp32 `_scale` and
+    int32 `_growth_tracker` (one-element tensors, a 512-byte block each) from the first `scale()`, and one more block
+    at a time: the scaled loss during backward, `found_inf` (per device; `unscale_` works in place) at the step.
+    Counted with the optimizer state: 3 blocks. Other precisions: 0."""
+    return 3 * 512 if tc.precision == "fp16" else 0
+
+
 def cuda_workspace_bytes(gpu=None) -> int:
     """cuBLAS workspaces allocated through the caching allocator: one per (thread, stream) handle, and a training
     step uses two threads (forward on the main thread, backward on autograd's device thread): 2 x 32 MiB on
@@ -535,7 +543,7 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
         "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32),  # + rotary inv_freq buffer
         "quant_constants": base["quant_constants"],
         "trainable_weights": adapter_bytes(arch, tc),
-        "optimizer_state": opt["state"],
+        "optimizer_state": opt["state"] + grad_scaler_bytes(tc),
         "cuda_workspace": workspace,
     }
     static, grads, opt_temp, offload, notes = shard_static(

@@ -116,7 +116,7 @@ _TRAIN_COMMENTS = {
     "method": "full | lora | dora | prefix | prompt | ia3 (qlora = lora with quant nf4)",
     "quant": "base weights: none | nf4 (4-bit: QLoRA, QDoRA)",
     "use_rslora": "rank-stabilized LoRA scaling alpha/sqrt(r): scaling only, no memory change",
-    "precision": "bf16 | mixed (fp32 master weights + bf16 autocast) | fp32",
+    "precision": "bf16 | mixed (fp32 master weights + bf16 autocast) | fp16 (as mixed, fp16 autocast + GradScaler) | fp32",
     "rank": "LoRA rank: higher increases quality and memory",
     "lora_alpha": "LoRA scaling numerator (usually 2 x rank)",
     "target_modules": '["all-linear"] or module names, e.g. ["q_proj", "v_proj"]',

@@ -6,7 +6,7 @@ packed, whether saved activations are offloaded, and what the trainer does to a 
 is the step ftplan has always modelled and measured (`trainer/recipe.py`, README "The memory model"):
 
 - `attn_implementation="sdpa"`: transformers' default; `F.scaled_dot_product_attention` with CUDA's kernels;
-- `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`);
+- `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`); also chunked, liger, cce;
 - `packing=False`: every row is one full-length sequence;
 - `activation_offload=False`: saved tensors stay on the GPU;
 - `offload_checkpoints=False`: with gradient checkpointing, each layer's input stays on the GPU;
@@ -28,14 +28,16 @@ from typing import ClassVar
 CHOICES = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain", "chunked", "liger", "cce"),
+    "adapter_dtype": ("fp32", "bf16"),
 }
 MODELLED = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "loss": ("plain",),
+    "loss": ("plain", "chunked", "liger", "cce"),
     "packing": (False,),
     "activation_offload": (False,),
     "offload_checkpoints": (False, True),
-    "kbit_preparation": (True,),
+    "kbit_preparation": (True, False),
+    "adapter_dtype": ("fp32", "bf16"),
 }
 
 
@@ -45,14 +47,18 @@ class Recipe:
     attn_implementation: transformers' `attn_implementation`: sdpa (the kernel torch selects, planner.attention) or
         eager (transformers' matmul-softmax-matmul, planner.layers `Builder.eager`) or flash_attention_2 (flash-attn
         2, sm80 and newer; bf16 or mixed precision, or a quantized base).
-    loss: plain `ForCausalLMLoss` (TRL's chunked NLL, Liger's fused linear cross-entropy and Cut Cross-Entropy are
-        not modelled yet).
+    loss: plain `ForCausalLMLoss`; chunked (TRL's `chunked_nll`), liger (Liger's fused linear cross-entropy), cce
+        (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
     packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
     activation_offload: saved tensors in pinned host memory (not modelled yet).
     offload_checkpoints: with gradient checkpointing, each checkpointed layer's input in pinned host memory
         (transformers' `gradient_checkpointing_enable(offload=True)`: `save_on_cpu(pin_memory=True)` around each
         checkpoint, as Unsloth's and Axolotl's offloaded checkpointing do); needs `grad_ckpt`.
-    kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True; skipping it is not modelled yet).
+    kbit_preparation: `peft.prepare_model_for_kbit_training` on a quantized base (True, as Axolotl; False as TRL and
+        LLaMA-Factory: non-quantized parameters and the residual stream stay bf16).
+    adapter_dtype: fp32 (peft's `autocast_adapter_dtype=True`) or bf16 (TRL casts a quantized model's trainable
+        parameters to bf16 after `get_peft_model`: trl f2cd577 sft_trainer.py); bf16 is modelled for LoRA under a
+        bf16 compute (bf16, QLoRA).
     """
 
     attn_implementation: str = "sdpa"
@@ -61,6 +67,7 @@ class Recipe:
     activation_offload: bool = False
     offload_checkpoints: bool = False
     kbit_preparation: bool = True
+    adapter_dtype: str = "fp32"
 
     REFERENCE: ClassVar["Recipe"]
 
@@ -68,7 +75,7 @@ class Recipe:
         for f in fields(self):
             v = getattr(self, f.name)
             valid = CHOICES.get(f.name, (False, True))
-            if v not in valid or (isinstance(v, bool) != (f.type == "bool")):
+            if v not in valid or (isinstance(v, bool) != (str(f.type) == "bool")):
                 raise ValueError(f"recipe.{f.name} must be one of {', '.join(map(str, valid))}; got {v!r}")
             if v not in MODELLED[f.name]:
                 raise ValueError(f"recipe.{f.name} = {v!r} is not modelled yet (modelled: "

@@ -99,6 +99,8 @@ def _families(req: Request) -> list[dict]:
                 if "rank" in fam and fam["rank"] not in QUANT_RANKS.get(quant, (fam["rank"],)):
                     continue
                 fam = dict(fam, quant=quant)
+            if fam.get("precision") == "mixed" and not req.gpu.supports_bf16:
+                fam = dict(fam, precision="fp16")  # no bf16 tensor cores (T4, V100): fp16 autocast + GradScaler
             out.append(fam)
     if req.arch.moe is not None:
         # a MoE model: LoRA on the attention projections (all-linear would reach the fused experts through peft's

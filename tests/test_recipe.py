@@ -15,11 +15,10 @@ def test_the_reference_recipe_is_the_default_and_files_do_not_change():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(loss="liger"), ["recipe.loss", "not modelled", "plain"]),
     (dict(packing=True), ["recipe.packing", "not modelled", "False"]),
+    (dict(activation_offload=True), ["recipe.activation_offload", "not modelled", "False"]),
     (dict(attn_implementation="flash"), ["recipe.attn_implementation", "must be one of", "flash_attention_2"]),
     (dict(packing="yes"), ["recipe.packing", "must be one of"]),
-    (dict(kbit_preparation=False), ["recipe.kbit_preparation", "not modelled"]),
 ])
 def test_what_ftplan_cannot_predict_is_refused_naming_the_field(kw, words):
     with pytest.raises(ValueError) as e:

@@ -56,6 +56,13 @@ class Attempt:
 
         torch.manual_seed(self.schedule["seed"])
         random.seed(self.schedule["seed"])
+        from . import losses
+        from .spec import RunUsageError
+
+        try:  # Liger / Cut Cross-Entropy: say what to install before loading a model
+            losses.check_available(tc.recipe.loss)
+        except losses.LossLibraryMissing as e:
+            raise RunUsageError(str(e), "--loss") from None
         model = recipe.build_model(None, tc, path=run.spec.model_path, device=str(self.device))
         model = dist.shard(recipe.apply_method(model, tc))
         params = recipe.trainable_parameters(model)

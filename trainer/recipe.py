@@ -30,7 +30,7 @@ DEFAULT_LR = 1e-5
 
 def torch_dtype(precision: str) -> torch.dtype:
     """Dtype the model is built in: bf16 for `bf16` (and QLoRA's non-quantized part before k-bit preparation), fp32
-    for `mixed` (master weights) and `fp32`."""
+    for `mixed` and `fp16` (master weights) and `fp32`."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -104,6 +104,13 @@ def apply_method(model, tc: TrainConfig):
     pc = peft_config(tc, getattr(getattr(model, "config", None), "model_type", None))
     if pc is not None:
         model = peft.get_peft_model(model, pc)
+        if tc.recipe.adapter_dtype == "bf16":  # TRL (sft_trainer.py): trainable parameters cast to bf16
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+    from . import losses
+
+    losses.install(model, tc.recipe.loss)  # the recipe's loss (trainer/losses.py); plain: transformers' own
     model.train()
     return model
 
@@ -134,9 +141,11 @@ def make_optimizer(params, tc: TrainConfig, lr: float = DEFAULT_LR, *, foreach: 
 
 
 def autocast_context(tc: TrainConfig, device_type: str):
-    """bf16 autocast for `mixed`; nothing otherwise."""
+    """bf16 autocast for `mixed`, fp16 autocast for `fp16` (its GradScaler: trainer.step); nothing otherwise."""
     if tc.precision == "mixed":
         return torch.autocast(device_type, dtype=torch.bfloat16)
+    if tc.precision == "fp16":
+        return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 

@@ -6,6 +6,9 @@
     clip_grad_norm_(params, max_grad_norm, foreach=foreach)
     optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
 
+With `--precision fp16` the loss is scaled by a `torch.amp.GradScaler` and the gradients unscaled before the clip
+(`scaler.step` skips a step whose gradients overflowed).
+
 The outputs (so the logits) of the last micro-batch stay referenced by the `TrainStep` until the next forward returns,
 exactly as in a plain `out = model(**batch); out.loss.backward(); opt.step()` loop: the memory estimate counts them
 there, and the trace and the calibration measure them there.
@@ -44,13 +47,21 @@ class StepResult:
 
 
 def optimizer_step(params, optimizer, max_grad_norm: float = 1.0, scheduler=None, *, foreach: bool | None = None,
-                   keep_grad_norm: bool = True):
+                   keep_grad_norm: bool = True, scaler=None):
     """Clip, step, (scheduler step), zero_grad(set_to_none=True). Returns the pre-clip gradient norm (a tensor), or
-    None with keep_grad_norm=False (the norm is then freed before the optimizer steps)."""
+    None with keep_grad_norm=False (the norm is then freed before the optimizer steps). With a GradScaler (`fp16`):
+    `scaler.unscale_(optimizer)` (in place) before the clip, `scaler.step(optimizer)` (skipped on inf/NaN) and
+    `scaler.update()`, as torch's AMP recipe does."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=foreach)
     if not keep_grad_norm:
         norm = None
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -73,6 +84,8 @@ class TrainStep:
         self.sync = sync or (lambda last: contextlib.nullcontext())
         self.backward = backward
         self.outputs = None  # the last micro-batch's outputs, alive until the next forward returns
+        # fp16 autocast: a GradScaler (torch.amp) scales the loss and unscales the gradients before the clip
+        self.scaler = torch.amp.GradScaler(device_type) if tc.precision == "fp16" else None
 
     def __call__(self, batches: Iterable[dict], micro_steps: int | None = None) -> StepResult:
         """Forward and backward over `batches` (`micro_steps` of them: tc.grad_accum unless given), then the optimizer
@@ -86,19 +99,21 @@ class TrainStep:
                 self.outputs = recipe.forward(self.model, batch, self.tc, self.device_type)
                 loss = self.outputs.loss
                 self.phase("backward")
+                scaled = loss if self.scaler is None else self.scaler.scale(loss)
                 if self.backward is not None:
-                    self.backward(loss)
+                    self.backward(scaled)
                 elif n == 1:
-                    loss.backward()
+                    scaled.backward()
                 else:
-                    (loss / n).backward()
+                    (scaled / n).backward()
+                del scaled
             total = loss.detach().float() if total is None else total + loss.detach().float()  # fp32 sum
             del loss
         if i + 1 != n:
             raise ValueError(f"TrainStep: {i + 1} micro-batches given, {n} expected")
         self.phase("optimizer")
         norm = optimizer_step(self.params, self.optimizer, self.max_grad_norm, self.scheduler, foreach=self.foreach,
-                              keep_grad_norm=self.keep_grad_norm)
+                              keep_grad_norm=self.keep_grad_norm, scaler=self.scaler)
         return StepResult(loss=total, grad_norm=norm, micro_steps=n)
 
     def release(self) -> None:

@@ -23,6 +23,7 @@ OPTION_OF = {
     "lora_dropout": "--lora-dropout", "target_modules": "--target-modules", "num_virtual_tokens": "--num-virtual-tokens",
     "seq_len": "--seq-len", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "grad_ckpt": "--grad-ckpt",
     "optimizer": "--optimizer", "num_gpus": "--num-gpus", "strategy": "--strategy", "cpu_offload": "--cpu-offload",
+    "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep", "recipe.adapter_dtype": "--adapter-dtype",
 }
 
 
@@ -69,7 +70,7 @@ def train_options(f):
         click.option("--quant", type=click.Choice(tuple(QUANTS)), default=None,
                      help="Base weights: none, or nf4 4-bit (bitsandbytes, QLoRA/QDoRA)  [default: none]"),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True,
-                     help="bf16 weights/grads/state, mixed (fp32 master + bf16 autocast), or fp32."),
+                     help="bf16 weights/grads/state, mixed (fp32 master + bf16 autocast), fp16 (fp32 master + fp16 autocast + GradScaler: T4, V100), or fp32."),
         click.option("--rank", type=int, default=16, show_default=True, help="LoRA/QLoRA rank (higher: more memory)."),
         click.option("--lora-alpha", type=int, default=None, help="LoRA alpha  [default: 2 x rank]"),
         click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA dropout."),
@@ -94,6 +95,14 @@ def train_options(f):
         click.option("--attn", "attn_implementation", type=click.Choice(RECIPE_CHOICES["attn_implementation"]),
                      default="sdpa", show_default=True,
                      help="transformers attn_implementation: sdpa (the kernel torch picks for the GPU) or eager."),
+        click.option("--loss", type=click.Choice(RECIPE_CHOICES["loss"]), default="plain", show_default=True,
+                     help="plain (transformers), chunked (TRL's chunked_nll), liger (Liger fused linear CE), "
+                          "cce (Cut Cross-Entropy, as Axolotl loads it)."),
+        click.option("--kbit-prep/--no-kbit-prep", "kbit_preparation", default=True, show_default=True,
+                     help="QLoRA: peft's prepare_model_for_kbit_training (fp32 embeddings, norms, lm_head; as Axolotl); "
+                          "--no-kbit-prep keeps them bf16, as TRL and LLaMA-Factory do."),
+        click.option("--adapter-dtype", type=click.Choice(RECIPE_CHOICES["adapter_dtype"]), default="fp32",
+                     show_default=True, help="LoRA adapters in fp32 (peft) or bf16 (TRL casts them on a quantized model)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -102,11 +111,14 @@ def train_options(f):
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload",
-              "offload_ckpt", "attn_implementation")
+              "offload_ckpt", "attn_implementation", "loss", "kbit_preparation", "adapter_dtype")
 # CLI parameter -> Recipe field (the options that set how the step runs, on top of a plan's or file's recipe)
-RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "attn_implementation": "attn_implementation"}
+RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "attn_implementation": "attn_implementation", "loss": "loss",
+                  "kbit_preparation": "kbit_preparation", "adapter_dtype": "adapter_dtype"}
 OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt",
-                  "recipe.attn_implementation": "--attn", "attn_implementation": "--attn"})
+                  "recipe.attn_implementation": "--attn", "attn_implementation": "--attn",
+                  "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep",
+                  "recipe.adapter_dtype": "--adapter-dtype", "adapter_dtype": "--adapter-dtype"})
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:
@@ -127,7 +139,8 @@ def _option_for(message: str) -> str | None:
 def build_train_config(values: dict) -> TrainConfig:
     """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
     values = {k: v for k, v in values.items() if not (k in ("quant", "use_rslora") and v is None)}
-    recipe = {RECIPE_OPTIONS[k]: values.pop(k) for k in list(values) if k in RECIPE_OPTIONS}
+    recipe = {RECIPE_OPTIONS[k]: values.pop(k) for k in list(values)
+              if k in RECIPE_OPTIONS and values[k] is not None}
     if recipe:  # on top of the recipe the values carry (a plan file's), else the reference
         base = values.get("recipe") or Recipe.REFERENCE
         values["recipe"] = {**(base.to_dict() if isinstance(base, Recipe) else dict(base)), **recipe}

@@ -48,6 +48,7 @@ class Method:
     description: str = ""
     trains_base: bool = False  # the base weights are the trainable parameters (full fine-tuning)
     uses_rank: bool = False  # rank, alpha, dropout and target modules apply
+    bf16_adapters: bool = False  # `Recipe.adapter_dtype="bf16"` is modelled (LoRA under a bf16 compute)
     uses_virtual_tokens: bool = False  # num_virtual_tokens applies
     supports_grad_ckpt: bool = True
     grad_ckpt_reason: str = ""

@@ -29,6 +29,7 @@ from .lora import LoRA, lora_targets
 
 
 class DoRA(LoRA):
+    bf16_adapters = False  # DoRA's magnitude and weight-norm ops are modelled with fp32 adapters only
     name = "dora"
     label = "DoRA"
     description = "LoRA with a trained per-feature magnitude (weight-decomposed), base frozen"

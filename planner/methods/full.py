@@ -16,17 +16,18 @@ class Full(Method):
     default_lr = 2e-5
 
     def quality(self, tc) -> float:
-        return 1.0 if tc.precision in ("mixed", "fp32") else 1.2
+        return 1.0 if tc.precision in ("mixed", "fp32", "fp16") else 1.2
 
     def efficiency_key(self, tc) -> str:
-        """Full fine-tuning under fp32 master weights (`mixed`, `fp32`) has its own key, `full-mixed`."""
+        """Full fine-tuning under fp32 master weights (`mixed`, `fp16`, `fp32`) has its own key, `full-mixed`."""
         return "full-mixed" if tc.precision != "bf16" else "full"
 
     def families(self) -> list[dict]:
         return [dict(method="full", precision="mixed"), dict(method="full", precision="bf16")]
 
     def family_label(self, fam: dict) -> str:
-        return f"Full FT, {'mixed precision (fp32 master)' if fam.get('precision') == 'mixed' else 'bf16'}"
+        labels = {"mixed": "mixed precision (fp32 master)", "fp16": "fp16 mixed precision (fp32 master)"}
+        return f"Full FT, {labels.get(fam.get('precision'), 'bf16')}"
 
     def trainable_tensors(self, arch, tc) -> list[Trainable]:
         """Every base parameter tensor (planner.memory.param_tensors) in the weights' dtype."""

@@ -64,6 +64,7 @@ class LoRA(Method):
     label = "LoRA"
     description = "low-rank adapters on linear layers, base frozen"
     uses_rank = True
+    bf16_adapters = True  # adapter_dtype(): trainable tensors, dropout input and adapter outputs in bf16
     quants = ("none", "nf4")
     quality_tier = 2.0
     quality_reason = ("LoRA 2.0 at rank >= 64, +0.1 at rank 16-63, +0.2 below (LoRA arXiv:2106.09685; "
@@ -107,7 +108,8 @@ class LoRA(Method):
         L = arch.num_layers
         out = []
         for lin in lora_targets(arch, tc):
-            out += [Trainable(tc.rank, lin.in_features, L, FP32), Trainable(lin.out_features, tc.rank, L, FP32)]
+            dt = adapter_dtype(tc)
+            out += [Trainable(tc.rank, lin.in_features, L, dt), Trainable(lin.out_features, tc.rank, L, dt)]
         return out
 
     # -- the step's graph ---------------------------------------------------------------------------------------
@@ -132,12 +134,13 @@ class LoRA(Method):
         return b.cast(s, n_out, b.dtype[y])
 
     def dropout_input(self, b, x: int, n_in: int) -> int:
-        """`dropout(x.to(fp32))` (peft casts the input to the adapter's dtype first)."""
+        """`dropout(x.to(adapter dtype))` (peft casts the input to the adapter's dtype first)."""
         g = b.g
-        xl = b.cast(x, n_in, FP32)
+        dt = adapter_dtype(b.tc)
+        xl = b.cast(x, n_in, dt)
         if b.tc.lora_dropout <= 0:
             return xl
-        d = b.new(n_in, FP32, g.rg(xl))
+        d = b.new(n_in, dt, g.rg(xl))
         mask = b.new(n_in, BOOL, False, kind="activations")
         g.op("native_dropout", [xl], [d, mask], saved=[mask] if g.rg(xl) else [])
         return d
@@ -166,13 +169,20 @@ class LoRA(Method):
         return peft.LoraConfig(**self.peft_kwargs(tc))
 
 
+def adapter_dtype(tc) -> int:
+    """Bytes per element of the adapters: fp32 (peft's `autocast_adapter_dtype=True`), or bf16 when the recipe casts
+    them (`Recipe.adapter_dtype`, TRL on a quantized model)."""
+    return BF16 if tc.recipe.adapter_dtype == "bf16" else FP32
+
+
 def _trained_linear(b, x: int, n_in: int, n_out: int) -> int:
     """An fp32 adapter matrix (LoRA A or B): saves its input; under autocast its bf16 casts and the bf16 copy of
     the weight (cast per forward, saved when the input needs a gradient)."""
     g = b.g
     if not b.R.autocast:
-        y = b.new(n_out, FP32, True)
-        g.op("adapter", [x], [y], saved=[x], param_grad=(0, param_bytes(n_in * n_out, FP32)))
+        dt = adapter_dtype(b.tc)
+        y = b.new(n_out, dt, True)
+        g.op("adapter", [x], [y], saved=[x], param_grad=(0, param_bytes(n_in * n_out, dt)))
         return y
     xc = b.cast(x, n_in, BF16)
     wc = b.fixed(param_bytes(n_in * n_out, BF16), rg=True, kind="weight_copies", dtype=BF16)

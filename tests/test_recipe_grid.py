@@ -1,0 +1,56 @@
+"""The recipe grid (issue 11): every loss x precision x method (full, lora, qlora) x checkpointing on a GQA Llama and a
+non-GQA Qwen2 tiny family, traced (`python -m calibrate.trace_grid --grid recipe --out
+calibrate/reference/trace-points-recipe.jsonl`), against the analytic model."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from calibrate.trace_grid import TINY_FAMILIES, model_arch
+from planner.config import TrainConfig
+from planner.memory import estimate_memory
+
+POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-recipe.jsonl"
+LOSS_EVENTS = ("forward (loss)", "loss backward")
+
+
+def _points():
+    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+
+
+def _error(p):
+    tc = TrainConfig.from_dict(p["train"])
+    est = estimate_memory(model_arch(p["model"]), tc)
+    traced = p["trace"]["peak_allocated_bytes"]
+    return tc, est, (est.peak_allocated_bytes - traced) / traced
+
+
+def test_the_grid_crosses_every_loss_precision_method_and_checkpointing_on_two_families():
+    tcs = [(p["model"], TrainConfig.from_dict(p["train"])) for p in _points()]
+    assert {m for m, _ in tcs} == set(TINY_FAMILIES)
+    assert {tc.recipe.loss for _, tc in tcs} == {"plain", "chunked", "liger", "cce"}
+    assert {(tc.method_name, tc.precision) for _, tc in tcs} >= {("full", "bf16"), ("full", "mixed"), ("lora", "bf16"),
+                                                                 ("lora", "mixed"), ("qlora", "bf16")}
+    assert {tc.grad_ckpt for _, tc in tcs} == {False, True}
+    gqa = {m: TINY_FAMILIES[m]["num_attention_heads"] != TINY_FAMILIES[m]["num_key_value_heads"] for m in TINY_FAMILIES}
+    assert set(gqa.values()) == {True, False}
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train'].get('recipe', {}).get('loss', 'plain')}")
+def test_analytic_matches_the_recipe_trace(point):
+    """Within 2% wherever the loss or the optimizer holds the peak; within 3% (the reference grid's bar) where a
+    decoder layer does: there the analytic model is short by a few of a LoRA layer's fp32 buffers in the recompute /
+    forward of tiny models, as it is with the plain loss when the vocabulary is small (a layer-model gap the fused
+    losses expose, since they no longer hide the layers under the logits)."""
+    tc, est, err = _error(point)
+    bar = 0.02 if (est.peak_event in LOSS_EVENTS or est.peak_event == "optimizer step") else 0.03
+    assert abs(err) <= bar, f"{tc.describe()} {tc.recipe.loss}: {err:+.2%} at {est.peak_event}"
+    assert est.trainable_params == point["trace"]["trainable_params"]
+
+
+def test_the_recipe_grid_median_error_is_tiny():
+    errs = [abs(_error(p)[2]) for p in _points()]
+    assert statistics.median(errs) < 0.002
+    assert sum(e <= 0.02 for e in errs) >= 0.9 * len(errs)
