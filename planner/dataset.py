@@ -132,6 +132,24 @@ def _raise_errors(errors: list[str]) -> None:
 # -- formats ---------------------------------------------------------------------------------------------------------
 
 
+def read_checked(path: str | Path, fmt: str = "auto", train_on_inputs: bool = False) -> tuple[list, str, bool]:
+    """Every record of `path`, checked (a DataError names each bad `file:line`, up to 10): (rows, the format, whether
+    the records are chat messages). `fmt` "auto" detects the format from the first record."""
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
+    rows = read_records(path)
+    if fmt == "auto":
+        fmt = detect_format(rows[0][0], rows[0][1])
+    errors = []
+    for rec, where in rows:
+        problem = check_record(rec, fmt, train_on_inputs)
+        if problem:
+            errors.append(f"{where}: {problem} ({fmt} format needs {FORMAT_KEYS[fmt]})")
+    _raise_errors(errors)
+    chat = fmt == "chat" or (fmt == "prompt_completion" and any(is_conversational(r) for r, _ in rows))
+    return rows, fmt, chat
+
+
 def is_conversational(record: dict) -> bool:
     """TRL's conversational prompt/completion: `prompt` and `completion` hold lists of messages."""
     return "prompt" in record and "completion" in record and (

@@ -25,8 +25,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset import FORMATS, ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataError, chat_turns, check_record, \
-    detect_format, is_conversational, read_records, tokenize_record, _raise_errors
+from .dataset import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, DataError, chat_turns, is_conversational, read_checked, \
+    tokenize_record
 
 # "A helpful rule of thumb is that one token generally corresponds to ~4 characters of text for common English
 # text" (OpenAI, "What are tokens and how to count them", help.openai.com/en/articles/4936856). Code, non-English
@@ -175,21 +175,8 @@ def read_stats(path: str, tokenizer=None, tokenized_by: str = "", *, fmt: str = 
                train_on_inputs: bool = False, progress=None) -> DataStats:
     """Read and check every record as `ftplan run` does (DataError names file:line), then count each one's tokens
     with `tokenizer` (or estimate them). `progress(iterable) -> iterable` wraps the tokenizing loop."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
-    rows = read_records(path)
-    if fmt == "auto":
-        fmt = detect_format(rows[0][0], rows[0][1])
-    from .dataset import FORMAT_KEYS
-
-    errors = []
-    for rec, where in rows:
-        problem = check_record(rec, fmt, train_on_inputs)
-        if problem:
-            errors.append(f"{where}: {problem} ({fmt} format needs {FORMAT_KEYS[fmt]})")
-    _raise_errors(errors)
+    rows, fmt, chat = read_checked(path, fmt, train_on_inputs)
     notes = []
-    chat = fmt == "chat" or (fmt == "prompt_completion" and any(is_conversational(r) for r, _ in rows))
     if tokenizer is not None and chat and not getattr(tokenizer, "chat_template", None):
         notes.append("the tokenizer has no chat template: chat records are estimated by characters")
         tokenizer = None

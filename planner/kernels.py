@@ -94,6 +94,12 @@ class _Walk:
         key = (tokens, n, k, dtype, phase)
         self.gemms[key] = self.gemms.get(key, 0) + times
 
+    def _launch(self, times: int, run_bwd: bool) -> None:
+        """Kernels issued by the host: one per forward call, one more per call that runs backward."""
+        self.kernels[0] += times
+        if run_bwd:
+            self.kernels[1] += times
+
     def _grouped(self, b, n, times: int, seq: int, run_bwd: bool, phase: str) -> None:
         """A MoE layer's `F.grouped_mm` over the E experts (planner/moe_graph.py `_grouped_linear`): its input holds
         seq x top_k routed rows; with balanced routing (planner.moe) each expert multiplies seq x top_k / E of them,
@@ -154,33 +160,22 @@ class _Walk:
                             self.gemm(seq, N, K, d, "weight_grad", times)
                             self.kernels[1] += times
                     continue
-            if n.name in ATTENTION_MATMULS:  # math / eager / flash-attn 2: one attention call per QK^T
+            if n.name in ATTENTION_MATMULS or n.name == "sdpa":  # timed by FLOPs, one call per QK^T (sdpa: fused)
                 x = _first_activation(g, n.inputs)
                 fp32 = x is not None and dt.get(x) == 4
-                # flash-attn 2 skips the causally masked half; math and eager multiply the whole (S, KV) matrix
-                kernel, causal = ("flash", True) if n.name == "flash_attn" else ("efficient_fp32" if fp32 else "flash", False)
+                if n.name == "sdpa":
+                    kernel, causal = ("efficient_fp32" if fp32 else "efficient" if masked else "flash"), not masked
+                elif n.name == "flash_attn":  # flash-attn 2 skips the causally masked half
+                    kernel, causal = "flash", True
+                else:  # sdpa's math backend and eager multiply the whole (S, KV) matrix
+                    kernel, causal = ("efficient_fp32" if fp32 else "flash"), False
                 acc = self.attn.setdefault((kernel, causal), [0, 0])
                 acc[0] += times
-                self.kernels[0] += times
-                if run_bwd:
-                    acc[1] += times
-                    self.kernels[1] += times
+                acc[1] += times if run_bwd else 0
+                self._launch(times, run_bwd)
                 continue
             if n.name in ("bmm_pv", "matmul_pv"):  # the second half of the call counted at its QK^T
-                self.kernels[0] += times
-                if run_bwd:
-                    self.kernels[1] += times
-                continue
-            if n.name == "sdpa":
-                x = _first_activation(g, n.inputs)
-                fp32 = x is not None and dt.get(x) == 4
-                kernel = "efficient_fp32" if fp32 else "efficient" if masked else "flash"
-                acc = self.attn.setdefault((kernel, not masked), [0, 0])
-                acc[0] += times
-                self.kernels[0] += times
-                if run_bwd:
-                    acc[1] += times
-                    self.kernels[1] += times
+                self._launch(times, run_bwd)
                 continue
             # bandwidth-bound: read inputs, write outputs
             size = [0, 0]

@@ -1,17 +1,8 @@
 """Training data for `ftplan run`: read, check, tokenize, truncate, pack, order and collate.
 
-Formats (detected from the first record's keys, or forced with `--format`):
-
-    alpaca             {"instruction": ..., "input": ... (optional), "output": ...}
-    chat               {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
-                       (ShareGPT's {"conversations": [{"from": "human" | "gpt", "value": ...}]} is read as chat,
-                       and so is TRL's conversational prompt/completion {"prompt": [messages], "completion":
-                       [messages]}: the completion's messages are trained)
-    prompt_completion  {"prompt": ..., "completion": ...}
-    text               {"text": ...}
-
-Reading, formats, checks and per-record tokenizing live in `planner.dataset` (no torch), shared with `ftplan
-estimate --data`. Sources: a JSON-lines file (`.jsonl`, or `.json` holding one array), or a folder written by `datasets`'
+The formats (alpaca, chat, prompt_completion, text), detected from the first record's keys or forced with
+`--format`, are listed in `planner.dataset`, where reading, checks and per-record tokenizing live (no torch, shared
+with `ftplan estimate --data`). Sources: a JSON-lines file (`.jsonl`, or `.json` holding one array), or a folder written by `datasets`'
 `save_to_disk` (its `train` split, or its only split). Every record is checked before anything is tokenized; a
 problem is a `DataError` naming `file:line` (up to 10 at once), raised before the model is loaded.
 
@@ -58,6 +49,7 @@ from planner.dataset import (  # noqa: F401
     check_record,
     detect_format,
     is_conversational,
+    read_checked,
     read_records,
     tokenize_record,
 )
@@ -102,18 +94,7 @@ class Dataset:
 def load_dataset(path: str | Path, tokenizer, seq_len: int, *, fmt: str = "auto", train_on_inputs: bool = False,
                  packing: bool = False) -> Dataset:
     """Read, check every record, tokenize, truncate to `seq_len`, optionally pack. DataError on any problem."""
-    if fmt != "auto" and fmt not in FORMATS:
-        raise DataError(f"unknown format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
-    rows = read_records(path)
-    if fmt == "auto":
-        fmt = detect_format(rows[0][0], rows[0][1])
-    errors = []
-    for rec, where in rows:
-        problem = check_record(rec, fmt, train_on_inputs)
-        if problem:
-            errors.append(f"{where}: {problem} ({fmt} format needs {FORMAT_KEYS[fmt]})")
-    _raise_errors(errors)
-    chat = fmt == "chat" or (fmt == "prompt_completion" and any(is_conversational(r) for r, _ in rows))
+    rows, fmt, chat = read_checked(path, fmt, train_on_inputs)
     if chat and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{path}: the chat format needs a tokenizer with a chat template, and this tokenizer has "
                         "none (add one to tokenizer_config.json, or use --format text)")
