@@ -18,6 +18,8 @@ backward and in the optimizer step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from dataclasses import dataclass, field
 
@@ -220,13 +222,31 @@ _piece_configs: dict = {}
 
 
 def _piece_key(tc: TrainConfig) -> TrainConfig:
-    """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized."""
-    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS)
+    """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
+    exception, `gathered_adapter_dtype`."""
+    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (gathered_adapter_dtype(tc),)
     out = _piece_configs.get(k)
     if out is None:
-        out = _piece_configs[k] = tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp",
-                                             cpu_offload=False)
+        out = tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
+        if k[-1] != out.recipe.adapter_dtype:
+            out = out.replace(recipe=dataclasses.replace(out.recipe, adapter_dtype=k[-1]))
+        _piece_configs[k] = out
     return out
+
+
+def gathered_adapter_dtype(tc: TrainConfig) -> str:
+    """The dtype the layers compute the adapters in: `Recipe.adapter_dtype`, except that FSDP2 over several GPUs
+    gathers every parameter in its `MixedPrecisionPolicy.param_dtype` (torch/distributed/fsdp/_fully_shard/
+    _fsdp_param.py: the all-gather output is cast to param_dtype), bf16 under bf16 weights
+    (`planner.strategies.fsdp2.mixed_precision_policy`): peft's fp32 LoRA matrices then run in bf16, exactly as
+    `adapter_dtype="bf16"` models them (the input is no longer copied to fp32 and saved)."""
+    if (tc.num_gpus > 1 and tc.strategy == "fsdp" and tc.precision == "bf16" and tc.spec.bf16_adapters
+            and not tc.base_quant.quantized):
+        from .strategies.fsdp2 import mixed_precision_policy
+
+        if mixed_precision_policy(tc)["param_dtype"] == "bfloat16":
+            return "bf16"
+    return tc.recipe.adapter_dtype
 
 
 @functools.lru_cache(maxsize=4096)
