@@ -292,10 +292,35 @@ def explain(res: Result) -> str:
             why = f"no method on the list ranks higher, and it fits on {where}"
         siblings = sum(1 for p in res.ranked if family_label(p.train) == label)
         how = f"{config} is the fastest of its {siblings} configurations that fit" if siblings > 1 else f"{config} is its one configuration that fits"
-        return f"{label} wins: {why}. {how[0].upper() + how[1:]}."
+        return f"{label} wins: {why}. {how[0].upper() + how[1:]}." + _across_gpus(res, best)
     if req.objective == "time":
-        return f"{label} with {config} trains fastest of the {len(res.ranked)} plans that fit."
-    return f"{label} with {config} is the cheapest of the {len(res.ranked)} plans that fit."
+        return f"{label} with {config} trains fastest of the {len(res.ranked)} plans that fit." + _across_gpus(res, best)
+    return f"{label} with {config} is the cheapest of the {len(res.ranked)} plans that fit." + _across_gpus(res, best)
+
+
+def _layout(p) -> str:
+    """`8 x a100 with ZeRO-3 + CPU offload (41.2 GiB per GPU, 20.1 GiB host RAM per GPU)`."""
+    from .strategies import strategy_of
+
+    tc = p.train
+    host = p.memory.host_bytes
+    return (f"{tc.num_gpus} x {p.gpu.name if p.gpu else 'GPU'} with {strategy_of(tc).label}"
+            + (" + CPU offload" if tc.cpu_offload else "") + f" ({_gib(p.device_bytes)} per GPU"
+            + (f", {_gib(host)} host RAM per GPU" if host else "") + ")")
+
+
+def _across_gpus(res: Result, best) -> str:
+    """On several GPUs, which strategy the winner uses and why, and the fewest GPUs its method fits on (offloading
+    trades speed for GPUs: the host RAM it needs is stated)."""
+    tc = best.train
+    if tc.num_gpus == 1:
+        return ""
+    same = [p for p in res.ranked if family_label(p.train) == family_label(tc)]
+    fewest = min(same, key=lambda p: (p.train.num_gpus, p.train.cpu_offload, p.speed.step_seconds if p.speed else 0))
+    text = f" Across GPUs: {_layout(best)} is its fastest layout."
+    if fewest.train.num_gpus < tc.num_gpus:
+        text += f" The fewest GPUs it fits on: {_layout(fewest)}, slower."
+    return text
 
 
 def _gib(n: int) -> str:

@@ -120,7 +120,7 @@ def test_recommend_tries_the_registry_layouts():
 
     assert _layouts(Req()) == [(1, "ddp", False)] + [
         (n, s, o) for n in (2, 4) for s, o in
-        (("ddp", False), ("zero2", False), ("zero3", False), ("fsdp", False), ("zero3", True))]
+        (("ddp", False), ("zero2", False), ("zero3", False), ("fsdp", False), ("zero3", True), ("fsdp", True))]
     assert strategies.most_sharded().name == "zero3"
     assert not strategies.get("zero1").recommend_offload  # dominated by ZeRO-2 in this model
 
@@ -154,3 +154,22 @@ def test_zero1_deepspeed_config_is_stage_1():
     assert "stage3_gather_16bit_weights_on_model_save" not in zero
     with pytest.raises(ValueError, match="does not run on DeepSpeed"):
         launch.deepspeed_config(tc.replace(strategy="fsdp"))
+
+
+def test_recommend_across_gpus_says_which_layout_wins_and_the_fewest_gpus_with_host_ram():
+    """Issue 12 item 5: a 70B QLoRA on 24 GB cards; FSDP and ZeRO-3 with CPU offload are searched, the winner's
+    layout and the fewest GPUs that fit are named with their device memory and host RAM per GPU."""
+    from planner.plan import Workload
+    from planner.recommend import Request, explain, recommend
+
+    req = Request(arch=load_model("70b"), gpu=load_gpu("rtx-4090"), seq_len=2048, workload=Workload(None, 1.0),
+                  effective_batch=16, objective="quality", margin=0.05, max_gpus=8, methods=("qlora",))
+    res = recommend(req)
+    assert {(p.train.strategy, p.train.cpu_offload) for p in res.ranked if p.train.num_gpus > 1} >= {
+        ("fsdp", True), ("zero3", True)}
+    fewest = min(p.train.num_gpus for p in res.ranked)
+    assert fewest == 2 and all(p.train.cpu_offload for p in res.ranked if p.train.num_gpus == 2)
+    text = explain(res)
+    assert "Across GPUs:" in text and "host RAM per GPU" in text
+    if res.best.train.num_gpus > 2:
+        assert "The fewest GPUs it fits on: 2 x rtx-4090-24gb" in text

@@ -137,4 +137,5 @@ FSDP = register(FSDP2(
     gathers="each decoder layer's weights before its forward and its backward, the next one prefetched",
     offloads=(OPTIMIZER_STATE, WEIGHTS),
     launcher=Launcher("FSDP", fsdp_version=2, fsdp_reshard_after_forward=True),
+    recommend_offload=(False, True),  # FSDP + CPU offload: QLoRA of a 70B on two 24 GB GPUs (issue 12)
 ))
