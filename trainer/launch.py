@@ -243,11 +243,13 @@ def launch_command(config_path: str | Path, spec_path: str | Path) -> list[str]:
 def _launch(cmd: list[str], env: dict, out: Path | None = None) -> int:
     """Run the launcher under `trainer.supervise.run_child`: in its own session, SIGINT/SIGTERM passed on once, and
     stopped (parent-death signal) when this process dies; it inherits the output folder's lock, so the folder stays
-    locked until the launcher and its workers are gone."""
+    locked until the launcher and its workers are gone. Its standard output goes to standard error."""
     from . import files, supervise
 
     fd = files.held_lock_fd(out) if out is not None else None
-    return supervise.run_child(cmd, env, pass_fds=(fd,) if fd is not None else ())
+    # the workers' standard output (libraries print there: DeepSpeed's accelerator notice) goes to this process's
+    # standard error, so that `ftplan run --json` writes nothing but its JSON on standard output
+    return supervise.run_child(cmd, env, pass_fds=(fd,) if fd is not None else (), stdout=2)
 
 
 def launch_run(spec) -> dict:

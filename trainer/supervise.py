@@ -83,9 +83,10 @@ class Signals:
 
 
 def run_child(cmd: list[str], env: dict, *, pass_fds: tuple = (), death_signal: int = signal.SIGTERM,
-              grace_s: float = 60.0) -> int:
+              grace_s: float = 60.0, stdout: int | None = None) -> int:
     """Run `cmd` (the launcher) to completion under the rules of the module docstring; returns its exit code.
-    `pass_fds`: descriptors it inherits (the output folder's lock, held until the launcher exits)."""
+    `pass_fds`: descriptors it inherits (the output folder's lock, held until the launcher exits); `stdout`: where
+    its standard output goes (a descriptor; None: this process's)."""
     parent = os.getpid()
     prctl = _prctl()
 
@@ -95,7 +96,8 @@ def run_child(cmd: list[str], env: dict, *, pass_fds: tuple = (), death_signal: 
             if os.getppid() != parent:  # the parent died before the call: no signal would come
                 os.kill(os.getpid(), int(death_signal))
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=tuple(pass_fds), preexec_fn=preexec)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=tuple(pass_fds), preexec_fn=preexec,
+                            stdout=stdout)
 
     def forward(signum, frame):
         _signal_group(proc, signum)
