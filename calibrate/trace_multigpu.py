@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from types import SimpleNamespace
 
 import torch
 
 from planner.config import TrainConfig
 from trainer import recipe
+from trainer.fsdp import shard
 from trainer.step import TrainStep
 
 from .trace import PHASE_TAGS, LiveBytes, TraceResult, _count_params, _round_block, cuda_behaviour
@@ -121,42 +121,6 @@ def own_propagation_mode(tracker: ShardedLiveBytes):
     finally:
         sp.ShardingPropagator._propagate_tensor_meta_non_cached = original
         sp.detect_fake_mode = saved_detect
-
-
-def fsdp_plugin(tc: TrainConfig, model_type: str | None):
-    """accelerate's FSDP plugin with the fields `trainer.launch.accelerate_config` writes, and the mixed-precision
-    policy `trainer.dist` hands accelerate (`planner.strategies.fsdp2.mixed_precision_policy`)."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    from planner.strategies.fsdp2 import mixed_precision_policy
-    from trainer.launch import fsdp_config
-
-    cfg = fsdp_config(tc, model_type)
-    policy = {k: getattr(torch, v) for k, v in mixed_precision_policy(tc).items()}
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=cfg["fsdp_version"],
-        reshard_after_forward=cfg["fsdp_reshard_after_forward"],
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[cfg["fsdp_transformer_layer_cls_to_wrap"]]
-        if "fsdp_transformer_layer_cls_to_wrap" in cfg else None,
-        cpu_offload=cfg["fsdp_offload_params"],
-        state_dict_type=cfg["fsdp_state_dict_type"],
-        activation_checkpointing=cfg["fsdp_activation_checkpointing"],
-        # the meta-device load path only changes how weights arrive, not the steady state traced here
-        cpu_ram_efficient_loading=False,
-        mixed_precision_policy=MixedPrecisionPolicy(**policy),
-    )
-
-
-def shard(model, tc: TrainConfig, model_type: str | None):
-    """Apply FSDP2 to `model` with accelerate's own `fsdp2_prepare_model` (mixed_precision "no", as
-    accelerate_config.yaml says: the recipe keeps its own dtypes and the plugin's policy casts)."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-    acc = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp_plugin(tc, model_type)), mixed_precision="no",
-                          is_main_process=False, torch_device_mesh=None, device=torch.device("cpu"))
-    return fsdp2_prepare_model(acc, model)
 
 
 def run_steps(model, tc: TrainConfig, tracker: ShardedLiveBytes, vocab: int, steps: int, *, device="cpu",

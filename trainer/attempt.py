@@ -64,7 +64,7 @@ class Attempt:
         except losses.LossLibraryMissing as e:
             raise RunUsageError(str(e), "--loss") from None
         model = recipe.build_model(None, tc, path=run.spec.model_path, device=str(self.device))
-        model = dist.shard(recipe.apply_method(model, tc))
+        model = dist.shard(recipe.apply_method(model, tc), tc)
         params = recipe.trainable_parameters(model)
         optimizer = recipe.make_optimizer(params, tc, lr=self.schedule["learning_rate"])
         scheduler = make_scheduler(optimizer, self.schedule, total)

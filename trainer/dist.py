@@ -72,13 +72,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t
 
-    def shard(self, model):
+    def shard(self, model, tc):
         """FSDP2 over the CPU processes (before the optimizer is built: it must see the sharded parameters)."""
         if not self.fsdp_direct:
             return model
         from . import fsdp
 
-        return fsdp.shard(model, self.fsdp_mixed_precision)
+        return fsdp.shard(model, tc, getattr(getattr(model, "config", None), "model_type", None))
 
     def prepare(self, model, optimizer, ds_config: dict | None = None):
         """accelerate's wrapping (DDP, FSDP, DeepSpeed); the directly sharded model is ready as it is; CPU ZeRO
