@@ -573,17 +573,19 @@ def _torch_compile(r: _Reader, key: str) -> None:
         raise ConfigFileError(f"{key}: {v!r}: a compiled step is not modelled (valid: false)", key)
 
 
-def _trainer_schedule(r: _Reader) -> None:
-    """transformers TrainingArguments keys that `ftplan run` uses (no effect on memory or speed)."""
+def _trainer_schedule(r: _Reader, epochs_key: str = "num_train_epochs",
+                      scheduler_key: str = "lr_scheduler_type") -> None:
+    """The schedule keys `ftplan run` uses (no effect on memory or speed): transformers TrainingArguments' names, which
+    TRL and LLaMA-Factory keep; Axolotl renames two (`num_epochs`, `lr_scheduler`)."""
     r.sched("learning_rate", "learning_rate")
-    r.sched("epochs", "num_train_epochs")
+    r.sched("epochs", epochs_key)
     r.sched("max_steps", "max_steps", "int")
     r.sched("warmup_ratio", "warmup_ratio")
     r.sched("max_grad_norm", "max_grad_norm")
     r.sched("save_steps", "save_steps", "int")
     r.sched("logging_steps", "logging_steps", "int")
     r.sched("seed", "seed", "int")
-    v = r.raw("lr_scheduler_type")
+    v = r.raw(scheduler_key)
     if v is not None:
         r.schedule["lr_scheduler"] = str(v)
 
@@ -737,17 +739,7 @@ def _map_axolotl(r: _Reader):
                   "Axolotl skips prepare_model_for_kbit_training under FSDP/ZeRO-3" if skip
                   else "Axolotl calls prepare_model_for_kbit_training on a 4-bit base")
     _torch_compile(r, "torch_compile")
-    r.sched("learning_rate", "learning_rate")
-    r.sched("epochs", "num_epochs")
-    r.sched("max_steps", "max_steps", "int")
-    r.sched("warmup_ratio", "warmup_ratio")
-    r.sched("max_grad_norm", "max_grad_norm")
-    r.sched("save_steps", "save_steps", "int")
-    r.sched("logging_steps", "logging_steps", "int")
-    r.sched("seed", "seed", "int")
-    v = r.raw("lr_scheduler")
-    if v is not None:
-        r.schedule["lr_scheduler"] = str(v)
+    _trainer_schedule(r, epochs_key="num_epochs", scheduler_key="lr_scheduler")
     return model
 
 
