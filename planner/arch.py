@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from dataclasses import replace as _dc_replace
 from pathlib import Path
 
+from .frozen import fields_hash
 from . import moe as _moe
 from .layerkinds import LayerKind, LayerKindError, layer_kinds_from_config
 
@@ -154,6 +155,11 @@ class ModelArch:
     def __post_init__(self):
         if len(self.layer_kinds) != self.num_layers:
             raise ArchError(f"{self.name}: {len(self.layer_kinds)} layer kinds for {self.num_layers} layers")
+        object.__setattr__(self, "_hash", fields_hash(self))
+
+    def __hash__(self) -> int:
+        """The dataclass hash (every field but `layer_kinds` and `config`), computed once (`planner.frozen`)."""
+        return self._hash
 
     @functools.cached_property
     def kind_counts(self) -> tuple[tuple[LayerKind, int], ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from .frozen import fields_hash
 from .methods import ALIASES, METHOD_CHOICES, get_method
 from .quant import get_quant
 from .recipe import Recipe
@@ -88,6 +89,7 @@ class TrainConfig:
         q = get_quant(self.quant)
         object.__setattr__(self, "_spec", spec)  # not fields: equality, hashing and to_dict ignore them
         object.__setattr__(self, "_base_quant", q)
+        object.__setattr__(self, "_hash", fields_hash(self))
         spec.validate(self)
         if self.quant not in spec.quants:
             raise ValueError(f"quant {self.quant!r} is not valid with method {self.method!r} "
@@ -118,6 +120,11 @@ class TrainConfig:
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:
             raise ValueError(f"cpu_offload needs strategy {', '.join(OFFLOAD_STRATEGY_NAMES[:-1])} or "
                              f"{OFFLOAD_STRATEGY_NAMES[-1]} (valid with offload: {', '.join(sorted(OFFLOAD_STRATEGY_NAMES))})")
+
+    def __hash__(self) -> int:
+        """The hash dataclass would compute (every field but `extra`), computed once in `__post_init__`: the
+        planner's lru_caches are keyed on the config, and recommend asks them thousands of times per second."""
+        return self._hash
 
     # -- derived ----------------------------------------------------------------------------------
     @property
