@@ -112,7 +112,15 @@ def _envelope(points: list) -> tuple:
 
 
 def peak_point(points: tuple, batch: int) -> Point:
-    return max(points, key=lambda p: p.at(batch))
+    """The first of `points` with the most live bytes at `batch` (`max(points, key=at)`, unrolled: the planner's
+    hottest call)."""
+    best = points[0]
+    top = best.total[0] * batch + best.total[1]
+    for p in points[1:]:
+        per_batch, fixed = p.total
+        if per_batch * batch + fixed > top:
+            best, top = p, per_batch * batch + fixed
+    return best
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ peft adapters (LoRA A/B, IA3 vectors, prompt encoders) are fp32 in every case (p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from . import attention as sdp
@@ -43,16 +44,22 @@ class Regime:
 
 
 def regime(tc: TrainConfig) -> Regime:
-    if tc.base_quant.quantized and not tc.recipe.kbit_preparation:
+    """The dtypes `tc` computes in: by base quantization, k-bit preparation and precision (`_regime`, memoized)."""
+    return _regime(tc.base_quant.quantized, tc.recipe.kbit_preparation, tc.precision)
+
+
+@functools.lru_cache(maxsize=None)
+def _regime(quantized: bool, kbit_preparation: bool, precision: str) -> Regime:
+    if quantized and not kbit_preparation:
         # no prepare_model_for_kbit_training (TRL, LLaMA-Factory): embeddings, norms and lm_head stay in the bf16
         # the model was loaded in, so the residual stream is bf16 and Linear4bit's casts are no-ops
         return Regime("qlora-bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False,
                       quantized=True)
-    if tc.base_quant.quantized:
+    if quantized:
         return Regime("qlora", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=True)
-    if tc.precision in ("mixed", "fp16"):  # fp16 autocast: the same bytes as bf16's (2 B)
-        return Regime(tc.precision, act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
-    if tc.precision == "fp32":
+    if precision in ("mixed", "fp16"):  # fp16 autocast: the same bytes as bf16's (2 B)
+        return Regime(precision, act=FP32, lin=BF16, attn=BF16, logits=BF16, weight=FP32, autocast=True, quantized=False)
+    if precision == "fp32":
         return Regime("fp32", act=FP32, lin=FP32, attn=FP32, logits=FP32, weight=FP32, autocast=False, quantized=False)
     return Regime("bf16", act=BF16, lin=BF16, attn=BF16, logits=BF16, weight=BF16, autocast=False, quantized=False)
 

@@ -393,7 +393,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     def event(name, point, moment=None, layer=None, **extra):
         if moment is not None and tc.num_gpus > 1:  # what the strategy gathers or reduces at that moment
             extra["sharding_buffers"] = strategy.step_buffers(arch, tc, moment, layer)
-        return Event(name, static, static_total, {k: v for k, v in extra.items() if v}, point, B)
+        return Event(name, static, static_total, extra, point, B)  # `parts` drops the zero terms
 
     # strategies that shard gradients (ZeRO-2/3, FSDP) reduce-scatter each layer's as backward produces it: 1/N kept
     shard = strategy_of(tc).ways(GRADIENTS, tc.num_gpus)
@@ -545,10 +545,13 @@ def batch_free(tc: TrainConfig) -> TrainConfig:
     terms, trainable tensors, optimizer state; `planner.cost`'s per-configuration bytes), memoized."""
     if tc.batch_size == 1 and tc.grad_accum == 1:
         return tc
-    key = (tuple(getattr(tc, f) for f in _PIECE_FIELDS), tc.optimizer, tc.num_gpus, tc.strategy, tc.cpu_offload)
-    out = _static_configs.get(key)
+    out = tc.__dict__.get("_batch_free")  # one plan asks several times: kept on the (immutable) config
     if out is None:
-        out = _static_configs[key] = tc.replace(batch_size=1, grad_accum=1)
+        key = (tuple(getattr(tc, f) for f in _PIECE_FIELDS), tc.optimizer, tc.num_gpus, tc.strategy, tc.cpu_offload)
+        out = _static_configs.get(key)
+        if out is None:
+            out = _static_configs[key] = tc.replace(batch_size=1, grad_accum=1)
+        object.__setattr__(tc, "_batch_free", out)
     return out
 
 

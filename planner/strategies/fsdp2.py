@@ -23,6 +23,9 @@ calibrate/reference/trace-points-multigpu.jsonl.
 
 from __future__ import annotations
 
+import functools
+from types import MappingProxyType
+
 from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, compute_bytes, layer_gather_step_bytes)
 from .registry import register
 
@@ -39,11 +42,13 @@ def mixed_precision_policy(tc) -> dict:
     return {"param_dtype": "bfloat16" if compute_bytes(tc) == 2 else "float32", "reduce_dtype": "float32"}
 
 
-def fsdp_units(arch, tc) -> dict:
+@functools.lru_cache(maxsize=4096)
+def fsdp_units(arch, tc) -> MappingProxyType:
     """Element counts of accelerate 1.15's FSDP2 units: `layer` (one decoder layer with its adapters), `tail`
     (final norm + lm_head, + the embedding when tied), `embed` (0 when tied: it is in the tail), and the trainable
     elements of each (`*_trainable`): what is gathered and what is reduce-scattered. Under a 4-bit base a linear
-    weight gathers as its packed bytes (bnb_4bit_quant_storage=bf16: numel / 4 bf16 elements)."""
+    weight gathers as its packed bytes (bnb_4bit_quant_storage=bf16: numel / 4 bf16 elements). Cached: every event of
+    a step's timeline asks (read-only view)."""
     from ..layers import regime
 
     trainable = tc.spec.trainable_params(arch, tc)
@@ -53,10 +58,10 @@ def fsdp_units(arch, tc) -> dict:
     embed = 0 if arch.tie_word_embeddings else arch.embedding_params
     tail = arch.hidden_size + (arch.embedding_params if arch.tie_word_embeddings else arch.lm_head_params)
     if tc.spec.trains_base:
-        return dict(layer=layer, tail=tail, embed=embed, layer_trainable=layer, tail_trainable=tail,
-                    embed_trainable=embed)
-    return dict(layer=layer, tail=tail, embed=embed, layer_trainable=adapters // arch.num_layers,
-                tail_trainable=0, embed_trainable=0)
+        return MappingProxyType(dict(layer=layer, tail=tail, embed=embed, layer_trainable=layer, tail_trainable=tail,
+                                     embed_trainable=embed))
+    return MappingProxyType(dict(layer=layer, tail=tail, embed=embed, layer_trainable=adapters // arch.num_layers,
+                                 tail_trainable=0, embed_trainable=0))
 
 
 class FSDP2(Strategy):
