@@ -89,7 +89,6 @@ class TrainConfig:
         q = get_quant(self.quant)
         object.__setattr__(self, "_spec", spec)  # not fields: equality, hashing and to_dict ignore them
         object.__setattr__(self, "_base_quant", q)
-        object.__setattr__(self, "_hash", fields_hash(self))
         spec.validate(self)
         if self.quant not in spec.quants:
             raise ValueError(f"quant {self.quant!r} is not valid with method {self.method!r} "
@@ -120,11 +119,13 @@ class TrainConfig:
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:
             raise ValueError(f"cpu_offload needs strategy {', '.join(OFFLOAD_STRATEGY_NAMES[:-1])} or "
                              f"{OFFLOAD_STRATEGY_NAMES[-1]} (valid with offload: {', '.join(sorted(OFFLOAD_STRATEGY_NAMES))})")
+        object.__setattr__(self, "_hash", fields_hash(self))  # last: the fields above may have been normalized
 
     def __hash__(self) -> int:
-        """The hash dataclass would compute (every field but `extra`), computed once in `__post_init__`: the
-        planner's lru_caches are keyed on the config, and recommend asks them thousands of times per second."""
-        return self._hash
+        """The hash dataclass would compute (every field but `extra`), computed once at the end of `__post_init__`
+        (the planner's lru_caches are keyed on the config; recommend asks them thousands of times per second)."""
+        h = self.__dict__.get("_hash")
+        return fields_hash(self) if h is None else h  # None only while __post_init__ validates
 
     # -- derived ----------------------------------------------------------------------------------
     @property
