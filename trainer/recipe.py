@@ -157,6 +157,14 @@ def forward(model, batch: dict, tc: TrainConfig, device_type: str):
         return model(**batch)
 
 
+def activation_offloading(model, tc: TrainConfig):
+    """TRL's activation-offloading context manager for `model` (trainer/offload.py); the trace substitutes CUDA's
+    device around the same call."""
+    from . import offload
+
+    return offload.context(model)
+
+
 def synthetic_batch(vocab_size: int, tc: TrainConfig, device, generator: torch.Generator | None = None) -> dict:
     """Random token ids, every sequence full length, labels = input_ids (the calibration workload)."""
     ids = torch.randint(0, vocab_size, (tc.batch_size, tc.seq_len), device=device, generator=generator)
