@@ -49,6 +49,7 @@ traced by `calibrate.trace_multigpu` (one rank on a fake process group); other s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -398,9 +399,12 @@ def _host_copies(tracker: "LiveBytes"):
     `models/activation_offloading.py`): `torch.empty_like(x, pin_memory=True, device="cpu")` (and `torch.empty`, its
     broadcast path) is a new pinned host buffer, counted in the trace's host memory (pinning itself needs an
     accelerator); `host.to(device)` of such a buffer is a new device tensor (on the fake CPU device it would return
-    the host tensor itself). Patched as module attributes, which TRL's hooks look up on every call (a
+    the host tensor itself); `record_stream` (TRL calls it when a view of a copy outlives its node) is a no-op: on
+    CUDA it delays the block's reuse, not its release from `memory_allocated`. Patched as module attributes, which TRL's hooks look up on every call (a
     TorchFunctionMode would miss the hooks that autograd runs inside another torch function)."""
-    empty_like, empty, to = torch.empty_like, torch.empty, torch.Tensor.to
+    from trainer.offload import _record_stream
+
+    empty_like, empty, to, record = torch.empty_like, torch.empty, torch.Tensor.to, torch.Tensor.record_stream
 
     def pinned(func):
         def alloc(*args, **kwargs):
@@ -416,13 +420,16 @@ def _host_copies(tracker: "LiveBytes"):
         return to(self, *args, **kwargs)
 
     torch.empty_like, torch.empty, torch.Tensor.to = pinned(empty_like), pinned(empty), to_device
+    torch.Tensor.record_stream = _record_stream(record)
     try:
         yield
     finally:
         torch.empty_like, torch.empty, torch.Tensor.to = empty_like, empty, to
+        torch.Tensor.record_stream = record
 
 
 _ADDRESSES: dict = {}
+_NEXT_ADDRESS = itertools.count(1)
 
 
 def _storage_address(storage) -> int:
@@ -432,7 +439,7 @@ def _storage_address(storage) -> int:
     key = id(storage)
     addr = _ADDRESSES.get(key)
     if addr is None:
-        addr = _ADDRESSES[key] = (len(_ADDRESSES) + 1) << 40
+        addr = _ADDRESSES[key] = next(_NEXT_ADDRESS) << 40
         weakref.finalize(storage, _ADDRESSES.pop, key, None)
     return addr
 

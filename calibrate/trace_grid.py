@@ -326,6 +326,24 @@ def recipe_points() -> list[tuple[str, dict]]:
     return pts
 
 
+def actoffload_points() -> list[tuple[str, dict]]:
+    """Issue 11 item 4: TRL's activation offloading (`Recipe.activation_offload`) for full FT, LoRA and QLoRA, with and
+    without checkpointing (TRL allows both: under non-reentrant checkpointing its hooks see each checkpoint's saved
+    input), on the GQA and the non-GQA tiny family (calibrate/reference/trace-points-actoffload.jsonl)."""
+    pts = []
+    for model in TINY_FAMILIES:
+        for i, method in enumerate(("full", "lora", "qlora")):
+            for ckpt in (False, True):
+                d = dict(method=method, seq_len=512, batch_size=1 + (i + ckpt) % 2, grad_ckpt=ckpt,
+                         recipe={"activation_offload": True})
+                if method == "full":
+                    d["precision"] = "bf16"
+                if method != "full":
+                    d.update(rank=16, target_modules=("all-linear",))
+                pts.append((model, d))
+    return pts
+
+
 def model_arch(model: str):
     """The ModelArch of a catalog name or any small config of these grids (`family_arch`)."""
     return family_arch(model)
@@ -337,7 +355,8 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "moe": lambda args: moe_points(),
          "multigpu": lambda args: multigpu_points(),
          "attn": lambda args: attn_points(),
-         "recipe": lambda args: recipe_points()}
+         "recipe": lambda args: recipe_points(),
+         "actoffload": lambda args: actoffload_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -393,7 +412,8 @@ def main(argv=None) -> int:
                          "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
                          "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
                          "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
-                         "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl)")
+                         "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
+                         "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl)")
     args = ap.parse_args(argv)
 
     import torch

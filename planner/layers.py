@@ -558,9 +558,11 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
     b = Builder(arch, tc, seq, kv_seq, checkpointed, kind, sm)
     R = b.R
     x = b.input(arch.hidden_size, R.act, input_rg)
-    if checkpointed and not tc.recipe.offload_checkpoints:
+    if checkpointed and not (tc.recipe.offload_checkpoints or tc.recipe.activation_offload):
         # the checkpoint keeps its input to the end of the layer's backward; offloaded (`offload_checkpoints`), the
-        # input is a copy unpacked from host memory for the recompute, which dies after its last use
+        # input is a copy unpacked from host memory for the recompute, which dies after its last use; under TRL's
+        # activation offloading (`activation_offload`) the checkpoint's saved input goes through its hooks too
+        # (torch.utils.checkpoint's `_NoopSaveInputs` saves it outside the checkpoint's own hooks)
         b.g.hold(x, scope="piece")
     y = b.decoder_layer(x, b.method.layer_prefix(b, arch, tc))
     return b, x, y

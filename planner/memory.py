@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .arch import ModelArch
 from .config import TrainConfig
-from .graph import Point, forward_without_saving, peak_point, simulate
+from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
@@ -224,10 +224,13 @@ _piece_configs: dict = {}
 def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
     exception, `gathered_adapter_dtype`."""
-    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (gathered_adapter_dtype(tc),)
+    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (tc.batch_size if tc.recipe.activation_offload else 1,
+                                                         gathered_adapter_dtype(tc))
     out = _piece_configs.get(k)
     if out is None:
-        out = tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
+        # TRL's activation offloading decides by a saved tensor's bytes: its replay is per batch size
+        batch = tc.batch_size if tc.recipe.activation_offload else 1
+        out = tc.replace(batch_size=batch, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
         if k[-1] != out.recipe.adapter_dtype:
             out = out.replace(recipe=dataclasses.replace(out.recipe, adapter_dtype=k[-1]))
         _piece_configs[k] = out
@@ -276,10 +279,17 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     for r in of_layer:
         for j, c in enumerate(counts):
             c.append(c[-1] + (j == r))
+    # TRL's activation offloading: every piece's saved tensors go through its hooks, except inside checkpointed
+    # layers (the checkpoint's own hooks are innermost there: only the checkpoint's saved input reaches TRL's)
+    off = Offload(batch=tc.batch_size) if tc.recipe.activation_offload else None
+    layer_off = None if tc.grad_ckpt else off
     layers, nosave = [], []
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
-        layers.append(simulate(b.g, outputs=[y], incoming_grads=[y]))
+        t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off)
+        if layer_off is not None and t.end_copies != (0, 0):  # the next layer's last copies, still stashed
+            t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies)
+        layers.append(t)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
     hb, e = head_graph(arch, tc, seq)
@@ -288,10 +298,10 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     piece = method.extra_piece(arch, tc)
     if piece is not None:
         pg, c = piece
-        prefix = simulate(pg, outputs=[], incoming_grads=[c])
+        prefix = simulate(pg, outputs=[], incoming_grads=[c], offload=off)
     return _Pieces(
-        head=simulate(hb.g, outputs=[e], incoming_grads=[e]),
-        tail=simulate(tb.g, outputs=[], incoming_grads=[loss]),
+        head=simulate(hb.g, outputs=[e], incoming_grads=[e], offload=off),
+        tail=simulate(tb.g, outputs=[], incoming_grads=[loss], offload=off, release_stash=False),
         prefix=prefix,
         replays=tuple(index),
         layers=tuple(layers),
@@ -405,7 +415,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # for a frozen embedding the first layer's input is a leaf that requires grad (transformers'
     # `enable_input_require_grads`, which `gradient_checkpointing_enable` calls), and autograd's AccumulateGrad node
     # of that leaf keeps it on the device until the backward reaches it
-    offloaded = ck and tc.recipe.offload_checkpoints
+    offloaded = ck and (tc.recipe.offload_checkpoints or tc.recipe.activation_offload)
+    trl = ck and tc.recipe.activation_offload
     leaf_input = offloaded and not tc.spec.first_input_requires_grad()
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
@@ -484,6 +495,22 @@ def offloaded_checkpoint_bytes(arch: ModelArch, tc: TrainConfig) -> int:
         return 0
     seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
     return arch.num_layers * pinned_block_bytes(tc.batch_size * seq * arch.hidden_size * regime(tc).act)
+
+
+def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """Pinned host memory of TRL's activation offloading (`Recipe.activation_offload`): every tensor its hooks offload
+    in one forward, each in a pinned buffer rounded to a power of two (`planner.graph.Offload`, `pinned_bytes`), all
+    live at the end of the forward; the host allocator caches the blocks for the next step. Without checkpointing
+    that is what every piece offloads; with it, each decoder layer's checkpointed input (B x S x h) plus what the
+    embedding and the loss offload."""
+    if not tc.recipe.activation_offload:
+        return 0
+    P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY))
+    L = arch.num_layers
+    host = P.head.host + P.tail.host + (P.prefix.host if P.prefix else 0)
+    if tc.grad_ckpt:
+        return host + L * pinned_bytes(_at(P.layer_input, tc.batch_size))
+    return host + sum(c[L] * t.host for c, t in zip(P.counts, P.layers))
 
 
 def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Event:
@@ -600,5 +627,5 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
         trainable_params=params[0],
         total_params=params[1],
         notes=sharding_notes,
-        host_pinned_bytes=offloaded_checkpoint_bytes(arch, tc),
+        host_pinned_bytes=offloaded_checkpoint_bytes(arch, tc) + activation_offload_host_bytes(arch, tc),
     )

@@ -34,7 +34,7 @@ MODELLED = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain", "chunked", "liger", "cce"),
     "packing": (False,),
-    "activation_offload": (False,),
+    "activation_offload": (False, True),
     "offload_checkpoints": (False, True),
     "kbit_preparation": (True, False),
     "adapter_dtype": ("fp32", "bf16"),

@@ -55,6 +55,35 @@ def cpu_device():
         torch.accelerator.current_accelerator, torch.get_device_module = acc, get_mod
 
 
+def _record_stream(record):
+    """`Tensor.record_stream` for TRL's hooks on the CPU: nothing to order (every CPU op is synchronous; on CUDA it
+    only delays the reuse of the block until the copy stream is done), and the C++ call refuses a torch.cpu
+    stream."""
+    def call(self, stream):
+        if self.device.type != "cpu":
+            return record(self, stream)
+    return call
+
+
+class _OnCPU(contextlib.AbstractContextManager):
+    """TRL's manager entered with `Tensor.record_stream` a no-op for CPU tensors (`_record_stream`)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self._saved = None
+
+    def __enter__(self):
+        self._saved = torch.Tensor.record_stream
+        torch.Tensor.record_stream = _record_stream(self._saved)
+        return self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.ctx.__exit__(*exc)
+        finally:
+            torch.Tensor.record_stream = self._saved
+
+
 def context(model, pin_memory: bool | None = None):
     """TRL's `get_act_offloading_ctx_manager(model)` with SFTTrainer's defaults (pinned memory, a second stream, 1 KiB
     minimum, a forward stash of 5, the lm_head under `NoOpManager`). Without an accelerator: the CPU as the device,
@@ -64,4 +93,4 @@ def context(model, pin_memory: bool | None = None):
     if torch.accelerator.current_accelerator() is not None:
         return get_act_offloading_ctx_manager(model)
     with cpu_device():
-        return get_act_offloading_ctx_manager(model, use_pin_memory=bool(pin_memory))
+        return _OnCPU(get_act_offloading_ctx_manager(model, use_pin_memory=bool(pin_memory)))

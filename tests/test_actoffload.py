@@ -1,0 +1,71 @@
+"""TRL's activation offloading (`Recipe.activation_offload`, issue 11 item 4): the analytic model (planner.graph
+`Offload`) against the trace of TRL's own manager (trl 1.16.0) on full FT, LoRA and QLoRA with and without checkpointing
+on a GQA and a non-GQA tiny family (`python -m calibrate.trace_grid --grid actoffload --out
+calibrate/reference/trace-points-actoffload.jsonl`), device peak and pinned host memory; and `ftplan run` with it."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from calibrate.trace_grid import TINY_FAMILIES, model_arch
+from planner.config import TrainConfig
+from planner.memory import estimate_memory
+from planner.recipe import Recipe
+
+POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-actoffload.jsonl"
+
+
+def _points():
+    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+
+
+def test_the_grid_crosses_methods_checkpointing_and_two_families():
+    tcs = [(p["model"], TrainConfig.from_dict(p["train"])) for p in _points()]
+    assert all(tc.recipe.activation_offload for _, tc in tcs)
+    assert {m for m, _ in tcs} == set(TINY_FAMILIES)
+    assert {tc.method_name for _, tc in tcs} == {"full", "lora", "qlora"}
+    assert {tc.grad_ckpt for _, tc in tcs} == {False, True}
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: f"{p['id']}-{p['model']}")
+def test_analytic_matches_the_trace_of_trls_manager(point):
+    tc = TrainConfig.from_dict(point["train"])
+    est = estimate_memory(model_arch(point["model"]), tc)
+    trace = point["trace"]
+    err = (est.peak_allocated_bytes - trace["peak_allocated_bytes"]) / trace["peak_allocated_bytes"]
+    assert abs(err) <= 0.02, f"{tc.describe()}: device {err:+.2%} at {est.peak_event}"
+    host_err = (est.host_pinned_bytes - trace["host_pinned_bytes"]) / trace["host_pinned_bytes"]
+    assert abs(host_err) <= 0.02, f"{tc.describe()}: pinned host {host_err:+.2%}"
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_offloading_moves_memory_from_the_device_to_the_host(ckpt):
+    """Same configuration with and without: the device peak does not grow, and what leaves it is in pinned host memory
+    (without checkpointing most of every layer's saved tensors; with it, the checkpoints' inputs)."""
+    arch = model_arch("tiny-llama-gqa")
+    kw = dict(method="lora", rank=16, target_modules=("all-linear",), seq_len=4096, batch_size=4, grad_ckpt=ckpt)
+    off = estimate_memory(arch, TrainConfig(**kw, recipe=Recipe(activation_offload=True)))
+    on = estimate_memory(arch, TrainConfig(**kw))
+    assert on.host_pinned_bytes == 0 < off.host_pinned_bytes
+    assert off.peak_allocated_bytes < on.peak_allocated_bytes
+
+
+def test_activation_offload_with_offloaded_checkpoints_is_refused():
+    with pytest.raises(ValueError, match="activation_offload"):
+        TrainConfig(method="lora", grad_ckpt=True, recipe=Recipe(activation_offload=True, offload_checkpoints=True))
+
+
+def test_one_live_trace_matches_its_reference_point():
+    """The reference file is what the trace gives today (TRL installed: the train extra)."""
+    pytest.importorskip("trl")
+    from calibrate.trace import trace_step
+    from calibrate.trace_grid import CUDA_WORKSPACE_H100
+
+    point = next(p for p in _points() if p["train"]["method"] == "lora" and not p["train"]["grad_ckpt"])
+    tc = TrainConfig.from_dict(point["train"])
+    config = dict(model_arch(point["model"]).config, max_position_embeddings=16384)
+    config.pop("rope_scaling", None)
+    r = trace_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+    assert r.peak_allocated_bytes == point["trace"]["peak_allocated_bytes"]
+    assert r.host_pinned_bytes == point["trace"]["host_pinned_bytes"]
