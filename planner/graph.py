@@ -46,6 +46,7 @@ class _Node:
     fwd_temp: Size
     bwd_temp: Size
     grad_alias: tuple
+    hooked: bool = True  # its saved tensors reach the saved-tensor hooks (False: TRL's NoOpManager around lm_head)
 
 
 class Graph:
@@ -77,6 +78,12 @@ class Graph:
             self.tensors[t].savers.append(idx)
         self.nodes.append(_Node(name, tuple(inputs), tuple(outputs), tuple(saved), tuple(param_grad),
                                 tuple(fwd_temp), tuple(bwd_temp), tuple(grad_alias)))
+
+    def unhooked(self, since: int) -> None:
+        """The ops recorded from node `since` on run under a saved-tensor hook that keeps their tensors as they are
+        (TRL's `NoOpManager`, which `get_act_offloading_ctx_manager` enters around the lm_head's forward)."""
+        for n in self.nodes[since:]:
+            n.hooked = False
 
     def hold(self, t: int, scope: str = "step") -> None:
         """Keep `t` alive past its last use: `scope="step"` to the end of the training step (outputs, caches),
@@ -132,7 +139,8 @@ class Offload:
     Backward, per node: each offloaded tensor it unpacks is copied back to a new device tensor (`.to(device)`)
     unless still in the forward stash (then the device original is used); the copies stay in the backward stash
     until the next node that unpacks an offloaded tensor has run (its hook drops the previous nodes' copies), and
-    that first hook also empties the forward stash."""
+    that first hook also empties the forward stash. The lm_head runs under TRL's `NoOpManager` (`Graph.unhooked`):
+    its saved tensors stay on the device, take no id and are released by autograd as without offloading."""
 
     batch: int
     min_bytes: int = 1024
@@ -157,8 +165,10 @@ class Timeline:
     held: Size  # bytes held to the end (outputs object, caches)
     recompute: tuple = ()  # envelope of forward Points up to the last saved tensor (a checkpoint's recomputation)
     host: int = 0  # activation offloading: pinned host bytes of the piece's offloaded tensors (at `Offload.batch`)
+    host_copied: int = 0  # activation offloading: bytes those tensors hold (what is copied to the host and back)
     end_copies: Size = ZERO  # activation offloading: copies still in the backward stash when the piece's backward ends
     end_stash: Size = ZERO  # activation offloading: bytes alive only through the forward stash at the forward's end
+    end_stash_entries: tuple = ()  # those tensors as (age, size), oldest first (the next piece's `stash_in`)
 
 
 def _recompute_end(g: Graph, starts: list, n_points: int) -> int:
@@ -191,7 +201,7 @@ def forward_without_saving(g: Graph, outputs=()) -> tuple:
 
 
 def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = None, release_stash: bool = True,
-             carry_in: Size = ZERO) -> Timeline:
+             carry_in: Size = ZERO, stash_in: tuple = ()) -> Timeline:
     """Replay forward then backward of `g`.
 
     External tensors (the piece's inputs) are live at the start and owned by the caller; they count in the
@@ -233,8 +243,17 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
     stash: list = []
     tracked: set = set()
     offloaded_by: dict = {}
+    kept_by: dict = {}  # tensor -> the nodes whose pack kept it on the device (TRL's tracker holds it until then)
     host = 0
+    copied = 0
     pack_id = 0
+    for age, size in stash_in:  # pseudo tensors with ids -age (the previous piece's last pack is 0), oldest first
+        t = g.tensor(size)
+        g.tensors[t].last_use = -1
+        alive.append(True)
+        kept_packs.append(0)
+        alloc(size, "activations")
+        stash.append((-age, t))
 
     def on_device(t: int) -> bool:  # still referenced on the device for backward
         if offload is None:
@@ -251,12 +270,13 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
         free(tt.size, tt.kind)
 
     def pack(t: int, idx: int) -> None:
-        nonlocal host, pack_id
+        nonlocal host, copied, pack_id
         pack_id += 1
         tt = g.tensors[t]
         nbytes = tt.size[0] * offload.batch + tt.size[1]
         if t in tracked or nbytes < offload.min_bytes:
             kept_packs[t] += 1
+            kept_by.setdefault(t, []).append(idx)
             if t in tracked:  # the dedup entry keeps the storage key until its unpack
                 tracked.add(t)
             return
@@ -268,21 +288,32 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
         stash.append((pack_id, t))
         tracked.add(t)
         host += pinned_bytes(nbytes)
+        copied += nbytes
         offloaded_by.setdefault(idx, []).append(t)
 
     for idx, n in enumerate(g.nodes):
         starts.append(len(fwd))
+        # autograd packs an op's saved inputs before it runs and its saved outputs after (`SavedVariable`)
+        if offload is not None and not n.hooked:  # held by autograd itself until this node's backward
+            for t in n.saved:
+                kept_packs[t] += 1
+                kept_by.setdefault(t, []).append(idx)
+        elif offload is not None:
+            for t in n.saved:
+                if t not in n.outputs:
+                    pack(t, idx)
         for t in n.outputs:
             alive[t] = True
             alloc(g.tensors[t].size, g.tensors[t].kind)
-        if offload is not None:
-            for t in n.saved:
-                pack(t, idx)
         if n.fwd_temp != ZERO:
             alloc(n.fwd_temp, "temporaries")
             snap(fwd)
             free(n.fwd_temp, "temporaries")
         snap(fwd)
+        if offload is not None and n.hooked:
+            for t in n.saved:
+                if t in n.outputs:
+                    pack(t, idx)
         for t in set(n.inputs) | set(n.outputs):
             if offload is not None:
                 maybe_free(t, idx)
@@ -294,6 +325,7 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
                 alive[t] = False
                 free(tt.size, tt.kind)
     end_stash = [0, 0]
+    stash_entries = ()
     if offload is not None:
         last = len(g.nodes) - 1
         only_stash = [t for _, t in stash if alive[t] and kept_packs[t] == 0 and not g.tensors[t].held
@@ -301,6 +333,7 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
         for t in dict.fromkeys(only_stash):
             end_stash[0] += g.tensors[t].size[0]
             end_stash[1] += g.tensors[t].size[1]
+        stash_entries = tuple((pack_id - i, g.tensors[t].size) for i, t in stash if t in only_stash)
         if release_stash:
             stash.clear()
             for t in dict.fromkeys(only_stash):
@@ -410,7 +443,10 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
             prev_copies += copies
         for t in n.saved:
             tt = g.tensors[t]
-            if alive[t] and min(tt.savers) == idx and not tt.held:
+            # the device tensor is released by its earliest saver's backward; under offloading by the earliest
+            # saver whose pack kept it (an offloaded pack holds only the host copy)
+            last = min(tt.savers) if offload is None else min(kept_by.get(t, ()), default=None)
+            if alive[t] and last == idx and not tt.held:
                 if offload is not None and t in fwd_stash:
                     continue
                 alive[t] = False
@@ -439,6 +475,8 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
         grad_inputs=tuple(grad_inputs),
         held=tuple(held),
         host=host,
+        host_copied=copied,
         end_copies=tuple(end_copies),
         end_stash=tuple(end_stash),
+        end_stash_entries=stash_entries,
     )

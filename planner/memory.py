@@ -283,12 +283,20 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     # layers (the checkpoint's own hooks are innermost there: only the checkpoint's saved input reaches TRL's)
     off = Offload(batch=tc.batch_size) if tc.recipe.activation_offload else None
     layer_off = None if tc.grad_ckpt else off
+    # checkpointed: one pack per layer (its input, offloaded), so the last `stash` layers' inputs reach the loss in
+    # the forward stash
+    n = min(arch.num_layers, off.stash) if off is not None else 0
+    ckpt_stash = tuple((n - 1 - i, (seq * arch.hidden_size * regime(tc).act, 0)) for i in range(n))
     layers, nosave = [], []
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
         t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off)
-        if layer_off is not None and t.end_copies != (0, 0):  # the next layer's last copies, still stashed
-            t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies)
+        if layer_off is not None:
+            # the previous layer's forward stash (drained by this layer's first packs) and the next layer's last
+            # copies, still in the backward stash when this one's backward starts: a layer of the same kind's
+            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
+            t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies,
+                         stash_in=t.end_stash_entries)
         layers.append(t)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
@@ -301,7 +309,8 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
         prefix = simulate(pg, outputs=[], incoming_grads=[c], offload=off)
     return _Pieces(
         head=simulate(hb.g, outputs=[e], incoming_grads=[e], offload=off),
-        tail=simulate(tb.g, outputs=[], incoming_grads=[loss], offload=off, release_stash=False),
+        tail=simulate(tb.g, outputs=[], incoming_grads=[loss], offload=off, release_stash=False,
+                      stash_in=ckpt_stash if tc.grad_ckpt else (layers[of_layer[-1]].end_stash_entries if off else ())),
         prefix=prefix,
         replays=tuple(index),
         layers=tuple(layers),
@@ -437,8 +446,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # offloaded checkpoints, trained first input: the first layer's input is still referenced by the model's forward
     # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
     embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
+    # TRL's offloading of checkpointed inputs (one pack per layer): the forward stash keeps the inputs of the
+    # previous min(L, 5) - 1 layers on the device while the last layer runs
+    stash_inputs = (min(L, 5) - 1) * _at(P.layer_input, B) if trl else 0
     events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
-                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask, logits=previous))
+                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask + stash_inputs,
+                        logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
                         activations=head_kept + kept_all + mask_late, logits=previous))
     events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
@@ -459,9 +472,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
             # MoE layers stop the recomputation at the last saved tensor (`Timeline.recompute`); dense layers keep
             # the whole forward (the frozen snapshot; the difference there is one output-sized tensor)
             moe = arch.layer_kinds[i].mlp == "moe"
+            # TRL's offloading: the copy of the next layer's input (or the loss's last copies) is still in the
+            # backward stash until this layer's first node, which unpacks this layer's input, has run
+            lag = (_at(P.layer_input, B) if i < L - 1 else _at(P.tail.end_copies, B)) if trl else 0
             events.append(event(f"{name} recompute", peak_point(s.recompute if moe else s.forward, B), "layer_backward", i,
                                 activations=acts, gradients=grads,
-                                temporaries=_at(P.layer_input, B) + _at(P.pending[P.of_layer[i]], B)))
+                                temporaries=_at(P.layer_input, B) + _at(P.pending[P.of_layer[i]], B) + lag))
         events.append(event(f"{name} backward", peak_point(s.backward, B), "layer_backward", i, activations=acts,
                             gradients=grads))
 
@@ -497,20 +513,23 @@ def offloaded_checkpoint_bytes(arch: ModelArch, tc: TrainConfig) -> int:
     return arch.num_layers * pinned_block_bytes(tc.batch_size * seq * arch.hidden_size * regime(tc).act)
 
 
-def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig, copied: bool = False) -> int:
     """Pinned host memory of TRL's activation offloading (`Recipe.activation_offload`): every tensor its hooks offload
     in one forward, each in a pinned buffer rounded to a power of two (`planner.graph.Offload`, `pinned_bytes`), all
     live at the end of the forward; the host allocator caches the blocks for the next step. Without checkpointing
     that is what every piece offloads; with it, each decoder layer's checkpointed input (B x S x h) plus what the
-    embedding and the loss offload."""
+    embedding and the loss offload. `copied=True`: the bytes those tensors hold (what crosses the host link each
+    way), without the allocator's rounding."""
     if not tc.recipe.activation_offload:
         return 0
     P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY))
     L = arch.num_layers
-    host = P.head.host + P.tail.host + (P.prefix.host if P.prefix else 0)
+    of = (lambda t: t.host_copied) if copied else (lambda t: t.host)
+    host = of(P.head) + of(P.tail) + (of(P.prefix) if P.prefix else 0)
     if tc.grad_ckpt:
-        return host + L * pinned_bytes(_at(P.layer_input, tc.batch_size))
-    return host + sum(c[L] * t.host for c, t in zip(P.counts, P.layers))
+        x = _at(P.layer_input, tc.batch_size)
+        return host + L * (x if copied else pinned_bytes(x))
+    return host + sum(c[L] * of(t) for c, t in zip(P.counts, P.layers))
 
 
 def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Event:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from calibrate.trace_grid import TINY_FAMILIES, model_arch
+import statistics
+
+from calibrate.trace_grid import SMALL_VOCAB, TINY_FAMILIES, model_arch
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
 from planner.recipe import Recipe
@@ -21,11 +23,24 @@ def _points():
 
 
 def test_the_grid_crosses_methods_checkpointing_and_two_families():
+    """Full FT, LoRA, QLoRA x checkpointing x a GQA and a non-GQA family, plain and chunked losses, bf16 and mixed;
+    the small-vocabulary points put the peak in the decoder layers (their stash and copies), not the logits."""
     tcs = [(p["model"], TrainConfig.from_dict(p["train"])) for p in _points()]
     assert all(tc.recipe.activation_offload for _, tc in tcs)
-    assert {m for m, _ in tcs} == set(TINY_FAMILIES)
+    assert {m for m, _ in tcs} == set(TINY_FAMILIES) | set(SMALL_VOCAB)
     assert {tc.method_name for _, tc in tcs} == {"full", "lora", "qlora"}
     assert {tc.grad_ckpt for _, tc in tcs} == {False, True}
+    assert {tc.recipe.loss for _, tc in tcs} == {"plain", "chunked"} and {tc.precision for _, tc in tcs} >= {"bf16", "mixed"}
+    events = {estimate_memory(model_arch(m), tc).peak_event for m, tc in tcs}
+    assert any("layer" in e for e in events) and "loss backward" in events
+
+
+def test_the_grid_median_error_is_tiny():
+    errs = []
+    for p in _points():
+        est = estimate_memory(model_arch(p["model"]), TrainConfig.from_dict(p["train"]))
+        errs.append(abs(est.peak_allocated_bytes / p["trace"]["peak_allocated_bytes"] - 1))
+    assert statistics.median(errs) < 0.002
 
 
 @pytest.mark.parametrize("point", _points(), ids=lambda p: f"{p['id']}-{p['model']}")
@@ -69,3 +84,36 @@ def test_one_live_trace_matches_its_reference_point():
     r = trace_step(config, tc, cuda_workspace_bytes=CUDA_WORKSPACE_H100)
     assert r.peak_allocated_bytes == point["trace"]["peak_allocated_bytes"]
     assert r.host_pinned_bytes == point["trace"]["host_pinned_bytes"]
+
+
+@pytest.mark.slow
+def test_ftplan_run_with_activation_offload_trains_the_same_numbers_on_cpu(tiny_plan, tmp_path, monkeypatch):
+    """`ftplan run --activation-offload` on CPU runs TRL's own hooks (the CPU standing for the device: trainer/offload.py)
+    around each micro-batch: every saved tensor of 1 KiB and more is copied out and back, and the losses are those of
+    the same run without it."""
+    pytest.importorskip("trl")
+    from click.testing import CliRunner
+
+    import calibrate.record
+    from planner.cli import cli
+    from trainer import offload
+
+    from conftest import EXAMPLES_DIR
+
+    monkeypatch.setattr(calibrate.record, "RESULTS_DIR", tmp_path / "results")
+    made = []
+    context = offload.context
+    monkeypatch.setattr(offload, "context", lambda model, **kw: made.append(context(model, **kw)) or made[-1])
+    data = str(Path(EXAMPLES_DIR) / "text.jsonl")
+    plan = tiny_plan(method="lora", max_steps=4)
+    runs = {}
+    for flag in ("--activation-offload", "--no-activation-offload"):
+        out = tmp_path / flag
+        res = CliRunner().invoke(cli, ["run", str(plan), "--data", data, "--output-dir", str(out), "--device", "cpu",
+                                       "--no-progress", flag], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        runs[flag] = [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(line)]
+    assert len(made) == 1 and made[0].ctx.tensor_id > 0  # TRL's pack hook ran (ids of the last micro-batch)
+    assert len(runs["--activation-offload"]) == 4
+    assert runs["--activation-offload"] == pytest.approx(runs["--no-activation-offload"], rel=1e-5)
