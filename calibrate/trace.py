@@ -400,11 +400,13 @@ def _host_copies(tracker: "LiveBytes"):
     broadcast path) is a new pinned host buffer, counted in the trace's host memory (pinning itself needs an
     accelerator); `host.to(device)` of such a buffer is a new device tensor (on the fake CPU device it would return
     the host tensor itself); `record_stream` (TRL calls it when a view of a copy outlives its node) is a no-op: on
-    CUDA it delays the block's reuse, not its release from `memory_allocated`. Patched as module attributes, which TRL's hooks look up on every call (a
+    CUDA it delays the block's reuse, not its release from `memory_allocated`; a storage's `data_ptr()` is a distinct
+    address (`_storage_address`). Patched as module attributes, which TRL's hooks look up on every call (a
     TorchFunctionMode would miss the hooks that autograd runs inside another torch function)."""
     from trainer.offload import _record_stream
 
     empty_like, empty, to, record = torch.empty_like, torch.empty, torch.Tensor.to, torch.Tensor.record_stream
+    data_ptr = torch.UntypedStorage.data_ptr
 
     def pinned(func):
         def alloc(*args, **kwargs):
@@ -421,11 +423,13 @@ def _host_copies(tracker: "LiveBytes"):
 
     torch.empty_like, torch.empty, torch.Tensor.to = pinned(empty_like), pinned(empty), to_device
     torch.Tensor.record_stream = _record_stream(record)
+    torch.UntypedStorage.data_ptr = _storage_address
     try:
         yield
     finally:
         torch.empty_like, torch.empty, torch.Tensor.to = empty_like, empty, to
         torch.Tensor.record_stream = record
+        torch.UntypedStorage.data_ptr = data_ptr
 
 
 _ADDRESSES: dict = {}
@@ -682,8 +686,8 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
     from trainer import offload
 
-    saved_offload = (offload.context, torch.UntypedStorage.data_ptr)
-    offload.context, torch.UntypedStorage.data_ptr = _offload_context_cuda, _storage_address
+    saved_offload = offload.context
+    offload.context = _offload_context_cuda
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _never_packed
@@ -712,7 +716,7 @@ def cuda_behaviour(capability: tuple = (9, 0)):
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence = saved_fa
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
-        offload.context, torch.UntypedStorage.data_ptr = saved_offload
+        offload.context = saved_offload
         autocast_lib._destroy()
         torch.amp.GradScaler._maybe_opt_step = scaler_step
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
