@@ -117,3 +117,20 @@ def test_ftplan_run_with_activation_offload_trains_the_same_numbers_on_cpu(tiny_
     assert len(made) == 1 and made[0].ctx.tensor_id > 0  # TRL's pack hook ran (ids of the last micro-batch)
     assert len(runs["--activation-offload"]) == 4
     assert runs["--activation-offload"] == pytest.approx(runs["--no-activation-offload"], rel=1e-5)
+
+
+def test_cli_flag_reaches_the_estimate_and_the_host_report():
+    """`--activation-offload` on estimate: the pinned host memory is reported, and `--host-ram` says when the host is
+    the limit; combined with `--offload-ckpt` it is a usage error naming the flag (exit 2, no traceback)."""
+    from click.testing import CliRunner
+
+    from planner.cli import cli
+
+    args = ["estimate", "--model", "llama-3.1-8b", "--method", "lora", "--seq-len", "4096", "--json"]
+    off = json.loads(CliRunner().invoke(cli, args + ["--activation-offload", "--host-ram", "1"]).output)
+    on = json.loads(CliRunner().invoke(cli, args).output)
+    assert off["host_pinned_bytes"] > 0 == on.get("host_pinned_bytes", 0)
+    assert off["peak_allocated_bytes"] < on["peak_allocated_bytes"]
+    assert off["host_fits"] is False and off["host_ram_bytes"] == 2**30
+    res = CliRunner().invoke(cli, args + ["--grad-ckpt", "--offload-ckpt", "--activation-offload"])
+    assert res.exit_code == 2 and "--activation-offload" in res.output and "Traceback" not in res.output

@@ -11,6 +11,8 @@ What `ftplan estimate` predicts is exactly what this module does (see README "Me
   (`forward` here: bf16 autocast for `mixed`), `outputs.loss.backward()`; then `clip_grad_norm_(..., 1.0)`,
   `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; the outputs (and so the logits) stay referenced until
   the next forward returns;
+- activation offloading (`--activation-offload`): TRL's own context manager around each micro-batch's forward and
+  backward (trainer/offload.py, `activation_offloading` below);
 - optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
   transformers `Adafactor` as the `Trainer` configures it.
 
