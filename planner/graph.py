@@ -429,10 +429,24 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
             sid = grad_of.pop(t, None)
             if sid is not None:
                 decref(sid)
+        if offload is None:
+            for t in n.saved:  # the device tensor is released by its earliest saver's backward
+                tt = g.tensors[t]
+                if alive[t] and min(tt.savers) == idx and not tt.held:
+                    alive[t] = False
+                    free(tt.size, tt.kind)
+            continue
+        # under offloading, by the last backward of the packs that kept it (TRL's tracker, or autograd under the
+        # NoOpManager: an offloaded pack holds only the host copy) once the forward stash no longer holds it
+        for t in set(n.saved):
+            if idx in kept_by.get(t, ()):
+                kept_packs[t] -= kept_by[t].count(idx)
+                if alive[t] and kept_packs[t] == 0 and not g.tensors[t].held and t not in fwd_stash:
+                    alive[t] = False
+                    free(g.tensors[t].size, g.tensors[t].kind)
         if idx in offloaded_by:  # TRL's hook: the forward stash and the previous nodes' copies are dropped
             for t in list(fwd_stash):
                 fwd_stash.discard(t)
-                stash[:] = [(i, s) for i, s in stash if s != t]
                 if alive[t] and kept_packs[t] == 0 and not g.tensors[t].held and t not in keep:
                     alive[t] = False
                     free(g.tensors[t].size, g.tensors[t].kind)
@@ -441,16 +455,6 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
             prev_copies = copies
         else:
             prev_copies += copies
-        for t in n.saved:
-            tt = g.tensors[t]
-            # the device tensor is released by its earliest saver's backward; under offloading by the earliest
-            # saver whose pack kept it (an offloaded pack holds only the host copy)
-            last = min(tt.savers) if offload is None else min(kept_by.get(t, ()), default=None)
-            if alive[t] and last == idx and not tt.held:
-                if offload is not None and t in fwd_stash:
-                    continue
-                alive[t] = False
-                free(tt.size, tt.kind)
     end_copies = [0, 0]
     for size, kind in prev_copies:  # still in the backward stash: freed in the next piece (its `carry_in`)
         end_copies[0] += size[0]
