@@ -340,7 +340,8 @@ def actoffload_points() -> list[tuple[str, dict]]:
     weight copies, offloaded too) on the GQA family; and a 2k-vocabulary GQA model at 2048 tokens, where the decoder
     layers (their forward stash, the copies brought back) hold the peak instead of the logits: LoRA, QLoRA with and
     without checkpointing and full FT with it (LoRA with checkpointing there is left out: the analytic model of its
-    recomputation is short by 7 % with or without offloading, a gap of the reference recipe's layer model)."""
+    recomputation is short by 7 % with or without offloading, a gap of the reference recipe's layer model); and LoRA
+    with transformers' offloaded checkpointing as well (`gradient_checkpointing_kwargs: {offload: true}`)."""
     combos = [("full", "bf16"), ("lora", "bf16"), ("qlora", "bf16")]
     pts = []
     for model in list(TINY_FAMILIES) + list(SMALL_VOCAB):
@@ -358,6 +359,10 @@ def actoffload_points() -> list[tuple[str, dict]]:
                     if method != "full":
                         d.update(rank=16, target_modules=("all-linear",))
                     pts.append((model, d))
+    for model in TINY_FAMILIES:  # with transformers' offloaded checkpointing too (TRL's offloading + offload=True)
+        pts.append((model, dict(method="lora", precision="bf16", seq_len=512, batch_size=2, grad_ckpt=True,
+                                rank=16, target_modules=("all-linear",),
+                                recipe={"activation_offload": True, "offload_checkpoints": True, "loss": "chunked"})))
     return pts
 
 

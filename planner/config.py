@@ -100,11 +100,6 @@ class TrainConfig:
         if self.recipe.offload_checkpoints and not self.grad_ckpt:
             raise ValueError("recipe.offload_checkpoints offloads the inputs gradient checkpointing keeps: it needs "
                              "grad_ckpt (valid with offload_checkpoints: grad_ckpt true)")
-        if self.recipe.offload_checkpoints and self.recipe.activation_offload:
-            # transformers runs each checkpoint under save_on_cpu, the innermost hooks: the checkpoints' inputs would
-            # go to save_on_cpu and everything else to TRL's, a combination no trainer sets up
-            raise ValueError("recipe.activation_offload already offloads the checkpoints' inputs (TRL's hooks see "
-                             "them): use it without offload_checkpoints (valid: one of the two)")
         if self.recipe.attn_implementation == "flash_attention_2" and self.precision == "fp32":
             # flash-attn computes in fp16/bf16 only; transformers casts fp32 inputs back only under autocast or
             # for a quantized model (integrations/flash_attention.py `get_target_dtype`)

@@ -434,14 +434,15 @@ def host_transfer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     with TRL's activation offloading, every tensor its hooks offload (`planner.memory.activation_offload_host_bytes`)
     likewise. Counted serial with the compute: TRL copies to the host on a second stream, but brings each tensor
     back right when its backward node needs it (`s0.wait_stream(s1)` in `unpack_tensor_with_streams`)."""
+    total = 0
     if tc.recipe.activation_offload:
         from .memory import activation_offload_host_bytes
 
-        return 2 * tc.grad_accum * activation_offload_host_bytes(arch, tc, copied=True)
+        total += 2 * tc.grad_accum * activation_offload_host_bytes(arch, tc, copied=True)
     if not (tc.grad_ckpt and tc.recipe.offload_checkpoints):
-        return 0
+        return total
     seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
-    return 2 * tc.grad_accum * arch.num_layers * tc.batch_size * seq * arch.hidden_size * regime(tc).act
+    return total + 2 * tc.grad_accum * arch.num_layers * tc.batch_size * seq * arch.hidden_size * regime(tc).act
 
 
 def training_hours(total_tokens: int, tokens_per_s: float) -> float:

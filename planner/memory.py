@@ -285,7 +285,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     layer_off = None if tc.grad_ckpt else off
     # checkpointed: one pack per layer (its input, offloaded), so the last `stash` layers' inputs reach the loss in
     # the forward stash
-    n = min(arch.num_layers, off.stash) if off is not None else 0
+    n = min(arch.num_layers, off.stash) if off is not None and not tc.recipe.offload_checkpoints else 0
     ckpt_stash = tuple((n - 1 - i, (seq * arch.hidden_size * regime(tc).act, 0)) for i in range(n))
     layers, nosave = [], []
     for key, kind in zip(index, kinds):
@@ -425,7 +425,9 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # `enable_input_require_grads`, which `gradient_checkpointing_enable` calls), and autograd's AccumulateGrad node
     # of that leaf keeps it on the device until the backward reaches it
     offloaded = ck and (tc.recipe.offload_checkpoints or tc.recipe.activation_offload)
-    trl = ck and tc.recipe.activation_offload
+    # TRL's hooks see the checkpoints' inputs unless transformers' offloaded checkpointing wraps each checkpoint in
+    # save_on_cpu, whose hooks are then the innermost (`offload_checkpoints` with `activation_offload`)
+    trl = ck and tc.recipe.activation_offload and not tc.recipe.offload_checkpoints
     leaf_input = offloaded and not tc.spec.first_input_requires_grad()
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
@@ -518,7 +520,8 @@ def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig, copied: bool
     in one forward, each in a pinned buffer rounded to a power of two (`planner.graph.Offload`, `pinned_bytes`), all
     live at the end of the forward; the host allocator caches the blocks for the next step. Without checkpointing
     that is what every piece offloads; with it, each decoder layer's checkpointed input (B x S x h) plus what the
-    embedding and the loss offload. `copied=True`: the bytes those tensors hold (what crosses the host link each
+    embedding and the loss offload (the inputs go to save_on_cpu instead with `offload_checkpoints`, whose hooks
+    transformers enters around each checkpoint, inside TRL's). `copied=True`: the bytes those tensors hold (what crosses the host link each
     way), without the allocator's rounding."""
     if not tc.recipe.activation_offload:
         return 0
@@ -526,6 +529,8 @@ def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig, copied: bool
     L = arch.num_layers
     of = (lambda t: t.host_copied) if copied else (lambda t: t.host)
     host = of(P.head) + of(P.tail) + (of(P.prefix) if P.prefix else 0)
+    if tc.grad_ckpt and tc.recipe.offload_checkpoints:  # the inputs go to save_on_cpu (`offloaded_checkpoint_bytes`)
+        return host
     if tc.grad_ckpt:
         x = _at(P.layer_input, tc.batch_size)
         return host + L * (x if copied else pinned_bytes(x))

@@ -56,7 +56,8 @@ class Recipe:
         of 1 KiB and more that are not parameters go to pinned host memory, the last few offloaded stay on the GPU
         in its forward stash, and backward copies each back when its node runs (`planner.graph.Offload`); the
         lm_head's own saved tensors stay (`NoOpManager`). Under gradient checkpointing its hooks see only each
-        checkpoint's saved input (and the embedding's and the loss's tensors). Not with `offload_checkpoints`.
+        checkpoint's saved input (and the embedding's and the loss's tensors); with `offload_checkpoints` too,
+        transformers' save_on_cpu takes those inputs (its hooks are entered inside TRL's, around each checkpoint).
     offload_checkpoints: with gradient checkpointing, each checkpointed layer's input in pinned host memory
         (transformers' `gradient_checkpointing_enable(offload=True)`: `save_on_cpu(pin_memory=True)` around each
         checkpoint, as Unsloth's and Axolotl's offloaded checkpointing do); needs `grad_ckpt`.

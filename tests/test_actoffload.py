@@ -31,6 +31,7 @@ def test_the_grid_crosses_methods_checkpointing_and_two_families():
     assert {tc.method_name for _, tc in tcs} == {"full", "lora", "qlora"}
     assert {tc.grad_ckpt for _, tc in tcs} == {False, True}
     assert {tc.recipe.loss for _, tc in tcs} == {"plain", "chunked"} and {tc.precision for _, tc in tcs} >= {"bf16", "mixed"}
+    assert any(tc.recipe.offload_checkpoints for _, tc in tcs)
     events = {estimate_memory(model_arch(m), tc).peak_event for m, tc in tcs}
     assert any("layer" in e for e in events) and "loss backward" in events
 
@@ -66,9 +67,19 @@ def test_offloading_moves_memory_from_the_device_to_the_host(ckpt):
     assert off.peak_allocated_bytes < on.peak_allocated_bytes
 
 
-def test_activation_offload_with_offloaded_checkpoints_is_refused():
-    with pytest.raises(ValueError, match="activation_offload"):
-        TrainConfig(method="lora", grad_ckpt=True, recipe=Recipe(activation_offload=True, offload_checkpoints=True))
+def test_with_offloaded_checkpoints_the_inputs_go_to_save_on_cpu_once():
+    """TRL's offloading with transformers' offloaded checkpointing: the checkpoints' inputs are pinned once (by
+    save_on_cpu, whose hooks are the innermost), what the embedding and the loss save by TRL's hooks."""
+    from planner.memory import activation_offload_host_bytes, offloaded_checkpoint_bytes
+
+    arch = model_arch("tiny-llama-gqa")
+    kw = dict(method="lora", rank=16, target_modules=("all-linear",), seq_len=1024, batch_size=2, grad_ckpt=True)
+    both = TrainConfig(**kw, recipe=Recipe(activation_offload=True, offload_checkpoints=True))
+    trl = TrainConfig(**kw, recipe=Recipe(activation_offload=True))
+    ckpt = TrainConfig(**kw, recipe=Recipe(offload_checkpoints=True))
+    assert estimate_memory(arch, both).host_pinned_bytes == estimate_memory(arch, trl).host_pinned_bytes
+    assert offloaded_checkpoint_bytes(arch, both) == offloaded_checkpoint_bytes(arch, ckpt) > 0
+    assert 0 < activation_offload_host_bytes(arch, both) < activation_offload_host_bytes(arch, trl)
 
 
 def test_one_live_trace_matches_its_reference_point():
@@ -121,7 +132,7 @@ def test_ftplan_run_with_activation_offload_trains_the_same_numbers_on_cpu(tiny_
 
 def test_cli_flag_reaches_the_estimate_and_the_host_report():
     """`--activation-offload` on estimate: the pinned host memory is reported, and `--host-ram` says when the host is
-    the limit; combined with `--offload-ckpt` it is a usage error naming the flag (exit 2, no traceback)."""
+    the limit; `--offload-ckpt` without `--grad-ckpt` stays a usage error naming the flag (exit 2, no traceback)."""
     from click.testing import CliRunner
 
     from planner.cli import cli
@@ -132,5 +143,5 @@ def test_cli_flag_reaches_the_estimate_and_the_host_report():
     assert off["host_pinned_bytes"] > 0 == on.get("host_pinned_bytes", 0)
     assert off["peak_allocated_bytes"] < on["peak_allocated_bytes"]
     assert off["host_fits"] is False and off["host_ram_bytes"] == 2**30
-    res = CliRunner().invoke(cli, args + ["--grad-ckpt", "--offload-ckpt", "--activation-offload"])
-    assert res.exit_code == 2 and "--activation-offload" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, args + ["--offload-ckpt", "--activation-offload"])
+    assert res.exit_code == 2 and "--offload-ckpt" in res.output and "Traceback" not in res.output
