@@ -33,6 +33,11 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   copies the saved tensor into a new pinned host buffer, unpack copies it back into a new device tensor; on fake CPU
   tensors pinning needs an accelerator and `.to("cpu")` would return the same tensor, so the host buffer is counted
   in host memory (rounded as the pinned allocator rounds: a power of two) and unpack allocates the device copy.
+- activation offloading (`Recipe.activation_offload`): TRL's own manager (trl 1.16.0, trainer/offload.py) runs on
+  the fake tensors with the fake device standing for CUDA: its pinned host buffers are counted in host memory and
+  their `.to(device)` in backward allocates the device copy (`_host_copies`); each storage gets a distinct address
+  (`_storage_address`: TRL keys storages by `data_ptr()`, 0 on fake tensors); streams are torch.cpu's stand-ins,
+  while TRL's stashes (what keeps in-flight tensors alive) run as written.
 - bitsandbytes 8-bit optimizers: their state buffers (uint8 x 2 + fp32 absmax per 256; fp32 below 4096 elements);
   paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
 
@@ -44,6 +49,7 @@ traced by `calibrate.trace_multigpu` (one rank on a fake process group); other s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -97,6 +103,12 @@ class LiveBytes(TorchDispatchMode):
             yield
         finally:
             self.on_host = False
+
+    def is_host(self, t) -> bool:
+        try:
+            return id(t.untyped_storage()) in self.host_live
+        except (RuntimeError, NotImplementedError):
+            return False
 
     def _track_host(self, st) -> None:
         key = id(st)
@@ -381,6 +393,72 @@ class _SaveOnCPUCUDA(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+@contextlib.contextmanager
+def _host_copies(tracker: "LiveBytes"):
+    """CUDA's host copies on fake CPU tensors, for TRL's activation offloading (trl 1.16.0
+    `models/activation_offloading.py`): `torch.empty_like(x, pin_memory=True, device="cpu")` (and `torch.empty`, its
+    broadcast path) is a new pinned host buffer, counted in the trace's host memory (pinning itself needs an
+    accelerator); `host.to(device)` of such a buffer is a new device tensor (on the fake CPU device it would return
+    the host tensor itself); `record_stream` (TRL calls it when a view of a copy outlives its node) is a no-op: on
+    CUDA it delays the block's reuse, not its release from `memory_allocated`; a storage's `data_ptr()` is a distinct
+    address (`_storage_address`). Patched as module attributes, which TRL's hooks look up on every call (a
+    TorchFunctionMode would miss the hooks that autograd runs inside another torch function)."""
+    from trainer.offload import _record_stream
+
+    empty_like, empty, to, record = torch.empty_like, torch.empty, torch.Tensor.to, torch.Tensor.record_stream
+    data_ptr = torch.UntypedStorage.data_ptr
+
+    def pinned(func):
+        def alloc(*args, **kwargs):
+            if not kwargs.pop("pin_memory", False):
+                return func(*args, **kwargs)
+            with tracker.host_memory():
+                return func(*args, **kwargs)
+        return alloc
+
+    def to_device(self, *args, **kwargs):
+        if tracker.is_host(self):
+            return empty_like(self).copy_(self)
+        return to(self, *args, **kwargs)
+
+    torch.empty_like, torch.empty, torch.Tensor.to = pinned(empty_like), pinned(empty), to_device
+    torch.Tensor.record_stream = _record_stream(record)
+    torch.UntypedStorage.data_ptr = _storage_address
+    try:
+        yield
+    finally:
+        torch.empty_like, torch.empty, torch.Tensor.to = empty_like, empty, to
+        torch.Tensor.record_stream = record
+        torch.UntypedStorage.data_ptr = data_ptr
+
+
+_ADDRESSES: dict = {}
+_NEXT_ADDRESS = itertools.count(1)
+
+
+def _storage_address(storage) -> int:
+    """`UntypedStorage.data_ptr()` on CUDA: a distinct address per live storage (a fake storage's is 0, which would
+    make every storage of TRL's storage keys, `(data_ptr + offset, dtype)`, one). Addresses 2**40 apart, so a
+    storage offset never reaches the next."""
+    key = id(storage)
+    addr = _ADDRESSES.get(key)
+    if addr is None:
+        addr = _ADDRESSES[key] = next(_NEXT_ADDRESS) << 40
+        weakref.finalize(storage, _ADDRESSES.pop, key, None)
+    return addr
+
+
+def _offload_context_cuda(model, pin_memory=None):
+    """TRL's `get_act_offloading_ctx_manager(model)` with SFTTrainer's defaults (pinned, streams, 1 KiB minimum,
+    stash of 5, lm_head under `NoOpManager`), on the fake tensors' device standing for CUDA: streams are torch.cpu's
+    (their waits order work on a GPU; what stays alive is held by TRL's Python stashes, which run unchanged)."""
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+    from trainer import offload
+
+    with offload.cpu_device():
+        return get_act_offloading_ctx_manager(model)
+
+
 class _Matmul4bitCUDA(torch.autograd.Function):
     """bitsandbytes 0.50 on CUDA for M > 1536 tokens: dequantize the nested absmax (fp32, + offset), the NF4 weight
     to bf16 (N, K), then F.linear; backward dequantizes again for grad_input. Nothing large is saved."""
@@ -606,6 +684,10 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu)
     saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence)
     saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
+    from trainer import offload
+
+    saved_offload = offload.context
+    offload.context = _offload_context_cuda
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
     mu.find_packed_sequence_indices = _never_packed
@@ -634,6 +716,7 @@ def cuda_behaviour(capability: tuple = (9, 0)):
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence = saved_fa
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
+        offload.context = saved_offload
         autocast_lib._destroy()
         torch.amp.GradScaler._maybe_opt_step = scaler_step
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
@@ -790,7 +873,8 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
         params = recipe.trainable_parameters(model)
         n_trainable = sum(p.numel() for p in params)
         n_total = _count_params(model)
-        with fake_mode, tracker:
+        host_copies = _host_copies(tracker) if tc.recipe.activation_offload else contextlib.nullcontext()
+        with fake_mode, tracker, host_copies:
             for p in model.parameters():
                 tracker.track(p, "weights")
             for b in model.buffers():

@@ -20,8 +20,8 @@ and fp32 peaks, memory bandwidth, SM count: `profiles/gpus/*.toml`) and a few pa
   (`launch_seconds` each), asynchronously, so a micro-step takes max(GPU work, kernels x launch_seconds); this
   part is the excess of the host over the GPU (small models at short sequences are host-bound);
 - `optimizer`: the optimizer step and gradient clipping by the bytes their passes move (`optimizer_bytes_per_step`);
-- `host_transfer` (offloaded checkpoints only): each layer input copied to pinned host memory in forward and back
-  in backward, on the compute stream (transformers 5.17 `gradient_checkpointing_enable(offload=True)` docstring:
+- `host_transfer` (offloaded checkpoints, activation offloading): each layer input (TRL's offloading: each tensor
+  its hooks offload) copied to pinned host memory in forward and back in backward, on the compute stream (transformers 5.17 `gradient_checkpointing_enable(offload=True)` docstring:
   "Both copies run on the compute stream, so the step gets slower"), over the card's PCIe link (`planner.comm.topology`).
 - `communication`: DDP all-reduces gradients (2 (n-1)/n x G), ZeRO-3/FSDP all-gather weights twice and
   reduce-scatter gradients ((n-1)/n x (2W + G)) over the slowest link the ring crosses (NVLink/PCIe in a node, the
@@ -430,11 +430,19 @@ def throughput(arch: ModelArch, tc: TrainConfig, gpu, params: ThroughputParams |
 
 def host_transfer_bytes_per_step(arch: ModelArch, tc: TrainConfig) -> int:
     """Bytes copied between device and pinned host memory per optimizer step: with offloaded checkpoints, every
-    layer input (B x S x h in the residual stream's dtype) once to the host in forward and once back in backward."""
+    layer input (B x S x h in the residual stream's dtype) once to the host in forward and once back in backward;
+    with TRL's activation offloading, every tensor its hooks offload (`planner.memory.activation_offload_host_bytes`)
+    likewise. Counted serial with the compute: TRL copies to the host on a second stream, but brings each tensor
+    back right when its backward node needs it (`s0.wait_stream(s1)` in `unpack_tensor_with_streams`)."""
+    total = 0
+    if tc.recipe.activation_offload:
+        from .memory import activation_offload_host_bytes
+
+        total += 2 * tc.grad_accum * activation_offload_host_bytes(arch, tc, copied=True)
     if not (tc.grad_ckpt and tc.recipe.offload_checkpoints):
-        return 0
+        return total
     seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
-    return 2 * tc.grad_accum * arch.num_layers * tc.batch_size * seq * arch.hidden_size * regime(tc).act
+    return total + 2 * tc.grad_accum * arch.num_layers * tc.batch_size * seq * arch.hidden_size * regime(tc).act
 
 
 def training_hours(total_tokens: int, tokens_per_s: float) -> float:

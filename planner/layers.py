@@ -567,7 +567,11 @@ def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_r
     x = b.input(arch.hidden_size, R.act, input_rg)
     if checkpointed and not tc.recipe.offload_checkpoints:
         # the checkpoint keeps its input to the end of the layer's backward; offloaded (`offload_checkpoints`), the
-        # input is a copy unpacked from host memory for the recompute, which dies after its last use
+        # input is a copy unpacked from host memory for the recompute, which dies after its last use. Under TRL's
+        # activation offloading (`activation_offload`) the checkpoint's saved input goes through TRL's hooks (torch
+        # 2.13 checkpoint.py `_CheckpointFrame.save_inputs` packs it outside the checkpoint's own hooks): the copy
+        # brought back stays in TRL's backward stash through the layer's backward (and into the next layer's first
+        # node: `planner.memory`), so it is held here as the checkpoint's own input is
         b.g.hold(x, scope="piece")
     y = b.decoder_layer(x, b.method.layer_prefix(b, arch, tc))
     return b, x, y
@@ -591,10 +595,12 @@ def lm_head_logits(b: Builder, n: int) -> int:
     logit soft-capping. The logits stay alive (held by the outputs the training loop keeps)."""
     g, R, arch = b.g, b.R, b.arch
     h, V = arch.hidden_size, arch.vocab_size
+    since = len(g.nodes)
     if R.autocast:
         logits = b._linear_autocast(n, h, V, False, trained=b.full)
     else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
         logits = b._linear_plain(n, h, V, False, trained=b.full)
+    g.unhooked(since)  # TRL's activation offloading leaves the lm_head's saved tensors alone (NoOpManager)
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
         t2 = b.new(V, b.dtype[t1], True)

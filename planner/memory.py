@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .arch import ModelArch
 from .config import TrainConfig
-from .graph import Point, forward_without_saving, peak_point, simulate
+from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
@@ -224,10 +224,13 @@ _piece_configs: dict = {}
 def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
     exception, `gathered_adapter_dtype`."""
-    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (gathered_adapter_dtype(tc),)
+    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (tc.batch_size if tc.recipe.activation_offload else 1,
+                                                         gathered_adapter_dtype(tc))
     out = _piece_configs.get(k)
     if out is None:
-        out = tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
+        # TRL's activation offloading decides by a saved tensor's bytes: its replay is per batch size
+        batch = tc.batch_size if tc.recipe.activation_offload else 1
+        out = tc.replace(batch_size=batch, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
         if k[-1] != out.recipe.adapter_dtype:
             out = out.replace(recipe=dataclasses.replace(out.recipe, adapter_dtype=k[-1]))
         _piece_configs[k] = out
@@ -276,10 +279,25 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     for r in of_layer:
         for j, c in enumerate(counts):
             c.append(c[-1] + (j == r))
+    # TRL's activation offloading: every piece's saved tensors go through its hooks, except inside checkpointed
+    # layers (the checkpoint's own hooks are innermost there: only the checkpoint's saved input reaches TRL's)
+    off = Offload(batch=tc.batch_size) if tc.recipe.activation_offload else None
+    layer_off = None if tc.grad_ckpt else off
+    # checkpointed: one pack per layer (its input, offloaded), so the last `stash` layers' inputs reach the loss in
+    # the forward stash
+    n = min(arch.num_layers, off.stash) if off is not None and not tc.recipe.offload_checkpoints else 0
+    ckpt_stash = tuple((n - 1 - i, (seq * arch.hidden_size * regime(tc).act, 0)) for i in range(n))
     layers, nosave = [], []
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
-        layers.append(simulate(b.g, outputs=[y], incoming_grads=[y]))
+        t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off)
+        if layer_off is not None:
+            # the previous layer's forward stash (drained by this layer's first packs) and the next layer's last
+            # copies, still in the backward stash when this one's backward starts: a layer of the same kind's
+            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
+            t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies,
+                         stash_in=t.end_stash_entries)
+        layers.append(t)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
     hb, e = head_graph(arch, tc, seq)
@@ -288,10 +306,11 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     piece = method.extra_piece(arch, tc)
     if piece is not None:
         pg, c = piece
-        prefix = simulate(pg, outputs=[], incoming_grads=[c])
+        prefix = simulate(pg, outputs=[], incoming_grads=[c], offload=off)
     return _Pieces(
-        head=simulate(hb.g, outputs=[e], incoming_grads=[e]),
-        tail=simulate(tb.g, outputs=[], incoming_grads=[loss]),
+        head=simulate(hb.g, outputs=[e], incoming_grads=[e], offload=off),
+        tail=simulate(tb.g, outputs=[], incoming_grads=[loss], offload=off, release_stash=False,
+                      stash_in=ckpt_stash if tc.grad_ckpt else (layers[of_layer[-1]].end_stash_entries if off else ())),
         prefix=prefix,
         replays=tuple(index),
         layers=tuple(layers),
@@ -405,7 +424,10 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # for a frozen embedding the first layer's input is a leaf that requires grad (transformers'
     # `enable_input_require_grads`, which `gradient_checkpointing_enable` calls), and autograd's AccumulateGrad node
     # of that leaf keeps it on the device until the backward reaches it
-    offloaded = ck and tc.recipe.offload_checkpoints
+    offloaded = ck and (tc.recipe.offload_checkpoints or tc.recipe.activation_offload)
+    # TRL's hooks see the checkpoints' inputs unless transformers' offloaded checkpointing wraps each checkpoint in
+    # save_on_cpu, whose hooks are then the innermost (`offload_checkpoints` with `activation_offload`)
+    trl = ck and tc.recipe.activation_offload and not tc.recipe.offload_checkpoints
     leaf_input = offloaded and not tc.spec.first_input_requires_grad()
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
@@ -426,8 +448,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # offloaded checkpoints, trained first input: the first layer's input is still referenced by the model's forward
     # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
     embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
+    # TRL's offloading of checkpointed inputs (one pack per layer): the forward stash keeps the inputs of the
+    # previous min(L, 5) - 1 layers on the device while the last layer runs
+    stash_inputs = (min(L, 5) - 1) * _at(P.layer_input, B) if trl else 0
     events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
-                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask, logits=previous))
+                        activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask + stash_inputs,
+                        logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
                         activations=head_kept + kept_all + mask_late, logits=previous))
     events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
@@ -448,9 +474,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
             # MoE layers stop the recomputation at the last saved tensor (`Timeline.recompute`); dense layers keep
             # the whole forward (the frozen snapshot; the difference there is one output-sized tensor)
             moe = arch.layer_kinds[i].mlp == "moe"
+            # TRL's offloading: the copy of the next layer's input (or the loss's last copies) is still in the
+            # backward stash until this layer's first node, which unpacks this layer's input, has run
+            lag = (_at(P.layer_input, B) if i < L - 1 else _at(P.tail.end_copies, B)) if trl else 0
             events.append(event(f"{name} recompute", peak_point(s.recompute if moe else s.forward, B), "layer_backward", i,
                                 activations=acts, gradients=grads,
-                                temporaries=_at(P.layer_input, B) + _at(P.pending[P.of_layer[i]], B)))
+                                temporaries=_at(P.layer_input, B) + _at(P.pending[P.of_layer[i]], B) + lag))
         events.append(event(f"{name} backward", peak_point(s.backward, B), "layer_backward", i, activations=acts,
                             gradients=grads))
 
@@ -484,6 +513,28 @@ def offloaded_checkpoint_bytes(arch: ModelArch, tc: TrainConfig) -> int:
         return 0
     seq = tc.seq_len + tc.spec.virtual_tokens(tc)[0]
     return arch.num_layers * pinned_block_bytes(tc.batch_size * seq * arch.hidden_size * regime(tc).act)
+
+
+def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig, copied: bool = False) -> int:
+    """Pinned host memory of TRL's activation offloading (`Recipe.activation_offload`): every tensor its hooks offload
+    in one forward, each in a pinned buffer rounded to a power of two (`planner.graph.Offload`, `pinned_bytes`), all
+    live at the end of the forward; the host allocator caches the blocks for the next step. Without checkpointing
+    that is what every piece offloads; with it, each decoder layer's checkpointed input (B x S x h) plus what the
+    embedding and the loss offload (the inputs go to save_on_cpu instead with `offload_checkpoints`, whose hooks
+    transformers enters around each checkpoint, inside TRL's). `copied=True`: the bytes those tensors hold (what crosses the host link each
+    way), without the allocator's rounding."""
+    if not tc.recipe.activation_offload:
+        return 0
+    P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY))
+    L = arch.num_layers
+    of = (lambda t: t.host_copied) if copied else (lambda t: t.host)
+    host = of(P.head) + of(P.tail) + (of(P.prefix) if P.prefix else 0)
+    if tc.grad_ckpt and tc.recipe.offload_checkpoints:  # the inputs go to save_on_cpu (`offloaded_checkpoint_bytes`)
+        return host
+    if tc.grad_ckpt:
+        x = _at(P.layer_input, tc.batch_size)
+        return host + L * (x if copied else pinned_bytes(x))
+    return host + sum(c[L] * of(t) for c, t in zip(P.counts, P.layers))
 
 
 def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Event:
@@ -603,5 +654,5 @@ def estimate_memory(arch: ModelArch, tc: TrainConfig, gpu=None) -> MemoryEstimat
         trainable_params=params[0],
         total_params=params[1],
         notes=sharding_notes,
-        host_pinned_bytes=offloaded_checkpoint_bytes(arch, tc),
+        host_pinned_bytes=offloaded_checkpoint_bytes(arch, tc) + activation_offload_host_bytes(arch, tc),
     )

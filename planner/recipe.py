@@ -8,12 +8,13 @@ is the step ftplan has always modelled and measured (`trainer/recipe.py`, README
 - `attn_implementation="sdpa"`: transformers' default; `F.scaled_dot_product_attention` with CUDA's kernels;
 - `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`); also chunked, liger, cce;
 - `packing=False`: every row is one full-length sequence;
-- `activation_offload=False`: saved tensors stay on the GPU;
+- `activation_offload=False`: saved tensors stay on the GPU (True: TRL's activation offloading);
 - `offload_checkpoints=False`: with gradient checkpointing, each layer's input stays on the GPU;
 - `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head).
 
-Readers: `planner.layers` (attention, loss, the quantized regime), `planner.memory` (the k-bit preparation event),
-`trainer.recipe` (`attn_implementation` when building the model, the k-bit preparation) and so the trace. A value
+Readers: `planner.layers` (attention, loss, the quantized regime), `planner.memory` (the k-bit preparation event,
+activation offloading through `planner.graph.Offload`), `trainer.recipe` (`attn_implementation` when building the
+model, the k-bit preparation), `trainer.step` (TRL's offloading context, trainer/offload.py) and so the trace. A value
 is accepted here only once all three model it; the others are named with what is supported, so a recipe ftplan
 cannot predict is an error, never a silent guess. Adding an option: a field here, its effect in each reader, and
 its values in `MODELLED`.
@@ -34,7 +35,7 @@ MODELLED = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain", "chunked", "liger", "cce"),
     "packing": (False,),
-    "activation_offload": (False,),
+    "activation_offload": (False, True),
     "offload_checkpoints": (False, True),
     "kbit_preparation": (True, False),
     "adapter_dtype": ("fp32", "bf16"),
@@ -50,7 +51,13 @@ class Recipe:
     loss: plain `ForCausalLMLoss`; chunked (TRL's `chunked_nll`), liger (Liger's fused linear cross-entropy), cce
         (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
     packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
-    activation_offload: saved tensors in pinned host memory (not modelled yet).
+    activation_offload: TRL's activation offloading (`SFTConfig.activation_offloading`, Axolotl's
+        `activation_offloading: true`; trl 1.16.0 `get_act_offloading_ctx_manager` with its defaults): saved tensors
+        of 1 KiB and more that are not parameters go to pinned host memory, the last few offloaded stay on the GPU
+        in its forward stash, and backward copies each back when its node runs (`planner.graph.Offload`); the
+        lm_head's own saved tensors stay (`NoOpManager`). Under gradient checkpointing its hooks see only each
+        checkpoint's saved input (and the embedding's and the loss's tensors); with `offload_checkpoints` too,
+        transformers' save_on_cpu takes those inputs (its hooks are entered inside TRL's, around each checkpoint).
     offload_checkpoints: with gradient checkpointing, each checkpointed layer's input in pinned host memory
         (transformers' `gradient_checkpointing_enable(offload=True)`: `save_on_cpu(pin_memory=True)` around each
         checkpoint, as Unsloth's and Axolotl's offloaded checkpointing do); needs `grad_ckpt`.

@@ -16,7 +16,6 @@ def test_the_reference_recipe_is_the_default_and_files_do_not_change():
 
 @pytest.mark.parametrize("kw, words", [
     (dict(packing=True), ["recipe.packing", "not modelled", "False"]),
-    (dict(activation_offload=True), ["recipe.activation_offload", "not modelled", "False"]),
     (dict(attn_implementation="flash"), ["recipe.attn_implementation", "must be one of", "flash_attention_2"]),
     (dict(packing="yes"), ["recipe.packing", "must be one of"]),
 ])

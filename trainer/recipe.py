@@ -11,6 +11,8 @@ What `ftplan estimate` predicts is exactly what this module does (see README "Me
   (`forward` here: bf16 autocast for `mixed`), `outputs.loss.backward()`; then `clip_grad_norm_(..., 1.0)`,
   `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; the outputs (and so the logits) stay referenced until
   the next forward returns;
+- activation offloading (`--activation-offload`): TRL's own context manager around each micro-batch's forward and
+  backward (trainer/offload.py, `activation_offloading` below);
 - optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
   transformers `Adafactor` as the `Trainer` configures it.
 
@@ -155,6 +157,14 @@ def forward(model, batch: dict, tc: TrainConfig, device_type: str):
     plain `out = model(**batch); out.loss.backward(); opt.step()` loop; the estimate counts them there."""
     with autocast_context(tc, device_type):
         return model(**batch)
+
+
+def activation_offloading(model, tc: TrainConfig):
+    """TRL's activation-offloading context manager for `model` (trainer/offload.py); the trace substitutes CUDA's
+    device around the same call."""
+    from . import offload
+
+    return offload.context(model)
 
 
 def synthetic_batch(vocab_size: int, tc: TrainConfig, device, generator: torch.Generator | None = None) -> dict:

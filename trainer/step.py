@@ -15,6 +15,9 @@ there, and the trace and the calibration measure them there.
 
 What differs between the callers is given, not re-written:
 
+Activation offloading (`Recipe.activation_offload`): TRL's context manager (trainer/offload.py) around each
+micro-batch's forward and backward, as TRL's `SFTTrainer.training_step` wraps them.
+
 - `phase(name)`: called before each "forward", "backward" and "optimizer" phase (the trace tags its allocations);
 - `sync(last)`: a context around each micro-batch's forward and backward; `last` is True on the micro-batch whose
   backward must reduce the gradients across processes (DDP's `no_sync` on the others);
@@ -86,6 +89,9 @@ class TrainStep:
         self.outputs = None  # the last micro-batch's outputs, alive until the next forward returns
         # fp16 autocast: a GradScaler (torch.amp) scales the loss and unscales the gradients before the clip
         self.scaler = torch.amp.GradScaler(device_type) if tc.precision == "fp16" else None
+        # activation offloading (TRL's manager, built once as SFTTrainer builds it): around each micro-batch's
+        # forward and backward, as SFTTrainer.training_step wraps them
+        self.offload = recipe.activation_offloading(model, tc) if tc.recipe.activation_offload else None
 
     def __call__(self, batches: Iterable[dict], micro_steps: int | None = None) -> StepResult:
         """Forward and backward over `batches` (`micro_steps` of them: tc.grad_accum unless given), then the optimizer
@@ -94,7 +100,7 @@ class TrainStep:
         total = None
         i = -1
         for i, batch in enumerate(batches):
-            with self.sync(i == n - 1):
+            with self.sync(i == n - 1), (self.offload or contextlib.nullcontext()):
                 self.phase("forward")
                 self.outputs = recipe.forward(self.model, batch, self.tc, self.device_type)
                 loss = self.outputs.loss

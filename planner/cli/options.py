@@ -92,6 +92,9 @@ def train_options(f):
         click.option("--offload-ckpt/--no-offload-ckpt", "offload_ckpt", default=False,
                      help="With --grad-ckpt: each checkpointed layer input in pinned host memory (transformers' "
                           "offload=True, Unsloth/Axolotl offloaded checkpointing)."),
+        click.option("--activation-offload/--no-activation-offload", "activation_offload", default=False,
+                     help="TRL's activation offloading (SFTConfig/Axolotl activation_offloading): saved tensors of "
+                          "1 KiB and more in pinned host memory, the few in flight on the GPU."),
         click.option("--attn", "attn_implementation", type=click.Choice(RECIPE_CHOICES["attn_implementation"]),
                      default="sdpa", show_default=True,
                      help="transformers attn_implementation: sdpa (the kernel torch picks for the GPU) or eager."),
@@ -111,14 +114,16 @@ def train_options(f):
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload",
-              "offload_ckpt", "attn_implementation", "loss", "kbit_preparation", "adapter_dtype")
+              "offload_ckpt", "activation_offload", "attn_implementation", "loss", "kbit_preparation", "adapter_dtype")
 # CLI parameter -> Recipe field (the options that set how the step runs, on top of a plan's or file's recipe)
-RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "attn_implementation": "attn_implementation", "loss": "loss",
+RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "activation_offload": "activation_offload",
+                  "attn_implementation": "attn_implementation", "loss": "loss",
                   "kbit_preparation": "kbit_preparation", "adapter_dtype": "adapter_dtype"}
 OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt",
                   "recipe.attn_implementation": "--attn", "attn_implementation": "--attn",
                   "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep",
-                  "recipe.adapter_dtype": "--adapter-dtype", "adapter_dtype": "--adapter-dtype"})
+                  "recipe.adapter_dtype": "--adapter-dtype", "adapter_dtype": "--adapter-dtype",
+                  "recipe.activation_offload": "--activation-offload", "activation_offload": "--activation-offload"})
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:

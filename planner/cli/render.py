@@ -58,7 +58,7 @@ def plan_summary(d: dict) -> str:
     if d.get("cpu_offload_bytes"):
         lines.append(f"host (offload)  {fmt_gib(d['cpu_offload_bytes']):>11}   per GPU, in CPU memory")
     if d.get("host_pinned_bytes"):
-        lines.append(f"host (pinned)   {fmt_gib(d['host_pinned_bytes']):>11}   per GPU, offloaded checkpoints in pinned "
+        lines.append(f"host (pinned)   {fmt_gib(d['host_pinned_bytes']):>11}   per GPU, offloaded activations or checkpoints in pinned "
                      "(page-locked) CPU memory")
     if "host_ram_bytes" in d:
         verdict = "fits" if d["host_fits"] else "DOES NOT FIT: the host is the limit"
