@@ -3,7 +3,7 @@
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
 calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
 `--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
-calibrate/reference/trace-points-recipe.jsonl`).
+calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -326,6 +326,39 @@ def recipe_points() -> list[tuple[str, dict]]:
     return pts
 
 
+def shape_points() -> list[tuple[str, dict]]:
+    """Issue 11 item 3, the shape of the data: packed rows and batches padded to the longest row, under sdpa
+    (mem-efficient with the bias, math for fp32), eager and flash_attention_2 (packing: varlen, one row), crossed
+    with full / LoRA / QLoRA, precisions and checkpointing on a GQA and a non-GQA tiny family
+    (calibrate/reference/trace-points-shape.jsonl; seconds per point)."""
+    all_lin = ("all-linear",)
+    combos = {  # (method, precision) -> train fields
+        "full-bf16": dict(method="full", precision="bf16"),
+        "full-mixed": dict(method="full", precision="mixed"),
+        "full-fp32": dict(method="full", precision="fp32"),
+        "lora-bf16": dict(method="lora", precision="bf16", rank=16, target_modules=all_lin),
+        "qlora": dict(method="qlora", rank=16, target_modules=all_lin),
+    }
+    shapes = {"packing": {"packing": True}, "padding": {"padding": "longest"}}
+    plan = [  # (attention, shape, combo, checkpointing)
+        ("sdpa", "packing", "full-bf16", False), ("sdpa", "packing", "lora-bf16", True), ("sdpa", "packing", "qlora", False),
+        ("sdpa", "packing", "full-mixed", True), ("sdpa", "packing", "full-fp32", False),
+        ("sdpa", "padding", "full-bf16", True), ("sdpa", "padding", "lora-bf16", False), ("sdpa", "padding", "qlora", True),
+        ("sdpa", "padding", "full-mixed", False), ("sdpa", "padding", "full-fp32", True),
+        ("eager", "packing", "lora-bf16", False), ("eager", "packing", "qlora", True),
+        ("eager", "padding", "lora-bf16", True), ("eager", "padding", "full-mixed", False),
+        ("flash_attention_2", "packing", "lora-bf16", False), ("flash_attention_2", "packing", "qlora", True),
+        ("flash_attention_2", "packing", "full-mixed", False),
+    ]
+    pts = []
+    for model in TINY_FAMILIES:
+        for attn, shape, combo, ckpt in plan:
+            batch = 1 if attn == "flash_attention_2" else 2  # flash-attn detects packed rows in a one-row batch
+            pts.append((model, dict(combos[combo], seq_len=1024, batch_size=batch, grad_ckpt=ckpt,
+                                    recipe=dict(shapes[shape], attn_implementation=attn))))
+    return pts
+
+
 def model_arch(model: str):
     """The ModelArch of a catalog name or any small config of these grids (`family_arch`)."""
     return family_arch(model)
@@ -337,7 +370,8 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "moe": lambda args: moe_points(),
          "multigpu": lambda args: multigpu_points(),
          "attn": lambda args: attn_points(),
-         "recipe": lambda args: recipe_points()}
+         "recipe": lambda args: recipe_points(),
+         "shape": lambda args: shape_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -393,7 +427,8 @@ def main(argv=None) -> int:
                          "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
                          "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
                          "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
-                         "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl)")
+                         "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
+                         "shape: packing and padding (calibrate/reference/trace-points-shape.jsonl)")
     args = ap.parse_args(argv)
 
     import torch

@@ -71,8 +71,10 @@ class Builder:
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
         # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
+        # (a packed batch passes use_cache=False: trainer.data.collate, trainer.recipe.synthetic_batch)
         self.use_cache = (bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
-                          and tc.recipe.loss not in NO_CACHE_LOSSES)
+                          and tc.recipe.loss not in NO_CACHE_LOSSES and not tc.recipe.packing)
+        self.batch_mask = batch_mask(tc)  # packed or padded rows: sdpa and eager get a materialized 4D mask
         self.R = regime(tc)
         self.g = Graph()
         self.dtype: dict[int, int] = {}
@@ -251,7 +253,7 @@ class Builder:
         H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
         rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
         k, v = self._cached_kv(k, v, prefix)
-        masked = prefix is not None or self.masked
+        masked = prefix is not None or self.masked or self.batch_mask
         dt = BF16 if R.autocast else self.dtype[q]
         dropout = float(a.config.get("attention_dropout", 0.0) or 0.0)
         name = "fp32" if dt == FP32 else ("fp16" if self.tc.precision == "fp16" else "bf16")
@@ -438,12 +440,40 @@ class Builder:
             q = self.cast(q, H * d, BF16)
             k, v = self.cast(k, K * d, BF16, kv_len), self.cast(v, K * d, BF16, kv_len)
         dt = self.dtype[q]
+        d32 = round_up(d, 32) if d <= 192 else 256
+        if self.recipe.packing:
+            return self._flash_varlen(q, k, v, rg, d32)
         out = self.new(H * d, dt, rg)
         lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
-        s128, d32 = round_up(self.seq, 128), round_up(d, 32) if d <= 192 else 256
+        s128 = round_up(self.seq, 128)
         ws = s128 * H * FP32 + s128 * H * d32 * FP32 + (2 * kv_len * H * d * dt if K != H else 0)
         g.op("flash_attn", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=(ws, 0))
+        return out
+
+    def _flash_varlen(self, q: int, k: int, v: int, rg: bool, d32: int) -> int:
+        """Packed rows under flash_attention_2: transformers 5.17 `_flash_attention_forward` sees packed position
+        ids (`_is_packed_sequence`, one row) and takes `_prepare_from_posids`: `q.contiguous().view(-1, H, D)`, the
+        same for k and v: q and k (rotary outputs transposed to (B, S, heads, D)) are copied, v (the projection's
+        view transposed back) is not, unless it is a slice of a fused qkv projection. Then flash-attn's
+        `flash_attn_varlen_func` (csrc/flash_attn/flash_api.cpp `mha_varlen_fwd` / `mha_varlen_bwd`, Dao-AILab/
+        flash-attention 00979f5): out (total, H, D), softmax_lse (H, total) fp32 and rng_state saved with q, k, v;
+        backward dq, dk, dv, softmax_d (H, total + 128 n) and dq_accum (total + 128 n, H, head_dim rounded to 32)
+        in fp32 for n sequences (`PACKED_EXAMPLES_PER_ROW` per row), and with grouped heads dk_expanded /
+        dv_expanded (total, H, D). The cumulative lengths (int32, n + 1) are negligible."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        dt = self.dtype[q]
+        q = self._contiguous(q, H * d)
+        k = self._contiguous(k, K * d)
+        if a.fused_qkv:
+            v = self._contiguous(v, K * d)
+        out = self.new(H * d, dt, rg)
+        lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
+        self.dtype[lse] = FP32
+        rows = self.seq + 128 * PACKED_EXAMPLES_PER_ROW
+        ws = rows * H * FP32 + rows * H * d32 * FP32 + (2 * self.seq * H * d * dt if K != H else 0)
+        g.op("flash_attn_varlen", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=(ws, 0))
         return out
 
     def _contiguous(self, x: int, width: int) -> int:
@@ -548,6 +578,18 @@ class Builder:
 
 
 # -- pieces of the model --------------------------------------------------------------------------------------------
+
+PACKED_EXAMPLES_PER_ROW = 2  # examples in a packed row of the predicted batch (trainer.recipe.synthetic_batch)
+
+
+def batch_mask(tc: TrainConfig) -> bool:
+    """Whether transformers 5.17 materializes a 4D mask for sdpa and eager from the batch itself: packed rows
+    (`masking_utils.find_packed_sequence_indices` finds several sequences, `packed_sequence_mask_function`) or a
+    padded batch (`padding_mask_function`; `_ignore_causal_mask_sdpa` no longer skips the mask once a padding
+    token is present). flash_attention_2 builds none (varlen kernels instead)."""
+    return tc.recipe.packing or tc.recipe.padding == "longest"
+
+
 
 
 def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
@@ -773,12 +815,23 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     e = b.method.head(b, e, arch, tc)
     d = arch.head_dim
     # position_ids are (1, S): the tables are shared by the batch; Gemma-3 computes one pair per layer type;
-    # OLMo-2's stay fp32 (no cast, so no fp32 pair to free)
+    # OLMo-2's stay fp32 (no cast, so no fp32 pair to free). Packed rows carry their own (B, S) position ids
+    # (an int64 input kept by the batch), so the rotary embedding computes (B, S, d) tables: one pair per sequence.
+    # A padded batch carries its (B, S) int64 attention_mask.
+    if tc.recipe.packing or tc.recipe.padding == "longest":
+        extra = g.tensor((S * 8, 0), kind="inputs", held=True)
+        b.dtype[extra] = 8
+        g.op("batch", [], [extra])
     table = FP32 if arch.rope_fp32 else R.act
+
+    def rows(nbytes_per_row: int) -> tuple:
+        return (nbytes_per_row, 0) if tc.recipe.packing else (0, nbytes_per_row)
+
     for _ in range(arch.rope_tables):
-        cos = b.fixed(param_bytes(b.seq * d, table), False, "activations", table)
-        sin = b.fixed(param_bytes(b.seq * d, table), False, "activations", table)
-        g.op("rotary", [], [cos, sin], fwd_temp=(0, (2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
+        cos = g.tensor(rows(param_bytes(b.seq * d, table)), kind="activations")
+        sin = g.tensor(rows(param_bytes(b.seq * d, table)), kind="activations")
+        b.dtype[cos] = b.dtype[sin] = table
+        g.op("rotary", [], [cos, sin], fwd_temp=rows((2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
         g.hold(cos)
         g.hold(sin)
     if tc.grad_ckpt and arch.masked_layers(b.seq):
