@@ -144,7 +144,7 @@ def test_only_options_passed_override_the_plan(tiny_plan, tmp_path):
     (["--method", "qlora"], "--precision", "not valid with qlora"),
     (["--optimizer", "adamw8bit"], "--optimizer", "needs CUDA"),
     (["--method", "prefix", "--grad-ckpt"], "--grad-ckpt", "prefix tuning does not work with gradient checkpointing"),
-    (["--method", "prompt", "--packing"], "--packing", "valid with --packing"),
+    (["--method", "prompt", "--packing"], "--packing", "valid with packing"),
     (["--batch-size", "0"], "--batch-size", "batch_size must be a positive integer"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio", "warmup_ratio must be in [0, 1)"),
     (["--model-path", "/no/such/model"], "--model-path", "no such folder"),

@@ -15,7 +15,9 @@ PROGRESS_MIN_RECORDS = 2000  # a progress bar on stderr from this many records (
 SHOWN_LINES = 10  # example locations listed in the text output (all of them in --json)
 
 
-def data_options(f):
+def data_options(f, packing: bool = True):
+    """The --data options; `packing=False` where --packing is the recipe option of `train_options` (estimate),
+    which the data's timing then follows."""
     opts = [
         click.option("--data", "data_path", default=None, metavar="FILE",
                      help="Your training data (the formats and auto-detection of `ftplan run`): real token counts, "
@@ -26,9 +28,11 @@ def data_options(f):
                      help="Tokenizer for --data (a folder, or a Hugging Face id in the HF cache)  [default: the "
                           "model's, when local or cached; else ~4 characters per token]"),
         click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its repository's code."),
-        click.option("--packing", is_flag=True,
-                     help="Time --data with packed rows (ftplan run --packing); the padding of both is shown."),
     ]
+    if packing:
+        opts.append(click.option("--packing", is_flag=True,
+                                 help="Time --data with packed rows (ftplan run --packing); the padding of both is "
+                                      "shown."))
     for o in reversed(opts):
         f = o(f)
     return f
