@@ -123,9 +123,10 @@ class TrainConfig:
         if self.recipe.packing and self.recipe.attn_implementation == "flash_attention_2" and self.batch_size > 1:
             # transformers 5.17 modeling_flash_attention_utils.py `_is_packed_sequence`: `batch_size == 1 and ...`;
             # with more rows it runs flash_attn_func over whole rows and packed examples attend to each other
-            raise ValueError(f"batch_size {self.batch_size} is not valid with recipe.packing under "
-                             "recipe.attn_implementation 'flash_attention_2': transformers detects packed rows for "
-                             "flash-attn only with one row per micro-batch (valid: batch_size 1, or --attn sdpa)")
+            # (Axolotl's multipack patch of the unpad path, which handles several rows, is not modelled either)
+            raise ValueError(f"recipe.packing with recipe.attn_implementation 'flash_attention_2' and batch_size "
+                             f"{self.batch_size} is not modelled: transformers detects packed rows for flash-attn "
+                             "only with one row per micro-batch (valid: batch_size 1, or --attn sdpa)")
         if self.recipe.padding == "longest" and self.recipe.attn_implementation == "flash_attention_2":
             raise ValueError("recipe.padding 'longest' is not modelled yet with recipe.attn_implementation "
                              "'flash_attention_2' (flash-attn's unpad/varlen path; valid with flash_attention_2: "

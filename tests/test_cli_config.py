@@ -35,7 +35,7 @@ my_own_key: 7
 # the flags that say the same
 TRL_NLL_FLAGS = ["--model", "llama-3.1-8b", "--method", "lora", "--rank", "32", "--lora-alpha", "16",
                  "--target-modules", "all-linear", "--lora-dropout", "0.05", "--seq-len", "2048", "--batch-size", "2",
-                 "--grad-accum", "4", "--grad-ckpt", "--precision", "bf16"]
+                 "--grad-accum", "4", "--grad-ckpt", "--precision", "bf16", "--padding", "longest"]
 
 
 def invoke(*args):
@@ -54,7 +54,10 @@ def modelled(options: dict) -> str | None:
 
     recipe_fields = set(Recipe.__dataclass_fields__)
     try:
-        Recipe(**{k: v for k, v in options.items() if k in recipe_fields})
+        recipe = Recipe(**{k: v for k, v in options.items() if k in recipe_fields})
+        # a recipe value this build models alone but not with the file's other options (packing under
+        # flash_attention_2 with several rows per micro-batch)
+        TrainConfig(**{k: v for k, v in options.items() if k in TrainConfig.__dataclass_fields__}, recipe=recipe)
         extra = {k: v for k, v in options.items() if k in NEUTRAL and k not in recipe_fields
                  and k not in TrainConfig.__dataclass_fields__ and v != NEUTRAL[k]}
         return f"{extra}" if extra else None

@@ -289,3 +289,19 @@ def test_keys_without_effect_are_listed_as_ignored(tmp_path):
     m = _load(tmp_path, "model_name_or_path: x/y\nuse_peft: false\nlora_r: 64\nlora_alpha: 128\nloss_type: nll\n")
     assert m.options["method"] == "full" and "rank" not in m.options
     assert {"lora_r", "lora_alpha"} <= set(m.ignored) and not m.unknown
+
+
+@pytest.mark.parametrize("extra, padding, note", [
+    ("per_device_train_batch_size: 4\n", "longest", None),  # TRL's collator pads each batch to its longest row
+    ("per_device_train_batch_size: 1\n", "none", None),  # one row: nothing to pad
+    ("per_device_train_batch_size: 1\npad_to_multiple_of: 64\n", "longest", None),
+    ("per_device_train_batch_size: 4\npadding_free: true\n", None, None),  # padding-free: packing instead
+    ("per_device_train_batch_size: 4\nattn_implementation: flash_attention_2\n", None, "unpad path"),
+])
+def test_trl_rows_are_padded_to_the_longest_without_packing(tmp_path, extra, padding, note):
+    m = _load(tmp_path, "model_name_or_path: Qwen/Qwen2.5-0.5B\nuse_peft: true\n" + extra)
+    assert m.options.get("padding") == padding
+    if padding is not None:
+        assert "padding" in m.defaults
+    if note:
+        assert any(note in n for n in m.notes)
