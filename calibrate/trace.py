@@ -409,6 +409,28 @@ def _is_packed_sequence(position_ids, batch_size):
         return bool(_ORIGINAL["is_packed"](_real_position_ids(tuple(position_ids.shape)), batch_size))
 
 
+def _flash_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """transformers' `masking_utils.flash_attention_mask` (the 2D mask sliced to the keys, or None when it has no
+    padding: `attention_mask.all()`), answered on the real mask; the traced mask is sliced as it slices it."""
+    with _disable_current_modes():
+        real = None if attention_mask is None else _REAL_BATCH["attention_mask"].to(torch.bool)
+        kept = _ORIGINAL["fa_mask"](batch_size, q_length, kv_length, q_offset, kv_offset,
+                                    attention_mask=real) is not None
+    return attention_mask[:, -kv_length:] if kept else None
+
+
+def _get_unpad_data(attention_mask):
+    """transformers' `_get_unpad_data` (`nonzero` of the mask, `max().item()`) on the real mask; on the device its
+    int32 lengths, the int64 indices of the real tokens and the int32 cumulative lengths, of the real sizes."""
+    with _disable_current_modes():
+        indices, cu, max_len = _ORIGINAL["unpad_data"](_REAL_BATCH["attention_mask"])
+        n_tokens, n_cu, max_len = indices.numel(), cu.numel(), int(max_len)
+    seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
+    del seqlens
+    return torch.empty(n_tokens, dtype=torch.int64), torch.empty(n_cu, dtype=torch.int32), max_len
+
+
 def _fa_kwargs_from_position_ids(position_ids):
     """transformers' `prepare_fa_kwargs_from_position_ids` (a `nonzero` of the ids' values) on the real ids; on the
     device, the int32 cumulative lengths (one tensor for q and k) of the same size."""
@@ -696,8 +718,12 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu)
     saved_masks = mu._ignore_causal_mask_sdpa
     saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids)
+    mask_functions = mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    saved_fa_mask = (mask_functions.get("flash_attention_2"), mfu._get_unpad_data)
     _ORIGINAL.update(find_packed=mu.find_packed_sequence_indices, ignore_causal=mu._ignore_causal_mask_sdpa,
-                     is_packed=mfu._is_packed_sequence, fa_kwargs=mfu.prepare_fa_kwargs_from_position_ids)
+                     is_packed=mfu._is_packed_sequence, fa_kwargs=mfu.prepare_fa_kwargs_from_position_ids,
+                     fa_mask=mu.flash_attention_mask, unpad_data=mfu._get_unpad_data)
+    mask_functions["flash_attention_2"], mfu._get_unpad_data = _flash_attention_mask, _get_unpad_data
     saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
@@ -728,6 +754,7 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
         mu._ignore_causal_mask_sdpa = saved_masks
+        mask_functions["flash_attention_2"], mfu._get_unpad_data = saved_fa_mask
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids = saved_fa
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
         autocast_lib._destroy()

@@ -328,7 +328,8 @@ def recipe_points() -> list[tuple[str, dict]]:
 
 def shape_points() -> list[tuple[str, dict]]:
     """Issue 11 item 3, the shape of the data: packed rows and batches padded to the longest row, under sdpa
-    (mem-efficient with the bias, math for fp32), eager and flash_attention_2 (packing: varlen, one row), crossed
+    (the mem-efficient kernel and its bias), eager and flash_attention_2 (packing: varlen over one row; padding:
+    unpad, varlen, pad), crossed
     with full / LoRA / QLoRA, precisions and checkpointing on a GQA and a non-GQA tiny family
     (calibrate/reference/trace-points-shape.jsonl; seconds per point)."""
     all_lin = ("all-linear",)
@@ -349,11 +350,13 @@ def shape_points() -> list[tuple[str, dict]]:
         ("eager", "padding", "lora-bf16", True), ("eager", "padding", "full-mixed", False),
         ("flash_attention_2", "packing", "lora-bf16", False), ("flash_attention_2", "packing", "qlora", True),
         ("flash_attention_2", "packing", "full-mixed", False),
+        ("flash_attention_2", "padding", "lora-bf16", True), ("flash_attention_2", "padding", "qlora", False),
     ]
     pts = []
     for model in TINY_FAMILIES:
         for attn, shape, combo, ckpt in plan:
-            batch = 1 if attn == "flash_attention_2" else 2  # flash-attn detects packed rows in a one-row batch
+            # flash-attn detects packed rows in a one-row batch only
+            batch = 1 if (attn == "flash_attention_2" and shape == "packing") else 2
             pts.append((model, dict(combos[combo], seq_len=1024, batch_size=batch, grad_ckpt=ckpt,
                                     recipe=dict(shapes[shape], attn_implementation=attn))))
     return pts

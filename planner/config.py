@@ -127,10 +127,6 @@ class TrainConfig:
             raise ValueError(f"recipe.packing with recipe.attn_implementation 'flash_attention_2' and batch_size "
                              f"{self.batch_size} is not modelled: transformers detects packed rows for flash-attn "
                              "only with one row per micro-batch (valid: batch_size 1, or --attn sdpa)")
-        if self.recipe.padding == "longest" and self.recipe.attn_implementation == "flash_attention_2":
-            raise ValueError("recipe.padding 'longest' is not modelled yet with recipe.attn_implementation "
-                             "'flash_attention_2' (flash-attn's unpad/varlen path; valid with flash_attention_2: "
-                             "padding none, or packing)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:

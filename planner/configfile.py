@@ -549,16 +549,12 @@ def _trl_padding(r: _Reader) -> None:
     """TRL's collator without padding_free (`DataCollatorForLanguageModeling`, trl f2cd577 sft_trainer.py) pads
     each batch to its longest row (`pad_to_multiple_of` None unless set) and passes the attention mask: with more
     than one row per batch, or a `pad_to_multiple_of`, the batch is padded (`Recipe.padding="longest"`, the worst
-    batch predicted). Packing wrapped gives full-length rows (none). flash_attention_2 over padded batches (its
-    unpad path) is not modelled yet: those rows are priced full length, and the output says so."""
+    batch predicted; flash_attention_2 then unpads). Packing wrapped gives full-length rows (none)."""
     if r.options.get("packing") or (r.bool("packing", False) and not r.options.get("packing")):
         return  # padding-free rows, or wrapped full-length rows
     padded = r.options.get("batch_size", 1) > 1 or r.raw("pad_to_multiple_of") is not None
     if not padded:
         r.default("padding", "none", "one row per batch: TRL's collator pads nothing")
-    elif r.options.get("attn_implementation") == "flash_attention_2":
-        r.note("flash_attention_2 over batches padded to the longest row (TRL's collator): flash-attn's unpad path "
-               "is not modelled yet; rows priced full length")
     else:
         r.default("padding", "longest", "TRL's collator pads each batch to its longest row (no packing, no "
                   "padding_free)")

@@ -443,6 +443,8 @@ class Builder:
         d32 = round_up(d, 32) if d <= 192 else 256
         if self.recipe.packing:
             return self._flash_varlen(q, k, v, rg, d32)
+        if self.recipe.padding == "longest":
+            return self._flash_unpadded(q, k, v, rg, d32)
         out = self.new(H * d, dt, rg)
         lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
@@ -461,20 +463,57 @@ class Builder:
         backward dq, dk, dv, softmax_d (H, total + 128 n) and dq_accum (total + 128 n, H, head_dim rounded to 32)
         in fp32 for n sequences (`PACKED_EXAMPLES_PER_ROW` per row), and with grouped heads dk_expanded /
         dv_expanded (total, H, D). The cumulative lengths (int32, n + 1) are negligible."""
-        g, a = self.g, self.arch
+        a = self.arch
         H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
-        dt = self.dtype[q]
         q = self._contiguous(q, H * d)
         k = self._contiguous(k, K * d)
         if a.fused_qkv:
             v = self._contiguous(v, K * d)
+        return self._flash_varlen_kernel(q, k, v, rg, d32, sequences_per_row=PACKED_EXAMPLES_PER_ROW)
+
+    def _flash_varlen_kernel(self, q: int, k: int, v: int, rg: bool, d32: int, sequences_per_row: int) -> int:
+        """flash-attn's `flash_attn_varlen_func` over the tokens of each row (`mha_varlen_fwd` / `mha_varlen_bwd`,
+        see `_flash_varlen`): out and the fp32 logsumexp saved with q, k, v; backward scratch over total + 128 per
+        sequence."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        dt = self.dtype[q]
         out = self.new(H * d, dt, rg)
         lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
-        rows = self.seq + 128 * PACKED_EXAMPLES_PER_ROW
+        rows = self.seq + 128 * sequences_per_row
         ws = rows * H * FP32 + rows * H * d32 * FP32 + (2 * self.seq * H * d * dt if K != H else 0)
         g.op("flash_attn_varlen", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=(ws, 0))
         return out
+
+    def _flash_unpadded(self, q: int, k: int, v: int, rg: bool, d32: int) -> int:
+        """A padded batch under flash_attention_2: transformers 5.17 `flash_attention_mask` passes the 2D mask on
+        (it has zeros) and `_flash_attention_forward` unpads (`_upad_input`, modeling_flash_attention_utils.py):
+        `_get_unpad_data` (int64 indices of the real tokens, per layer), then `_index_first_axis` for q, k and v:
+        `reshape(-1, heads, D)` (a copy of the transposed rotary outputs q and k; a view of v unless the KV cache
+        holds it or it slices a fused qkv) and `[indices]` (a gathered copy of the real tokens, which keeps the indices for backward: its
+        gradient is zeros of the padded size with the rows put back); then flash-attn's varlen kernel over the
+        real tokens (`_flash_varlen_kernel`, one sequence per row) and `_pad_input` (zeros (B S, H, D) with the
+        output rows put in). The worst batch is predicted: every row `seq_len` long but one padded position."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        idx = self.new(1, 8, False)  # `_get_unpad_data`: int64 indices of the real tokens
+        g.op("unpad_indices", [], [idx])
+        q = self._gather(self._contiguous(q, H * d), H * d, idx)
+        k = self._gather(self._contiguous(k, K * d), K * d, idx)
+        # v reaches flash transposed back to the projection's layout (a view) unless the KV cache holds it in
+        # (B, K, S, D) or it slices a fused qkv projection
+        v = self._gather(self._contiguous(v, K * d) if (a.fused_qkv or self.use_cache) else v, K * d, idx)
+        out = self._flash_varlen_kernel(q, k, v, rg, d32, sequences_per_row=1)
+        padded = self.new(H * d, self.dtype[out], rg)
+        g.op("pad_input", [out, idx], [padded], saved=[idx] if rg else [])
+        return padded
+
+    def _gather(self, x: int, width: int, idx: int) -> int:
+        """`x[indices]` over the flattened tokens: a copy of the rows; keeps the indices for backward."""
+        y = self.new(width, self.dtype[x], self.g.rg(x))
+        self.g.op("index", [x, idx], [y], saved=[idx] if self.g.rg(x) else [])
+        return y
 
     def _contiguous(self, x: int, width: int) -> int:
         """`x.transpose(1, 2).contiguous()` of a (B, H, S, D) tensor: a copy (nothing saved)."""

@@ -296,7 +296,7 @@ def test_keys_without_effect_are_listed_as_ignored(tmp_path):
     ("per_device_train_batch_size: 1\n", "none", None),  # one row: nothing to pad
     ("per_device_train_batch_size: 1\npad_to_multiple_of: 64\n", "longest", None),
     ("per_device_train_batch_size: 4\npadding_free: true\n", None, None),  # padding-free: packing instead
-    ("per_device_train_batch_size: 4\nattn_implementation: flash_attention_2\n", None, "unpad path"),
+    ("per_device_train_batch_size: 4\nattn_implementation: flash_attention_2\n", "longest", None),
 ])
 def test_trl_rows_are_padded_to_the_longest_without_packing(tmp_path, extra, padding, note):
     m = _load(tmp_path, "model_name_or_path: Qwen/Qwen2.5-0.5B\nuse_peft: true\n" + extra)

@@ -54,13 +54,11 @@ def test_the_trainer_and_the_analytic_model_read_the_same_recipe():
     (dict(method="prompt", recipe=Recipe(padding="longest")), ["recipe.padding", "'prompt'", "valid here: none"]),
     (dict(method="lora", batch_size=2, recipe=Recipe(packing=True, attn_implementation="flash_attention_2")),
      ["batch_size 2", "recipe.packing", "one row per micro-batch", "batch_size 1"]),
-    (dict(method="lora", recipe=Recipe(padding="longest", attn_implementation="flash_attention_2")),
-     ["recipe.padding 'longest'", "flash_attention_2", "not modelled"]),
 ])
 def test_a_shape_of_data_a_method_or_kernel_cannot_run_is_refused(kw, words):
-    """Packing with prefix/prompt tuning (peft prepends virtual tokens and ignores position_ids), flash-attn's
-    packed rows beyond one row per micro-batch (transformers 5.17 `_is_packed_sequence`), and what is not modelled
-    yet: each named with what is valid."""
+    """Packing with prefix/prompt tuning (peft prepends virtual tokens and ignores position_ids), padding with
+    them (not modelled), and flash-attn's packed rows beyond one row per micro-batch (transformers 5.17
+    `_is_packed_sequence`): each named with what is valid."""
     with pytest.raises(ValueError) as e:
         TrainConfig(**kw)
     assert all(w in str(e.value) for w in words), str(e.value)

@@ -34,7 +34,7 @@ def test_the_grid_crosses_both_shapes_every_attention_method_and_checkpointing_o
     assert {m for m, _ in tcs} == set(TINY_FAMILIES)
     shapes = {("packing" if tc.recipe.packing else tc.recipe.padding, tc.recipe.attn_implementation) for _, tc in tcs}
     assert shapes == {("packing", "sdpa"), ("longest", "sdpa"), ("packing", "eager"), ("longest", "eager"),
-                      ("packing", "flash_attention_2")}
+                      ("packing", "flash_attention_2"), ("longest", "flash_attention_2")}
     assert {tc.method_name for _, tc in tcs} == {"full", "lora", "qlora"}
     assert {tc.precision for _, tc in tcs if not tc.base_quant.quantized} == {"bf16", "mixed", "fp32"}
     assert {tc.grad_ckpt for _, tc in tcs} == {False, True}
