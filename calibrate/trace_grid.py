@@ -359,6 +359,11 @@ def shape_points() -> list[tuple[str, dict]]:
             batch = 1 if (attn == "flash_attention_2" and shape == "packing") else 2
             pts.append((model, dict(combos[combo], seq_len=1024, batch_size=batch, grad_ckpt=ckpt,
                                     recipe=dict(shapes[shape], attn_implementation=attn))))
+    # sliding-window layers (Gemma-3: window 1024, masked at 1536 tokens): the window's mask, kept by the
+    # checkpoints, is per row once the batch is packed or padded
+    for shape in shapes:
+        pts.append(("family:gemma3_text", dict(combos["lora-bf16"], seq_len=1536, batch_size=2, grad_ckpt=True,
+                                               recipe=dict(shapes[shape]))))
     return pts
 
 

@@ -875,8 +875,11 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         g.hold(sin)
     if tc.grad_ckpt and arch.masked_layers(b.seq):
         # a sliding-window mask: one bool (1, 1, S, S) tensor expanded over the batch (transformers 5.17
-        # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward
-        mask = b.fixed(b.seq * b.seq, False, "activations", 1)
+        # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward;
+        # packed or padded rows make it (B, 1, S, S) (the packed-sequence / padding term indexes the batch)
+        per_row = batch_mask(tc) and tc.recipe.attn_implementation == "sdpa"
+        mask = g.tensor((b.seq * b.seq, 0) if per_row else (0, b.seq * b.seq), kind="activations")
+        b.dtype[mask] = 1
         g.op("sliding_mask", [], [mask])
         g.hold(mask)
     return b, e
