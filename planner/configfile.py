@@ -716,7 +716,12 @@ def _map_axolotl(r: _Reader):
     pack = r.bool("sample_packing", False)
     r.set("packing", pack, "sample_packing") if r.has("sample_packing") else r.default(
         "packing", False, "Axolotl sample_packing unset")
-    r.raw("pad_to_sequence_len")
+    if r.bool("pad_to_sequence_len", False) and not pack:
+        r.set("padding", "longest", "pad_to_sequence_len")
+    elif not pack:
+        # axolotl core/builders (03ad838) `_prepare_data_collator_kwargs`: DataCollatorForSeq2Seq with
+        # padding=True and pad_to_multiple_of 64 (64 * ceil(sequence_len / 64) with pad_to_sequence_len)
+        r.default("padding", "longest", "Axolotl pads each batch to its longest row, rounded up to 64")
     # batch, checkpointing, offloading
     _batch(r, "micro_batch_size", 1, "Axolotl micro_batch_size")
     _accum(r, "gradient_accumulation_steps")
@@ -871,6 +876,10 @@ def _map_llamafactory(r: _Reader):
             r.note("packing without neat_packing: full-length rows of concatenated examples (ftplan's own row shape)")
     else:
         r.default("packing", False, "LLaMA-Factory packs only in pre-training (stage pt), and neat_packing is off")
+    if not neat and not packing:
+        # llamafactory/train/sft/workflow.py: SFTDataCollatorWith4DAttentionMask(pad_to_multiple_of=8 when
+        # training), a DataCollatorForSeq2Seq padding to the longest row and passing the 2D attention mask
+        r.default("padding", "longest", "LLaMA-Factory pads each batch to its longest row, rounded up to 8")
     _batch(r, "per_device_train_batch_size", 8, "transformers TrainingArguments per_device_train_batch_size")
     _accum(r, "gradient_accumulation_steps")
     off = r.bool("disable_gradient_checkpointing", False)
