@@ -31,8 +31,8 @@ def data_options(f, packing: bool = True):
     ]
     if packing:
         opts.append(click.option("--packing", is_flag=True,
-                                 help="Time --data with packed rows (ftplan run --packing); the padding of both is "
-                                      "shown."))
+                                 help="Packed rows (ftplan run --packing): every plan prices them (the recipe's "
+                                      "mask) and --data is timed with them; the padding of both is shown."))
     for o in reversed(opts):
         f = o(f)
     return f
@@ -42,8 +42,6 @@ def check_data_args(data_path, dataset_tokens, packing=False, tc=None) -> None:
     if data_path and dataset_tokens:
         raise click.BadParameter("give --data or --dataset-tokens, not both (--data counts the tokens)",
                                  param_hint="--data")
-    if packing and not data_path:
-        raise click.BadParameter("times the batches of --data; give --data FILE", param_hint="--packing")
     if packing and tc is not None and not tc.spec.supports_packing:
         raise click.BadParameter("packing is not supported with prefix/prompt tuning (ftplan run refuses it: peft "
                                  "ignores position_ids there); valid with --packing: full, lora, qlora, ia3",
