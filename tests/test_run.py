@@ -95,6 +95,8 @@ def test_each_cpu_method_trains_and_its_output_loads(tiny_plan, tmp_path, monkey
     # outputs: plan, run record (calibrate format), loss curve, tokenizer, adapter or model
     plan = read_plan(out / "plan.toml")
     assert plan.train.method == method and Path(plan.model_path).is_absolute()
+    # --packing is the recipe's packing: the run packs its data and its plan (and prediction) say so
+    assert plan.train.recipe.packing == summary["data"]["packed"] == ("--packing" in extra)
     (rec,) = load_records([out / "run_record.json"])
     assert rec["kind"] == "run" and rec["status"] == "ok" and rec["measured"]["device"] == "cpu"
     assert rec["measured"]["steps"] == 25 and rec["measured"]["tokens_per_s"] > 0
