@@ -3,7 +3,7 @@
 `load_config(path)` parses the YAML with `yaml.safe_load` (nothing in the file is executed), detects the framework
 from its keys and maps every key that changes memory or speed to the ftplan option it means: the `TrainConfig`
 fields (method, quant, precision, rank, targets, seq_len, batch_size, grad_accum, grad_ckpt, optimizer, strategy,
-cpu_offload, modules_to_save) and the `Recipe` fields (attn_implementation, loss, packing, activation_offload,
+cpu_offload, modules_to_save) and the `Recipe` fields (attn_implementation, loss, packing, padding, activation_offload,
 offload_checkpoints, kbit_preparation, adapter_dtype). Where the file is silent, the framework's own default is
 applied and listed. The result (`ConfigMapping`) says which keys were read, which defaults were applied, which keys
 were ignored as known not to change memory or speed, and which keys ftplan does not know.
