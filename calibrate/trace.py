@@ -704,14 +704,18 @@ def _dequantize_module_weight(module):
 
 
 @contextlib.contextmanager
-def cuda_behaviour(capability: tuple = (9, 0)):
+def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace on a GPU of
-    compute capability `capability` (which sdpa kernel runs)."""
+    compute capability `capability` (which sdpa kernel runs). `tc`: the traced configuration, whose real batch
+    shape inputs (`trainer.recipe.batch_shape_inputs`) answer transformers' questions about the data."""
     import transformers.masking_utils as mu
     import transformers.modeling_utils as modeling
 
     _CAPABILITY[0] = tuple(capability)
     SDPA_BACKENDS.clear()
+    _REAL_BATCH.clear()  # the real tensors the batch's shape of data comes from
+    if tc is not None:
+        _REAL_BATCH.update({k: v for k, v in recipe.batch_shape_inputs(tc).items() if isinstance(v, torch.Tensor)})
     import transformers.modeling_flash_attention_utils as mfu
     from trainer import losses
 
@@ -756,6 +760,7 @@ def cuda_behaviour(capability: tuple = (9, 0)):
         mu._ignore_causal_mask_sdpa = saved_masks
         mask_functions["flash_attention_2"], mfu._get_unpad_data = saved_fa_mask
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids = saved_fa
+        _REAL_BATCH.clear()
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
         autocast_lib._destroy()
         torch.amp.GradScaler._maybe_opt_step = scaler_step
@@ -908,7 +913,7 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
     tracker = LiveBytes()
     _SaveOnCPUCUDA.tracker = tracker
     notes = []
-    with cuda_behaviour(capability):
+    with cuda_behaviour(capability, tc):
         model = build_traced_model(config, tc, fake_mode, tracker)
         params = recipe.trainable_parameters(model)
         n_trainable = sum(p.numel() for p in params)
@@ -929,10 +934,6 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
             if tc.base_quant.quantized:
                 notes.append("4-bit weights: bitsandbytes NF4 storage and dequantize+matmul path emulated")
             vocab = int(config["vocab_size"])
-            with _disable_current_modes():  # the real tensors the batch's shape of data comes from
-                _REAL_BATCH.clear()
-                _REAL_BATCH.update({k: v for k, v in recipe.batch_shape_inputs(tc).items()
-                                    if isinstance(v, torch.Tensor)})
             step_no = 0
 
             def phase(name: str) -> None:

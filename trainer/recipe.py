@@ -12,7 +12,9 @@ What `ftplan estimate` predicts is exactly what this module does (see README "Me
   `optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; the outputs (and so the logits) stay referenced until
   the next forward returns;
 - optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
-  transformers `Adafactor` as the `Trainer` configures it.
+  transformers `Adafactor` as the `Trainer` configures it;
+- the shape of the data (`Recipe.packing`, `Recipe.padding`): calibration and trace batches carry the position ids
+  or the attention mask the recipe names (`batch_shape_inputs`), as `trainer.data.collate` gives real data.
 
 torch, transformers and peft are imported here, never by `planner`.
 """
