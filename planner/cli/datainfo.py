@@ -38,14 +38,12 @@ def data_options(f, packing: bool = True):
     return f
 
 
-def check_data_args(data_path, dataset_tokens, packing=False, tc=None) -> None:
+def check_data_args(data_path, dataset_tokens) -> None:
+    """--data and --dataset-tokens exclude each other. (Packing is a recipe option: `TrainConfig` refuses it with
+    the methods that cannot pack.)"""
     if data_path and dataset_tokens:
         raise click.BadParameter("give --data or --dataset-tokens, not both (--data counts the tokens)",
                                  param_hint="--data")
-    if packing and tc is not None and not tc.spec.supports_packing:
-        raise click.BadParameter("packing is not supported with prefix/prompt tuning (ftplan run refuses it: peft "
-                                 "ignores position_ids there); valid with --packing: full, lora, qlora, ia3",
-                                 param_hint="--packing")
 
 
 def _tokenizer_source(model_ref: str, arch) -> str | None:
