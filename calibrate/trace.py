@@ -14,10 +14,15 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   additive bias (B, 1, S, KV padded to 16). The CPU kernels differ (math fallback for GQA), so they are replaced.
 - flash_attention_2 (`--attn`): flash-attn 2 is CUDA-only, so transformers' own flash path runs around stand-ins
   of `flash_attn_func` that allocate what flash-attn's `mha_fwd` / `mha_bwd` allocate (the model is built with sdpa,
-  which transformers accepts without flash-attn installed, then switched); the varlen path is not followed yet.
+  which transformers accepts without flash-attn installed, then switched), and of `flash_attn_varlen_func` for
+  packed rows (the varlen kernels' allocations).
 - dropout: CUDA's fused `native_dropout` keeps a 1-byte mask; the CPU path keeps a noise tensor of the input dtype.
-- masks: without a KV cache (checkpointing) transformers checks the position ids for packed sequences, a data
-  check fake tensors cannot make; the synthetic batch is never packed, so no causal mask is built, as on CUDA.
+- masks: transformers reads the values of the position ids (packed rows?) and of the attention mask (padding?)
+  to decide which mask to build (`find_packed_sequence_indices`, `_ignore_causal_mask_sdpa`; flash-attn's
+  `_is_packed_sequence`, `prepare_fa_kwargs_from_position_ids`), data checks fake tensors cannot make: the trace
+  keeps the real tensors its synthetic batch is built from (`trainer.recipe.batch_shape_inputs`: packed position
+  ids, a padded attention mask, or none) and runs transformers' own functions on them; the mask itself is then
+  built by transformers' real mask code on the fake tensors and dispatched through `sdpa_dispatch`.
 - AdamW / SGD: `foreach=True`, CUDA's default.
 - fp16's GradScaler: the step is taken (its `found_inf.item()` check is a sync; no overflow assumed).
 - losses (trainer/losses.py): TRL's chunked NLL runs for real (the valid-token count, a sync, is the synthetic
@@ -56,7 +61,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 from planner.config import TrainConfig
@@ -313,10 +318,46 @@ def _flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, w
     return _FlashAttn2CUDA.apply(q, k, v)
 
 
+class _FlashAttn2VarlenCUDA(torch.autograd.Function):
+    """flash-attn 2's `FlashAttnVarlenFunc` as its CUDA extension allocates (csrc/flash_attn/flash_api.cpp,
+    Dao-AILab/flash-attention 00979f5): `mha_varlen_fwd` writes out (total_q, H, D) and softmax_lse (H, total_q)
+    fp32 (unpadded) and an rng_state (2 int64), saved with q, k, v; `mha_varlen_bwd` allocates dq, dk, dv
+    (empty_like), softmax_d (H, total_q + 128 b) and dq_accum (total_q + 128 b, H, D rounded to 32) in fp32 for b
+    sequences (`cu_seqlens_q` has b + 1 entries), and for grouped heads dk_expanded / dv_expanded (total_k, H, D)
+    summed into dk, dv; the scratch is freed on return."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, n_seqs):
+        total, h, _ = q.shape
+        out = torch.empty(total, h, v.shape[-1], dtype=q.dtype)
+        lse = torch.empty(h, total, dtype=torch.float32)
+        rng = torch.empty(2, dtype=torch.int64)
+        ctx.n_seqs = n_seqs
+        ctx.save_for_backward(q, k, v, out, lse, rng)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, _out, _lse, _rng = ctx.saved_tensors
+        total, h, d = q.shape
+        rows = total + 128 * ctx.n_seqs
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        softmax_d = torch.empty(h, rows, dtype=torch.float32)
+        dq_accum = torch.empty(rows, h, -(-d // 32) * 32 if d <= 192 else 256, dtype=torch.float32)
+        expanded = []
+        if k.shape[1] != h:
+            expanded = [torch.empty(k.shape[0], h, d, dtype=k.dtype), torch.empty(v.shape[0], h, v.shape[-1], dtype=v.dtype)]
+        del softmax_d, dq_accum, expanded
+        return dq, dk, dv, None
+
+
 def _flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                             deterministic=False, return_attn_probs=False, block_table=None):
-    raise NotImplementedError("the trace does not follow flash-attn's varlen path (padding, packing) yet")
+    """flash-attn 2 `flash_attn_varlen_func` (q: (total_q, heads, D), k, v: (total_k, kv heads, D))."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise RuntimeError("FlashAttention only support fp16 and bf16 data type")  # mha_varlen_fwd's own check
+    return _FlashAttn2VarlenCUDA.apply(q, k, v, cu_seqlens_q.shape[0] - 1)
 
 
 def _lazy_import_flash_attention(implementation=None, attention_wrapper=None, allow_all_kernels=False):
@@ -328,10 +369,88 @@ def _lazy_import_flash_attention(implementation=None, attention_wrapper=None, al
     return fns, mfu._lazy_define_process_function(_flash_attn_varlen_func)
 
 
-def _not_packed_sequence(position_ids, batch_size):
-    """transformers' `_is_packed_sequence` asks the position ids (a data check fake tensors cannot answer); the
-    synthetic batch's arange ids are one sequence per row."""
-    return False
+# -- questions transformers asks the batch's data ------------------------------------------------------------------
+# transformers decides from the values of the position ids and the attention mask whether rows are packed or padded
+# (a data check a fake tensor cannot answer). The trace keeps the real, non-fake tensors its synthetic batch is
+# built from (`trainer.recipe.batch_shape_inputs`) and answers each question by running transformers' own function
+# on them; what the function allocates on the device is then replayed on the fake tensors.
+
+_REAL_BATCH: dict = {}  # "position_ids" / "attention_mask" of the traced batch, real CPU tensors
+_ORIGINAL: dict = {}  # the transformers functions replaced while tracing
+
+
+def _real_position_ids(shape) -> torch.Tensor:
+    """The real position ids of the traced batch at `shape` (B, S): the batch's own or, when it passes none, the
+    ones the model makes (transformers 5.17 modeling_llama.py: `position_ids = cache_position.unsqueeze(0)`, with
+    `cache_position = arange(past_seen_tokens, past_seen_tokens + S)` and nothing seen before)."""
+    ids = _REAL_BATCH.get("position_ids")
+    if ids is None:
+        ids = torch.arange(shape[-1]).unsqueeze(0)
+    return ids.expand(shape[0], -1) if ids.shape[0] != shape[0] else ids
+
+
+def _find_packed_sequence_indices(position_ids):
+    """transformers' `masking_utils.find_packed_sequence_indices`, answered on the real ids; when they are packed,
+    its ops (`diff` with the prepended first id - 1, `!= 1`, `cumsum`) run on the traced ids, as on the GPU."""
+    with _disable_current_modes():
+        answer = _ORIGINAL["find_packed"](_real_position_ids(tuple(position_ids.shape)))
+    if answer is None:
+        return None
+    first = position_ids[:, :1] - 1
+    diff = torch.diff(position_ids, prepend=first, dim=-1)
+    return (diff != 1).cumsum(-1)
+
+
+def _ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+    """transformers' `masking_utils._ignore_causal_mask_sdpa` on the real padding mask (the batch's attention_mask
+    as `_preprocess_mask_arguments` and `prepare_padding_mask` turn it: bool, padded to the keys)."""
+    import transformers.masking_utils as mu
+
+    with _disable_current_modes():
+        real = None
+        if padding_mask is not None:
+            real = mu.prepare_padding_mask(_REAL_BATCH["attention_mask"].to(torch.bool), kv_length, kv_offset)
+        return _ORIGINAL["ignore_causal"](real, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+
+
+def _is_packed_sequence(position_ids, batch_size):
+    """transformers' `modeling_flash_attention_utils._is_packed_sequence` on the real position ids."""
+    if position_ids is None:
+        return False
+    with _disable_current_modes():
+        return bool(_ORIGINAL["is_packed"](_real_position_ids(tuple(position_ids.shape)), batch_size))
+
+
+def _flash_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """transformers' `masking_utils.flash_attention_mask` (the 2D mask sliced to the keys, or None when it has no
+    padding: `attention_mask.all()`), answered on the real mask; the traced mask is sliced as it slices it."""
+    with _disable_current_modes():
+        real = None if attention_mask is None else _REAL_BATCH["attention_mask"].to(torch.bool)
+        kept = _ORIGINAL["fa_mask"](batch_size, q_length, kv_length, q_offset, kv_offset,
+                                    attention_mask=real) is not None
+    return attention_mask[:, -kv_length:] if kept else None
+
+
+def _get_unpad_data(attention_mask):
+    """transformers' `_get_unpad_data` (`nonzero` of the mask, `max().item()`) on the real mask; on the device its
+    int32 lengths, the int64 indices of the real tokens and the int32 cumulative lengths, of the real sizes."""
+    with _disable_current_modes():
+        indices, cu, max_len = _ORIGINAL["unpad_data"](_REAL_BATCH["attention_mask"])
+        n_tokens, n_cu, max_len = indices.numel(), cu.numel(), int(max_len)
+    seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
+    del seqlens
+    return torch.empty(n_tokens, dtype=torch.int64), torch.empty(n_cu, dtype=torch.int32), max_len
+
+
+def _fa_kwargs_from_position_ids(position_ids):
+    """transformers' `prepare_fa_kwargs_from_position_ids` (a `nonzero` of the ids' values) on the real ids; on the
+    device, the int32 cumulative lengths (one tensor for q and k) of the same size."""
+    with _disable_current_modes():
+        (cu_q, _cu_k), (max_q, max_k) = _ORIGINAL["fa_kwargs"](_real_position_ids(tuple(position_ids.shape)))
+        shape, dtype, lengths = tuple(cu_q.shape), cu_q.dtype, (int(max_q), int(max_k))
+    cu = torch.empty(shape, dtype=dtype)
+    return (cu, cu), lengths
 
 
 def _cuda_autocast_policy():
@@ -532,13 +651,6 @@ def _step_without_overflow(self, optimizer, optimizer_state, *args, **kwargs):
     return optimizer.step(*args, **kwargs)
 
 
-def _never_packed(position_ids):
-    """transformers asks whether the position ids describe packed sequences (a data-dependent check a FakeTensor
-    cannot answer, so it would build a causal mask 'to be safe'); on the GPU the synthetic batch's arange ids
-    answer 'not packed', the mask is skipped, and sdpa runs causal."""
-    return None
-
-
 _PEFT_DEQUANTIZE = None
 
 
@@ -670,19 +782,30 @@ def _dequantize_module_weight(module):
 
 
 @contextlib.contextmanager
-def cuda_behaviour(capability: tuple = (9, 0)):
+def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace on a GPU of
-    compute capability `capability` (which sdpa kernel runs)."""
+    compute capability `capability` (which sdpa kernel runs). `tc`: the traced configuration, whose real batch
+    shape inputs (`trainer.recipe.batch_shape_inputs`) answer transformers' questions about the data."""
     import transformers.masking_utils as mu
     import transformers.modeling_utils as modeling
 
     _CAPABILITY[0] = tuple(capability)
     SDPA_BACKENDS.clear()
+    _REAL_BATCH.clear()  # the real tensors the batch's shape of data comes from
+    if tc is not None:
+        _REAL_BATCH.update({k: v for k, v in recipe.batch_shape_inputs(tc).items() if isinstance(v, torch.Tensor)})
     import transformers.modeling_flash_attention_utils as mfu
     from trainer import losses
 
     saved = (F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu)
-    saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence)
+    saved_masks = mu._ignore_causal_mask_sdpa
+    saved_fa = (mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids)
+    mask_functions = mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    saved_fa_mask = (mask_functions.get("flash_attention_2"), mfu._get_unpad_data)
+    _ORIGINAL.update(find_packed=mu.find_packed_sequence_indices, ignore_causal=mu._ignore_causal_mask_sdpa,
+                     is_packed=mfu._is_packed_sequence, fa_kwargs=mfu.prepare_fa_kwargs_from_position_ids,
+                     fa_mask=mu.flash_attention_mask, unpad_data=mfu._get_unpad_data)
+    mask_functions["flash_attention_2"], mfu._get_unpad_data = _flash_attention_mask, _get_unpad_data
     saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
     from trainer import offload
 
@@ -690,9 +813,11 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     offload.context = _offload_context_cuda
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
-    mu.find_packed_sequence_indices = _never_packed
+    mu.find_packed_sequence_indices = _find_packed_sequence_indices
+    mu._ignore_causal_mask_sdpa = _ignore_causal_mask_sdpa
     modeling.save_on_cpu = _SaveOnCPUCUDA
-    mfu.lazy_import_flash_attention, mfu._is_packed_sequence = _lazy_import_flash_attention, _not_packed_sequence
+    mfu.lazy_import_flash_attention, mfu._is_packed_sequence = _lazy_import_flash_attention, _is_packed_sequence
+    mfu.prepare_fa_kwargs_from_position_ids = _fa_kwargs_from_position_ids
     losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = _all_valid, _liger_cuda, _cce_cuda
     autocast_lib = _cuda_autocast_policy()
     scaler_step = torch.amp.GradScaler._maybe_opt_step
@@ -714,7 +839,10 @@ def cuda_behaviour(capability: tuple = (9, 0)):
         yield
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
-        mfu.lazy_import_flash_attention, mfu._is_packed_sequence = saved_fa
+        mu._ignore_causal_mask_sdpa = saved_masks
+        mask_functions["flash_attention_2"], mfu._get_unpad_data = saved_fa_mask
+        mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids = saved_fa
+        _REAL_BATCH.clear()
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
         offload.context = saved_offload
         autocast_lib._destroy()
@@ -868,7 +996,7 @@ def trace_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_
     tracker = LiveBytes()
     _SaveOnCPUCUDA.tracker = tracker
     notes = []
-    with cuda_behaviour(capability):
+    with cuda_behaviour(capability, tc):
         model = build_traced_model(config, tc, fake_mode, tracker)
         params = recipe.trainable_parameters(model)
         n_trainable = sum(p.numel() for p in params)

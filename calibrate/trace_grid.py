@@ -3,7 +3,7 @@
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
 calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
 `--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
-calibrate/reference/trace-points-recipe.jsonl`).
+calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -366,6 +366,47 @@ def actoffload_points() -> list[tuple[str, dict]]:
     return pts
 
 
+def shape_points() -> list[tuple[str, dict]]:
+    """Issue 11 item 3, the shape of the data: packed rows and batches padded to the longest row, under sdpa
+    (the mem-efficient kernel and its bias), eager and flash_attention_2 (packing: varlen over one row; padding:
+    unpad, varlen, pad), crossed
+    with full / LoRA / QLoRA, precisions and checkpointing on a GQA and a non-GQA tiny family
+    (calibrate/reference/trace-points-shape.jsonl; seconds per point)."""
+    all_lin = ("all-linear",)
+    combos = {  # (method, precision) -> train fields
+        "full-bf16": dict(method="full", precision="bf16"),
+        "full-mixed": dict(method="full", precision="mixed"),
+        "full-fp32": dict(method="full", precision="fp32"),
+        "lora-bf16": dict(method="lora", precision="bf16", rank=16, target_modules=all_lin),
+        "qlora": dict(method="qlora", rank=16, target_modules=all_lin),
+    }
+    shapes = {"packing": {"packing": True}, "padding": {"padding": "longest"}}
+    plan = [  # (attention, shape, combo, checkpointing)
+        ("sdpa", "packing", "full-bf16", False), ("sdpa", "packing", "lora-bf16", True), ("sdpa", "packing", "qlora", False),
+        ("sdpa", "packing", "full-mixed", True), ("sdpa", "packing", "full-fp32", False),
+        ("sdpa", "padding", "full-bf16", True), ("sdpa", "padding", "lora-bf16", False), ("sdpa", "padding", "qlora", True),
+        ("sdpa", "padding", "full-mixed", False), ("sdpa", "padding", "full-fp32", True),
+        ("eager", "packing", "lora-bf16", False), ("eager", "packing", "qlora", True),
+        ("eager", "padding", "lora-bf16", True), ("eager", "padding", "full-mixed", False),
+        ("flash_attention_2", "packing", "lora-bf16", False), ("flash_attention_2", "packing", "qlora", True),
+        ("flash_attention_2", "packing", "full-mixed", False),
+        ("flash_attention_2", "padding", "lora-bf16", True), ("flash_attention_2", "padding", "qlora", False),
+    ]
+    pts = []
+    for model in TINY_FAMILIES:
+        for attn, shape, combo, ckpt in plan:
+            # flash-attn detects packed rows in a one-row batch only
+            batch = 1 if (attn == "flash_attention_2" and shape == "packing") else 2
+            pts.append((model, dict(combos[combo], seq_len=1024, batch_size=batch, grad_ckpt=ckpt,
+                                    recipe=dict(shapes[shape], attn_implementation=attn))))
+    # sliding-window layers (Gemma-3: window 1024, masked at 1536 tokens): the window's mask, kept by the
+    # checkpoints, is per row once the batch is packed or padded
+    for shape in shapes:
+        pts.append(("family:gemma3_text", dict(combos["lora-bf16"], seq_len=1536, batch_size=2, grad_ckpt=True,
+                                               recipe=dict(shapes[shape]))))
+    return pts
+
+
 def model_arch(model: str):
     """The ModelArch of a catalog name or any small config of these grids (`family_arch`)."""
     return family_arch(model)
@@ -378,7 +419,8 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "multigpu": lambda args: multigpu_points(),
          "attn": lambda args: attn_points(),
          "recipe": lambda args: recipe_points(),
-         "actoffload": lambda args: actoffload_points()}
+         "actoffload": lambda args: actoffload_points(),
+         "shape": lambda args: shape_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -435,7 +477,8 @@ def main(argv=None) -> int:
                          "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
                          "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
                          "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
-                         "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl)")
+                         "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl), "
+                         "shape: packing and padding (calibrate/reference/trace-points-shape.jsonl)")
     args = ap.parse_args(argv)
 
     import torch

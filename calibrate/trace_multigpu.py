@@ -186,7 +186,7 @@ def trace_sharded_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_wo
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = ShardedLiveBytes()
-    with fake_process_group(tc.num_gpus), cuda_behaviour():
+    with fake_process_group(tc.num_gpus), cuda_behaviour(tc=tc):
         with torch.device("meta"):
             model = recipe.build_model(config, tc, device="meta")
             model = recipe.apply_method(model, tc)
@@ -223,7 +223,7 @@ def real_rank(rank: int, world_size: int, config: dict, tc_dict: dict, init_file
         tc = TrainConfig.from_dict(tc_dict)
         torch.manual_seed(0)
         tracker = ShardedLiveBytes()
-        with cuda_behaviour():
+        with cuda_behaviour(tc=tc):
             model = recipe.apply_method(recipe.build_model(config, tc, device="cpu"), tc)
             model = shard(model, tc, config.get("model_type"))
             gen = torch.Generator().manual_seed(rank)

@@ -114,6 +114,20 @@ class TrainConfig:
         if self.recipe.adapter_dtype == "bf16" and (not spec.bf16_adapters or self.precision != "bf16"):
             raise ValueError(f"recipe.adapter_dtype 'bf16' is modelled for LoRA and QLoRA in precision bf16, not "
                              f"{self.method_name} in {self.precision} (valid here: fp32)")
+        if self.recipe.packing and not spec.supports_packing:
+            raise ValueError(f"recipe.packing is not valid with method {self.method!r}: peft prepends the virtual "
+                             "tokens to every row and ignores position_ids, so packed examples would attend to each "
+                             "other (valid with packing: full, lora, qlora, dora, ia3)")
+        if self.recipe.padding != "none" and spec.uses_virtual_tokens:
+            raise ValueError(f"recipe.padding {self.recipe.padding!r} is not modelled with method {self.method!r} "
+                             "(peft widens the attention mask by the virtual tokens; valid here: none)")
+        if self.recipe.packing and self.recipe.attn_implementation == "flash_attention_2" and self.batch_size > 1:
+            # transformers 5.17 modeling_flash_attention_utils.py `_is_packed_sequence`: `batch_size == 1 and ...`;
+            # with more rows it runs flash_attn_func over whole rows and packed examples attend to each other
+            # (Axolotl's multipack patch of the unpad path, which handles several rows, is not modelled either)
+            raise ValueError(f"recipe.packing with recipe.attn_implementation 'flash_attention_2' and batch_size "
+                             f"{self.batch_size} is not modelled: transformers detects packed rows for flash-attn "
+                             "only with one row per micro-batch (valid: batch_size 1, or --attn sdpa)")
         if self.num_gpus == 1 and self.strategy != "ddp":
             object.__setattr__(self, "strategy", "ddp")
         if self.cpu_offload and self.strategy not in OFFLOAD_STRATEGY_NAMES:

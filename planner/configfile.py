@@ -3,7 +3,7 @@
 `load_config(path)` parses the YAML with `yaml.safe_load` (nothing in the file is executed), detects the framework
 from its keys and maps every key that changes memory or speed to the ftplan option it means: the `TrainConfig`
 fields (method, quant, precision, rank, targets, seq_len, batch_size, grad_accum, grad_ckpt, optimizer, strategy,
-cpu_offload, modules_to_save) and the `Recipe` fields (attn_implementation, loss, packing, activation_offload,
+cpu_offload, modules_to_save) and the `Recipe` fields (attn_implementation, loss, packing, padding, activation_offload,
 offload_checkpoints, kbit_preparation, adapter_dtype). Where the file is silent, the framework's own default is
 applied and listed. The result (`ConfigMapping`) says which keys were read, which defaults were applied, which keys
 were ignored as known not to change memory or speed, and which keys ftplan does not know.
@@ -529,6 +529,7 @@ def _map_trl(r: _Reader):
         r.set("activation_offload", offload, "activation_offloading")
     # batch and checkpointing
     _batch(r, "per_device_train_batch_size", 8, "transformers TrainingArguments per_device_train_batch_size")
+    _trl_padding(r)
     _accum(r, "gradient_accumulation_steps")
     _checkpointing(r, "gradient_checkpointing", True, "TRL SFTConfig gradient_checkpointing defaults to true")
     _optimizer(r, "optim", "adamw_torch_fused", "transformers TrainingArguments optim")
@@ -542,6 +543,21 @@ def _map_trl(r: _Reader):
     _torch_compile(r, "torch_compile")
     _trainer_schedule(r)
     return model
+
+
+def _trl_padding(r: _Reader) -> None:
+    """TRL's collator without padding_free (`DataCollatorForLanguageModeling`, trl f2cd577 sft_trainer.py) pads
+    each batch to its longest row (`pad_to_multiple_of` None unless set) and passes the attention mask: with more
+    than one row per batch, or a `pad_to_multiple_of`, the batch is padded (`Recipe.padding="longest"`, the worst
+    batch predicted; flash_attention_2 then unpads). Packing wrapped gives full-length rows (none)."""
+    if r.options.get("packing") or (r.bool("packing", False) and not r.options.get("packing")):
+        return  # padding-free rows, or wrapped full-length rows
+    padded = r.options.get("batch_size", 1) > 1 or r.raw("pad_to_multiple_of") is not None
+    if not padded:
+        r.default("padding", "none", "one row per batch: TRL's collator pads nothing")
+    else:
+        r.default("padding", "longest", "TRL's collator pads each batch to its longest row (no packing, no "
+                  "padding_free)")
 
 
 def _batch(r: _Reader, key: str, default: int, why: str) -> None:
@@ -700,7 +716,12 @@ def _map_axolotl(r: _Reader):
     pack = r.bool("sample_packing", False)
     r.set("packing", pack, "sample_packing") if r.has("sample_packing") else r.default(
         "packing", False, "Axolotl sample_packing unset")
-    r.raw("pad_to_sequence_len")
+    if r.bool("pad_to_sequence_len", False) and not pack:
+        r.set("padding", "longest", "pad_to_sequence_len")
+    elif not pack:
+        # axolotl core/builders (03ad838) `_prepare_data_collator_kwargs`: DataCollatorForSeq2Seq with
+        # padding=True and pad_to_multiple_of 64 (64 * ceil(sequence_len / 64) with pad_to_sequence_len)
+        r.default("padding", "longest", "Axolotl pads each batch to its longest row, rounded up to 64")
     # batch, checkpointing, offloading
     _batch(r, "micro_batch_size", 1, "Axolotl micro_batch_size")
     _accum(r, "gradient_accumulation_steps")
@@ -855,6 +876,10 @@ def _map_llamafactory(r: _Reader):
             r.note("packing without neat_packing: full-length rows of concatenated examples (ftplan's own row shape)")
     else:
         r.default("packing", False, "LLaMA-Factory packs only in pre-training (stage pt), and neat_packing is off")
+    if not neat and not packing:
+        # llamafactory/train/sft/workflow.py: SFTDataCollatorWith4DAttentionMask(pad_to_multiple_of=8 when
+        # training), a DataCollatorForSeq2Seq padding to the longest row and passing the 2D attention mask
+        r.default("padding", "longest", "LLaMA-Factory pads each batch to its longest row, rounded up to 8")
     _batch(r, "per_device_train_batch_size", 8, "transformers TrainingArguments per_device_train_batch_size")
     _accum(r, "gradient_accumulation_steps")
     off = r.bool("disable_gradient_checkpointing", False)

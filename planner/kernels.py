@@ -39,7 +39,7 @@ from .layers import head_graph, layer_graph, tail_graph
 GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by
 # FLOPs like sdpa, one call per QK^T product; the (S, KV) softmax, mask and casts stay bandwidth-bound ops
-ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn"})
+ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn", "flash_attn_varlen"})
 NO_KERNEL = frozenset({"batch", "dora_return"})  # bookkeeping ops of the memory model: no kernel runs
 
 
@@ -165,7 +165,9 @@ class _Walk:
                 fp32 = x is not None and dt.get(x) == 4
                 if n.name == "sdpa":
                     kernel, causal = ("efficient_fp32" if fp32 else "efficient" if masked else "flash"), not masked
-                elif n.name == "flash_attn":  # flash-attn 2 skips the causally masked half
+                elif n.name in ("flash_attn", "flash_attn_varlen"):  # flash-attn 2 skips the causally masked half
+                    # (varlen over packed rows: timed as one causal sequence per row, an upper bound: the
+                    # examples' blocks are smaller)
                     kernel, causal = "flash", True
                 else:  # sdpa's math backend and eager multiply the whole (S, KV) matrix
                     kernel, causal = ("efficient_fp32" if fp32 else "flash"), False

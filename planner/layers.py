@@ -78,8 +78,10 @@ class Builder:
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
         # transformers builds a KV cache in training unless gradient checkpointing turns `use_cache` off
+        # (a packed batch passes use_cache=False: trainer.data.collate, trainer.recipe.synthetic_batch)
         self.use_cache = (bool(arch.config.get("use_cache", True)) and not checkpointed and not tc.grad_ckpt
-                          and tc.recipe.loss not in NO_CACHE_LOSSES)
+                          and tc.recipe.loss not in NO_CACHE_LOSSES and not tc.recipe.packing)
+        self.batch_mask = batch_mask(tc)  # packed or padded rows: sdpa and eager get a materialized 4D mask
         self.R = regime(tc)
         self.g = Graph()
         self.dtype: dict[int, int] = {}
@@ -258,7 +260,7 @@ class Builder:
         H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
         rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
         k, v = self._cached_kv(k, v, prefix)
-        masked = prefix is not None or self.masked
+        masked = prefix is not None or self.masked or self.batch_mask
         dt = BF16 if R.autocast else self.dtype[q]
         dropout = float(a.config.get("attention_dropout", 0.0) or 0.0)
         name = "fp32" if dt == FP32 else ("fp16" if self.tc.precision == "fp16" else "bf16")
@@ -445,13 +447,80 @@ class Builder:
             q = self.cast(q, H * d, BF16)
             k, v = self.cast(k, K * d, BF16, kv_len), self.cast(v, K * d, BF16, kv_len)
         dt = self.dtype[q]
+        d32 = round_up(d, 32) if d <= 192 else 256
+        if self.recipe.packing:
+            return self._flash_varlen(q, k, v, rg, d32)
+        if self.recipe.padding == "longest":
+            return self._flash_unpadded(q, k, v, rg, d32)
         out = self.new(H * d, dt, rg)
         lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
         self.dtype[lse] = FP32
-        s128, d32 = round_up(self.seq, 128), round_up(d, 32) if d <= 192 else 256
+        s128 = round_up(self.seq, 128)
         ws = s128 * H * FP32 + s128 * H * d32 * FP32 + (2 * kv_len * H * d * dt if K != H else 0)
         g.op("flash_attn", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=(ws, 0))
         return out
+
+    def _flash_varlen(self, q: int, k: int, v: int, rg: bool, d32: int) -> int:
+        """Packed rows under flash_attention_2: transformers 5.17 `_flash_attention_forward` sees packed position
+        ids (`_is_packed_sequence`, one row) and takes `_prepare_from_posids`: `q.contiguous().view(-1, H, D)`, the
+        same for k and v: q and k (rotary outputs transposed to (B, S, heads, D)) are copied, v (the projection's
+        view transposed back) is not, unless it is a slice of a fused qkv projection. Then flash-attn's
+        `flash_attn_varlen_func` (csrc/flash_attn/flash_api.cpp `mha_varlen_fwd` / `mha_varlen_bwd`, Dao-AILab/
+        flash-attention 00979f5): out (total, H, D), softmax_lse (H, total) fp32 and rng_state saved with q, k, v;
+        backward dq, dk, dv, softmax_d (H, total + 128 n) and dq_accum (total + 128 n, H, head_dim rounded to 32)
+        in fp32 for n sequences (`PACKED_EXAMPLES_PER_ROW` per row), and with grouped heads dk_expanded /
+        dv_expanded (total, H, D). The cumulative lengths (int32, n + 1) are negligible."""
+        a = self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        q = self._contiguous(q, H * d)
+        k = self._contiguous(k, K * d)
+        if a.fused_qkv:
+            v = self._contiguous(v, K * d)
+        return self._flash_varlen_kernel(q, k, v, rg, d32, sequences_per_row=PACKED_EXAMPLES_PER_ROW)
+
+    def _flash_varlen_kernel(self, q: int, k: int, v: int, rg: bool, d32: int, sequences_per_row: int) -> int:
+        """flash-attn's `flash_attn_varlen_func` over the tokens of each row (`mha_varlen_fwd` / `mha_varlen_bwd`,
+        see `_flash_varlen`): out and the fp32 logsumexp saved with q, k, v; backward scratch over total + 128 per
+        sequence."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        dt = self.dtype[q]
+        out = self.new(H * d, dt, rg)
+        lse = self.g.tensor((self.seq * H * FP32, 0), kind="activations")
+        self.dtype[lse] = FP32
+        rows = self.seq + 128 * sequences_per_row
+        ws = rows * H * FP32 + rows * H * d32 * FP32 + (2 * self.seq * H * d * dt if K != H else 0)
+        g.op("flash_attn_varlen", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=(ws, 0))
+        return out
+
+    def _flash_unpadded(self, q: int, k: int, v: int, rg: bool, d32: int) -> int:
+        """A padded batch under flash_attention_2: transformers 5.17 `flash_attention_mask` passes the 2D mask on
+        (it has zeros) and `_flash_attention_forward` unpads (`_upad_input`, modeling_flash_attention_utils.py):
+        `_get_unpad_data` (int64 indices of the real tokens, per layer), then `_index_first_axis` for q, k and v:
+        `reshape(-1, heads, D)` (a copy of the transposed rotary outputs q and k; a view of v unless the KV cache
+        holds it or it slices a fused qkv) and `[indices]` (a gathered copy of the real tokens, which keeps the indices for backward: its
+        gradient is zeros of the padded size with the rows put back); then flash-attn's varlen kernel over the
+        real tokens (`_flash_varlen_kernel`, one sequence per row) and `_pad_input` (zeros (B S, H, D) with the
+        output rows put in). The worst batch is predicted: every row `seq_len` long but one padded position."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        idx = self.new(1, 8, False)  # `_get_unpad_data`: int64 indices of the real tokens
+        g.op("unpad_indices", [], [idx])
+        q = self._gather(self._contiguous(q, H * d), H * d, idx)
+        k = self._gather(self._contiguous(k, K * d), K * d, idx)
+        # v reaches flash transposed back to the projection's layout (a view) unless the KV cache holds it in
+        # (B, K, S, D) or it slices a fused qkv projection
+        v = self._gather(self._contiguous(v, K * d) if (a.fused_qkv or self.use_cache) else v, K * d, idx)
+        out = self._flash_varlen_kernel(q, k, v, rg, d32, sequences_per_row=1)
+        padded = self.new(H * d, self.dtype[out], rg)
+        g.op("pad_input", [out, idx], [padded], saved=[idx] if rg else [])
+        return padded
+
+    def _gather(self, x: int, width: int, idx: int) -> int:
+        """`x[indices]` over the flattened tokens: a copy of the rows; keeps the indices for backward."""
+        y = self.new(width, self.dtype[x], self.g.rg(x))
+        self.g.op("index", [x, idx], [y], saved=[idx] if self.g.rg(x) else [])
+        return y
 
     def _contiguous(self, x: int, width: int) -> int:
         """`x.transpose(1, 2).contiguous()` of a (B, H, S, D) tensor: a copy (nothing saved)."""
@@ -555,6 +624,18 @@ class Builder:
 
 
 # -- pieces of the model --------------------------------------------------------------------------------------------
+
+PACKED_EXAMPLES_PER_ROW = 2  # examples in a packed row of the predicted batch (trainer.recipe.synthetic_batch)
+
+
+def batch_mask(tc: TrainConfig) -> bool:
+    """Whether transformers 5.17 materializes a 4D mask for sdpa and eager from the batch itself: packed rows
+    (`masking_utils.find_packed_sequence_indices` finds several sequences, `packed_sequence_mask_function`) or a
+    padded batch (`padding_mask_function`; `_ignore_causal_mask_sdpa` no longer skips the mask once a padding
+    token is present). flash_attention_2 builds none (varlen kernels instead)."""
+    return tc.recipe.packing or tc.recipe.padding == "longest"
+
+
 
 
 def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
@@ -786,18 +867,32 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     e = b.method.head(b, e, arch, tc)
     d = arch.head_dim
     # position_ids are (1, S): the tables are shared by the batch; Gemma-3 computes one pair per layer type;
-    # OLMo-2's stay fp32 (no cast, so no fp32 pair to free)
+    # OLMo-2's stay fp32 (no cast, so no fp32 pair to free). Packed rows carry their own (B, S) position ids
+    # (an int64 input kept by the batch), so the rotary embedding computes (B, S, d) tables: one pair per sequence.
+    # A padded batch carries its (B, S) int64 attention_mask.
+    if tc.recipe.packing or tc.recipe.padding == "longest":
+        extra = g.tensor((S * 8, 0), kind="inputs", held=True)
+        b.dtype[extra] = 8
+        g.op("batch", [], [extra])
     table = FP32 if arch.rope_fp32 else R.act
+
+    def rows(nbytes_per_row: int) -> tuple:
+        return (nbytes_per_row, 0) if tc.recipe.packing else (0, nbytes_per_row)
+
     for _ in range(arch.rope_tables):
-        cos = b.fixed(param_bytes(b.seq * d, table), False, "activations", table)
-        sin = b.fixed(param_bytes(b.seq * d, table), False, "activations", table)
-        g.op("rotary", [], [cos, sin], fwd_temp=(0, (2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
+        cos = g.tensor(rows(param_bytes(b.seq * d, table)), kind="activations")
+        sin = g.tensor(rows(param_bytes(b.seq * d, table)), kind="activations")
+        b.dtype[cos] = b.dtype[sin] = table
+        g.op("rotary", [], [cos, sin], fwd_temp=rows((2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
         g.hold(cos)
         g.hold(sin)
     if tc.grad_ckpt and arch.masked_layers(b.seq):
         # a sliding-window mask: one bool (1, 1, S, S) tensor expanded over the batch (transformers 5.17
-        # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward
-        mask = b.fixed(b.seq * b.seq, False, "activations", 1)
+        # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward;
+        # packed or padded rows make it (B, 1, S, S) (the packed-sequence / padding term indexes the batch)
+        per_row = batch_mask(tc) and tc.recipe.attn_implementation == "sdpa"
+        mask = g.tensor((b.seq * b.seq, 0) if per_row else (0, b.seq * b.seq), kind="activations")
+        b.dtype[mask] = 1
         g.op("sliding_mask", [], [mask])
         g.hold(mask)
     return b, e

@@ -27,7 +27,7 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
-from .layers import head_graph, layer_graph, regime, tail_graph
+from .layers import batch_mask, head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
 from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
@@ -329,10 +329,14 @@ def attention_mask_bytes(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int
     transformers 5.17 `masking_utils.eager_mask` never skips the causal mask: `torch.where(bool mask, 0, min)`
     of the embeddings' dtype, (B, 1, S, KV). It lives while the model's forward runs (a local of the base model's
     forward, freed before the loss) and, under gradient checkpointing, until the first layer's backward (each
-    checkpoint keeps its layer's arguments for the recomputation)."""
+    checkpoint keeps its layer's arguments for the recomputation). sdpa with packed rows or a padded batch
+    (`planner.layers.batch_mask`): the bool mask `sdpa_mask` builds, with the same lifetime."""
+    keys = kv_seq if tc.spec.virtual_tokens(tc)[1] else seq
+    if tc.recipe.attn_implementation == "sdpa" and batch_mask(tc):
+        # packed or padded rows: `sdpa_mask` materializes the bool mask, (B, 1, S, KV), one byte each
+        return (seq * keys, 0)
     if tc.recipe.attn_implementation != "eager":
         return (0, 0)
-    keys = kv_seq if tc.spec.virtual_tokens(tc)[1] else seq
     return (seq * keys * regime(tc).act, 0)
 
 

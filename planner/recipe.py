@@ -8,6 +8,7 @@ is the step ftplan has always modelled and measured (`trainer/recipe.py`, README
 - `attn_implementation="sdpa"`: transformers' default; `F.scaled_dot_product_attention` with CUDA's kernels;
 - `loss="plain"`: transformers' `ForCausalLMLoss` (logits upcast to fp32, `cross_entropy`); also chunked, liger, cce;
 - `packing=False`: every row is one full-length sequence;
+- `padding="none"`: no row is padded, so no attention mask reaches the model;
 - `activation_offload=False`: saved tensors stay on the GPU (True: TRL's activation offloading);
 - `offload_checkpoints=False`: with gradient checkpointing, each layer's input stays on the GPU;
 - `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head).
@@ -30,15 +31,17 @@ CHOICES = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain", "chunked", "liger", "cce"),
     "adapter_dtype": ("fp32", "bf16"),
+    "padding": ("none", "longest"),
 }
 MODELLED = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "loss": ("plain", "chunked", "liger", "cce"),
-    "packing": (False,),
+    "packing": (False, True),
     "activation_offload": (False, True),
     "offload_checkpoints": (False, True),
     "kbit_preparation": (True, False),
     "adapter_dtype": ("fp32", "bf16"),
+    "padding": ("none", "longest"),
 }
 
 
@@ -50,7 +53,17 @@ class Recipe:
         2, sm80 and newer; bf16 or mixed precision, or a quantized base).
     loss: plain `ForCausalLMLoss`; chunked (TRL's `chunked_nll`), liger (Liger's fused linear cross-entropy), cce
         (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
-    packing: padding-free rows of several examples (not modelled yet by the planner; `ftplan run --packing` runs it).
+    packing: padding-free rows: each row concatenates examples, `position_ids` restart at 0 at each one and no
+        attention mask is passed (`ftplan run --packing`, TRL padding_free / packing bfd, Axolotl sample_packing,
+        LLaMA-Factory neat_packing). transformers 5.17 builds from the position ids a block-diagonal bool mask for
+        sdpa (`masking_utils.find_packed_sequence_indices`), an additive one for eager, and for flash_attention_2
+        runs flash-attn's varlen kernel (`_is_packed_sequence`: one row per micro-batch only); the batch passes
+        `use_cache=False` (with a KV cache transformers skips the detection).
+    padding: "none": rows are full length and unpadded (the reference; calibrate's synthetic batches); "longest":
+        each micro-batch is right-padded to its longest row and its `attention_mask` has zeros (TRL's default
+        collator, Axolotl and LLaMA-Factory without packing, `ftplan run` on data of varied lengths). The worst
+        batch is predicted: rows of `seq_len` tokens with a padded position, so transformers builds the padding
+        mask (a bool (B, 1, S, S) mask for sdpa, the additive one for eager).
     activation_offload: TRL's activation offloading (`SFTConfig.activation_offloading`, Axolotl's
         `activation_offloading: true`; trl 1.16.0 `get_act_offloading_ctx_manager` with its defaults): saved tensors
         of 1 KiB and more that are not parameters go to pinned host memory, the last few offloaded stay on the GPU
@@ -75,6 +88,7 @@ class Recipe:
     offload_checkpoints: bool = False
     kbit_preparation: bool = True
     adapter_dtype: str = "fp32"
+    padding: str = "none"
 
     REFERENCE: ClassVar["Recipe"]
 
@@ -87,6 +101,9 @@ class Recipe:
             if v not in MODELLED[f.name]:
                 raise ValueError(f"recipe.{f.name} = {v!r} is not modelled yet (modelled: "
                                  f"{', '.join(map(str, MODELLED[f.name]))}); the prediction would be a guess")
+        if self.packing and self.padding != "none":
+            raise ValueError(f"recipe.padding {self.padding!r} is not valid with recipe.packing: packed rows are "
+                             "padding-free (position ids, no attention mask); valid with packing: none")
 
     @property
     def is_reference(self) -> bool:

@@ -165,6 +165,14 @@ def sort_key(objective: str):
     return key
 
 
+def _micro_batches(req: Request) -> tuple:
+    """The micro-batches searched: one row only for packed rows under flash_attention_2 (transformers 5.17
+    `_is_packed_sequence` detects packing in a one-row batch only; planner.config refuses more)."""
+    if req.recipe.packing and req.recipe.attn_implementation == "flash_attention_2":
+        return (1,)
+    return MICRO_BATCHES
+
+
 def recommend(req: Request) -> Result:
     """Enumerate, evaluate and rank. Memory grows with the micro-batch, so for each configuration the batch
     sweep stops at the first size that does not fit."""
@@ -181,7 +189,7 @@ def recommend(req: Request) -> Result:
             per_gpu = req.effective_batch // n
             for opt in _optimizers(fam["method"]):
                 for ckpt in _checkpointing(req, fam["method"]):
-                    for b in MICRO_BATCHES:
+                    for b in _micro_batches(req):
                         if b > per_gpu or per_gpu % b:
                             continue
                         tc = TrainConfig(seq_len=req.seq_len, batch_size=b, grad_accum=per_gpu // b, grad_ckpt=ckpt,

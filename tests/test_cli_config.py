@@ -35,7 +35,7 @@ my_own_key: 7
 # the flags that say the same
 TRL_NLL_FLAGS = ["--model", "llama-3.1-8b", "--method", "lora", "--rank", "32", "--lora-alpha", "16",
                  "--target-modules", "all-linear", "--lora-dropout", "0.05", "--seq-len", "2048", "--batch-size", "2",
-                 "--grad-accum", "4", "--grad-ckpt", "--precision", "bf16"]
+                 "--grad-accum", "4", "--grad-ckpt", "--precision", "bf16", "--padding", "longest"]
 
 
 def invoke(*args):
@@ -54,7 +54,10 @@ def modelled(options: dict) -> str | None:
 
     recipe_fields = set(Recipe.__dataclass_fields__)
     try:
-        Recipe(**{k: v for k, v in options.items() if k in recipe_fields})
+        recipe = Recipe(**{k: v for k, v in options.items() if k in recipe_fields})
+        # a recipe value this build models alone but not with the file's other options (packing under
+        # flash_attention_2 with several rows per micro-batch)
+        TrainConfig(**{k: v for k, v in options.items() if k in TrainConfig.__dataclass_fields__}, recipe=recipe)
         extra = {k: v for k, v in options.items() if k in NEUTRAL and k not in recipe_fields
                  and k not in TrainConfig.__dataclass_fields__ and v != NEUTRAL[k]}
         return f"{extra}" if extra else None
@@ -228,3 +231,22 @@ def test_recommend_keeps_the_files_offloaded_checkpointing(tmp_path):
     assert all(p["host_pinned_bytes"] > 0 for p in d["plans"])
     res = invoke("recommend", "--config", path, "--gpu", "l40s", "--methods", "lora,prefix")
     assert res.exit_code == 2 and "--methods" in res.output and "prefix" in res.output
+
+
+def test_recommend_searches_only_what_the_recipe_can_run(tmp_path):
+    """Packed rows under flash_attention_2 (Axolotl's sample_packing with flash_attention) are detected by
+    transformers in a one-row micro-batch only, so recommend searches micro-batch 1 there; --packing drops the
+    methods that cannot pack (prefix/prompt tuning) and every plan prices the packed rows."""
+    path = write(tmp_path, "base_model: NousResearch/Meta-Llama-3.1-8B\nadapter: lora\nlora_r: 16\n"
+                           "sequence_len: 4096\nmicro_batch_size: 1\ngradient_accumulation_steps: 8\n"
+                           "sample_packing: true\nflash_attention: true\nbf16: true\n")
+    res = invoke("recommend", "--config", path, "--model", "llama-3.1-8b", "--gpu", "a100-80", "--variants", "--json")
+    assert res.exit_code == 0, res.output
+    plans = json.loads(res.output)["plans"]
+    assert plans and all(p["config"]["batch_size"] == 1 for p in plans)
+    assert all(p["config"]["recipe"]["packing"] for p in plans)
+    res = invoke("recommend", "--model", "llama-3.2-1b", "--gpu", "l4", "--packing", "--variants", "--json")
+    assert res.exit_code == 0, res.output
+    plans = json.loads(res.output)["plans"]
+    assert {p["config"]["method"] for p in plans} <= {"full", "lora", "qlora", "ia3"}
+    assert all(p["config"]["recipe"]["packing"] for p in plans)

@@ -289,3 +289,35 @@ def test_keys_without_effect_are_listed_as_ignored(tmp_path):
     m = _load(tmp_path, "model_name_or_path: x/y\nuse_peft: false\nlora_r: 64\nlora_alpha: 128\nloss_type: nll\n")
     assert m.options["method"] == "full" and "rank" not in m.options
     assert {"lora_r", "lora_alpha"} <= set(m.ignored) and not m.unknown
+
+
+@pytest.mark.parametrize("extra, padding, note", [
+    ("per_device_train_batch_size: 4\n", "longest", None),  # TRL's collator pads each batch to its longest row
+    ("per_device_train_batch_size: 1\n", "none", None),  # one row: nothing to pad
+    ("per_device_train_batch_size: 1\npad_to_multiple_of: 64\n", "longest", None),
+    ("per_device_train_batch_size: 4\npadding_free: true\n", None, None),  # padding-free: packing instead
+    ("per_device_train_batch_size: 4\nattn_implementation: flash_attention_2\n", "longest", None),
+])
+def test_trl_rows_are_padded_to_the_longest_without_packing(tmp_path, extra, padding, note):
+    m = _load(tmp_path, "model_name_or_path: Qwen/Qwen2.5-0.5B\nuse_peft: true\n" + extra)
+    assert m.options.get("padding") == padding
+    if padding is not None:
+        assert "padding" in m.defaults
+    if note:
+        assert any(note in n for n in m.notes)
+
+
+def test_axolotl_and_llamafactory_pad_each_batch_to_its_longest_row_unless_packing(tmp_path):
+    """Axolotl's DataCollatorForSeq2Seq (padding=True, pad_to_multiple_of 64) and LLaMA-Factory's
+    SFTDataCollatorWith4DAttentionMask (pad_to_multiple_of 8) pad to the longest row: an attention mask with zeros
+    reaches the model even at one row per batch (the rounding); packed rows are padding-free."""
+    axo = "base_model: NousResearch/Meta-Llama-3-8B\nadapter: lora\nsequence_len: 1000\nmicro_batch_size: 1\n"
+    m = _load(tmp_path, axo)
+    assert m.framework == "axolotl" and m.options["padding"] == "longest" and "padding" in m.defaults
+    assert _load(tmp_path, axo + "pad_to_sequence_len: true\n", "p.yaml").source["padding"] == "pad_to_sequence_len"
+    assert "padding" not in _load(tmp_path, axo + "sample_packing: true\n", "s.yaml").options
+    lf = "model_name_or_path: meta-llama/Meta-Llama-3-8B\nfinetuning_type: lora\nstage: sft\n"
+    m = _load(tmp_path, lf, "lf.yaml")
+    assert m.framework == "llamafactory" and m.options["padding"] == "longest"
+    assert "padding" not in _load(tmp_path, lf + "neat_packing: true\n", "n.yaml").options
+    assert "padding" not in _load(tmp_path, lf + "packing: true\n", "k.yaml").options  # full-length rows

@@ -234,13 +234,18 @@ def test_a_hub_models_tokenizer_is_read_from_the_hf_cache_offline(tmp_path, monk
                              ["input_ids"]) + 1  # + the EOS trainer/data.py appends
 
 
-def test_packing_needs_data_and_a_method_that_packs(tmp_path):
+def test_packing_is_a_recipe_option_and_needs_a_method_that_packs(tmp_path):
+    """--packing prices packed rows with or without --data (the recipe's mask, planner.recipe); prefix tuning
+    cannot pack (peft ignores position_ids)."""
     data = tmp_path / "t.jsonl"
     data.write_text('{"text": "The capital of Peru is Lima."}\n')
-    assert "give --data" in run("estimate", "--model", "8b", "--gpu", "l4", "--packing", code=2).output
+    packed = json.loads(run("estimate", "--model", "8b", "--gpu", "l4", "--packing", "--json").output)
+    plain = json.loads(run("estimate", "--model", "8b", "--gpu", "l4", "--json").output)
+    assert packed["config"]["recipe"]["packing"] is True and "recipe" not in plain["config"]
+    assert packed["peak_allocated_bytes"] > plain["peak_allocated_bytes"]
     out = run("estimate", "--model", "8b", "--gpu", "l4", "--method", "prefix", "--data", str(data), "--packing",
               code=2).output
-    assert "valid with --packing: full, lora, qlora, ia3" in out
+    assert "--packing" in out and "valid with packing: full, lora, qlora, dora, ia3" in out
     # --format is ftplan run's name for --data-format
     assert json.loads(run("estimate", "--model", "8b", "--data", str(data), "--format", "text", "--json").output)[
         "data"]["format"] == "text"

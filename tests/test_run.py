@@ -95,6 +95,8 @@ def test_each_cpu_method_trains_and_its_output_loads(tiny_plan, tmp_path, monkey
     # outputs: plan, run record (calibrate format), loss curve, tokenizer, adapter or model
     plan = read_plan(out / "plan.toml")
     assert plan.train.method == method and Path(plan.model_path).is_absolute()
+    # --packing is the recipe's packing: the run packs its data and its plan (and prediction) say so
+    assert plan.train.recipe.packing == summary["data"]["packed"] == ("--packing" in extra)
     (rec,) = load_records([out / "run_record.json"])
     assert rec["kind"] == "run" and rec["status"] == "ok" and rec["measured"]["device"] == "cpu"
     assert rec["measured"]["steps"] == 25 and rec["measured"]["tokens_per_s"] > 0
@@ -144,7 +146,7 @@ def test_only_options_passed_override_the_plan(tiny_plan, tmp_path):
     (["--method", "qlora"], "--precision", "not valid with qlora"),
     (["--optimizer", "adamw8bit"], "--optimizer", "needs CUDA"),
     (["--method", "prefix", "--grad-ckpt"], "--grad-ckpt", "prefix tuning does not work with gradient checkpointing"),
-    (["--method", "prompt", "--packing"], "--packing", "valid with --packing"),
+    (["--method", "prompt", "--packing"], "--packing", "valid with packing"),
     (["--batch-size", "0"], "--batch-size", "batch_size must be a positive integer"),
     (["--warmup-ratio", "1.5"], "--warmup-ratio", "warmup_ratio must be in [0, 1)"),
     (["--model-path", "/no/such/model"], "--model-path", "no such folder"),

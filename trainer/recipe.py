@@ -14,7 +14,9 @@ What `ftplan estimate` predicts is exactly what this module does (see README "Me
 - activation offloading (`--activation-offload`): TRL's own context manager around each micro-batch's forward and
   backward (trainer/offload.py, `activation_offloading` below);
 - optimizer: `torch.optim.AdamW` (foreach on CUDA), bitsandbytes `AdamW8bit` / `PagedAdamW8bit`, `torch.optim.SGD`,
-  transformers `Adafactor` as the `Trainer` configures it.
+  transformers `Adafactor` as the `Trainer` configures it;
+- the shape of the data (`Recipe.packing`, `Recipe.padding`): calibration and trace batches carry the position ids
+  or the attention mask the recipe names (`batch_shape_inputs`), as `trainer.data.collate` gives real data.
 
 torch, transformers and peft are imported here, never by `planner`.
 """
@@ -167,7 +169,32 @@ def activation_offloading(model, tc: TrainConfig):
     return offload.context(model)
 
 
+def batch_shape_inputs(tc: TrainConfig, device="cpu") -> dict:
+    """The inputs that give a synthetic batch the recipe's shape of data (`planner.recipe.Recipe`), as
+    `trainer.data.collate` gives them to real data:
+
+    - packing: `position_ids` (B, S) restarting at 0 at each of `PACKED_EXAMPLES_PER_ROW` examples per row
+      (`planner.layers`), and `use_cache=False`;
+    - padding "longest": an `attention_mask` (B, S) of ones with the last position of the last row padded (0):
+      the worst batch of rows of at most `seq_len` tokens that still has a padding token, so transformers builds
+      the padding mask;
+    - otherwise nothing (every row one full-length sequence)."""
+    from planner.layers import PACKED_EXAMPLES_PER_ROW
+
+    b, s = tc.batch_size, tc.seq_len
+    if tc.recipe.packing:
+        cut = [s * i // PACKED_EXAMPLES_PER_ROW for i in range(PACKED_EXAMPLES_PER_ROW + 1)]
+        row = torch.cat([torch.arange(cut[i + 1] - cut[i]) for i in range(PACKED_EXAMPLES_PER_ROW)])
+        return {"position_ids": row.repeat(b, 1).to(device), "use_cache": False}
+    if tc.recipe.padding == "longest":
+        mask = torch.ones(b, s, dtype=torch.long)
+        mask[-1, -1] = 0
+        return {"attention_mask": mask.to(device)}
+    return {}
+
+
 def synthetic_batch(vocab_size: int, tc: TrainConfig, device, generator: torch.Generator | None = None) -> dict:
-    """Random token ids, every sequence full length, labels = input_ids (the calibration workload)."""
+    """Random token ids, every sequence full length, labels = input_ids (the calibration workload), with the
+    recipe's shape of data (`batch_shape_inputs`)."""
     ids = torch.randint(0, vocab_size, (tc.batch_size, tc.seq_len), device=device, generator=generator)
-    return {"input_ids": ids, "labels": ids}
+    return {"input_ids": ids, "labels": ids, **batch_shape_inputs(tc, device)}

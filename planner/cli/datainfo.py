@@ -15,7 +15,9 @@ PROGRESS_MIN_RECORDS = 2000  # a progress bar on stderr from this many records (
 SHOWN_LINES = 10  # example locations listed in the text output (all of them in --json)
 
 
-def data_options(f):
+def data_options(f, packing: bool = True):
+    """The --data options; `packing=False` where --packing is the recipe option of `train_options` (estimate),
+    which the data's timing then follows."""
     opts = [
         click.option("--data", "data_path", default=None, metavar="FILE",
                      help="Your training data (the formats and auto-detection of `ftplan run`): real token counts, "
@@ -26,24 +28,22 @@ def data_options(f):
                      help="Tokenizer for --data (a folder, or a Hugging Face id in the HF cache)  [default: the "
                           "model's, when local or cached; else ~4 characters per token]"),
         click.option("--trust-remote-code", is_flag=True, help="Let the tokenizer run its repository's code."),
-        click.option("--packing", is_flag=True,
-                     help="Time --data with packed rows (ftplan run --packing); the padding of both is shown."),
     ]
+    if packing:
+        opts.append(click.option("--packing", is_flag=True,
+                                 help="Packed rows (ftplan run --packing): every plan prices them (the recipe's "
+                                      "mask) and --data is timed with them; the padding of both is shown."))
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def check_data_args(data_path, dataset_tokens, packing=False, tc=None) -> None:
+def check_data_args(data_path, dataset_tokens) -> None:
+    """--data and --dataset-tokens exclude each other. (Packing is a recipe option: `TrainConfig` refuses it with
+    the methods that cannot pack.)"""
     if data_path and dataset_tokens:
         raise click.BadParameter("give --data or --dataset-tokens, not both (--data counts the tokens)",
                                  param_hint="--data")
-    if packing and not data_path:
-        raise click.BadParameter("times the batches of --data; give --data FILE", param_hint="--packing")
-    if packing and tc is not None and not tc.spec.supports_packing:
-        raise click.BadParameter("packing is not supported with prefix/prompt tuning (ftplan run refuses it: peft "
-                                 "ignores position_ids there); valid with --packing: full, lora, qlora, ia3",
-                                 param_hint="--packing")
 
 
 def _tokenizer_source(model_ref: str, arch) -> str | None:

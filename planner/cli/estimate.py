@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from ..plan import Workload, make_plan
@@ -32,7 +34,7 @@ from .render import plan_summary
 @gpu_option()
 @click.option("--dataset-tokens", default=None, metavar="N", help="Training tokens per epoch (50M, 1.5B) for time and cost.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the dataset.")
-@data_options
+@functools.partial(data_options, packing=False)  # --packing is the recipe option of train_options
 @click.option("--provider", default=None, help="Price rows of this provider only (`profiles/prices.toml`).")
 @click.option("--host-ram", type=float, default=None, metavar="GIB",
               help="CPU memory of the machine in GiB: says whether offloaded tensors and state fit the host.")
@@ -40,7 +42,7 @@ from .render import plan_summary
               help="Also run the real training step on fake tensors (needs the train extra; seconds to a minute).")
 @json_option
 def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
-             trust_remote_code, packing, provider, host_ram, trace, as_json, **kwargs):
+             trust_remote_code, provider, host_ram, trace, as_json, **kwargs):
     """Memory (by component), fit, tokens/s and cost of one configuration.
 
     \b
@@ -67,7 +69,8 @@ def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, data_path,
     if epochs <= 0:
         raise click.BadParameter(f"must be > 0, got {epochs:g}", param_hint="--epochs")
     check_provider(provider)
-    check_data_args(data_path, dataset_tokens, packing, tc)
+    packing = tc.recipe.packing  # the data are timed with the rows the recipe predicts
+    check_data_args(data_path, dataset_tokens)
     data = None
     if data_path:
         from ..plan import DEFAULT_MARGIN

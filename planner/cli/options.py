@@ -106,6 +106,13 @@ def train_options(f):
                           "--no-kbit-prep keeps them bf16, as TRL and LLaMA-Factory do."),
         click.option("--adapter-dtype", type=click.Choice(RECIPE_CHOICES["adapter_dtype"]), default="fp32",
                      show_default=True, help="LoRA adapters in fp32 (peft) or bf16 (TRL casts them on a quantized model)."),
+        click.option("--packing/--no-packing", "packing", default=False,
+                     help="Padding-free packed rows (examples concatenated, position ids restarting per example; TRL "
+                          "padding_free, Axolotl sample_packing): sdpa then builds a block-diagonal mask, "
+                          "flash_attention_2 runs varlen (one row per micro-batch)."),
+        click.option("--padding", type=click.Choice(RECIPE_CHOICES["padding"]), default="none", show_default=True,
+                     help="longest: batches padded to their longest row, so an attention mask with zeros reaches the "
+                          "model (TRL's default collator); the worst batch is predicted. none: full-length rows."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -114,16 +121,19 @@ def train_options(f):
 
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload",
-              "offload_ckpt", "activation_offload", "attn_implementation", "loss", "kbit_preparation", "adapter_dtype")
+              "offload_ckpt", "activation_offload", "attn_implementation", "loss", "kbit_preparation", "adapter_dtype",
+              "packing", "padding")
 # CLI parameter -> Recipe field (the options that set how the step runs, on top of a plan's or file's recipe)
 RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "activation_offload": "activation_offload",
                   "attn_implementation": "attn_implementation", "loss": "loss",
-                  "kbit_preparation": "kbit_preparation", "adapter_dtype": "adapter_dtype"}
+                  "kbit_preparation": "kbit_preparation", "adapter_dtype": "adapter_dtype", "packing": "packing",
+                  "padding": "padding"}
 OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt",
                   "recipe.attn_implementation": "--attn", "attn_implementation": "--attn",
                   "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep",
                   "recipe.adapter_dtype": "--adapter-dtype", "adapter_dtype": "--adapter-dtype",
-                  "recipe.activation_offload": "--activation-offload", "activation_offload": "--activation-offload"})
+                  "recipe.activation_offload": "--activation-offload", "activation_offload": "--activation-offload",
+                  "recipe.packing": "--packing", "recipe.padding": "--padding"})
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:

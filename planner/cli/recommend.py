@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 
 import click
 
 from ..config import TrainConfig
-from ..methods import METHOD_CHOICES, method_label
+from ..methods import ALIASES, METHOD_CHOICES, get_method, method_label
+from ..recipe import Recipe
 from ..cost import throughput_params
 from ..plan import DEFAULT_MARGIN, Workload
 from ..planfile import PlanFile, Schedule, write_plan
@@ -110,7 +112,12 @@ def recommend(model_ref, config_path, gpu_refs, seq_len, dataset_tokens, epochs,
     if bad or not wanted:
         raise click.BadParameter(f"unknown method(s) {', '.join(bad) or '(none)'}; valid: {', '.join(METHOD_CHOICES)}",
                                  param_hint="--methods")
-    check_data_args(data_path, dataset_tokens, packing)
+    if packing:  # packed rows: priced by every plan (the recipe's mask) and used to time --data
+        recipe = dataclasses.replace(recipe or Recipe.REFERENCE, packing=True, padding="none")
+        if not given("methods") and config_path is None:  # prefix/prompt tuning cannot pack (peft ignores positions)
+            wanted = tuple(m for m in wanted if get_method(ALIASES.get(m, (m,))[0]).supports_packing)
+    packing = recipe is not None and recipe.packing
+    check_data_args(data_path, dataset_tokens)
     workload = Workload(parse_tokens_option(dataset_tokens), epochs)
     timer = stats = None
     if data_path:
@@ -127,7 +134,8 @@ def recommend(model_ref, config_path, gpu_refs, seq_len, dataset_tokens, epochs,
             try:
                 TrainConfig(method=m, seq_len=seq_len, grad_ckpt=recipe.offload_checkpoints, recipe=recipe)
             except ValueError as e:
-                raise click.BadParameter(f"{m} with the recipe of {config_path}: {e}", param_hint="--methods") from None
+                raise click.BadParameter(f"{m} with the recipe of {config_path or '--packing'}: {e}",
+                                         param_hint="--methods") from None
         extra["recipe"] = recipe
     req = Request(arch=arch, gpu=gpu, seq_len=seq_len, workload=workload, effective_batch=effective_batch,
                   objective=objective, margin=margin, max_gpus=max_gpus, methods=wanted, provider=provider,

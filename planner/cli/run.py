@@ -173,7 +173,6 @@ def _clear_run(out: Path) -> None:
 @click.option("--format", "data_format", type=click.Choice(DATA_FORMATS), default="auto", show_default=True,
               help="Data format (auto: from the first record's keys).")
 @click.option("--train-on-inputs", is_flag=True, help="Loss on every token, not only the responses.")
-@click.option("--packing", is_flag=True, help="Pack several examples per sequence (each attends only to itself).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output-dir.")
 @click.option("--overwrite", is_flag=True, help="Start over in an --output-dir that holds a run (deletes its checkpoints).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
@@ -205,7 +204,7 @@ def _clear_run(out: Path) -> None:
 @click.option("--print-launch", is_flag=True, help="Print each machine's command and the launch it starts; run nothing.")
 @json_option
 @click.pass_context
-def run(ctx, plan_path, config_path, data_path, eval_path, output_dir, data_format, train_on_inputs, packing, resume,
+def run(ctx, plan_path, config_path, data_path, eval_path, output_dir, data_format, train_on_inputs, resume,
         overwrite, device, no_fallback, no_record, model_path, tokenizer_path, eval_steps, keep_checkpoints, no_progress,
         num_machines, machine_rank, main_process_ip, main_process_port, print_launch, as_json, **kwargs):
     """Execute a saved plan on your data with transformers + peft (the recipe `ftplan estimate` predicts).
@@ -236,7 +235,7 @@ def run(ctx, plan_path, config_path, data_path, eval_path, output_dir, data_form
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="PLAN") from None
     tc = _train_config(ctx, pf, kwargs)
-    packing = packing or tc.recipe.packing  # a config file's packing packs the data too
+    packing = tc.recipe.packing  # --packing, the plan's or the config file's recipe: the data are packed
     sched_over = {f: kwargs[f] for f in SCHEDULE_OPTIONS if kwargs.get(f) is not None}
     schedule = _schedule(pf, sched_over)
     for name, value, low in (("--eval-steps", eval_steps, 0), ("--keep-checkpoints", keep_checkpoints, 1)):
@@ -244,10 +243,6 @@ def run(ctx, plan_path, config_path, data_path, eval_path, output_dir, data_form
             raise click.BadParameter(f"must be >= {low}, got {value}", param_hint=name)
     if schedule.max_steps < 0:
         raise click.BadParameter(f"must be >= 0, got {schedule.max_steps}", param_hint="--max-steps")
-    if packing and not tc.spec.supports_packing:
-        raise click.BadParameter("packing is not supported with prefix/prompt tuning: peft ignores position_ids "
-                                 "there, so packed examples would attend to each other (valid with --packing: full, "
-                                 "lora, qlora, ia3)", param_hint="--packing")
     out = Path(output_dir)
     nodes = _nodes(pf, tc, num_machines, machine_rank, main_process_ip, main_process_port)
     if print_launch:
