@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
+from .methods.saved import trains_embedding, trains_lm_head
 from .moe_graph import moe_block
 from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
@@ -78,6 +79,8 @@ class Builder:
         self.dtype: dict[int, int] = {}
         self.method = get_method(tc.method)
         self.full = self.method.trains_base
+        self.head_trained = trains_lm_head(tc)  # lm_head, or peft's trained copy of it (planner.methods.saved)
+        self.embedding_trained = trains_embedding(tc)  # the input embedding, or its trained copy
         self.recipe = tc.recipe
 
     # -- primitives ---------------------------------------------------------------------------------------------
@@ -581,13 +584,14 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
 
 def lm_head_logits(b: Builder, n: int) -> int:
     """lm_head (never quantized nor LoRA-adapted: 'all-linear' excludes it; tied or not, same compute) and Gemma-2's
-    logit soft-capping. The logits stay alive (held by the outputs the training loop keeps)."""
+    logit soft-capping. Trained (full FT, or peft's copy in `modules_to_save`): its input is saved and backward adds
+    the weight-gradient GEMM `grad_logits^T @ x` (V x h, in the weight's dtype). The logits stay alive (held by the outputs the training loop keeps)."""
     g, R, arch = b.g, b.R, b.arch
     h, V = arch.hidden_size, arch.vocab_size
     if R.autocast:
-        logits = b._linear_autocast(n, h, V, False, trained=b.full)
+        logits = b._linear_autocast(n, h, V, False, trained=b.head_trained)
     else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
-        logits = b._linear_plain(n, h, V, False, trained=b.full)
+        logits = b._linear_plain(n, h, V, False, trained=b.head_trained)
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
         t2 = b.new(V, b.dtype[t1], True)
@@ -641,7 +645,7 @@ def chunked_loss(b: Builder, n: int):
     h, V = arch.hidden_size, arch.vocab_size
     C = TRL_CHUNK_TOKENS
     wdt = _lm_head_weight_bytes(b)
-    trained = b.full
+    trained = b.head_trained
     cv4, cv2 = C * V * FP32, C * V * BF16
     if R.autocast:
         wcopy = param_bytes(V * h, BF16)
@@ -686,7 +690,7 @@ def liger_loss(b: Builder, n: int):
     S = b.seq
     dt = b.dtype[n]
     wdt = _lm_head_weight_bytes(b)
-    trained = b.full
+    trained = b.head_trained
     ldt = BF16 if R.autocast else dt
     c1 = _next_pow2(-(-S // -(-V // h)))
     labels = S * (8 + 8 + FP32)  # padded labels, their shifted copy, the fp32 per-token loss
@@ -722,7 +726,7 @@ def cce_loss(b: Builder, n: int):
     h, V = arch.hidden_size, arch.vocab_size
     S = b.seq
     wdt = _lm_head_weight_bytes(b)
-    trained = b.full
+    trained = b.head_trained
     e = b.cast(n, h, BF16) if R.autocast else n
     ins = [e]
     pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
@@ -747,8 +751,9 @@ NO_CACHE_LOSSES = ("chunked",)  # TRL's chunked path calls the backbone with use
 
 def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     """Embedding lookup (plus Gemma's sqrt(h) scaling and prompt tuning's virtual tokens), and the rotary cos/sin
-    every layer saves. The embedding gradient (full FT) is dense V x h; CUDA's embedding backward also sorts the
-    token ids (a few int64 buffers per token)."""
+    every layer saves. The embedding gradient (full FT, or peft's trained copy in `modules_to_save`, which is untied
+    from lm_head: its own gradient) is dense V x h; CUDA's embedding backward also sorts the token ids (a few int64
+    buffers per token)."""
     b = Builder(arch, tc, seq, seq)
     g, R = b.g, b.R
     h = arch.hidden_size
@@ -756,12 +761,12 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     ids = g.tensor((S * 8, 0), kind="inputs", held=True)
     b.dtype[ids] = 8
     g.op("batch", [], [ids])
-    full = b.full
+    full = b.embedding_trained
     e = b.new(h, R.act, full, seq=S)
     if full:
         V = arch.vocab_size
         grad = param_bytes(V * h, R.weight)
-        if arch.tie_word_embeddings:
+        if arch.tie_word_embeddings and b.full:
             # the lm_head gradient waits in the accumulator; the embedding's is summed into it (transient)
             g.op("embedding", [ids], [e], bwd_temp=(4 * S * 8, grad))
         else:

@@ -29,6 +29,7 @@ from .graph import Point, forward_without_saving, peak_point, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
+from .methods.saved import first_input_requires_grad
 from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
 from .moe_graph import unsummed_grad_bytes_per_token
@@ -83,14 +84,15 @@ def base_weight_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
 
 def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
     """Every trainable tensor (`planner.methods.Trainable`: shape, count, bytes per element), from the method:
-    all base parameters for full FT (in the weights' dtype), else the adapters (fp32). Cached per model and
+    all base parameters for full FT (in the weights' dtype), else the adapters (fp32) and the recipe's trained
+    copies of embed_tokens / lm_head (`planner.methods.saved`, in the weights' dtype). Cached per model and
     configuration without batch (recommend asks for the same tensors at every micro-batch)."""
     return _trainable_tensors(arch, batch_free(tc))
 
 
 @functools.lru_cache(maxsize=4096)
 def _trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
-    return tuple(tc.spec.trainable_tensors(arch, tc))
+    return tuple(tc.spec.all_trainable_tensors(arch, tc))
 
 
 def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
@@ -257,7 +259,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     extra_seq, extra_kv = method.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
     kv_seq = tc.seq_len + extra_kv
-    first_rg = method.first_input_requires_grad()
+    first_rg = first_input_requires_grad(tc)
     if arch.moe and tc.grad_ckpt and not tc.base_quant.quantized and method.peft_type:
         # peft 0.21 PeftModel.__init__: a model with gradient checkpointing on (not k-bit) gets
         # `enable_input_require_grads()`, so the embeddings' output, the first layer's input, needs a gradient.
@@ -406,7 +408,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # `enable_input_require_grads`, which `gradient_checkpointing_enable` calls), and autograd's AccumulateGrad node
     # of that leaf keeps it on the device until the backward reaches it
     offloaded = ck and tc.recipe.offload_checkpoints
-    leaf_input = offloaded and not tc.spec.first_input_requires_grad()
+    leaf_input = offloaded and not first_input_requires_grad(tc)
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
     held = [_at(s.held, B) for s in P.layers]
