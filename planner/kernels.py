@@ -35,7 +35,7 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Graph
 from .layers import head_graph, layer_graph, tail_graph
-from .methods.saved import first_input_requires_grad
+from .modules_to_save import first_input_requires_grad
 
 GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by

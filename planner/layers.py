@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
-from .methods.saved import trains_embedding, trains_lm_head
+from .modules_to_save import trains_embedding, trains_lm_head
 from .moe_graph import moe_block
 from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
@@ -79,7 +79,7 @@ class Builder:
         self.dtype: dict[int, int] = {}
         self.method = get_method(tc.method)
         self.full = self.method.trains_base
-        self.head_trained = trains_lm_head(tc)  # lm_head, or peft's trained copy of it (planner.methods.saved)
+        self.head_trained = trains_lm_head(tc)  # lm_head, or peft's trained copy of it (planner.modules_to_save)
         self.embedding_trained = trains_embedding(tc)  # the input embedding, or its trained copy
         self.recipe = tc.recipe
 

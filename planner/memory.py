@@ -29,7 +29,7 @@ from .graph import Point, forward_without_saving, peak_point, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
-from .methods.saved import first_input_requires_grad
+from .modules_to_save import first_input_requires_grad
 from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
 from .moe_graph import unsummed_grad_bytes_per_token
@@ -85,7 +85,7 @@ def base_weight_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
 def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
     """Every trainable tensor (`planner.methods.Trainable`: shape, count, bytes per element), from the method:
     all base parameters for full FT (in the weights' dtype), else the adapters (fp32) and the recipe's trained
-    copies of embed_tokens / lm_head (`planner.methods.saved`, in the weights' dtype). Cached per model and
+    copies of embed_tokens / lm_head (`planner.modules_to_save`, in the weights' dtype). Cached per model and
     configuration without batch (recommend asks for the same tensors at every micro-batch)."""
     return _trainable_tensors(arch, batch_free(tc))
 
@@ -505,7 +505,7 @@ def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Ev
 TERMS = {
     "weights": "base model weights (4-bit packed for QLoRA)",
     "quant_constants": "NF4 absmax and double-quantization constants",
-    "trainable_weights": "adapter weights (LoRA A/B, IA3 vectors, prefix/prompt encoders)",
+    "trainable_weights": "adapter weights (LoRA A/B, IA3 vectors, prefix/prompt encoders, modules_to_save copies)",
     "gradients": "gradients of trainable parameters",
     "optimizer_state": "optimizer state (AdamW moments, 8-bit states, Adafactor factors)",
     "activations": "tensors saved for backward (and the batch, rotary tables, KV caches)",

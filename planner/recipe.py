@@ -14,7 +14,7 @@ is the step ftplan has always modelled and measured (`trainer/recipe.py`, README
 - `modules_to_save=()`: no trained copies of embed_tokens / lm_head beside the adapters.
 
 Readers: `planner.layers` (attention, loss, the quantized regime, trained embedding / lm_head copies),
-`planner.memory` (the k-bit preparation event), `planner.methods.saved` (the copies' tensors), `trainer.recipe` (`attn_implementation` when building the model, the k-bit preparation) and so the trace. A value
+`planner.memory` (the k-bit preparation event), `planner.modules_to_save` (the copies' tensors), `trainer.recipe` (`attn_implementation` when building the model, the k-bit preparation) and so the trace. A value
 is accepted here only once all three model it; the others are named with what is supported, so a recipe ftplan
 cannot predict is an error, never a silent guess. Adding an option: a field here, its effect in each reader, and
 its values in `MODELLED`.
@@ -65,7 +65,7 @@ class Recipe:
         bf16 compute (bf16, QLoRA).
     modules_to_save: peft's `modules_to_save` (`--modules-to-save embed_tokens,lm_head`): a trained full copy of
         each named module beside the adapters, the original frozen (peft 0.21 `utils/other.py`
-        `ModulesToSaveWrapper`; `planner.methods.saved`). Given as a tuple, a list or a comma string; kept as a
+        `ModulesToSaveWrapper`; `planner.modules_to_save`). Given as a tuple, a list or a comma string; kept as a
         tuple in `CHOICES` order without repeats.
     """
 

@@ -3,7 +3,7 @@
 A method (one module per method in this package, registered in `planner.methods`) supplies:
 
 - its trainable tensors (`trainable_tensors`): with the recipe's trained copies of embed_tokens / lm_head
-  (`all_trainable_tensors`, `planner.methods.saved`) the one source for parameter counts, gradients, optimizer
+  (`all_trainable_tensors`, `planner.modules_to_save`) the one source for parameter counts, gradients, optimizer
   state and adapter bytes;
 - its ops in a layer's graph (`before_linear`, `after_linear`, `layer_prefix`, `head`, `extra_piece`): hooks that
   `planner.layers.Builder` calls with itself, so the method adds its tensors with the builder's primitives;
@@ -55,7 +55,7 @@ class Method:
     grad_ckpt_reason: str = ""
     supports_merge: bool = True  # `ftplan merge` can fold it into the base model
     supports_packing: bool = True  # `ftplan run --packing` (padding-free rows) works with it
-    supports_modules_to_save: bool = False  # peft `modules_to_save` copies beside it (planner.methods.saved)
+    supports_modules_to_save: bool = False  # peft `modules_to_save` copies beside it (planner.modules_to_save)
     modules_to_save_reason: str = "not modelled with this method"
     quants: tuple = ("none",)  # base quantizations (planner.quant) it combines with
     quality_tier: float = 4.0
@@ -68,7 +68,7 @@ class Method:
         """Raise ValueError naming the field when `tc` combines this method with something it cannot do."""
         if tc.grad_ckpt and not self.supports_grad_ckpt:
             raise ValueError(f"grad_ckpt: {self.grad_ckpt_reason}; use --no-grad-ckpt or another method")
-        from .saved import validate as validate_saved
+        from ..modules_to_save import validate as validate_saved
 
         validate_saved(tc)
 
@@ -96,8 +96,8 @@ class Method:
         return []
 
     def all_trainable_tensors(self, arch: ModelArch, tc) -> list[Trainable]:
-        """The method's tensors plus the recipe's trained copies of embed_tokens / lm_head (`planner.methods.saved`)."""
-        from .saved import saved_module_tensors
+        """The method's tensors plus the recipe's trained copies of embed_tokens / lm_head (`planner.modules_to_save`)."""
+        from ..modules_to_save import saved_module_tensors
 
         return self.trainable_tensors(arch, tc) + saved_module_tensors(arch, tc)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..units import FP32, param_bytes
 from .base import Method, Trainable
-from .saved import peft_kwargs as saved_peft_kwargs
+from ..modules_to_save import peft_kwargs as saved_peft_kwargs
 
 # peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING (peft 0.21
 # utils/constants.py). Phi-3 has no entry in peft; ftplan passes its fused equivalents explicitly.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..units import BF16, BOOL, FP32, param_bytes
 from .base import Method, TargetError, Trainable, rank_label
-from .saved import peft_kwargs as saved_peft_kwargs
+from ..modules_to_save import peft_kwargs as saved_peft_kwargs
 
 RANKS = (8, 16, 64)  # what recommend tries
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj for llama, mistral,

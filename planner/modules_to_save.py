@@ -18,14 +18,13 @@ Read from peft 0.21 (`utils/other.py`):
   `tie_word_embeddings=True` and a tied layer is part of the adapter ..."): ftplan passes peft's default, so two
   copies. The embedding's copy trains, so its output, the first decoder layer's input, needs a gradient.
 
-Which methods take it: the methods built on peft's `BaseTuner` (LoRA, DoRA, IA3: `Method.supports_modules_to_save`).
+Which methods take it: the methods built on peft's `BaseTuner` (LoRA, DoRA, IA3: `Method.supports_modules_to_save`; this module is
+what they share, outside `planner.methods`, which holds one module per method).
 Full fine-tuning trains both modules already; prefix and prompt tuning (whose prompt encoder reads the input
 embeddings) are not modelled with it.
 """
 
 from __future__ import annotations
-
-from .base import Trainable
 
 EMBEDDING, LM_HEAD = "embed_tokens", "lm_head"
 
@@ -54,15 +53,17 @@ def first_input_requires_grad(tc) -> bool:
 def copy_dtype_bytes(tc) -> int:
     """Bytes per element of a copy: the original's dtype (`copy.deepcopy`, no upcast: see the module docstring), which
     is the regime's unquantized weight dtype (`planner.layers.regime(tc).weight`)."""
-    from ..layers import regime
+    from .layers import regime
 
     return regime(tc).weight
 
 
-def saved_module_tensors(arch, tc) -> list[Trainable]:
+def saved_module_tensors(arch, tc) -> list:
     """One trained (vocab_size, hidden_size) tensor per listed module, tied model or not (peft's default
     `ensure_weight_tying=False` gives each listed module its own copy), in the original's dtype. No bias: the
     catalog's lm_heads have none (`bias=False` in every supported family)."""
+    from .methods.base import Trainable  # (planner.methods imports this module)
+
     dt = copy_dtype_bytes(tc)
     return [Trainable(arch.vocab_size, arch.hidden_size, 1, dt) for _ in saved_modules(tc)]
 
