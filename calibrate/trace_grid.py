@@ -332,24 +332,30 @@ def recipe_points() -> list[tuple[str, dict]]:
 MTS_FAMILIES = {
     "tiny-llama-gqa": TINY_FAMILIES["tiny-llama-gqa"],
     "tiny-qwen2-tied": dict(TINY_FAMILIES["tiny-qwen2-mha"], tie_word_embeddings=True),
+    # a vocabulary that dwarfs the layers, so that the embedding backward (with CUDA's sort scratch) holds the peak
+    "tiny-llama-bigvocab": dict(TINY_FAMILIES["tiny-llama-gqa"], hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=2, num_attention_heads=4, vocab_size=131072, max_position_embeddings=16384),
 }
 
 
 def mts_points() -> list[tuple[str, dict]]:
     """peft `modules_to_save` (issue 11 section 6): LoRA and QLoRA x embed_tokens / lm_head / both x checkpointing on
-    a tied and an untied tiny family, plus LoRA under mixed precision, short rows, DoRA and IA3 (calibrate/reference/
+    a tied and an untied tiny family, plus LoRA under mixed precision, short rows, DoRA, IA3, and an embedding
+    backward at the peak (a large vocabulary) (calibrate/reference/
     trace-points-mts.jsonl; seconds per point)."""
     saves = (("embed_tokens",), ("lm_head",), ("embed_tokens", "lm_head"))
     pts = []
-    for model in MTS_FAMILIES:
+    for model in ("tiny-llama-gqa", "tiny-qwen2-tied"):
         for method in ("lora", "qlora"):
             for i, mts in enumerate(saves):
                 for ckpt in (False, True):
-                    pts.append((model, dict(method=method, rank=16, target_modules=("all-linear",), seq_len=512,
-                                            batch_size=1 + (i + ckpt) % 2, grad_ckpt=ckpt,
-                                            recipe={"modules_to_save": mts})))
-        pts.append((model, dict(method="lora", precision="mixed", rank=16, target_modules=("q_proj", "v_proj"),
-                                seq_len=512, batch_size=2, recipe={"modules_to_save": saves[2]})))
+                    # checkpointed points take 2 x 2048 tokens: above 3072 ids CUDA's embedding backward sorts them
+                    pts.append((model, dict(method=method, rank=16, target_modules=("all-linear",),
+                                            seq_len=2048 if ckpt else 512, batch_size=2 if ckpt else 1 + i % 2,
+                                            grad_ckpt=ckpt, recipe={"modules_to_save": mts})))
+        if model == "tiny-llama-gqa":
+            pts.append((model, dict(method="lora", precision="mixed", rank=16, target_modules=("q_proj", "v_proj"),
+                                    seq_len=512, batch_size=2, recipe={"modules_to_save": saves[2]})))
         # short rows: the logits no longer hide the copies' gradients and state (embedding backward, optimizer step)
         method, mts = ("lora", saves[2]) if model == "tiny-llama-gqa" else ("qlora", saves[0])
         pts.append((model, dict(method=method, rank=8, target_modules=("q_proj", "v_proj"), seq_len=64, batch_size=1,
@@ -358,6 +364,10 @@ def mts_points() -> list[tuple[str, dict]]:
                                        batch_size=1, recipe={"modules_to_save": ("lm_head",)})))
     pts.append(("tiny-qwen2-tied", dict(method="ia3", seq_len=512, batch_size=2, grad_ckpt=True,
                                         recipe={"modules_to_save": ("embed_tokens",)})))
+    # 4096 ids (CUDA sorts them), SGD and Cut Cross-Entropy: the embedding copy's backward is the peak
+    pts.append(("tiny-llama-bigvocab", dict(method="lora", rank=8, target_modules=("q_proj", "v_proj"),
+                                            lora_dropout=0.0, seq_len=2048, batch_size=2, grad_ckpt=True,
+                                            optimizer="sgd", recipe={"loss": "cce", "modules_to_save": ("embed_tokens",)})))
     return pts
 
 

@@ -749,6 +749,32 @@ LOSSES = {"plain": plain_loss, "chunked": chunked_loss, "liger": liger_loss, "cc
 NO_CACHE_LOSSES = ("chunked",)  # TRL's chunked path calls the backbone with use_cache=False
 
 
+EMBEDDING_BWD_DIRECT_MAX_TOKENS = 3072  # torch Embedding.cu: `num_indices <= 3072 && !scale_grad_by_freq`
+EMBEDDING_BWD_ROWS_PER_THREAD = 10  # torch EmbeddingBackwardKernel.cu `NROWS_PER_THREAD`
+
+
+def embedding_backward_scratch_bytes(arch: ModelArch, tokens: int, grad_bytes: int) -> int:
+    """Transient bytes of CUDA's `embedding_dense_backward_cuda` beside the V x h gradient it returns, for `tokens`
+    ids (B x S) and a gradient of `grad_bytes` per element (torch `aten/src/ATen/native/cuda/Embedding.cu` and
+    `EmbeddingBackwardKernel.cu` `embedding_backward_cuda_kernel`, read at pytorch/pytorch main, 2.x):
+
+    - N <= 3072 ids: one kernel accumulates into the zeroed gradient: nothing else;
+    - above: the ids are radix-sorted (`sorted_indices`, `orig_indices`: 2 x N int64; the `arange` beside them is
+      freed first), `segment_offsets` (N int64), `partials_per_segment` and its offsets (2 x min(N, V) int64),
+      `partial_segment_offset` (M int64) and `grad_weight_per_segment` (M x h in the op-math type: fp32 for a
+      bf16/fp16 gradient), M = N // 10 + min(N, V), all live while `sum_and_scatter` writes the gradient (the
+      two-pass path: the fused atomic path is taken only when min(N, V) x h is too small to fill the GPU).
+    cub's sort and unique-by-key temporaries are not counted. Applied to peft's trained embedding copy; full
+    fine-tuning keeps the frozen snapshot's 4 x S int64 (the same kernel: left for a deliberate snapshot update)."""
+    n = tokens
+    if n <= EMBEDDING_BWD_DIRECT_MAX_TOKENS:
+        return 0
+    segs = min(n, arch.vocab_size)
+    m = n // EMBEDDING_BWD_ROWS_PER_THREAD + segs
+    ints = 3 * param_bytes(n, 8) + 2 * param_bytes(segs, 8) + param_bytes(m, 8)
+    return ints + param_bytes(m * arch.hidden_size, FP32 if grad_bytes < FP32 else grad_bytes)
+
+
 def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     """Embedding lookup (plus Gemma's sqrt(h) scaling and prompt tuning's virtual tokens), and the rotary cos/sin
     every layer saves. The embedding gradient (full FT, or peft's trained copy in `modules_to_save`, which is untied
@@ -769,8 +795,10 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         if arch.tie_word_embeddings and b.full:
             # the lm_head gradient waits in the accumulator; the embedding's is summed into it (transient)
             g.op("embedding", [ids], [e], bwd_temp=(4 * S * 8, grad))
-        else:
+        elif b.full:
             g.op("embedding", [ids], [e], param_grad=(0, grad), bwd_temp=(4 * S * 8, 0))
+        else:  # peft's copy: its kernel scratch depends on B x S, so `embedding_backward_scratch_bytes` adds it
+            g.op("embedding", [ids], [e], param_grad=(0, grad))
     else:
         g.op("embedding", [ids], [e])
     if arch.scales_embeddings:

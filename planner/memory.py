@@ -27,7 +27,7 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Point, forward_without_saving, peak_point, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
-from .layers import head_graph, layer_graph, regime, tail_graph
+from .layers import embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
 from .modules_to_save import first_input_requires_grad
 from .moe import check_supported as check_moe_supported
@@ -456,9 +456,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
         events.append(event(f"{name} backward", peak_point(s.backward, B), "layer_backward", i, activations=acts,
                             gradients=grads))
 
-    # embedding backward: every layer's gradients are done
+    # embedding backward: every layer's gradients are done; a trained embedding copy's kernel scratch
+    copy_scratch = (embedding_backward_scratch_bytes(arch, B * tc.seq_len, regime(tc).weight)
+                    if "embed_tokens" in tc.recipe.modules_to_save else 0)
     events.append(event("embedding backward", peak_point(P.head.backward, B), "embedding_backward",
-                        activations=head_kept + held_tail + held_layers, gradients=g_tail + total_over(layer_grads, 0, L)))
+                        activations=head_kept + held_tail + held_layers, gradients=g_tail + total_over(layer_grads, 0, L),
+                        temporaries=copy_scratch))
     if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "embedding_reduce"):  # the embedding unit's reduction
         events.append(event("embedding reduce-scatter", None, "embedding_reduce",
                             activations=head_kept + held_tail + held_layers,
