@@ -102,6 +102,7 @@ def test_the_reference_recipe_is_unchanged_by_an_empty_list():
     (["--method", "full", "--modules-to-save", "lm_head"], ["--modules-to-save", "full fine-tuning"]),
     (["--method", "prompt", "--modules-to-save", "embed_tokens"], ["--modules-to-save", "prompt", "lora"]),
     (["--method", "qlora", "--adapter-dtype", "bf16", "--modules-to-save", "lm_head"], ["--no-kbit-prep"]),
+    (["--num-gpus", "2", "--strategy", "zero2", "--modules-to-save", "lm_head"], ["--modules-to-save", "num_gpus 1"]),
 ])
 def test_bad_input_exits_2_naming_the_option_and_valid_choices(args, words):
     r = CliRunner().invoke(cli, ["estimate", "--model", "qwen2.5-0.5b", *args])
@@ -139,6 +140,36 @@ def test_axolotl_config_maps_lora_modules_to_save(tmp_path):
     cfg.write_text(cfg.read_text().replace("  - lm_head\n", "  - wte\n"))
     r = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.2-1b", "--config", str(cfg)])
     assert r.exit_code == 2 and "lora_modules_to_save" in r.output and "embed_tokens, lm_head" in " ".join(r.output.split())
+
+
+def test_llamafactory_additional_target_maps_to_the_copies(tmp_path):
+    cfg = tmp_path / "lf.yaml"
+    cfg.write_text("model_name_or_path: Qwen/Qwen2.5-0.5B\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+                   "lora_rank: 8\nlora_target: all\nadditional_target: embed_tokens,lm_head\ntemplate: qwen\n"
+                   "cutoff_len: 1024\nper_device_train_batch_size: 1\ngradient_accumulation_steps: 8\nbf16: true\n")
+    r = CliRunner().invoke(cli, ["estimate", "--model", "qwen2.5-0.5b", "--config", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["config"]["recipe"]["modules_to_save"] == ["embed_tokens", "lm_head"]
+    # an explicit flag overrides the file
+    r = CliRunner().invoke(cli, ["estimate", "--model", "qwen2.5-0.5b", "--config", str(cfg), "--modules-to-save",
+                                 "lm_head", "--json"])
+    assert r.exit_code == 0, r.output
+    arch = load_model("qwen2.5-0.5b")
+    assert out["trainable_params"] - json.loads(r.stdout)["trainable_params"] == arch.vocab_size * arch.hidden_size
+
+
+def test_the_copies_add_lm_heads_weight_gradient_gemm_to_the_step():
+    """A trained lm_head copy adds `grad_logits^T @ x` (2 V h FLOPs per token) to backward; the embedding copy's
+    gradient is a scatter-add, no matmul."""
+    from planner.cost import flops_per_token
+
+    arch = load_model("llama-3.1-8b")
+    base = TrainConfig(method="lora", seq_len=1024)
+    f0 = flops_per_token(arch, base)["backward"]
+    head = flops_per_token(arch, base.replace(recipe=Recipe(modules_to_save=("lm_head",))))["backward"]
+    emb = flops_per_token(arch, base.replace(recipe=Recipe(modules_to_save=("embed_tokens",))))["backward"]
+    assert head - f0 == pytest.approx(2 * arch.vocab_size * arch.hidden_size) and emb == f0
 
 
 def test_run_trains_the_lm_head_copy_and_merge_folds_it_in(tmp_path, tiny_model_dir):
