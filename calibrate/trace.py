@@ -43,6 +43,8 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   their `.to(device)` in backward allocates the device copy (`_host_copies`); each storage gets a distinct address
   (`_storage_address`: TRL keys storages by `data_ptr()`, 0 on fake tensors); streams are torch.cpu's stand-ins,
   while TRL's stashes (what keeps in-flight tensors alive) run as written.
+- embedding backward (full fine-tuning, peft's trained embedding copy): above 3072 ids CUDA sorts them and sums
+  partial segments in fp32 beside the gradient (`_embedding_backward_scratch_cuda`); the meta kernel does not.
 - bitsandbytes 8-bit optimizers: their state buffers (uint8 x 2 + fp32 absmax per 256; fp32 below 4096 elements);
   paged buffers (>= 1e5 elements) are CUDA managed memory, outside `max_memory_allocated`, reported apart.
 
@@ -209,6 +211,14 @@ class LiveBytes(TorchDispatchMode):
             # autograd sums a second gradient into the first in place (InputBuffer::accumulate) for plain tensors,
             # but out of place for tensor subclasses such as FakeTensor; do what CUDA does.
             return torch.ops.aten.add_.Tensor(args[0], args[1])
+        if func is torch.ops.aten.embedding_dense_backward.default:
+            scratch = _embedding_backward_scratch_cuda(*args, **(kwargs or {}))
+            for t in scratch:
+                self.track(t)
+            out = func(*args, **(kwargs or {}))
+            self.track(out)  # the gradient, allocated while the scratch is live
+            del scratch
+            return out
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             self.track(t)
@@ -216,6 +226,23 @@ class LiveBytes(TorchDispatchMode):
 
 
 # -- CUDA behaviour on fake CPU tensors --------------------------------------------------------------------------
+
+
+def _embedding_backward_scratch_cuda(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+    """The buffers CUDA's `embedding_dense_backward_cuda` holds beside the gradient (torch Embedding.cu,
+    EmbeddingBackwardKernel.cu): none for at most 3072 ids (a direct kernel); else the sorted and original ids and
+    the segment offsets (N int64 each), the partial-segment counts and offsets (min(N, V) int64 each), the partial
+    segment offsets (M int64) and the per-partial-segment sums (M x h in the op-math dtype, fp32 for bf16/fp16),
+    M = N // 10 + min(N, V). The meta kernel of fake tensors allocates only the gradient."""
+    n = indices.numel()
+    if n <= 3072 and not scale_grad_by_freq:
+        return []
+    segs = min(n, int(num_weights))
+    m = n // 10 + segs
+    acc = torch.float32 if grad.dtype in (torch.bfloat16, torch.float16) else grad.dtype
+    ints = [torch.empty(k, dtype=torch.int64) for k in (n, n, n, segs, segs, m)]
+    return ints + [torch.empty(m, grad.shape[-1], dtype=acc)]
+
 
 
 class _AttentionCUDA(torch.autograd.Function):

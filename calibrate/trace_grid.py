@@ -3,7 +3,8 @@
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
 calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
 `--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
-calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`).
+calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`,
+`--grid mts --out calibrate/reference/trace-points-mts.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -147,6 +148,8 @@ def family_arch(model: str):
         return arch_from_config(TINY_FAMILIES[model])
     if model in SMALL_VOCAB:
         return arch_from_config(SMALL_VOCAB[model], name=model)
+    if model in MTS_FAMILIES:
+        return arch_from_config(MTS_FAMILIES[model])
     return load_model(model)
 
 
@@ -407,6 +410,49 @@ def shape_points() -> list[tuple[str, dict]]:
     return pts
 
 
+# modules_to_save grid: an untied GQA Llama and a tied non-GQA Qwen2 (peft copies a tied module on its own)
+MTS_FAMILIES = {
+    "tiny-llama-gqa": TINY_FAMILIES["tiny-llama-gqa"],
+    "tiny-qwen2-tied": dict(TINY_FAMILIES["tiny-qwen2-mha"], tie_word_embeddings=True),
+    # a vocabulary that dwarfs the layers, so that the embedding backward (with CUDA's sort scratch) holds the peak
+    "tiny-llama-bigvocab": dict(TINY_FAMILIES["tiny-llama-gqa"], hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=2, num_attention_heads=4, vocab_size=131072, max_position_embeddings=16384),
+}
+
+
+def mts_points() -> list[tuple[str, dict]]:
+    """peft `modules_to_save` (issue 11 section 6): LoRA and QLoRA x embed_tokens / lm_head / both x checkpointing on
+    a tied and an untied tiny family, plus LoRA under mixed precision, short rows, DoRA, IA3, and an embedding
+    backward at the peak (a large vocabulary) (calibrate/reference/
+    trace-points-mts.jsonl; seconds per point)."""
+    saves = (("embed_tokens",), ("lm_head",), ("embed_tokens", "lm_head"))
+    pts = []
+    for model in ("tiny-llama-gqa", "tiny-qwen2-tied"):
+        for method in ("lora", "qlora"):
+            for i, mts in enumerate(saves):
+                for ckpt in (False, True):
+                    # checkpointed points take 2 x 2048 tokens: above 3072 ids CUDA's embedding backward sorts them
+                    pts.append((model, dict(method=method, rank=16, target_modules=("all-linear",),
+                                            seq_len=2048 if ckpt else 512, batch_size=2 if ckpt else 1 + i % 2,
+                                            grad_ckpt=ckpt, recipe={"modules_to_save": mts})))
+        if model == "tiny-llama-gqa":
+            pts.append((model, dict(method="lora", precision="mixed", rank=16, target_modules=("q_proj", "v_proj"),
+                                    seq_len=512, batch_size=2, recipe={"modules_to_save": saves[2]})))
+        # short rows: the logits no longer hide the copies' gradients and state (embedding backward, optimizer step)
+        method, mts = ("lora", saves[2]) if model == "tiny-llama-gqa" else ("qlora", saves[0])
+        pts.append((model, dict(method=method, rank=8, target_modules=("q_proj", "v_proj"), seq_len=64, batch_size=1,
+                                recipe={"modules_to_save": mts})))
+    pts.append(("tiny-llama-gqa", dict(method="dora", rank=8, target_modules=("q_proj", "v_proj"), seq_len=512,
+                                       batch_size=1, recipe={"modules_to_save": ("lm_head",)})))
+    pts.append(("tiny-qwen2-tied", dict(method="ia3", seq_len=512, batch_size=2, grad_ckpt=True,
+                                        recipe={"modules_to_save": ("embed_tokens",)})))
+    # 4096 ids (CUDA sorts them), SGD and Cut Cross-Entropy: the embedding copy's backward is the peak
+    pts.append(("tiny-llama-bigvocab", dict(method="lora", rank=8, target_modules=("q_proj", "v_proj"),
+                                            lora_dropout=0.0, seq_len=2048, batch_size=2, grad_ckpt=True,
+                                            optimizer="sgd", recipe={"loss": "cce", "modules_to_save": ("embed_tokens",)})))
+    return pts
+
+
 def model_arch(model: str):
     """The ModelArch of a catalog name or any small config of these grids (`family_arch`)."""
     return family_arch(model)
@@ -420,7 +466,8 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "attn": lambda args: attn_points(),
          "recipe": lambda args: recipe_points(),
          "actoffload": lambda args: actoffload_points(),
-         "shape": lambda args: shape_points()}
+         "shape": lambda args: shape_points(),
+         "mts": lambda args: mts_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -478,7 +525,8 @@ def main(argv=None) -> int:
                          "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
                          "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
                          "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl), "
-                         "shape: packing and padding (calibrate/reference/trace-points-shape.jsonl)")
+                         "shape: packing and padding (calibrate/reference/trace-points-shape.jsonl), "
+                         "mts: peft modules_to_save (calibrate/reference/trace-points-mts.jsonl)")
     args = ap.parse_args(argv)
 
     import torch

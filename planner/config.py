@@ -219,6 +219,8 @@ class TrainConfig:
         from .methods import method_label
 
         parts = [method_label(self)]
+        if self.recipe.modules_to_save:  # peft's trained copies (planner.modules_to_save)
+            parts[0] += " +" + "+".join(self.recipe.modules_to_save)
         if not self.base_quant.quantized:
             parts.append(self.precision)
         parts.append(f"b{self.batch_size}x{self.seq_len}" + (f" ga{self.grad_accum}" if self.grad_accum > 1 else ""))

@@ -57,7 +57,7 @@ FRAMEWORK_NAMES = {"trl": "TRL SFTConfig", "axolotl": "Axolotl", "llamafactory":
 
 # ftplan options a config may set that are not fields of TrainConfig/Recipe in every build, with the value that
 # means "the reference step" (dropped when the field does not exist, refused otherwise)
-NEUTRAL = {"adapter_dtype": "fp32", "modules_to_save": (), "offload_checkpoints": False, "kbit_preparation": True}
+NEUTRAL = {"adapter_dtype": "fp32", "offload_checkpoints": False, "kbit_preparation": True}
 
 
 class ConfigFileError(ValueError):
@@ -988,6 +988,6 @@ def build_values(mapping: ConfigMapping, overrides: dict | None = None) -> tuple
 def explain_error(mapping: ConfigMapping, message: str) -> str:
     """Prefix a TrainConfig/Recipe validation message with the config key its field came from."""
     for option, src in mapping.source.items():
-        if message.startswith((f"{option} ", f"{option}:", f"recipe.{option} ")) or f" {option} " in message[:60]:
+        if message.startswith((f"{option} ", f"{option}:", f"recipe.{option} ", f"recipe.{option}:")) or f" {option} " in message[:60]:
             return f"{mapping.path or 'config'}: {src} -> {message}"
     return f"{mapping.path or 'config'}: {message}"

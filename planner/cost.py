@@ -77,6 +77,12 @@ def adapter_matmul_params(arch: ModelArch, tc: TrainConfig) -> int:
     return tc.spec.adapter_matmul_params(arch, tc)
 
 
+def saved_copy_matmul_params(arch: ModelArch, tc: TrainConfig) -> int:
+    """Weights whose gradient GEMM a trained lm_head copy adds per token (peft `modules_to_save`: `grad_logits^T @ x`,
+    V x h); a trained embedding copy's gradient is a scatter-add, not a matmul."""
+    return arch.vocab_size * arch.hidden_size if "lm_head" in tc.recipe.modules_to_save else 0
+
+
 def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
     """Matmul FLOPs per trained token, by pass. Input gradients are needed through the whole network for every
     method (the adapters sit in every layer); weight gradients only for trained weights."""
@@ -85,7 +91,7 @@ def flops_per_token(arch: ModelArch, tc: TrainConfig) -> dict[str, float]:
     attn = attention_flops_per_token(arch, tc)
     fwd = 2.0 * (n + a) + attn
     bwd_input = 2.0 * (n + a) + 2.5 * attn  # flash backward: 5 matmuls (scores recomputed, dV, dP, dQ, dK) to 2
-    bwd_weight = 2.0 * (n if tc.spec.trains_base else a)
+    bwd_weight = 2.0 * (n if tc.spec.trains_base else a + saved_copy_matmul_params(arch, tc))
     recompute = (2.0 * (n - arch.vocab_size * arch.hidden_size + a) + attn) if tc.grad_ckpt else 0.0
     scale = (tc.seq_len + tc.spec.virtual_tokens(tc)[0]) / tc.seq_len
     out = {"forward": fwd * scale, "backward": (bwd_input + bwd_weight) * scale, "recompute": recompute * scale}

@@ -35,6 +35,7 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Graph
 from .layers import head_graph, layer_graph, tail_graph
+from .modules_to_save import first_input_requires_grad
 
 GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by
@@ -242,7 +243,7 @@ def step_ops(arch: ModelArch, tc: TrainConfig) -> StepOps:
     extra_seq, extra_kv = method.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
     kv_seq = tc.seq_len + extra_kv
-    first_rg = method.first_input_requires_grad()
+    first_rg = first_input_requires_grad(tc)
     counts: dict = {}
     kinds: dict = {}
     for i, kind in enumerate(arch.layer_kinds):

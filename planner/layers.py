@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
+from .modules_to_save import trains_embedding, trains_lm_head
 from .moe_graph import moe_block
 from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
@@ -87,6 +88,8 @@ class Builder:
         self.dtype: dict[int, int] = {}
         self.method = get_method(tc.method)
         self.full = self.method.trains_base
+        self.head_trained = trains_lm_head(tc)  # lm_head, or peft's trained copy of it (planner.modules_to_save)
+        self.embedding_trained = trains_embedding(tc)  # the input embedding, or its trained copy
         self.recipe = tc.recipe
 
     # -- primitives ---------------------------------------------------------------------------------------------
@@ -673,14 +676,15 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
 
 def lm_head_logits(b: Builder, n: int) -> int:
     """lm_head (never quantized nor LoRA-adapted: 'all-linear' excludes it; tied or not, same compute) and Gemma-2's
-    logit soft-capping. The logits stay alive (held by the outputs the training loop keeps)."""
+    logit soft-capping. Trained (full FT, or peft's copy in `modules_to_save`): its input is saved and backward adds
+    the weight-gradient GEMM `grad_logits^T @ x` (V x h, in the weight's dtype). The logits stay alive (held by the outputs the training loop keeps)."""
     g, R, arch = b.g, b.R, b.arch
     h, V = arch.hidden_size, arch.vocab_size
     since = len(g.nodes)
     if R.autocast:
-        logits = b._linear_autocast(n, h, V, False, trained=b.full)
+        logits = b._linear_autocast(n, h, V, False, trained=b.head_trained)
     else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
-        logits = b._linear_plain(n, h, V, False, trained=b.full)
+        logits = b._linear_plain(n, h, V, False, trained=b.head_trained)
     g.unhooked(since)  # TRL's activation offloading leaves the lm_head's saved tensors alone (NoOpManager)
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
@@ -735,7 +739,7 @@ def chunked_loss(b: Builder, n: int):
     h, V = arch.hidden_size, arch.vocab_size
     C = TRL_CHUNK_TOKENS
     wdt = _lm_head_weight_bytes(b)
-    trained = b.full
+    trained = b.head_trained
     cv4, cv2 = C * V * FP32, C * V * BF16
     if R.autocast:
         wcopy = param_bytes(V * h, BF16)
@@ -780,7 +784,7 @@ def liger_loss(b: Builder, n: int):
     S = b.seq
     dt = b.dtype[n]
     wdt = _lm_head_weight_bytes(b)
-    trained = b.full
+    trained = b.head_trained
     ldt = BF16 if R.autocast else dt
     c1 = _next_pow2(-(-S // -(-V // h)))
     labels = S * (8 + 8 + FP32)  # padded labels, their shifted copy, the fp32 per-token loss
@@ -816,7 +820,7 @@ def cce_loss(b: Builder, n: int):
     h, V = arch.hidden_size, arch.vocab_size
     S = b.seq
     wdt = _lm_head_weight_bytes(b)
-    trained = b.full
+    trained = b.head_trained
     e = b.cast(n, h, BF16) if R.autocast else n
     ins = [e]
     pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
@@ -839,10 +843,37 @@ LOSSES = {"plain": plain_loss, "chunked": chunked_loss, "liger": liger_loss, "cc
 NO_CACHE_LOSSES = ("chunked",)  # TRL's chunked path calls the backbone with use_cache=False
 
 
+EMBEDDING_BWD_DIRECT_MAX_TOKENS = 3072  # torch Embedding.cu: `num_indices <= 3072 && !scale_grad_by_freq`
+EMBEDDING_BWD_ROWS_PER_THREAD = 10  # torch EmbeddingBackwardKernel.cu `NROWS_PER_THREAD`
+
+
+def embedding_backward_scratch_bytes(arch: ModelArch, tokens: int, grad_bytes: int) -> int:
+    """Transient bytes of CUDA's `embedding_dense_backward_cuda` beside the V x h gradient it returns, for `tokens`
+    ids (B x S) and a gradient of `grad_bytes` per element (torch `aten/src/ATen/native/cuda/Embedding.cu` and
+    `EmbeddingBackwardKernel.cu` `embedding_backward_cuda_kernel`, read at pytorch/pytorch main, 2.x):
+
+    - N <= 3072 ids: one kernel accumulates into the zeroed gradient: nothing else;
+    - above: the ids are radix-sorted (`sorted_indices`, `orig_indices`: 2 x N int64; the `arange` beside them is
+      freed first), `segment_offsets` (N int64), `partials_per_segment` and its offsets (2 x min(N, V) int64),
+      `partial_segment_offset` (M int64) and `grad_weight_per_segment` (M x h in the op-math type: fp32 for a
+      bf16/fp16 gradient), M = N // 10 + min(N, V), all live while `sum_and_scatter` writes the gradient (the
+      two-pass path: the fused atomic path is taken only when min(N, V) x h is too small to fill the GPU).
+    cub's sort and unique-by-key temporaries are not counted. Applied to peft's trained embedding copy; full
+    fine-tuning keeps the frozen snapshot's 4 x S int64 (the same kernel: left for a deliberate snapshot update)."""
+    n = tokens
+    if n <= EMBEDDING_BWD_DIRECT_MAX_TOKENS:
+        return 0
+    segs = min(n, arch.vocab_size)
+    m = n // EMBEDDING_BWD_ROWS_PER_THREAD + segs
+    ints = 3 * param_bytes(n, 8) + 2 * param_bytes(segs, 8) + param_bytes(m, 8)
+    return ints + param_bytes(m * arch.hidden_size, FP32 if grad_bytes < FP32 else grad_bytes)
+
+
 def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     """Embedding lookup (plus Gemma's sqrt(h) scaling and prompt tuning's virtual tokens), and the rotary cos/sin
-    every layer saves. The embedding gradient (full FT) is dense V x h; CUDA's embedding backward also sorts the
-    token ids (a few int64 buffers per token)."""
+    every layer saves. The embedding gradient (full FT, or peft's trained copy in `modules_to_save`, which is untied
+    from lm_head: its own gradient) is dense V x h; CUDA's embedding backward also sorts the token ids (a few int64
+    buffers per token)."""
     b = Builder(arch, tc, seq, seq)
     g, R = b.g, b.R
     h = arch.hidden_size
@@ -850,16 +881,18 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     ids = g.tensor((S * 8, 0), kind="inputs", held=True)
     b.dtype[ids] = 8
     g.op("batch", [], [ids])
-    full = b.full
+    full = b.embedding_trained
     e = b.new(h, R.act, full, seq=S)
     if full:
         V = arch.vocab_size
         grad = param_bytes(V * h, R.weight)
-        if arch.tie_word_embeddings:
+        if arch.tie_word_embeddings and b.full:
             # the lm_head gradient waits in the accumulator; the embedding's is summed into it (transient)
             g.op("embedding", [ids], [e], bwd_temp=(4 * S * 8, grad))
-        else:
+        elif b.full:
             g.op("embedding", [ids], [e], param_grad=(0, grad), bwd_temp=(4 * S * 8, 0))
+        else:  # peft's copy: its kernel scratch depends on B x S, so `embedding_backward_scratch_bytes` adds it
+            g.op("embedding", [ids], [e], param_grad=(0, grad))
     else:
         g.op("embedding", [ids], [e])
     if arch.scales_embeddings:

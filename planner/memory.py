@@ -27,8 +27,9 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
-from .layers import batch_mask, head_graph, layer_graph, regime, tail_graph
+from .layers import batch_mask, embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
+from .modules_to_save import first_input_requires_grad
 from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
 from .moe_graph import unsummed_grad_bytes_per_token
@@ -83,14 +84,15 @@ def base_weight_bytes(arch: ModelArch, tc: TrainConfig) -> dict[str, int]:
 
 def trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
     """Every trainable tensor (`planner.methods.Trainable`: shape, count, bytes per element), from the method:
-    all base parameters for full FT (in the weights' dtype), else the adapters (fp32). Cached per model and
+    all base parameters for full FT (in the weights' dtype), else the adapters (fp32) and the recipe's trained
+    copies of embed_tokens / lm_head (`planner.modules_to_save`, in the weights' dtype). Cached per model and
     configuration without batch (recommend asks for the same tensors at every micro-batch)."""
     return _trainable_tensors(arch, batch_free(tc))
 
 
 @functools.lru_cache(maxsize=4096)
 def _trainable_tensors(arch: ModelArch, tc: TrainConfig) -> tuple:
-    return tuple(tc.spec.trainable_tensors(arch, tc))
+    return tuple(tc.spec.all_trainable_tensors(arch, tc))
 
 
 def adapter_bytes(arch: ModelArch, tc: TrainConfig) -> int:
@@ -260,7 +262,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     extra_seq, extra_kv = method.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
     kv_seq = tc.seq_len + extra_kv
-    first_rg = method.first_input_requires_grad()
+    first_rg = first_input_requires_grad(tc)
     if arch.moe and tc.grad_ckpt and not tc.base_quant.quantized and method.peft_type:
         # peft 0.21 PeftModel.__init__: a model with gradient checkpointing on (not k-bit) gets
         # `enable_input_require_grads()`, so the embeddings' output, the first layer's input, needs a gradient.
@@ -432,7 +434,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # TRL's hooks see the checkpoints' inputs unless transformers' offloaded checkpointing wraps each checkpoint in
     # save_on_cpu, whose hooks are then the innermost (`offload_checkpoints` with `activation_offload`)
     trl = ck and tc.recipe.activation_offload and not tc.recipe.offload_checkpoints
-    leaf_input = offloaded and not tc.spec.first_input_requires_grad()
+    leaf_input = offloaded and not first_input_requires_grad(tc)
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
     held = [_at(s.held, B) for s in P.layers]
@@ -487,9 +489,12 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
         events.append(event(f"{name} backward", peak_point(s.backward, B), "layer_backward", i, activations=acts,
                             gradients=grads))
 
-    # embedding backward: every layer's gradients are done
+    # embedding backward: every layer's gradients are done; a trained embedding copy's kernel scratch
+    copy_scratch = (embedding_backward_scratch_bytes(arch, B * tc.seq_len, regime(tc).weight)
+                    if "embed_tokens" in tc.recipe.modules_to_save else 0)
     events.append(event("embedding backward", peak_point(P.head.backward, B), "embedding_backward",
-                        activations=head_kept + held_tail + held_layers, gradients=g_tail + total_over(layer_grads, 0, L)))
+                        activations=head_kept + held_tail + held_layers, gradients=g_tail + total_over(layer_grads, 0, L),
+                        temporaries=copy_scratch))
     if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "embedding_reduce"):  # the embedding unit's reduction
         events.append(event("embedding reduce-scatter", None, "embedding_reduce",
                             activations=head_kept + held_tail + held_layers,
@@ -558,7 +563,7 @@ def kbit_preparation_event(arch: ModelArch, tc: TrainConfig, static: dict) -> Ev
 TERMS = {
     "weights": "base model weights (4-bit packed for QLoRA)",
     "quant_constants": "NF4 absmax and double-quantization constants",
-    "trainable_weights": "adapter weights (LoRA A/B, IA3 vectors, prefix/prompt encoders)",
+    "trainable_weights": "adapter weights (LoRA A/B, IA3 vectors, prefix/prompt encoders, modules_to_save copies)",
     "gradients": "gradients of trainable parameters",
     "optimizer_state": "optimizer state (AdamW moments, 8-bit states, Adafactor factors)",
     "activations": "tensors saved for backward (and the batch, rotary tables, KV caches)",

@@ -11,10 +11,12 @@ is the step ftplan has always modelled and measured (`trainer/recipe.py`, README
 - `padding="none"`: no row is padded, so no attention mask reaches the model;
 - `activation_offload=False`: saved tensors stay on the GPU (True: TRL's activation offloading);
 - `offload_checkpoints=False`: with gradient checkpointing, each layer's input stays on the GPU;
-- `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head).
+- `kbit_preparation=True`: peft's `prepare_model_for_kbit_training` on a 4-bit base (fp32 embeddings, norms, head);
+- `modules_to_save=()`: no trained copies of embed_tokens / lm_head beside the adapters.
 
-Readers: `planner.layers` (attention, loss, the quantized regime), `planner.memory` (the k-bit preparation event,
-activation offloading through `planner.graph.Offload`), `trainer.recipe` (`attn_implementation` when building the
+Readers: `planner.layers` (attention, loss, the quantized regime, trained embedding / lm_head copies),
+`planner.memory` (the k-bit preparation event, activation offloading through `planner.graph.Offload`),
+`planner.modules_to_save` (the copies' tensors), `trainer.recipe` (`attn_implementation` when building the
 model, the k-bit preparation), `trainer.step` (TRL's offloading context, trainer/offload.py) and so the trace. A value
 is accepted here only once all three model it; the others are named with what is supported, so a recipe ftplan
 cannot predict is an error, never a silent guess. Adding an option: a field here, its effect in each reader, and
@@ -32,6 +34,7 @@ CHOICES = {
     "loss": ("plain", "chunked", "liger", "cce"),
     "adapter_dtype": ("fp32", "bf16"),
     "padding": ("none", "longest"),
+    "modules_to_save": ("embed_tokens", "lm_head"),  # a tuple field: each element one of these
 }
 MODELLED = {
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -42,7 +45,9 @@ MODELLED = {
     "kbit_preparation": (True, False),
     "adapter_dtype": ("fp32", "bf16"),
     "padding": ("none", "longest"),
+    "modules_to_save": ("embed_tokens", "lm_head"),
 }
+TUPLE_FIELDS = ("modules_to_save",)  # fields holding a set of CHOICES, kept as a tuple in CHOICES' order
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,10 @@ class Recipe:
     adapter_dtype: fp32 (peft's `autocast_adapter_dtype=True`) or bf16 (TRL casts a quantized model's trainable
         parameters to bf16 after `get_peft_model`: trl f2cd577 sft_trainer.py); bf16 is modelled for LoRA under a
         bf16 compute (bf16, QLoRA).
+    modules_to_save: peft's `modules_to_save` (`--modules-to-save embed_tokens,lm_head`): a trained full copy of
+        each named module beside the adapters, the original frozen (peft 0.21 `utils/other.py`
+        `ModulesToSaveWrapper`; `planner.modules_to_save`). Given as a tuple, a list or a comma string; kept as a
+        tuple in `CHOICES` order without repeats.
     """
 
     attn_implementation: str = "sdpa"
@@ -89,11 +98,16 @@ class Recipe:
     kbit_preparation: bool = True
     adapter_dtype: str = "fp32"
     padding: str = "none"
+    modules_to_save: tuple = ()
 
     REFERENCE: ClassVar["Recipe"]
 
     def __post_init__(self) -> None:
+        for name in TUPLE_FIELDS:
+            object.__setattr__(self, name, _choice_set(name, getattr(self, name)))
         for f in fields(self):
+            if f.name in TUPLE_FIELDS:
+                continue
             v = getattr(self, f.name)
             valid = CHOICES.get(f.name, (False, True))
             if v not in valid or (isinstance(v, bool) != (str(f.type) == "bool")):
@@ -110,7 +124,13 @@ class Recipe:
         return self == Recipe.REFERENCE
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in TUPLE_FIELDS:  # plain lists, as plan files and JSON write them; empty: left out (files as before)
+            if d[name]:
+                d[name] = list(d[name])
+            else:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -124,6 +144,26 @@ class Recipe:
         if unknown:
             raise ValueError(f"unknown recipe field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         return cls(**d)
+
+
+def _choice_set(name: str, value) -> tuple:
+    """A tuple field's value (a tuple, a list or a comma string) as a tuple of `CHOICES[name]` in their order,
+    without repeats; an unknown element is an error naming the valid ones."""
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value]
+    else:
+        raise ValueError(f"recipe.{name} must be a list of {', '.join(CHOICES[name])} (or empty); got {value!r}")
+    items = [v for v in items if v]
+    unknown = [v for v in items if v not in CHOICES[name]]
+    if unknown:
+        raise ValueError(f"recipe.{name}: unknown module(s) {', '.join(unknown)}; valid: {', '.join(CHOICES[name])}")
+    missing = [v for v in items if v not in MODELLED[name]]
+    if missing:
+        raise ValueError(f"recipe.{name} = {', '.join(missing)} is not modelled yet (modelled: "
+                         f"{', '.join(MODELLED[name])}); the prediction would be a guess")
+    return tuple(v for v in CHOICES[name] if v in items)
 
 
 Recipe.REFERENCE = Recipe()

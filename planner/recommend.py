@@ -142,6 +142,8 @@ def _optimizers(method: str) -> tuple:
 def _layouts(req: Request) -> list[tuple[int, str, bool]]:
     """(num_gpus, strategy, cpu_offload) allowed by `max_gpus`."""
     out = [(1, "ddp", False)]
+    if req.recipe.modules_to_save:  # modelled on one GPU (planner.modules_to_save.validate)
+        return out
     for n in GPU_COUNTS[1:]:
         if n > req.max_gpus:
             break
@@ -239,6 +241,8 @@ def _family_label(fam: dict) -> str:
 def gpus_needed(req: Request, tc: TrainConfig) -> tuple[int | None, Plan | None]:
     """Fewest GPUs of the requested type (powers of two up to 1024) that fit `tc`'s method with the most sharded
     strategy, ZeRO-3 (then with CPU offload), at micro-batch 1 with checkpointing."""
+    if tc.recipe.modules_to_save:  # modelled on one GPU only: no answer rather than a guess
+        return None, None
     limit = req.gpu.memory_bytes * (1.0 - req.margin)
     base = tc.replace(batch_size=1, grad_ckpt=tc.spec.supports_grad_ckpt, grad_accum=1)
     sharded = most_sharded()

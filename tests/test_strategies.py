@@ -115,12 +115,17 @@ def test_zero1_sends_what_zero2_and_ddp_send_and_steps_a_shard():
 
 
 def test_recommend_tries_the_registry_layouts():
+    from planner.recipe import Recipe
+
     class Req:
         max_gpus = 4
+        recipe = Recipe.REFERENCE
 
     assert _layouts(Req()) == [(1, "ddp", False)] + [
         (n, s, o) for n in (2, 4) for s, o in
         (("ddp", False), ("zero2", False), ("zero3", False), ("fsdp", False), ("zero3", True), ("fsdp", True))]
+    Req.recipe = Recipe(modules_to_save=("lm_head",))  # peft's copies are modelled on one GPU
+    assert _layouts(Req()) == [(1, "ddp", False)]
     assert strategies.most_sharded().name == "zero3"
     assert not strategies.get("zero1").recommend_offload  # dominated by ZeRO-2 in this model
 

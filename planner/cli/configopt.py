@@ -106,7 +106,7 @@ def train_config_from_file(mapping: ConfigMapping, values: dict) -> tuple[TrainC
     except ValueError as e:
         msg = str(e)
         for option in over:
-            if msg.startswith((f"{option} ", f"{option}:", f"recipe.{option} ")):
+            if msg.startswith((f"{option} ", f"{option}:", f"recipe.{option} ", f"recipe.{option}:")):
                 raise click.BadParameter(msg, param_hint=OPTION_OF.get(option, f"--{option.replace('_', '-')}")) from None
         raise click.BadParameter(explain_error(mapping, msg), param_hint="--config") from None
 

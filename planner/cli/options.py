@@ -113,6 +113,9 @@ def train_options(f):
         click.option("--padding", type=click.Choice(RECIPE_CHOICES["padding"]), default="none", show_default=True,
                      help="longest: batches padded to their longest row, so an attention mask with zeros reaches the "
                           "model (TRL's default collator); the worst batch is predicted. none: full-length rows."),
+        click.option("--modules-to-save", "modules_to_save", default=None, metavar="MODULES",
+                     help="Comma list of modules peft trains a full copy of beside the adapters (modules_to_save): "
+                          f"{', '.join(RECIPE_CHOICES['modules_to_save'])}. LoRA, QLoRA, DoRA, IA3.  [default: none]"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -122,18 +125,19 @@ def train_options(f):
 TRAIN_KEYS = ("method", "quant", "use_rslora", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
               "seq_len", "batch_size", "grad_accum", "grad_ckpt", "optimizer", "num_gpus", "strategy", "cpu_offload",
               "offload_ckpt", "activation_offload", "attn_implementation", "loss", "kbit_preparation", "adapter_dtype",
-              "packing", "padding")
+              "packing", "padding", "modules_to_save")
 # CLI parameter -> Recipe field (the options that set how the step runs, on top of a plan's or file's recipe)
 RECIPE_OPTIONS = {"offload_ckpt": "offload_checkpoints", "activation_offload": "activation_offload",
                   "attn_implementation": "attn_implementation", "loss": "loss",
                   "kbit_preparation": "kbit_preparation", "adapter_dtype": "adapter_dtype", "packing": "packing",
-                  "padding": "padding"}
+                  "padding": "padding", "modules_to_save": "modules_to_save"}
 OPTION_OF.update({"recipe.offload_checkpoints": "--offload-ckpt", "offload_checkpoints": "--offload-ckpt",
                   "recipe.attn_implementation": "--attn", "attn_implementation": "--attn",
                   "recipe.loss": "--loss", "recipe.kbit_preparation": "--kbit-prep",
                   "recipe.adapter_dtype": "--adapter-dtype", "adapter_dtype": "--adapter-dtype",
                   "recipe.activation_offload": "--activation-offload", "activation_offload": "--activation-offload",
-                  "recipe.packing": "--packing", "recipe.padding": "--padding"})
+                  "recipe.packing": "--packing", "recipe.padding": "--padding",
+                  "recipe.modules_to_save": "--modules-to-save", "modules_to_save": "--modules-to-save"})
 
 
 def pop_train_kwargs(kwargs: dict) -> dict:
@@ -154,8 +158,8 @@ def _option_for(message: str) -> str | None:
 def build_train_config(values: dict) -> TrainConfig:
     """TrainConfig from option values; ValueError -> click.BadParameter naming the option (exit 2)."""
     values = {k: v for k, v in values.items() if not (k in ("quant", "use_rslora") and v is None)}
-    recipe = {RECIPE_OPTIONS[k]: values.pop(k) for k in list(values)
-              if k in RECIPE_OPTIONS and values[k] is not None}
+    recipe = {RECIPE_OPTIONS[k]: v for k, v in ((k, values.pop(k)) for k in list(values) if k in RECIPE_OPTIONS)
+              if v is not None}  # None: not given (the plan's or the reference recipe's value stands)
     if recipe:  # on top of the recipe the values carry (a plan file's), else the reference
         base = values.get("recipe") or Recipe.REFERENCE
         values["recipe"] = {**(base.to_dict() if isinstance(base, Recipe) else dict(base)), **recipe}

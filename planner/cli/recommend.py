@@ -33,6 +33,21 @@ from .render import table
 ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the default; --methods takes any of METHOD_CHOICES
 
 
+def _with_modules_to_save(recipe, value: str):
+    """`recipe` with `--modules-to-save` (a usage error naming the valid modules)."""
+    import dataclasses
+
+    try:
+        return dataclasses.replace(recipe, modules_to_save=value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--modules-to-save") from None
+
+
+def _takes_modules_to_save(method: str) -> bool:
+    """Whether peft's modules_to_save is modelled with `method` (a name of METHOD_CHOICES, aliases included)."""
+    return get_method(ALIASES.get(method, (method,))[0]).supports_modules_to_save
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
 @config_option
@@ -50,6 +65,9 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
                    "for several]")
 @click.option("--max-gpus", type=int, default=1, show_default=True, help="Allow up to this many GPUs (DDP/ZeRO/FSDP).")
 @click.option("--methods", default=",".join(ALL_METHODS), show_default=True, help="Methods to consider (comma list).")
+@click.option("--modules-to-save", "modules_to_save", default=None, metavar="MODULES",
+              help="Comma list of modules peft trains a full copy of beside the adapters: embed_tokens, lm_head "
+                   "(the methods that take it: lora, qlora, dora, qdora, ia3; one GPU).")
 @click.option("--margin", type=float, default=DEFAULT_MARGIN, show_default=True,
               help="Fraction of GPU memory a plan must leave free (prediction error, fragmentation).")
 @click.option("--provider", default=None, help="Use this provider's price (profiles/prices.toml).")
@@ -62,7 +80,7 @@ ALL_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt")  # the defaul
               help="Draw the ranked plans as a PNG (report extra).")
 @json_option
 def recommend(model_ref, config_path, gpu_refs, seq_len, dataset_tokens, epochs, data_path, data_format, tokenizer_ref,
-              trust_remote_code, packing, effective_batch, objective, max_gpus, methods,
+              trust_remote_code, packing, effective_batch, objective, max_gpus, methods, modules_to_save,
               margin, provider, top, variants, save_path, pick, verify, chart_path, as_json):
     """Rank the fine-tuning plans that fit a GPU: peak memory, tokens/s, hours and dollars.
 
@@ -89,6 +107,13 @@ def recommend(model_ref, config_path, gpu_refs, seq_len, dataset_tokens, epochs,
             effective_batch = tc_file.batch_size * tc_file.grad_accum * tc_file.num_gpus
         if not given("methods"):
             methods = tc_file.method_name
+    if modules_to_save is not None:  # on top of the file's recipe, else the reference
+        recipe = _with_modules_to_save(recipe or Recipe.REFERENCE, modules_to_save)
+        if recipe.modules_to_save and not given("methods"):
+            methods = ",".join(m for m in ALL_METHODS if _takes_modules_to_save(m))
+    if recipe is not None and recipe.modules_to_save and max_gpus > 1:
+        raise click.BadParameter("modules_to_save is modelled on one GPU (valid with it: --max-gpus 1)",
+                                 param_hint="--max-gpus")
     model_ref = model_or_fail(model_ref, mapping)
     arch, how = resolve_model_or_fail(model_ref)
     gpus = parse_gpu_list(gpu_refs)

@@ -2,8 +2,9 @@
 
 A method (one module per method in this package, registered in `planner.methods`) supplies:
 
-- its trainable tensors (`trainable_tensors`): the one source for parameter counts, gradients, optimizer state
-  and adapter bytes;
+- its trainable tensors (`trainable_tensors`): with the recipe's trained copies of embed_tokens / lm_head
+  (`all_trainable_tensors`, `planner.modules_to_save`) the one source for parameter counts, gradients, optimizer
+  state and adapter bytes;
 - its ops in a layer's graph (`before_linear`, `after_linear`, `layer_prefix`, `head`, `extra_piece`): hooks that
   `planner.layers.Builder` calls with itself, so the method adds its tensors with the builder's primitives;
 - its matmul FLOPs per token (`adapter_matmul_params`; its time comes from its graph ops, `planner.kernels`);
@@ -54,6 +55,8 @@ class Method:
     grad_ckpt_reason: str = ""
     supports_merge: bool = True  # `ftplan merge` can fold it into the base model
     supports_packing: bool = True  # `ftplan run --packing` (padding-free rows) works with it
+    supports_modules_to_save: bool = False  # peft `modules_to_save` copies beside it (planner.modules_to_save)
+    modules_to_save_reason: str = "not modelled with this method"
     quants: tuple = ("none",)  # base quantizations (planner.quant) it combines with
     quality_tier: float = 4.0
     quality_reason: str = ""
@@ -65,6 +68,9 @@ class Method:
         """Raise ValueError naming the field when `tc` combines this method with something it cannot do."""
         if tc.grad_ckpt and not self.supports_grad_ckpt:
             raise ValueError(f"grad_ckpt: {self.grad_ckpt_reason}; use --no-grad-ckpt or another method")
+        from ..modules_to_save import validate as validate_saved
+
+        validate_saved(tc)
 
     def config_label(self, tc) -> str:
         """How a table names this configuration of the method (`LoRA r16 all-linear`)."""
@@ -89,9 +95,15 @@ class Method:
     def trainable_tensors(self, arch: ModelArch, tc) -> list[Trainable]:
         return []
 
+    def all_trainable_tensors(self, arch: ModelArch, tc) -> list[Trainable]:
+        """The method's tensors plus the recipe's trained copies of embed_tokens / lm_head (`planner.modules_to_save`)."""
+        from ..modules_to_save import saved_module_tensors
+
+        return self.trainable_tensors(arch, tc) + saved_module_tensors(arch, tc)
+
     def trainable_params(self, arch: ModelArch, tc) -> int:
         """Trainable parameters as peft counts them (`get_nb_trainable_parameters()[0]`)."""
-        return sum(t.numel * t.count for t in self.trainable_tensors(arch, tc))
+        return sum(t.numel * t.count for t in self.all_trainable_tensors(arch, tc))
 
     def extra_params(self, arch: ModelArch, tc) -> int:
         """Parameters the method adds to the model (peft's `all params` minus the base's)."""
@@ -151,6 +163,7 @@ class VirtualTokenMethod(Method):
     quality_tier = 4.0
     default_lr = 3e-2
     family_name = ""  # how recommend's tables name it
+    modules_to_save_reason = "peft's prompt encoder reads the input embeddings; not modelled with trained copies"
 
     def validate(self, tc) -> None:
         super().validate(tc)

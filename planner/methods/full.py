@@ -14,6 +14,7 @@ class Full(Method):
     quality_reason = ("fp32 master weights 1.0; pure bf16 1.2, since bf16 AdamW updates lose small steps "
                       "(LoRA Learns Less and Forgets Less, arXiv:2405.09673)")
     default_lr = 2e-5
+    modules_to_save_reason = "full fine-tuning trains embed_tokens and lm_head already"
 
     def quality(self, tc) -> float:
         return 1.0 if tc.precision in ("mixed", "fp32", "fp16") else 1.2

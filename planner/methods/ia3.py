@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..units import FP32, param_bytes
 from .base import Method, Trainable
+from ..modules_to_save import peft_kwargs as saved_peft_kwargs
 
 # peft's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / _FEEDFORWARD_MODULES_MAPPING (peft 0.21
 # utils/constants.py). Phi-3 has no entry in peft; ftplan passes its fused equivalents explicitly.
@@ -35,6 +36,7 @@ class IA3(Method):
     quality_reason = "IA3 trains ~0.01% of the weights: between LoRA and prompt methods (arXiv:2205.05638)"
     default_lr = 3e-2
     peft_type = "IA3"
+    supports_modules_to_save = True
 
     def trainable_tensors(self, arch, tc) -> list[Trainable]:
         """Per layer, one fp32 vector per targeted linear: out_features for attention projections (scales the
@@ -87,8 +89,9 @@ class IA3(Method):
 
         if model_type in IA3_TARGETS:
             targets, ff = IA3_TARGETS[model_type]
-            return peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM")
-        return peft.IA3Config(task_type="CAUSAL_LM")
+            return peft.IA3Config(target_modules=list(targets), feedforward_modules=list(ff), task_type="CAUSAL_LM",
+                                  **saved_peft_kwargs(tc))
+        return peft.IA3Config(task_type="CAUSAL_LM", **saved_peft_kwargs(tc))
 
 
 METHOD = IA3()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..units import BF16, BOOL, FP32, param_bytes
 from .base import Method, TargetError, Trainable, rank_label
+from ..modules_to_save import peft_kwargs as saved_peft_kwargs
 
 RANKS = (8, 16, 64)  # what recommend tries
 # peft 0.21 utils/constants.py TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj for llama, mistral,
@@ -70,6 +71,7 @@ class LoRA(Method):
     quality_reason = ("LoRA 2.0 at rank >= 64, +0.1 at rank 16-63, +0.2 below (LoRA arXiv:2106.09685; "
                       "LoRA Learns Less and Forgets Less arXiv:2405.09673)")
     peft_type = "LORA"
+    supports_modules_to_save = True
 
     def validate(self, tc) -> None:
         super().validate(tc)
@@ -161,7 +163,8 @@ class LoRA(Method):
         from ..config import ALL_LINEAR
 
         return dict(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.lora_dropout, use_rslora=tc.use_rslora,
-                    target_modules=ALL_LINEAR if tc.all_linear else list(tc.target_modules), task_type="CAUSAL_LM")
+                    target_modules=ALL_LINEAR if tc.all_linear else list(tc.target_modules), task_type="CAUSAL_LM",
+                    **saved_peft_kwargs(tc))
 
     def peft_config(self, tc, model_type=None):
         import peft
