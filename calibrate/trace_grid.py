@@ -4,7 +4,8 @@
 calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
 `--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
 calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`,
-`--grid mts --out calibrate/reference/trace-points-mts.jsonl`).
+`--grid mts --out calibrate/reference/trace-points-mts.jsonl`, `--grid cross --out
+calibrate/reference/trace-points-cross.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -410,6 +411,43 @@ def shape_points() -> list[tuple[str, dict]]:
     return pts
 
 
+
+def cross_points(n: int = 48, seed: int = 11) -> list[tuple[str, dict]]:
+    """Issue 11's numbers ask the trace and the model to agree on a grid that crosses every recipe option with every
+    method, precision and checkpointing on a GQA and a non-GQA family; the per-option grids (attn, recipe, shape,
+    actoffload, mts) each vary one option over the reference. This one draws `n` configurations (a fixed seed) with
+    every option drawn at once: attention implementation, loss, packing or padding, activation offloading, offloaded
+    checkpoints, k-bit preparation, adapter dtype, modules_to_save, method, precision and checkpointing; a draw the
+    recipe refuses (`TrainConfig` raises) is drawn again (calibrate/reference/trace-points-cross.jsonl)."""
+    rng = random.Random(seed)
+    methods = [("full", {}), ("lora", dict(rank=16, target_modules=("all-linear",))),
+               ("lora", dict(rank=8, target_modules=("q_proj", "v_proj"))),
+               ("qlora", dict(rank=16, target_modules=("all-linear",))), ("dora", dict(rank=8, target_modules=("q_proj", "v_proj")))]
+    pts: list = []
+    while len(pts) < n:
+        method, extra = rng.choice(methods)
+        ckpt = rng.random() < 0.5
+        shape = rng.choice([{}, {"packing": True}, {"padding": "longest"}])
+        recipe = dict(shape, attn_implementation=rng.choice(["sdpa", "sdpa", "eager", "flash_attention_2"]),
+                      loss=rng.choice(["plain", "chunked", "liger", "cce"]),
+                      activation_offload=rng.random() < 0.3, offload_checkpoints=ckpt and rng.random() < 0.3)
+        d = dict(extra, method=method, seq_len=rng.choice([256, 512]), batch_size=rng.choice([1, 2]), grad_ckpt=ckpt)
+        if method == "qlora":
+            recipe["kbit_preparation"] = rng.random() < 0.5
+        else:
+            d["precision"] = rng.choice(["bf16", "bf16", "mixed", "fp16", "fp32"])
+        if method in ("lora", "qlora"):
+            recipe["adapter_dtype"] = rng.choice(["fp32", "fp32", "bf16"])
+            recipe["modules_to_save"] = rng.choice([(), (), ("lm_head",), ("embed_tokens",)])
+        if recipe["attn_implementation"] == "flash_attention_2" and shape.get("packing"):
+            d["batch_size"] = 1  # flash-attn finds packed rows in a one-row batch only
+        try:
+            TrainConfig(**d, recipe=recipe)
+        except ValueError:
+            continue
+        pts.append((rng.choice(list(TINY_FAMILIES)), dict(d, recipe=recipe)))
+    return pts
+
 # modules_to_save grid: an untied GQA Llama and a tied non-GQA Qwen2 (peft copies a tied module on its own)
 MTS_FAMILIES = {
     "tiny-llama-gqa": TINY_FAMILIES["tiny-llama-gqa"],
@@ -467,7 +505,8 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "recipe": lambda args: recipe_points(),
          "actoffload": lambda args: actoffload_points(),
          "shape": lambda args: shape_points(),
-         "mts": lambda args: mts_points()}
+         "mts": lambda args: mts_points(),
+         "cross": lambda args: cross_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -526,7 +565,8 @@ def main(argv=None) -> int:
                          "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
                          "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl), "
                          "shape: packing and padding (calibrate/reference/trace-points-shape.jsonl), "
-                         "mts: peft modules_to_save (calibrate/reference/trace-points-mts.jsonl)")
+                         "mts: peft modules_to_save (calibrate/reference/trace-points-mts.jsonl), "
+                         "cross: every recipe option drawn at once (calibrate/reference/trace-points-cross.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
