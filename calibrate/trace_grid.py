@@ -203,6 +203,16 @@ MOE_CONFIGS = {
 # The same with a 512-token vocabulary: the loss no longer dominates, so the MoE layers' own transients (forward
 # of the last layer, a checkpointed layer's recomputation) decide the peak: a stress test of the layer graph
 MOE_CONFIGS.update({f"{k}-v512": dict(v, vocab_size=512) for k, v in list(MOE_CONFIGS.items())})
+_FIRST_MOE = tuple(MOE_CONFIGS)  # the configs of the grid's first 45 points (t000-t044), which stay as traced
+
+# gpt-oss (eager attention with sinks, alternating 128-token sliding and full layers, clamped SwiGLU experts with
+# biases, a router with a bias), traced as bf16 weights (the MXFP4 experts dequantized, as the HF recipes load it)
+GPT_OSS_CONFIGS = {
+    "tiny-gpt-oss": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], intermediate_size=256,
+                         num_local_experts=8, num_experts_per_tok=2, sliding_window=128, **_MOE_BASE),
+}
+GPT_OSS_CONFIGS["tiny-gpt-oss-v512"] = dict(GPT_OSS_CONFIGS["tiny-gpt-oss"], vocab_size=512)
+MOE_CONFIGS.update(GPT_OSS_CONFIGS)
 
 
 def moe_points() -> list[tuple[str, dict]]:
@@ -212,7 +222,7 @@ def moe_points() -> list[tuple[str, dict]]:
     record), catalog ones by name."""
     qv, qkvo = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
     pts = []
-    for model in [m for m in MOE_CONFIGS if not m.endswith("-v512")]:
+    for model in [m for m in _FIRST_MOE if not m.endswith("-v512")]:
         for ckpt in (False, True):
             pts += [
                 (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
@@ -220,7 +230,7 @@ def moe_points() -> list[tuple[str, dict]]:
                 (model, dict(method="lora", rank=8, target_modules=qkvo, lora_dropout=0.0, seq_len=1024, batch_size=4,
                              grad_ckpt=ckpt)),
             ]
-    for model in [m for m in MOE_CONFIGS if m.endswith("-v512")]:
+    for model in [m for m in _FIRST_MOE if m.endswith("-v512")]:
         for ckpt in (False, True):
             pts += [
                 (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
@@ -232,6 +242,26 @@ def moe_points() -> list[tuple[str, dict]]:
         ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
         ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
     ]
+    return pts + gpt_oss_points()
+
+
+def gpt_oss_points() -> list[tuple[str, dict]]:
+    """gpt-oss (t045 on): full FT and LoRA with and without checkpointing, a stress vocabulary, and gpt-oss-20b."""
+    qv, qkvo = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
+    pts = []
+    for ckpt in (False, True):
+        pts += [
+            ("tiny-gpt-oss", dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+            ("tiny-gpt-oss", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=2,
+                                  grad_ckpt=ckpt)),
+            ("tiny-gpt-oss", dict(method="lora", rank=8, target_modules=qkvo, lora_dropout=0.0, seq_len=1024,
+                                  batch_size=4, grad_ckpt=ckpt)),
+            ("tiny-gpt-oss-v512", dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+            ("tiny-gpt-oss-v512", dict(method="lora", rank=16, target_modules=qv, seq_len=1024, batch_size=2,
+                                       grad_ckpt=ckpt)),
+        ]
+    pts.append(("gpt-oss-20b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1,
+                                    grad_ckpt=True)))
     return pts
 
 
@@ -387,6 +417,9 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=150, help="random points on top of the structured ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
+    ap.add_argument("--start", type=int, default=0,
+                    help="trace only the points from this index on and append them to --out (the earlier ones stay "
+                         "as they were traced; ids continue from it)")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
@@ -403,12 +436,18 @@ def main(argv=None) -> int:
     points = GRIDS[args.grid](args)
     if args.limit:
         points = points[: args.limit]
+    if args.start:
+        have = sum(1 for line in Path(args.out).read_text().splitlines() if line.strip())
+        if have != args.start:
+            ap.error(f"--start {args.start}: {args.out} holds {have} points; append only right after them")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     t0 = time.time()
-    with out.open("w") as f:
+    with out.open("a" if args.start else "w") as f:
         for i, point in enumerate(points):
+            if i < args.start:
+                continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
             if model in ATTN_FAMILIES:  # a tiny family of the attention grid, on the point's GPU

@@ -40,7 +40,8 @@ GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by
 # FLOPs like sdpa, one call per QK^T product; the (S, KV) softmax, mask and casts stay bandwidth-bound ops
 ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn"})
-NO_KERNEL = frozenset({"batch", "dora_return"})  # bookkeeping ops of the memory model: no kernel runs
+# bookkeeping ops of the memory model and views (gpt-oss's rotary halves, its sliced sink column): no kernel runs
+NO_KERNEL = frozenset({"batch", "dora_return", "python_local", "chunk", "slice"})
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,16 @@ tokens/s use the active parameters per token (top_k experts); that equals the wo
 (grouped_mm does S rows in all), but balanced routing (tokens x top_k / num_experts rows per expert) is assumed
 for the matmul efficiency: a skewed routing makes some groups small and slower, not larger.
 
-Families: mixtral, qwen2_moe, qwen3_moe, gpt_oss (experts and router; its attention has learned sinks and
-transformers 5.17 gives it no sdpa path, `_supports_sdpa = False`).
+Families: mixtral, qwen2_moe, qwen3_moe, gpt_oss. gpt-oss (modeling_gpt_oss.py) is planned from bf16 weights,
+its MXFP4 experts dequantized at load as the Hugging Face recipes do (`Mxfp4Config(dequantize=True)`; `model_notes`
+says so in the output). Its attention has learned sinks and no sdpa path (`_supports_sdpa = False`): transformers'
+default falls back to eager (`planner.attention.effective_implementation`, `planner.layers.Builder.eager_sinks`:
+the sink column concatenated to the scores, a bf16 softmax, no fp32 copy), and flash_attention_2 is swapped for a
+hub FlashAttention-3 kernel that is not modelled. Its layers alternate 128-token sliding and full attention
+(`layer_types`; eager builds both masks), its RMSNorm multiplies the weight into the fp32 normalized tensor, its
+rotary embedding rotates halves with half-width tables, its experts add per-expert biases gathered per routed row
+and run the clamped `(up + 1) * gate * sigmoid(1.702 gate)` on interleaved gate/up columns
+(`moe_graph._gpt_oss_gate`), and its router has a bias and softmaxes the top-k logits in their dtype.
 Expert parallelism is not modelled: every GPU holds all experts (or its ZeRO/FSDP shard of them).
 
 peft 0.21 and the experts: the fused experts and the router are `nn.Parameter`s, so `target_modules` reaches only
@@ -44,6 +52,8 @@ within 0.11 % (calibrate/reference/trace-points-moe.jsonl).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from .attention import family_implementation_error
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
@@ -247,6 +257,18 @@ def active_matmul_params(arch) -> int:
             + (arch.num_layers - n_sparse) * dense_mlp_params(arch))
 
 
+def model_notes(arch, tc) -> list[str]:
+    """What ftplan plans for a family when it is not the checkpoint as published. gpt-oss: the experts ship in MXFP4
+    (`quantization_config` quant_method mxfp4) and train as bf16, dequantized at load as the Hugging Face gpt-oss
+    fine-tuning recipe does (`Mxfp4Config(dequantize=True)`); its attention runs eager with the learned sinks
+    (`planner.attention.effective_implementation`)."""
+    if arch.model_type != "gpt_oss":
+        return []
+    return ["gpt-oss planned from bf16 weights: the MXFP4 experts dequantized at load (Mxfp4Config(dequantize=True), "
+            "as the Hugging Face gpt-oss recipes train); attention runs eager with its learned sinks (transformers "
+            "5.17 has no sdpa path for gpt-oss)"]
+
+
 def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str | None:
     """A note when the experts alone exceed one GPU: expert parallelism would be the answer, and ftplan does not
     model it."""
@@ -267,11 +289,9 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     when `arch` is dense). The field names the option to change."""
     if arch.moe is None:
         return None
-    if arch.model_type == "gpt_oss":
-        return ("model", f"{arch.name}: gpt-oss attention adds learned sinks and transformers 5.17 gives it no sdpa "
-                         "path (GptOssPreTrainedModel._supports_sdpa = False: eager, flash or flex only); ftplan models "
-                         "sdpa attention, so it counts gpt-oss parameters and FLOPs but does not plan its memory; "
-                         f"MoE families planned: {', '.join(t for t in MOE_MODEL_TYPES if t != 'gpt_oss')}")
+    attn_err = family_implementation_error(arch.model_type, arch.name, tc.recipe.attn_implementation)
+    if attn_err:
+        return ("attn_implementation", attn_err)
     if tc.method not in MOE_METHODS:
         return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
                           f"{', '.join(MOE_METHODS)}")

@@ -126,14 +126,19 @@ def _experts_grouped_mm(b, x: int, scores: int) -> int:
     xg = b.cast(xg, k * h, wdt, None)  # `input.to(weight.dtype)` (grouped_mm is not autocast-enabled)
     up = _grouped_linear(b, xg, [mask, offs], k * h, k * 2 * I, E * 2 * I * h, trained)
     if m.expert_bias:
-        g.op("bias_index", [ids_sorted], [], param_grad=(0, _block(E * 2 * I * wdt)) if trained else (0, 0))
+        up = _bias_add(b, ids_sorted, up, k * 2 * I, E * 2 * I, trained)
     upm = b.new(k * 2 * I, b.dtype[up], g.rg(up))
     g.op("masked_fill", [up, mask], [upm], saved=[mask])
-    act = b.activation(upm, k * I)  # act(gate): saves the gate view, which keeps `upm` alive
-    p = b.new(k * I, b.dtype[upm], g.rg(upm))
-    saved = [act, upm] if g.rg(upm) else []  # `act * up`: saves act and the up view (of upm)
-    g.op("mul", [act, upm], [p], saved=saved)
+    if m.gpt_oss_gate:
+        p = _gpt_oss_gate(b, upm, k * I)
+    else:
+        act = b.activation(upm, k * I)  # act(gate): saves the gate view, which keeps `upm` alive
+        p = b.new(k * I, b.dtype[upm], g.rg(upm))
+        saved = [act, upm] if g.rg(upm) else []  # `act * up`: saves act and the up view (of upm)
+        g.op("mul", [act, upm], [p], saved=saved)
     dn = _grouped_linear(b, p, [offs], k * I, k * h, E * h * I, trained)
+    if m.expert_bias:
+        dn = _bias_add(b, ids_sorted, dn, k * h, E * h, trained)
     dnm = b.new(k * h, b.dtype[dn], g.rg(dn))
     g.op("masked_fill", [dn, mask], [dnm], saved=[mask])
     # proj_out * sample_weights_g.unsqueeze(-1): saves both; the weights' gradient is a full S x h product
@@ -156,6 +161,44 @@ def _experts_grouped_mm(b, x: int, scores: int) -> int:
     # histc input
     g.op("return", [x, xg, hist_in], [])
     return b.cast(out, h, b.dtype[x])
+
+
+def _bias_add(b, ids_sorted: int, y: int, width: int, numel: int, trained: bool) -> int:
+    """gpt-oss's expert biases (`_grouped_linear(..., bias=...)`): `bias[expert_ids_g]` gathers an (S, width) copy
+    in the weights' dtype, added in place to the grouped_mm output (`out.add_(bias)`), then freed. A trained bias
+    saves the int64 sorted expert ids (`IndexBackward0`) and gets an (E, width) gradient (`index_put` of the
+    output's gradient, which `add_` hands to both operands unchanged). The in-place add is modelled as a new
+    tensor that replaces `y` (a negative transient keeps the instant at y + the gathered copy)."""
+    g = b.g
+    gathered = b.new(width, b.R.weight, trained)
+    g.op("bias_index", [ids_sorted], [gathered], saved=[ids_sorted] if trained else [],
+         param_grad=(0, _block(numel * b.R.weight)) if trained else (0, 0))
+    out = b.new(width, b.dtype[y], g.rg(y) or trained)
+    g.op("add_", [y, gathered], [out], grad_alias=[y, gathered], fwd_temp=(-b.seq * width * b.dtype[y], 0))
+    return out
+
+
+def _gpt_oss_gate(b, upm: int, width: int) -> int:
+    """`GptOssExperts._apply_gate` (modeling_gpt_oss.py) on the (S, 2I) up projection, gate and up interleaved
+    (`[..., ::2]`, `[..., 1::2]`: views): `gate.clamp(max=7)` and `up.clamp(-7, 7)` (each saves its input view,
+    keeping the (S, 2I) tensor), `gate * 1.702` (transient), `sigmoid` (saves its result), `gate * sigmoid`
+    (saves both), `up + 1` (nothing), `(up + 1) * glu` (saves both): five (S, I)-wide tensors kept where SiLU
+    keeps one. Backward: each clamp's (S, I) gradient, then the strided view's zero-filled (S, 2I) copy (the
+    second summed into the first). `width` = S x I per token."""
+    g = b.g
+    dt, rg = b.dtype[upm], g.rg(upm)
+    view_grad = (b.seq * width * dt, 0) if rg else (0, 0)
+    gate = b.new(width, dt, rg)
+    g.op("clamp", [upm], [gate], saved=[upm] if rg else [], bwd_temp=view_grad)
+    up = b.new(width, dt, rg)
+    g.op("clamp", [upm], [up], saved=[upm] if rg else [], bwd_temp=view_grad)
+    scaled = b.mul_scalar(gate, width)
+    sig = b.new(width, dt, rg)
+    g.op("sigmoid", [scaled], [sig], saved=[sig] if rg else [])
+    glu = b.mul(gate, sig, width)
+    up1 = b.new(width, dt, rg)
+    g.op("add_scalar", [up], [up1], grad_alias=[up])
+    return b.mul(up1, glu, width)
 
 
 def unsummed_grad_bytes_per_token(arch, R) -> int:

@@ -63,7 +63,7 @@ def test_gpt_oss_layers_alternate_sliding_and_full():
 
 
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_lora_trainable_count_equals_peft(name, targets):
     import peft
 
@@ -110,12 +110,13 @@ def test_moe_within_2_percent_of_the_trace(point):
 def test_the_moe_grid_covers_the_families_and_mechanisms():
     pts = _moe_points()
     types = {_arch_of(p).model_type for p in pts}
-    assert types == {"qwen3_moe", "qwen2_moe", "mixtral"}
+    assert types == {"qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"}
     trains = [TrainConfig.from_dict(p["train"]) for p in pts]
     assert {t.method for t in trains} == {"full", "lora"}
     assert any(t.grad_ckpt for t in trains) and any(not t.grad_ckpt for t in trains)
     assert {t.optimizer for t in trains} >= {"adamw", "adamw8bit", "sgd", "adafactor"}
     assert any(p["model"] == "qwen3-30b-a3b" for p in pts) and set(MOE_CONFIGS) <= {p["model"] for p in pts}
+    assert any(p["model"] == "gpt-oss-20b" for p in pts)
     assert any(_stress(p) for p in pts)
 
 
@@ -124,7 +125,7 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--target-modules"),
     (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
     (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
-    (["--model", "gpt-oss-20b", "--method", "lora"], "model"),
+    (["--model", "gpt-oss-20b", "--method", "lora", "--attn", "flash_attention_2"], "--attn"),
 ])
 def test_what_is_not_modelled_is_a_usage_error(args, option):
     r = CliRunner().invoke(cli, ["estimate", *args])
@@ -146,3 +147,25 @@ def test_recommend_plans_lora_on_the_attention_of_a_moe_model():
     r = CliRunner().invoke(cli, ["recommend", "--model", "qwen3-30b-a3b", "--gpu", "h100"])
     assert r.exit_code == 0, r.output
     assert "LoRA r16 q_proj,k_proj,v_proj,o_proj" in r.output and "all-linear wins" not in r.output
+
+
+def test_gpt_oss_runs_eager_attention_as_transformers_picks_it():
+    """transformers' default (the recipe's `sdpa`) falls back to eager for gpt-oss (no sdpa path); the trainer
+    builds what the planner plans, and an explicit eager plans the same."""
+    from planner.attention import effective_implementation
+
+    config = TINY["gpt_oss"]
+    with torch.device("meta"):
+        model = recipe.build_model(config, TrainConfig(method="lora"), device="meta")
+    assert model.config._attn_implementation == "eager" == effective_implementation("gpt_oss", "sdpa")
+    assert effective_implementation("qwen3_moe", "sdpa") == "sdpa"
+    arch = arch_from_config(config)
+    tc = TrainConfig(method="lora", seq_len=256)
+    eager = tc.replace(recipe=tc.recipe.__class__(attn_implementation="eager"))
+    assert estimate_memory(arch, tc).peak_allocated_bytes == estimate_memory(arch, eager).peak_allocated_bytes
+
+
+def test_gpt_oss_output_says_bf16_weights_and_eager_attention():
+    r = CliRunner().invoke(cli, ["estimate", "--model", "gpt-oss-20b", "--gpu", "h100", "--method", "lora"])
+    assert r.exit_code == 0, r.output
+    assert "Mxfp4Config(dequantize=True)" in r.output and "eager" in r.output
