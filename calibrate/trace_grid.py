@@ -242,7 +242,7 @@ def moe_points() -> list[tuple[str, dict]]:
         ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
         ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
     ]
-    return pts + gpt_oss_points()
+    return pts + gpt_oss_points() + moe_all_linear_points()
 
 
 def gpt_oss_points() -> list[tuple[str, dict]]:
@@ -262,6 +262,20 @@ def gpt_oss_points() -> list[tuple[str, dict]]:
         ]
     pts.append(("gpt-oss-20b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1,
                                     grad_ckpt=True)))
+    return pts
+
+
+def moe_all_linear_points() -> list[tuple[str, dict]]:
+    """LoRA all-linear on each MoE family (t056 on): peft 0.21 wraps Mixtral's and Qwen3-MoE's fused experts and
+    router (`ParamWrapper`, lora_dropout 0), adapts Qwen2-MoE's shared expert and gate, gpt-oss's attention only;
+    with and without checkpointing, dense-first layers, a stress vocabulary, and Qwen3-30B-A3B (128 experts)."""
+    pts = []
+    lora = dict(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=1024, batch_size=2)
+    for model in ("tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-gpt-oss", "tiny-qwen3-moe-dense0"):
+        for ckpt in (False, True):
+            pts.append((model, dict(lora, grad_ckpt=ckpt)))
+    pts.append(("tiny-mixtral-v512", dict(lora, grad_ckpt=True)))
+    pts.append(("qwen3-30b-a3b", dict(lora, seq_len=2048, batch_size=1, grad_ckpt=True)))
     return pts
 
 

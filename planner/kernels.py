@@ -121,8 +121,8 @@ class _Walk:
             if g.tensors[x].rg:
                 self.gemm(per_expert, K, N, dt[x], "input_grad", e)
                 self.kernels[1] += times
-            if n.param_grad != (0, 0):
-                self.gemm(per_expert, N, K, dt[x], "weight_grad", e)
+            if n.param_grad != (0, 0) or any(g.tensors[t].rg and g.tensors[t].size[0] == 0 for t in n.inputs):
+                self.gemm(per_expert, N, K, dt[x], "weight_grad", e)  # trained, or a LoRA-folded copy (planner.moe)
                 self.kernels[1] += times
 
     def add(self, b, times: int, seq: int, backward: bool = True, phase: str = "forward") -> None:

@@ -31,13 +31,16 @@ and run the clamped `(up + 1) * gate * sigmoid(1.702 gate)` on interleaved gate/
 (`moe_graph._gpt_oss_gate`), and its router has a bias and softmaxes the top-k logits in their dtype.
 Expert parallelism is not modelled: every GPU holds all experts (or its ZeRO/FSDP shard of them).
 
-peft 0.21 and the experts: the fused experts and the router are `nn.Parameter`s, so `target_modules` reaches only
-the attention projections (and Qwen2-MoE's shared expert and dense-first MLPs, which are `nn.Linear`s). peft's
-`convert_peft_config_for_transformers` (utils/transformers_weight_conversion.py) rewrites `all-linear` (and the v4
-names gate_proj/up_proj/down_proj, w1/w2/w3, gate) on mixtral- and qwen2_moe-pattern models (qwen3_moe included)
-into `target_parameters` on `gate_up_proj`, `down_proj` and `gate.weight` with doubled rank for the fused gate_up;
-those get `ParamWrapper`s (tuners/lora/layer.py), which refuse lora_dropout != 0 and build W + B A for the whole
-expert stack on every forward. That path is refused here (not modelled).
+peft 0.21 and the experts (`lora_linears`, `expert_wrappers`, what peft built on each tiny family): the fused
+experts and the router are `nn.Parameter`s, so `target_modules` reaches only `nn.Linear`s: the attention
+projections, and Qwen2-MoE's shared expert, its `shared_expert_gate` and the dense-first MLPs. peft's
+`convert_peft_config_for_transformers` (utils/transformers_weight_conversion.py) rewrites `all-linear` on Mixtral
+and Qwen3-MoE (not Qwen2-MoE, not gpt-oss) into the attention projections plus `target_parameters` `gate_up_proj`
+(rank and alpha doubled), `down_proj` and `gate.weight`; each gets a `ParamWrapper` (tuners/lora/layer.py), which
+refuses lora_dropout != 0 (a clear error here too) and, on every forward, folds its adapters into a new
+parameter-sized copy (`baddbmm(W, B, A)` for an expert stack), which grouped_mm saves with its input
+(`moe_graph._lora_fold`): per MoE layer a bf16 copy of all its experts is kept for backward (one layer at a time
+under checkpointing). Naming the experts' v4 names (`gate_proj`, `w1`...) on those families is not modelled.
 
 Checkpointed MoE layers (what the trace showed, torch 2.13): the recomputation stops at the last saved tensor
 (`graph.Timeline.recompute`), the gradient of the layer output and the (S, h) copy of the top-k sum's gradient are
@@ -277,6 +280,77 @@ def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str 
         return None
     return (f"the experts alone take {experts / 2**30:.1f} GiB, more than one GPU ({gpu_bytes / 2**30:.0f} GiB); "
             "expert parallelism would spread them, but ftplan does not model it (only ZeRO/FSDP sharding)")
+
+
+# -- LoRA on a MoE model (peft 0.21 on transformers 5.17) ------------------------------------------------------------
+
+# Families whose `all-linear` peft 0.21 rewrites (utils/transformers_weight_conversion.py `_convert_peft_config_moe`,
+# `_MODEL_TO_CONVERSION_PATTERN`: mixtral, and qwen3_moe through the qwen2_moe pattern) into `target_parameters` on the
+# fused experts and the router: `gate_up_proj` (rank and alpha doubled: gate and up are fused), `down_proj`,
+# `gate.weight`; each becomes a `ParamWrapper`. Their dense-first layers' MLP `nn.Linear`s are then not adapted
+# (their names moved to target_parameters, which match no parameter there). Qwen2-MoE is not converted: `all-linear`
+# reaches its `nn.Linear`s (shared expert, `shared_expert_gate`, dense-first MLPs); gpt-oss is not converted either:
+# its only `nn.Linear`s are the attention projections. What peft 0.21 built on each tiny family (tests/test_moe.py).
+EXPERTS_WRAPPED = ("qwen3_moe", "mixtral")
+# Qwen2-MoE's feed-forward `nn.Linear`s that `target_modules` names reach: the shared expert's (and the dense-first
+# layers' MLP, same names) and the shared expert's gate
+QWEN2_MOE_LINEARS = ("gate_proj", "up_proj", "down_proj", "shared_expert_gate")
+
+
+def lora_wraps_experts(arch, tc) -> bool:
+    """LoRA `all-linear` on a family whose experts and router peft wraps with `ParamWrapper` (`EXPERTS_WRAPPED`)."""
+    return arch.moe is not None and tc.all_linear and arch.model_type in EXPERTS_WRAPPED
+
+
+def lora_target_names(arch) -> tuple[str, ...]:
+    """`target_modules` names valid on a MoE model: the attention projections, and Qwen2-MoE's feed-forward
+    `nn.Linear`s."""
+    extra = QWEN2_MOE_LINEARS if arch.model_type == "qwen2_moe" else ()
+    return arch.linear_names + extra
+
+
+def lora_linears(arch, tc, kind) -> tuple[tuple[str, int, int], ...]:
+    """(name, in, out) of the `nn.Linear`s LoRA adapts in a decoder layer of `kind`: the attention projections
+    named (all four with all-linear), and on Qwen2-MoE the shared expert (sparse layers) or the dense MLP (dense
+    layers) and the shared expert's gate."""
+    names = set(lora_target_names(arch)) if tc.all_linear else set(tc.target_modules)
+    out = [(lin.name, lin.in_features, lin.out_features) for lin in arch.linears if lin.name in names]
+    if arch.model_type == "qwen2_moe":
+        h = arch.hidden_size
+        inner = arch.moe.shared_intermediate if kind.mlp == "moe" else arch.intermediate_size
+        mlp = [("gate_proj", h, inner), ("up_proj", h, inner), ("down_proj", inner, h)]
+        if kind.mlp == "moe":
+            mlp.append(("shared_expert_gate", h, 1))
+        out += [m for m in mlp if m[0] in names]
+    return tuple(out)
+
+
+def expert_wrappers(arch, tc) -> tuple[tuple[str, int, int, int, int], ...]:
+    """The `ParamWrapper`s of one MoE layer under `all-linear` (`lora_wraps_experts`): (parameter, experts, in, out,
+    rank). peft 0.21 tuners/lora/layer.py `ParamWrapper._get_in_out_features`/`update_layer`: a 3-D (E, a, b)
+    parameter is E experts of in = b, out = a (transformers' (E, out, in) layout), lora_A `Linear(in, r E)`,
+    lora_B `Linear(r E, out)`; the 2-D router (E, h) is one of in = h, out = E. gate_up_proj gets rank 2r."""
+    if not lora_wraps_experts(arch, tc):
+        return ()
+    m, h, r = arch.moe, arch.hidden_size, tc.rank
+    E, I = m.num_experts, m.expert_intermediate
+    return (("gate_up_proj", E, h, 2 * I, 2 * r), ("down_proj", E, I, h, r), ("gate.weight", 1, h, E, r))
+
+
+def lora_trainable(arch, tc, dtype_bytes: int) -> list:
+    """LoRA's trainable tensors on a MoE model: per layer kind, A (r x in) and B (out x r) of each adapted
+    `nn.Linear` (`lora_linears`), and on the sparse layers the wrapped experts and router: A (r E x in), B
+    (out x r E) (`expert_wrappers`)."""
+    from .methods.base import Trainable
+
+    out = []
+    for kind, n in arch.kind_counts:
+        for _, n_in, n_out in lora_linears(arch, tc, kind):
+            out += [Trainable(tc.rank, n_in, n, dtype_bytes), Trainable(n_out, tc.rank, n, dtype_bytes)]
+    n_sparse = sparse_layer_count(arch)
+    for _, E, n_in, n_out, r in expert_wrappers(arch, tc):
+        out += [Trainable(r * E, n_in, n_sparse, dtype_bytes), Trainable(n_out, r * E, n_sparse, dtype_bytes)]
+    return out
 
 
 # -- what is modelled ------------------------------------------------------------------------------------------------

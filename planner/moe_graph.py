@@ -10,6 +10,7 @@ does; `IndexBackward0` saves the indices; `MaskedFillBackward0` the mask; `Softm
 
 from __future__ import annotations
 
+from .moe import expert_wrappers
 from .units import BF16, BOOL, FP32
 
 I64, I32 = 8, 4
@@ -25,7 +26,7 @@ def moe_block(b, x: int) -> int:
     if shared is not None:
         g = b.g
         # sigmoid(shared_expert_gate(x)) * shared_expert_output, then added to the experts' output
-        sg = b._linear_plain(x, h, 1, False, trained=b.full)
+        sg = b.linear(x, "shared_expert_gate", h, 1, False)  # an nn.Linear: LoRA all-linear adapts it
         sig = b.new(1, b.dtype[sg], b.g.rg(sg))
         g.op("sigmoid", [sg], [sig], saved=[sig] if g.rg(sg) else [])
         shared = b.mul(sig, shared, h)
@@ -52,7 +53,13 @@ def _router(b, x: int):
     Returns (routing weights per (token, k), the router's input)."""
     g, a = b.g, b.arch
     m, h, E, k = a.moe, a.hidden_size, a.moe.num_experts, a.moe.top_k
-    if b.R.autocast:
+    wrapped = {w[0]: w for w in expert_wrappers(a, b.tc)}
+    if "gate.weight" in wrapped:  # LoRA all-linear: `W + (B A) scaling` (peft `_LoraParameterProxy`), then F.linear
+        _, _, n_in, n_out, r = wrapped["gate.weight"]
+        wr = _lora_fold(b, n_in * n_out, r * (n_in + n_out), factors=False)
+        logits = b.new(E, b.R.weight, True)
+        g.op("linear", [x, wr], [logits], saved=[x, wr])
+    elif b.R.autocast:
         logits = b._linear_autocast(x, h, E, m.router_bias, trained=b.full)
     else:
         logits = b._linear_plain(x, h, E, m.router_bias, trained=b.full)
@@ -124,7 +131,8 @@ def _experts_grouped_mm(b, x: int, scores: int) -> int:
     g.op("masked_fill_", [xg0, mask], [xg], saved=[mask] if rg_x else [],
          bwd_temp=(b.seq * k * h * b.dtype[x], 0) if rg_x else (0, 0))
     xg = b.cast(xg, k * h, wdt, None)  # `input.to(weight.dtype)` (grouped_mm is not autocast-enabled)
-    up = _grouped_linear(b, xg, [mask, offs], k * h, k * 2 * I, E * 2 * I * h, trained)
+    wrapped = {w[0]: w for w in expert_wrappers(a, b.tc)}
+    up = _grouped_linear(b, xg, [mask, offs], k * h, k * 2 * I, E * 2 * I * h, trained, wrapped.get("gate_up_proj"))
     if m.expert_bias:
         up = _bias_add(b, ids_sorted, up, k * 2 * I, E * 2 * I, trained)
     upm = b.new(k * 2 * I, b.dtype[up], g.rg(up))
@@ -136,7 +144,7 @@ def _experts_grouped_mm(b, x: int, scores: int) -> int:
         p = b.new(k * I, b.dtype[upm], g.rg(upm))
         saved = [act, upm] if g.rg(upm) else []  # `act * up`: saves act and the up view (of upm)
         g.op("mul", [act, upm], [p], saved=saved)
-    dn = _grouped_linear(b, p, [offs], k * I, k * h, E * h * I, trained)
+    dn = _grouped_linear(b, p, [offs], k * I, k * h, E * h * I, trained, wrapped.get("down_proj"))
     if m.expert_bias:
         dn = _bias_add(b, ids_sorted, dn, k * h, E * h, trained)
     dnm = b.new(k * h, b.dtype[dn], g.rg(dn))
@@ -209,14 +217,47 @@ def unsummed_grad_bytes_per_token(arch, R) -> int:
     return m.top_k * arch.hidden_size * max(R.weight, scores)
 
 
-def _grouped_linear(b, x: int, extra_inputs: list, width_in: int, width_out: int, numel: int, trained: bool) -> int:
+def _grouped_linear(b, x: int, extra_inputs: list, width_in: int, width_out: int, numel: int, trained: bool,
+                    wrapper=None) -> int:
     """`F.grouped_mm(x, W^T, offs)` over all experts: output S x out in the weights' dtype; saves x when W trains
-    (full FT: W's gradient, E x out x in)."""
+    (full FT: W's gradient, E x out x in). A LoRA-wrapped stack (`wrapper`, planner.moe `expert_wrappers`) runs on
+    the folded copy W' = W + scaling B A (`_lora_fold`), which requires a gradient: grouped_mm saves x and W', and
+    its backward writes W's full-size gradient for the fold's backward."""
     g = b.g
+    if wrapper is not None:
+        _, E, n_in, n_out, r = wrapper
+        w = _lora_fold(b, numel, r * E * (n_in + n_out), factors=True)
+        y = b.new(width_out, b.dtype[x], True)
+        g.op("grouped_mm", [x, w] + list(extra_inputs), [y], saved=[x, w])
+        return y
     y = b.new(width_out, b.dtype[x], g.rg(x) or trained)
     pgrad = (0, _block(numel * b.R.weight)) if trained else (0, 0)
     g.op("grouped_mm", [x] + list(extra_inputs), [y], saved=[x] if trained else [], param_grad=pgrad)
     return y
+
+
+def _lora_fold(b, numel: int, adapter_numel: int, factors: bool) -> int:
+    """peft 0.21 `ParamWrapper` (tuners/lora/layer.py): while the wrapped module runs, the parameter is replaced
+    through `nn.utils.parametrize` (cached for the call) by a new tensor of its size and dtype. A stack of experts
+    with one adapter: `_LoraFactorsProxy`, `baddbmm(W, lhs, rhs, alpha=scaling)` with lhs, rhs the bf16 casts of
+    lora_B and lora_A reshaped per expert (`get_delta_factors`; saved by baddbmm, r E (in + out) values). The 2-D
+    router: `_LoraParameterProxy`, `W + delta` with delta = (B A scaling).to(bf16) (transient). Backward: the
+    bf16 gradients of the factors, cast to the fp32 adapters' gradients (param_grad). Returns W' (fixed bytes,
+    requires grad). `numel`: W's elements; `adapter_numel`: lora_A's and lora_B's together."""
+    from .methods.lora import adapter_dtype
+
+    g, wdt = b.g, b.R.weight
+    adt = adapter_dtype(b.tc)
+    fold = b.fixed(_block(numel * wdt), True, "activations", wdt)
+    if factors:
+        lr = b.fixed(_block(adapter_numel * wdt), False, "activations", wdt)
+        g.op("lora_factors", [], [lr])
+        g.op("lora_fold", [lr], [fold], saved=[lr], param_grad=(0, _block(adapter_numel * adt)),
+             bwd_temp=(0, _block(adapter_numel * wdt)))
+    else:
+        g.op("lora_fold", [], [fold], param_grad=(0, _block(adapter_numel * adt)),
+             fwd_temp=(0, _block(numel * wdt) + _block(numel * FP32)))
+    return fold
 
 
 def _block(nbytes: int) -> int:

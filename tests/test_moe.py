@@ -62,13 +62,16 @@ def test_gpt_oss_layers_alternate_sliding_and_full():
     assert {k.mlp for k in arch.layer_kinds} == {"moe"}
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("all-linear",)])
+@pytest.mark.parametrize("name", sorted(TINY))
 def test_lora_trainable_count_equals_peft(name, targets):
+    """peft 0.21 on transformers' model: all-linear wraps Mixtral's and Qwen3-MoE's fused experts and router
+    (target_parameters, rank 2r on gate_up_proj) but not their dense-first MLPs; Qwen2-MoE's shared expert and
+    gate; gpt-oss's attention only."""
     import peft
 
     config = TINY[name]
-    tc = TrainConfig(method="lora", rank=4, target_modules=targets)
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0)
     model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
     assert trainable_params(arch_from_config(config), tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -117,12 +120,15 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
     assert {t.optimizer for t in trains} >= {"adamw", "adamw8bit", "sgd", "adafactor"}
     assert any(p["model"] == "qwen3-30b-a3b" for p in pts) and set(MOE_CONFIGS) <= {p["model"] for p in pts}
     assert any(p["model"] == "gpt-oss-20b" for p in pts)
+    wide = {_arch_of(p).model_type for p, t in zip(pts, trains) if t.all_linear}
+    assert wide == types and any(p["model"] == "qwen3-30b-a3b" for p, t in zip(pts, trains) if t.all_linear)
     assert any(_stress(p) for p in pts)
 
 
 @pytest.mark.parametrize("args,option", [
     (["--model", "mixtral-8x7b", "--method", "qlora"], "--quant"),
-    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--target-modules"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--lora-dropout"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "gate_proj,up_proj"], "--target-modules"),
     (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
     (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
     (["--model", "gpt-oss-20b", "--method", "lora", "--attn", "flash_attention_2"], "--attn"),
@@ -169,3 +175,40 @@ def test_gpt_oss_output_says_bf16_weights_and_eager_attention():
     r = CliRunner().invoke(cli, ["estimate", "--model", "gpt-oss-20b", "--gpu", "h100", "--method", "lora"])
     assert r.exit_code == 0, r.output
     assert "Mxfp4Config(dequantize=True)" in r.output and "eager" in r.output
+
+
+def test_peft_refuses_dropout_on_wrapped_experts_as_the_planner_does():
+    """ParamWrapper raises for lora_dropout != 0 (peft 0.21 tuners/lora/layer.py); the planner says so first, and
+    accepts the same with dropout 0."""
+    import peft
+
+    from planner.methods import TargetError, trainable_params
+
+    config = TINY["qwen3_moe"]
+    tc = TrainConfig(method="lora", rank=4, target_modules=("all-linear",), lora_dropout=0.05)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, "qwen3_moe"))
+    with pytest.raises(TargetError, match="lora_dropout"):
+        trainable_params(arch_from_config(config), tc)
+    assert trainable_params(arch_from_config(config), tc.replace(lora_dropout=0.0)) > 0
+    # Qwen2-MoE and gpt-oss keep nn.Linear targets only: dropout is fine there
+    assert trainable_params(arch_from_config(TINY["qwen2_moe"]), tc) > 0
+
+
+def test_wrapped_experts_keep_a_folded_copy_per_layer():
+    """LoRA all-linear on Qwen3-30B-A3B without checkpointing: each MoE layer's grouped_mm saves the bf16 fold
+    W + B A of its experts, so the saved activations exceed all the experts' bf16 bytes (planner.moe_graph)."""
+    from planner.moe import sparse_layer_count
+
+    arch = load_model("qwen3-30b-a3b")
+    tc = TrainConfig(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=512)
+    est = estimate_memory(arch, tc)
+    experts = sparse_layer_count(arch) * arch.moe.expert_params(arch.hidden_size) * 2
+    attn_only = estimate_memory(arch, tc.replace(target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert est.breakdown["activations"] - attn_only.breakdown["activations"] > experts
+
+
+def test_all_linear_on_a_moe_model_with_dropout_0_is_planned():
+    r = CliRunner().invoke(cli, ["estimate", "--model", "qwen3-30b-a3b", "--gpu", "h200", "--method", "lora",
+                                 "--target-modules", "all-linear", "--lora-dropout", "0", "--grad-ckpt"])
+    assert r.exit_code == 0, r.output
