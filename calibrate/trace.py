@@ -591,6 +591,22 @@ def _dequantize_module_weight(module):
     return _PEFT_DEQUANTIZE(module)
 
 
+_BINCOUNT = torch.bincount
+
+
+def _bincount_bounded(input, weights=None, minlength=0):
+    """`torch.bincount` has a data-dependent length, which fake tensors cannot give. Its one caller in a traced
+    step, the MoE load-balancing loss (transformers 5.17 `load_balancing_loss_func`, `output_router_logits`),
+    counts top-k expert indices, all below `minlength` = num_experts, so the counts have exactly `minlength` bins
+    (int64, or the weights' dtype)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(input, FakeTensor) and minlength:
+        dtype = weights.dtype if weights is not None else torch.int64
+        return torch.zeros(minlength, dtype=dtype, device=input.device)
+    return _BINCOUNT(input, weights, minlength)
+
+
 @contextlib.contextmanager
 def cuda_behaviour(capability: tuple = (9, 0)):
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace on a GPU of
@@ -608,6 +624,7 @@ def cuda_behaviour(capability: tuple = (9, 0)):
     saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
+    torch.bincount = _bincount_bounded
     mu.find_packed_sequence_indices = _never_packed
     modeling.save_on_cpu = _SaveOnCPUCUDA
     mfu.lazy_import_flash_attention, mfu._is_packed_sequence = _lazy_import_flash_attention, _not_packed_sequence
@@ -632,6 +649,7 @@ def cuda_behaviour(capability: tuple = (9, 0)):
         yield
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
+        torch.bincount = _BINCOUNT
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence = saved_fa
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
         autocast_lib._destroy()

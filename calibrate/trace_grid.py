@@ -213,6 +213,9 @@ GPT_OSS_CONFIGS = {
 }
 GPT_OSS_CONFIGS["tiny-gpt-oss-v512"] = dict(GPT_OSS_CONFIGS["tiny-gpt-oss"], vocab_size=512)
 MOE_CONFIGS.update(GPT_OSS_CONFIGS)
+# the router load-balancing loss in training (`output_router_logits`): the routers' logits kept, the aux loss
+MOE_CONFIGS.update({f"{k}-aux": dict(MOE_CONFIGS[k], output_router_logits=True)
+                    for k in ("tiny-qwen3-moe-v512", "tiny-mixtral", "tiny-qwen2-moe-v512", "tiny-gpt-oss-v512")})
 
 
 def moe_points() -> list[tuple[str, dict]]:
@@ -242,7 +245,7 @@ def moe_points() -> list[tuple[str, dict]]:
         ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
         ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
     ]
-    return pts + gpt_oss_points() + moe_all_linear_points()
+    return pts + gpt_oss_points() + moe_all_linear_points() + aux_loss_points()
 
 
 def gpt_oss_points() -> list[tuple[str, dict]]:
@@ -277,6 +280,20 @@ def moe_all_linear_points() -> list[tuple[str, dict]]:
     pts.append(("tiny-mixtral-v512", dict(lora, grad_ckpt=True)))
     pts.append(("qwen3-30b-a3b", dict(lora, seq_len=2048, batch_size=1, grad_ckpt=True)))
     return pts
+
+
+def aux_loss_points() -> list[tuple[str, dict]]:
+    """`output_router_logits` on (t068 on): the load-balancing loss of each family, full FT and LoRA."""
+    lora = dict(method="lora", rank=16, target_modules=("q_proj", "v_proj"), seq_len=2048, batch_size=2)
+    full = dict(method="full", precision="bf16", seq_len=1024, batch_size=2)
+    return [
+        ("tiny-qwen3-moe-v512-aux", dict(lora, grad_ckpt=False)),
+        ("tiny-qwen3-moe-v512-aux", dict(lora, grad_ckpt=True)),
+        ("tiny-mixtral-aux", dict(full, grad_ckpt=False)),
+        ("tiny-mixtral-aux", dict(full, grad_ckpt=True)),
+        ("tiny-qwen2-moe-v512-aux", dict(full, grad_ckpt=True)),
+        ("tiny-gpt-oss-v512-aux", dict(lora, grad_ckpt=True)),
+    ]
 
 
 def multigpu_points() -> list[tuple[str, dict]]:

@@ -651,6 +651,10 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     x = b.input(h, R.act, True)
     n = b.rmsnorm(x, h)
     loss, logits = LOSSES[tc.recipe.loss](b, n)
+    if arch.moe is not None and arch.moe.aux_loss:
+        from .moe_graph import aux_loss_ops
+
+        aux_loss_ops(b)  # the router load-balancing loss (output_router_logits)
     return b, x, loss, logits
 
 

@@ -103,7 +103,8 @@ class MoE:
         shared_gate: a `Linear(h, 1)` sigmoid gate on the shared expert (Qwen2-MoE).
         gpt_oss_gate: gpt-oss's clamped `(up + 1) * gate * sigmoid(1.702 gate)` on interleaved gate/up columns
             instead of `silu(gate) * up`.
-        aux_loss: `output_router_logits`: the load-balancing loss is computed in training.
+        aux_loss: `output_router_logits`: the load-balancing loss is computed in training (the routers' logits
+            held by the outputs, their softmax saved: `moe_graph.aux_loss_ops`).
     """
 
     num_experts: int
@@ -376,9 +377,6 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     if tc.precision != "bf16":
         return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled (grouped_mm runs "
                              "the experts in the weights' dtype outside autocast); valid: bf16")
-    if arch.moe.aux_loss:
-        return ("model", f"{arch.name}: output_router_logits (the load-balancing loss in training) is not modelled; "
-                         "set it to false in config.json")
     return None
 
 

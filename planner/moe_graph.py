@@ -65,6 +65,10 @@ def _router(b, x: int):
         logits = b._linear_plain(x, h, E, m.router_bias, trained=b.full)
     rg = g.rg(logits)
     ldt = b.dtype[logits]
+    if m.aux_loss:
+        # `output_router_logits`: the OutputRecorder keeps each router's logits (index 0 of its outputs) in the
+        # model's outputs, which the training loop holds to the next step (the load-balancing loss: `aux_loss_ops`)
+        g.hold(logits)
     idx = b.new(k, I64, False)
     if m.softmax_first:
         lf = b.cast(logits, E, FP32)
@@ -262,3 +266,20 @@ def _lora_fold(b, numel: int, adapter_numel: int, factors: bool) -> int:
 
 def _block(nbytes: int) -> int:
     return -(-nbytes // 512) * 512
+
+
+def aux_loss_ops(b) -> None:
+    """transformers 5.17 `load_balancing_loss_func` (modeling_<family>.py, `output_router_logits`), after the
+    language-model loss: per MoE layer `softmax(router_logits)` in the logits' dtype (saved for backward: E values
+    per token and layer, all alive until the aux loss's backward), `topk` and `bincount` (transient int64 indices),
+    `routing_weights.float().sum(0)` (a transient fp32 copy). The gradients it sends to each layer's held logits are
+    E values per token and layer, not modelled (as small as the saved probabilities)."""
+    g, a = b.g, b.arch
+    m = a.moe
+    n_sparse = sum(n for k, n in a.kind_counts if k.mlp == "moe")
+    ldt = b.R.lin
+    probs = b.new(n_sparse * m.num_experts, ldt, True)
+    temp = b.seq * (m.num_experts * FP32 + m.top_k * (ldt + I64))
+    g.op("aux_loss", [], [probs], saved=[probs], fwd_temp=(temp, 0))
+    loss = b.fixed(512, True, "activations", FP32)
+    g.op("aux_sum", [probs], [loss], saved=[probs])

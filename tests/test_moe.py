@@ -120,6 +120,8 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
     assert {t.optimizer for t in trains} >= {"adamw", "adamw8bit", "sgd", "adafactor"}
     assert any(p["model"] == "qwen3-30b-a3b" for p in pts) and set(MOE_CONFIGS) <= {p["model"] for p in pts}
     assert any(p["model"] == "gpt-oss-20b" for p in pts)
+    aux = {_arch_of(p).model_type for p in pts if _arch_of(p).moe.aux_loss}
+    assert aux == types, "the router load-balancing loss traced on every family"
     wide = {_arch_of(p).model_type for p, t in zip(pts, trains) if t.all_linear}
     assert wide == types and any(p["model"] == "qwen3-30b-a3b" for p, t in zip(pts, trains) if t.all_linear)
     assert any(_stress(p) for p in pts)
@@ -212,3 +214,13 @@ def test_all_linear_on_a_moe_model_with_dropout_0_is_planned():
     r = CliRunner().invoke(cli, ["estimate", "--model", "qwen3-30b-a3b", "--gpu", "h200", "--method", "lora",
                                  "--target-modules", "all-linear", "--lora-dropout", "0", "--grad-ckpt"])
     assert r.exit_code == 0, r.output
+
+
+def test_router_aux_loss_keeps_the_logits_of_every_moe_layer():
+    """output_router_logits: each MoE layer's router logits are held by the outputs and the load-balancing loss
+    saves a softmax of them; the estimate grows by at least one logits tensor per MoE layer."""
+    config = dict(TINY["qwen3_moe"], num_experts=64)
+    tc = TrainConfig(method="full", seq_len=2048, batch_size=2)
+    base = estimate_memory(arch_from_config(config), tc).peak_allocated_bytes
+    aux = estimate_memory(arch_from_config(dict(config, output_router_logits=True)), tc).peak_allocated_bytes
+    assert aux - base >= config["num_hidden_layers"] * 2 * 2048 * 64 * 2
