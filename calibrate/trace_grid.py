@@ -245,7 +245,7 @@ def moe_points() -> list[tuple[str, dict]]:
         ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
         ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
     ]
-    return pts + gpt_oss_points() + moe_all_linear_points() + aux_loss_points()
+    return pts + gpt_oss_points() + moe_all_linear_points() + aux_loss_points() + expert_name_points()
 
 
 def gpt_oss_points() -> list[tuple[str, dict]]:
@@ -293,6 +293,15 @@ def aux_loss_points() -> list[tuple[str, dict]]:
         ("tiny-mixtral-aux", dict(full, grad_ckpt=True)),
         ("tiny-qwen2-moe-v512-aux", dict(full, grad_ckpt=True)),
         ("tiny-gpt-oss-v512-aux", dict(lora, grad_ckpt=True)),
+    ]
+
+
+def expert_name_points() -> list[tuple[str, dict]]:
+    """transformers-4 expert names that peft converts to target_parameters (t074 on)."""
+    lora = dict(method="lora", rank=16, lora_dropout=0.0, seq_len=1024, batch_size=2)
+    return [
+        ("tiny-mixtral", dict(lora, target_modules=("w1", "w3", "w2"), grad_ckpt=True)),
+        ("tiny-qwen3-moe-v512", dict(lora, target_modules=("gate", "q_proj", "v_proj"), grad_ckpt=False)),
     ]
 
 

@@ -40,14 +40,16 @@ and Qwen3-MoE (not Qwen2-MoE, not gpt-oss) into the attention projections plus `
 refuses lora_dropout != 0 (a clear error here too) and, on every forward, folds its adapters into a new
 parameter-sized copy (`baddbmm(W, B, A)` for an expert stack), which grouped_mm saves with its input
 (`moe_graph._lora_fold`): per MoE layer a bf16 copy of all its experts is kept for backward (one layer at a time
-under checkpointing). Naming the experts' v4 names (`gate_proj`, `w1`...) on those families is not modelled.
+under checkpointing). Naming the experts' transformers-4 names (`gate_proj`/`up_proj`/`down_proj`, `w1`/`w3`/`w2`,
+the router `gate`) does the same for those parameters (`wrapped_parameters`). Tokens/s leaves out the fold's own
+GEMMs (2 E a b r FLOPs per wrapped stack and micro-step, three times that with its backward).
 
 Checkpointed MoE layers (what the trace showed, torch 2.13): the recomputation stops at the last saved tensor
 (`graph.Timeline.recompute`), the gradient of the layer output and the (S, h) copy of the top-k sum's gradient are
 live while it runs (`memory._recompute_pending`), and peft's `enable_input_require_grads` (PeftModel with
 gradient checkpointing) makes the first layer's input need a gradient. The same three hold for dense layers but
 are applied to MoE layers only, to leave the frozen dense snapshot unchanged; the integrator may extend them.
-Residual gap (calibrate/reference/trace-points-moe.jsonl, 74 points, median 0.02 %): with a tiny vocabulary (the
+Residual gap (calibrate/reference/trace-points-moe.jsonl, 76 points, median 0.02 %): with a tiny vocabulary (the
 layers' transients as the peak) LoRA is off by up to 1.7 % (the last layer's forward under, a checkpointed
 recomputation over); Mixtral's checkpointed layers (fp32 routing weights, so fp32 (S, h) products around the
 recomputation's end) are within 1.35 % either way, all-linear included (not explained: the trace's out-of-place
@@ -296,27 +298,57 @@ def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str 
 # reaches its `nn.Linear`s (shared expert, `shared_expert_gate`, dense-first MLPs); gpt-oss is not converted either:
 # its only `nn.Linear`s are the attention projections. What peft 0.21 built on each tiny family (tests/test_moe.py).
 EXPERTS_WRAPPED = ("qwen3_moe", "mixtral")
+# peft 0.21 `_MOE_TARGET_MODULE_MAPPING`: the transformers-4 module names that `target_modules` may still use on those
+# families, and the parameter each becomes; `_MOE_FUSED_TARGETS`: names fused into one parameter, which peft refuses
+# to convert unless all are named ("Cannot convert PEFT target(s) ... without also targeting ...")
+EXPERT_TARGETS = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"},
+}
+FUSED_TARGETS = {"mixtral": ("w1", "w3"), "qwen3_moe": ("gate_proj", "up_proj")}
 # Qwen2-MoE's feed-forward `nn.Linear`s that `target_modules` names reach: the shared expert's (and the dense-first
 # layers' MLP, same names) and the shared expert's gate
 QWEN2_MOE_LINEARS = ("gate_proj", "up_proj", "down_proj", "shared_expert_gate")
 
 
+def wrapped_parameters(arch, tc) -> tuple[str, ...]:
+    """The MoE parameters peft wraps with `ParamWrapper` for LoRA `tc` (`EXPERTS_WRAPPED` families): all three
+    with `all-linear`, else those `EXPERT_TARGETS` maps the named modules to. ValueError as peft's when one of a
+    fused pair is named alone."""
+    if arch.moe is None or arch.model_type not in EXPERTS_WRAPPED or not tc.spec.uses_rank:
+        return ()
+    if tc.all_linear:
+        return ("gate_up_proj", "down_proj", "gate.weight")
+    mapping = EXPERT_TARGETS[arch.model_type]
+    named = [t for t in tc.target_modules if t in mapping]
+    fused = FUSED_TARGETS[arch.model_type]
+    present = [t for t in fused if t in named]
+    if 0 < len(present) < len(fused):
+        missing = [t for t in fused if t not in named]
+        raise MoEError(f"target_modules {', '.join(present)} without {', '.join(missing)}: peft 0.21 cannot convert "
+                       f"them, they are fused into gate_up_proj on {arch.name}; valid: name "
+                       f"{' and '.join(fused)} together")
+    return tuple(dict.fromkeys(mapping[t] for t in named))
+
+
 def lora_wraps_experts(arch, tc) -> bool:
-    """LoRA `all-linear` on a family whose experts and router peft wraps with `ParamWrapper` (`EXPERTS_WRAPPED`)."""
-    return arch.moe is not None and tc.all_linear and arch.model_type in EXPERTS_WRAPPED
+    """LoRA on a family whose experts or router peft wraps with `ParamWrapper` (`wrapped_parameters`)."""
+    return bool(wrapped_parameters(arch, tc))
 
 
 def lora_target_names(arch) -> tuple[str, ...]:
-    """`target_modules` names valid on a MoE model: the attention projections, and Qwen2-MoE's feed-forward
-    `nn.Linear`s."""
-    extra = QWEN2_MOE_LINEARS if arch.model_type == "qwen2_moe" else ()
+    """`target_modules` names valid on a MoE model: the attention projections, Qwen2-MoE's feed-forward
+    `nn.Linear`s, and the transformers-4 expert and router names peft converts on Mixtral and Qwen3-MoE."""
+    extra = QWEN2_MOE_LINEARS if arch.model_type == "qwen2_moe" else tuple(EXPERT_TARGETS.get(arch.model_type, ()))
     return arch.linear_names + extra
 
 
 def lora_linears(arch, tc, kind) -> tuple[tuple[str, int, int], ...]:
     """(name, in, out) of the `nn.Linear`s LoRA adapts in a decoder layer of `kind`: the attention projections
     named (all four with all-linear), and on Qwen2-MoE the shared expert (sparse layers) or the dense MLP (dense
-    layers) and the shared expert's gate."""
+    layers) and the shared expert's gate. On Mixtral/Qwen3-MoE the expert names become parameters
+    (`wrapped_parameters`), so their dense-first MLPs are not adapted."""
     names = set(lora_target_names(arch)) if tc.all_linear else set(tc.target_modules)
     out = [(lin.name, lin.in_features, lin.out_features) for lin in arch.linears if lin.name in names]
     if arch.model_type == "qwen2_moe":
@@ -330,15 +362,17 @@ def lora_linears(arch, tc, kind) -> tuple[tuple[str, int, int], ...]:
 
 
 def expert_wrappers(arch, tc) -> tuple[tuple[str, int, int, int, int], ...]:
-    """The `ParamWrapper`s of one MoE layer under `all-linear` (`lora_wraps_experts`): (parameter, experts, in, out,
+    """The `ParamWrapper`s of one MoE layer (`wrapped_parameters`): (parameter, experts, in, out,
     rank). peft 0.21 tuners/lora/layer.py `ParamWrapper._get_in_out_features`/`update_layer`: a 3-D (E, a, b)
     parameter is E experts of in = b, out = a (transformers' (E, out, in) layout), lora_A `Linear(in, r E)`,
     lora_B `Linear(r E, out)`; the 2-D router (E, h) is one of in = h, out = E. gate_up_proj gets rank 2r."""
-    if not lora_wraps_experts(arch, tc):
+    wrapped = wrapped_parameters(arch, tc)
+    if not wrapped:
         return ()
     m, h, r = arch.moe, arch.hidden_size, tc.rank
     E, I = m.num_experts, m.expert_intermediate
-    return (("gate_up_proj", E, h, 2 * I, 2 * r), ("down_proj", E, I, h, r), ("gate.weight", 1, h, E, r))
+    every = (("gate_up_proj", E, h, 2 * I, 2 * r), ("down_proj", E, I, h, r), ("gate.weight", 1, h, E, r))
+    return tuple(w for w in every if w[0] in wrapped)
 
 
 def lora_trainable(arch, tc, dtype_bytes: int) -> list:

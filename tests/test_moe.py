@@ -130,7 +130,9 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
 @pytest.mark.parametrize("args,option", [
     (["--model", "mixtral-8x7b", "--method", "qlora"], "--quant"),
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--lora-dropout"),
-    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "gate_proj,up_proj"], "--target-modules"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "gate_proj", "--lora-dropout", "0"],
+     "--target-modules"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "w1"], "--target-modules"),
     (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
     (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
     (["--model", "gpt-oss-20b", "--method", "lora", "--attn", "flash_attention_2"], "--attn"),
@@ -177,6 +179,35 @@ def test_gpt_oss_output_says_bf16_weights_and_eager_attention():
     r = CliRunner().invoke(cli, ["estimate", "--model", "gpt-oss-20b", "--gpu", "h100", "--method", "lora"])
     assert r.exit_code == 0, r.output
     assert "Mxfp4Config(dequantize=True)" in r.output and "eager" in r.output
+
+
+@pytest.mark.parametrize("name,targets", [
+    ("mixtral", ("w1", "w3", "w2")), ("mixtral", ("gate", "q_proj")), ("qwen3_moe", ("gate_proj", "up_proj")),
+    ("qwen3_moe", ("down_proj", "gate", "k_proj")), ("qwen3_moe-dense-first", ("gate_proj", "up_proj", "down_proj")),
+])
+def test_transformers4_expert_names_count_as_peft_converts_them(name, targets):
+    """peft 0.21 maps the transformers-4 expert and router names to target_parameters on the fused experts (and
+    leaves the dense-first MLPs of those names unadapted)."""
+    import peft
+
+    config = TINY[name]
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0)
+    model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
+    assert trainable_params(arch_from_config(config), tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,targets", [("mixtral", ("w1",)), ("qwen3_moe", ("up_proj", "down_proj"))])
+def test_half_of_a_fused_pair_is_refused_as_peft_refuses_it(name, targets):
+    import peft
+
+    from planner.methods import TargetError
+
+    config = TINY[name]
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0)
+    with pytest.raises(ValueError, match="fused into gate_up_proj"):
+        peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
+    with pytest.raises(TargetError, match="fused into gate_up_proj"):
+        trainable_params(arch_from_config(config), tc)
 
 
 def test_peft_refuses_dropout_on_wrapped_experts_as_the_planner_does():

@@ -60,15 +60,20 @@ def _moe_targets(arch, tc) -> tuple:
     wraps the fused experts and the router with `ParamWrapper`, which raises for lora_dropout != 0 (peft 0.21
     tuners/lora/layer.py: "does not work with lora_dropout != 0")."""
     from ..arch import Linear
-    from ..moe import expert_wrappers, lora_linears, lora_target_names
+    from ..moe import MoEError, expert_wrappers, lora_linears, lora_target_names
 
     valid = lora_target_names(arch)
     missing = [] if tc.all_linear else [t for t in tc.target_modules if t not in valid]
     if missing:
         raise TargetError(f"target_modules {', '.join(missing)} not in {arch.name}; valid: {', '.join(valid)}, "
                           "all-linear")
-    if expert_wrappers(arch, tc) and tc.lora_dropout:
-        raise TargetError(f"target_modules all-linear on {arch.name}: peft 0.21 wraps the fused experts and the router "
+    try:
+        wrapped = expert_wrappers(arch, tc)
+    except MoEError as e:
+        raise TargetError(str(e)) from None
+    if wrapped and tc.lora_dropout:
+        named = "all-linear" if tc.all_linear else ",".join(tc.target_modules)
+        raise TargetError(f"target_modules {named} on {arch.name}: peft 0.21 wraps the fused experts or router "
                           f"(target_parameters, ParamWrapper), which refuses lora_dropout != 0 (got {tc.lora_dropout}); "
                           "valid: lora_dropout 0, or target_modules naming attention projections")
     seen: dict = {}
