@@ -41,8 +41,9 @@ refuses lora_dropout != 0 (a clear error here too) and, on every forward, folds 
 parameter-sized copy (`baddbmm(W, B, A)` for an expert stack), which grouped_mm saves with its input
 (`moe_graph._lora_fold`): per MoE layer a bf16 copy of all its experts is kept for backward (one layer at a time
 under checkpointing). Naming the experts' transformers-4 names (`gate_proj`/`up_proj`/`down_proj`, `w1`/`w3`/`w2`,
-the router `gate`) does the same for those parameters (`wrapped_parameters`). Tokens/s leaves out the fold's own
-GEMMs (2 E a b r FLOPs per wrapped stack and micro-step, three times that with its backward).
+the router `gate`) does the same for those parameters (`wrapped_parameters`). Tokens/s times the fold's own
+GEMMs (2 E a b r FLOPs per wrapped stack and micro-step, three times that with its backward, whatever the batch);
+MFU counts only the tokens' FLOPs.
 
 Checkpointed MoE layers (what the trace showed, torch 2.13): the recomputation stops at the last saved tensor
 (`graph.Timeline.recompute`), the gradient of the layer output and the (S, h) copy of the top-k sum's gradient are

@@ -230,7 +230,7 @@ def _grouped_linear(b, x: int, extra_inputs: list, width_in: int, width_out: int
     g = b.g
     if wrapper is not None:
         _, E, n_in, n_out, r = wrapper
-        w = _lora_fold(b, numel, r * E * (n_in + n_out), factors=True)
+        w = _lora_fold(b, numel, r * E * (n_in + n_out), factors=True, dims=(E, n_out, n_in, r))
         y = b.new(width_out, b.dtype[x], True)
         g.op("grouped_mm", [x, w] + list(extra_inputs), [y], saved=[x, w])
         return y
@@ -240,14 +240,16 @@ def _grouped_linear(b, x: int, extra_inputs: list, width_in: int, width_out: int
     return y
 
 
-def _lora_fold(b, numel: int, adapter_numel: int, factors: bool) -> int:
+def _lora_fold(b, numel: int, adapter_numel: int, factors: bool, dims: tuple = ()) -> int:
     """peft 0.21 `ParamWrapper` (tuners/lora/layer.py): while the wrapped module runs, the parameter is replaced
     through `nn.utils.parametrize` (cached for the call) by a new tensor of its size and dtype. A stack of experts
     with one adapter: `_LoraFactorsProxy`, `baddbmm(W, lhs, rhs, alpha=scaling)` with lhs, rhs the bf16 casts of
     lora_B and lora_A reshaped per expert (`get_delta_factors`; saved by baddbmm, r E (in + out) values). The 2-D
     router: `_LoraParameterProxy`, `W + delta` with delta = (B A scaling).to(bf16) (transient). Backward: the
     bf16 gradients of the factors, cast to the fp32 adapters' gradients (param_grad). Returns W' (fixed bytes,
-    requires grad). `numel`: W's elements; `adapter_numel`: lora_A's and lora_B's together."""
+    requires grad). `numel`: W's elements; `adapter_numel`: lora_A's and lora_B's together; `dims`: (E, out, in,
+    r) of an expert stack, kept on the builder (`fold_gemms`, by node index) for the kernel walk (planner.kernels:
+    E GEMMs of out x in x r per forward, two more in backward, none scaling with the batch)."""
     from .methods.lora import adapter_dtype
 
     g, wdt = b.g, b.R.weight
@@ -256,6 +258,7 @@ def _lora_fold(b, numel: int, adapter_numel: int, factors: bool) -> int:
     if factors:
         lr = b.fixed(_block(adapter_numel * wdt), False, "activations", wdt)
         g.op("lora_factors", [], [lr])
+        b.__dict__.setdefault("fold_gemms", {})[len(g.nodes)] = dims
         g.op("lora_fold", [lr], [fold], saved=[lr], param_grad=(0, _block(adapter_numel * adt)),
              bwd_temp=(0, _block(adapter_numel * wdt)))
     else:

@@ -255,3 +255,19 @@ def test_router_aux_loss_keeps_the_logits_of_every_moe_layer():
     base = estimate_memory(arch_from_config(config), tc).peak_allocated_bytes
     aux = estimate_memory(arch_from_config(dict(config, output_router_logits=True)), tc).peak_allocated_bytes
     assert aux - base >= config["num_hidden_layers"] * 2 * 2048 * 64 * 2
+
+
+def test_the_fold_of_wrapped_experts_is_timed_once_per_micro_step():
+    """planner.kernels: each wrapped expert stack's baddbmm (E GEMMs out x in x r) and its two backward GEMMs,
+    batch-independent: 3 x 2 E out in r FLOPs per stack and MoE layer."""
+    from planner.kernels import step_ops
+    from planner.moe import sparse_layer_count
+
+    arch = arch_from_config(TINY["qwen3_moe"])
+    tc = TrainConfig(method="lora", rank=4, target_modules=("all-linear",), lora_dropout=0.0, seq_len=128)
+    fixed = sum(2 * g.tokens * g.n * g.k * g.count for g in step_ops(arch, tc).gemms if g.phase == "fixed")
+    m, h, r = arch.moe, arch.hidden_size, 4
+    per_layer = m.num_experts * (2 * m.expert_intermediate * h * 2 * r + h * m.expert_intermediate * r)
+    assert fixed == sparse_layer_count(arch) * 3 * 2 * per_layer
+    attn = tc.replace(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert not [g for g in step_ops(arch, attn).gemms if g.phase == "fixed"]
