@@ -808,6 +808,22 @@ def _dequantize_module_weight(module):
     return _PEFT_DEQUANTIZE(module)
 
 
+_BINCOUNT = torch.bincount
+
+
+def _bincount_bounded(input, weights=None, minlength=0):
+    """`torch.bincount` has a data-dependent length, which fake tensors cannot give. Its one caller in a traced
+    step, the MoE load-balancing loss (transformers 5.17 `load_balancing_loss_func`, `output_router_logits`),
+    counts top-k expert indices, all below `minlength` = num_experts, so the counts have exactly `minlength` bins
+    (int64, or the weights' dtype)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(input, FakeTensor) and minlength:
+        dtype = weights.dtype if weights is not None else torch.int64
+        return torch.zeros(minlength, dtype=dtype, device=input.device)
+    return _BINCOUNT(input, weights, minlength)
+
+
 @contextlib.contextmanager
 def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace on a GPU of
@@ -840,6 +856,7 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     offload.context = _offload_context_cuda
     F.scaled_dot_product_attention = _sdpa_cuda
     F.dropout = _dropout_cuda
+    torch.bincount = _bincount_bounded
     mu.find_packed_sequence_indices = _find_packed_sequence_indices
     mu._ignore_causal_mask_sdpa = _ignore_causal_mask_sdpa
     modeling.save_on_cpu = _SaveOnCPUCUDA
@@ -866,6 +883,7 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
         yield
     finally:
         F.scaled_dot_product_attention, F.dropout, mu.find_packed_sequence_indices, modeling.save_on_cpu = saved
+        torch.bincount = _BINCOUNT
         mu._ignore_causal_mask_sdpa = saved_masks
         mask_functions["flash_attention_2"], mfu._get_unpad_data = saved_fa_mask
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids = saved_fa

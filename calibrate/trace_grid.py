@@ -209,6 +209,19 @@ MOE_CONFIGS = {
 # The same with a 512-token vocabulary: the loss no longer dominates, so the MoE layers' own transients (forward
 # of the last layer, a checkpointed layer's recomputation) decide the peak: a stress test of the layer graph
 MOE_CONFIGS.update({f"{k}-v512": dict(v, vocab_size=512) for k, v in list(MOE_CONFIGS.items())})
+_FIRST_MOE = tuple(MOE_CONFIGS)  # the configs of the grid's first 45 points (t000-t044), which stay as traced
+
+# gpt-oss (eager attention with sinks, alternating 128-token sliding and full layers, clamped SwiGLU experts with
+# biases, a router with a bias), traced as bf16 weights (the MXFP4 experts dequantized, as the HF recipes load it)
+GPT_OSS_CONFIGS = {
+    "tiny-gpt-oss": dict(model_type="gpt_oss", architectures=["GptOssForCausalLM"], intermediate_size=256,
+                         num_local_experts=8, num_experts_per_tok=2, sliding_window=128, **_MOE_BASE),
+}
+GPT_OSS_CONFIGS["tiny-gpt-oss-v512"] = dict(GPT_OSS_CONFIGS["tiny-gpt-oss"], vocab_size=512)
+MOE_CONFIGS.update(GPT_OSS_CONFIGS)
+# the router load-balancing loss in training (`output_router_logits`): the routers' logits kept, the aux loss
+MOE_CONFIGS.update({f"{k}-aux": dict(MOE_CONFIGS[k], output_router_logits=True)
+                    for k in ("tiny-qwen3-moe-v512", "tiny-mixtral", "tiny-qwen2-moe-v512", "tiny-gpt-oss-v512")})
 
 
 def moe_points() -> list[tuple[str, dict]]:
@@ -218,7 +231,7 @@ def moe_points() -> list[tuple[str, dict]]:
     record), catalog ones by name."""
     qv, qkvo = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
     pts = []
-    for model in [m for m in MOE_CONFIGS if not m.endswith("-v512")]:
+    for model in [m for m in _FIRST_MOE if not m.endswith("-v512")]:
         for ckpt in (False, True):
             pts += [
                 (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
@@ -226,7 +239,7 @@ def moe_points() -> list[tuple[str, dict]]:
                 (model, dict(method="lora", rank=8, target_modules=qkvo, lora_dropout=0.0, seq_len=1024, batch_size=4,
                              grad_ckpt=ckpt)),
             ]
-    for model in [m for m in MOE_CONFIGS if m.endswith("-v512")]:
+    for model in [m for m in _FIRST_MOE if m.endswith("-v512")]:
         for ckpt in (False, True):
             pts += [
                 (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
@@ -238,7 +251,64 @@ def moe_points() -> list[tuple[str, dict]]:
         ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
         ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
     ]
+    return pts + gpt_oss_points() + moe_all_linear_points() + aux_loss_points() + expert_name_points()
+
+
+def gpt_oss_points() -> list[tuple[str, dict]]:
+    """gpt-oss (t045 on): full FT and LoRA with and without checkpointing, a stress vocabulary, and gpt-oss-20b."""
+    qv, qkvo = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")
+    pts = []
+    for ckpt in (False, True):
+        pts += [
+            ("tiny-gpt-oss", dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+            ("tiny-gpt-oss", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=2,
+                                  grad_ckpt=ckpt)),
+            ("tiny-gpt-oss", dict(method="lora", rank=8, target_modules=qkvo, lora_dropout=0.0, seq_len=1024,
+                                  batch_size=4, grad_ckpt=ckpt)),
+            ("tiny-gpt-oss-v512", dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+            ("tiny-gpt-oss-v512", dict(method="lora", rank=16, target_modules=qv, seq_len=1024, batch_size=2,
+                                       grad_ckpt=ckpt)),
+        ]
+    pts.append(("gpt-oss-20b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1,
+                                    grad_ckpt=True)))
     return pts
+
+
+def moe_all_linear_points() -> list[tuple[str, dict]]:
+    """LoRA all-linear on each MoE family (t056 on): peft 0.21 wraps Mixtral's and Qwen3-MoE's fused experts and
+    router (`ParamWrapper`, lora_dropout 0), adapts Qwen2-MoE's shared expert and gate, gpt-oss's attention only;
+    with and without checkpointing, dense-first layers, a stress vocabulary, and Qwen3-30B-A3B (128 experts)."""
+    pts = []
+    lora = dict(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=1024, batch_size=2)
+    for model in ("tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-gpt-oss", "tiny-qwen3-moe-dense0"):
+        for ckpt in (False, True):
+            pts.append((model, dict(lora, grad_ckpt=ckpt)))
+    pts.append(("tiny-mixtral-v512", dict(lora, grad_ckpt=True)))
+    pts.append(("qwen3-30b-a3b", dict(lora, seq_len=2048, batch_size=1, grad_ckpt=True)))
+    return pts
+
+
+def aux_loss_points() -> list[tuple[str, dict]]:
+    """`output_router_logits` on (t068 on): the load-balancing loss of each family, full FT and LoRA."""
+    lora = dict(method="lora", rank=16, target_modules=("q_proj", "v_proj"), seq_len=2048, batch_size=2)
+    full = dict(method="full", precision="bf16", seq_len=1024, batch_size=2)
+    return [
+        ("tiny-qwen3-moe-v512-aux", dict(lora, grad_ckpt=False)),
+        ("tiny-qwen3-moe-v512-aux", dict(lora, grad_ckpt=True)),
+        ("tiny-mixtral-aux", dict(full, grad_ckpt=False)),
+        ("tiny-mixtral-aux", dict(full, grad_ckpt=True)),
+        ("tiny-qwen2-moe-v512-aux", dict(full, grad_ckpt=True)),
+        ("tiny-gpt-oss-v512-aux", dict(lora, grad_ckpt=True)),
+    ]
+
+
+def expert_name_points() -> list[tuple[str, dict]]:
+    """transformers-4 expert names that peft converts to target_parameters (t074 on)."""
+    lora = dict(method="lora", rank=16, lora_dropout=0.0, seq_len=1024, batch_size=2)
+    return [
+        ("tiny-mixtral", dict(lora, target_modules=("w1", "w3", "w2"), grad_ckpt=True)),
+        ("tiny-qwen3-moe-v512", dict(lora, target_modules=("gate", "q_proj", "v_proj"), grad_ckpt=False)),
+    ]
 
 
 def multigpu_points() -> list[tuple[str, dict]]:
@@ -556,6 +626,9 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=150, help="random points on top of the structured ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
+    ap.add_argument("--start", type=int, default=0,
+                    help="trace only the points from this index on and append them to --out (the earlier ones stay "
+                         "as they were traced; ids continue from it)")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
@@ -576,12 +649,18 @@ def main(argv=None) -> int:
     points = GRIDS[args.grid](args)
     if args.limit:
         points = points[: args.limit]
+    if args.start:
+        have = sum(1 for line in Path(args.out).read_text().splitlines() if line.strip())
+        if have != args.start:
+            ap.error(f"--start {args.start}: {args.out} holds {have} points; append only right after them")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     t0 = time.time()
-    with out.open("w") as f:
+    with out.open("a" if args.start else "w") as f:
         for i, point in enumerate(points):
+            if i < args.start:
+                continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
             if model in ATTN_FAMILIES:  # a tiny family of the attention grid, on the point's GPU

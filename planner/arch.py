@@ -125,9 +125,10 @@ class ModelArch:
     def fp32_norm_product(self) -> bool:
         """The RMSNorm multiplies its weight into the fp32 normalized tensor, then casts to the input dtype: Gemma's
         `(x.float() * rsqrt(...)) * (1 + w.float())` (modeling_gemma.py, gemma2, gemma3) and OLMo-2's
-        `(w * x.float() * rsqrt(...)).to(dtype)` (modeling_olmo2.py Olmo2RMSNorm); Llama casts first, then
-        multiplies."""
-        return self.model_type in ("gemma", "gemma2", "gemma3_text", "olmo2")
+        `(w * x.float() * rsqrt(...)).to(dtype)` (modeling_olmo2.py Olmo2RMSNorm) and gpt-oss's
+        `(self.weight * hidden_states).to(input_dtype)` on the fp32 normalized tensor (modeling_gpt_oss.py
+        GptOssRMSNorm); Llama casts first, then multiplies."""
+        return self.model_type in ("gemma", "gemma2", "gemma3_text", "olmo2", "gpt_oss")
 
     @property
     def scales_embeddings(self) -> bool:
@@ -141,6 +142,18 @@ class ModelArch:
         returns fp32 cos/sin, `apply_rotary_pos_emb` ends `q_embed.to(q_type)` (modeling_olmo2.py); the other
         families cast cos/sin to the activations' dtype."""
         return self.model_type == "olmo2"
+
+    @property
+    def attention_sinks(self) -> bool:
+        """gpt-oss: a learned sink logit per head joins every softmax (`GptOssAttention.sinks`, modeling_gpt_oss.py),
+        run by its eager attention (`Builder.eager_sinks`)."""
+        return self.model_type == "gpt_oss"
+
+    @property
+    def rope_on_halves(self) -> bool:
+        """gpt-oss rotates `chunk(x, 2)` halves with half-width cos/sin (`_apply_rotary_emb`, `GptOssRotaryEmbedding`
+        returns (S, head_dim / 2) tables); the others use `rotate_half` with full-width tables."""
+        return self.model_type == "gpt_oss"
 
     @property
     def rope_tables(self) -> int:

@@ -196,6 +196,31 @@ def canonical_capability(sm: tuple, cudnn_version: int = CUDNN_RUNTIME_VERSION) 
 
 IMPLEMENTATIONS_BELOW_SM80 = ("sdpa", "eager")
 
+# Families whose transformers 5.17 model class has no sdpa path (`_supports_sdpa = False`): gpt-oss, whose learned
+# attention sinks (`GptOssAttention.sinks`) only the eager, flex and sink-aware flash kernels take (modeling_gpt_oss.py)
+NO_SDPA_FAMILIES = ("gpt_oss",)
+
+
+def effective_implementation(model_type: str, attn: str) -> str:
+    """The attention transformers 5.17 runs for the recipe's `attn` on a family. ftplan's `sdpa` is transformers'
+    default (no `attn_implementation` requested): `PreTrainedModel.get_correct_attn_implementation(None)` tries sdpa
+    and falls back to eager when `_sdpa_can_dispatch` raises, as it does for gpt-oss (`_supports_sdpa = False`); the
+    Hugging Face gpt-oss fine-tuning recipe asks for `attn_implementation="eager"` explicitly. The others run what
+    they are asked."""
+    return "eager" if attn == "sdpa" and model_type in NO_SDPA_FAMILIES else attn
+
+
+def family_implementation_error(model_type: str, name: str, attn: str) -> str | None:
+    """Why `attn` is not modelled on this family, or None. gpt-oss with flash_attention_2: transformers 5.17
+    (`_check_and_adjust_attn_implementation`) swaps it for the model's first `_compatible_flash_implementations`
+    entry, the hub kernel `kernels-community/vllm-flash-attn3` (FlashAttention-3 with sinks), which ftplan does not
+    model."""
+    if model_type in NO_SDPA_FAMILIES and attn == "flash_attention_2":
+        return (f"attn_implementation 'flash_attention_2' on {name}: transformers 5.17 replaces it for gpt-oss by the "
+                "hub kernel kernels-community/vllm-flash-attn3 (FlashAttention-3 with attention sinks), which ftplan "
+                "does not model; valid: eager (sdpa, transformers' default, falls back to eager for gpt-oss)")
+    return None
+
 
 def implementation_error(attn: str, gpu_name: str, capability: tuple) -> str | None:
     """Why `attn` cannot run on this GPU, or None. flash-attn 2 runs on sm80 and newer only (flash_api.cpp

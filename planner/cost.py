@@ -373,7 +373,9 @@ def _micro_step(arch: ModelArch, tc: TrainConfig, batch: int, gpu, params: Throu
     for g in ops.gemms:
         tensor = g.dtype <= 2 and tensor_cores
         peak, eff = (peak16, params.gemm_efficiency) if tensor else (peak32, params.fp32_efficiency)
-        if g.phase == "weight_grad":
+        if g.phase == "fixed":  # batch-independent (a LoRA-wrapped expert stack's fold: planner.kernels)
+            m, n, k = g.tokens, g.n, g.k
+        elif g.phase == "weight_grad":
             m, n, k = g.n, g.k, g.tokens * batch
         elif g.phase == "input_grad":
             m, n, k = g.tokens * batch, g.n, g.k

@@ -104,7 +104,12 @@ def rank_bound(arch, tc: TrainConfig) -> int:
     """The largest rank the targeted layers accept: min over them of min(in_features, out_features)."""
     from .methods import lora_targets
 
-    return min(min(lin.in_features, lin.out_features) for lin in lora_targets(arch, tc.replace(rank=1)))
+    from .moe import expert_wrappers
+
+    t = tc.replace(rank=1)
+    dims = [min(lin.in_features, lin.out_features) for lin in lora_targets(arch, t)]
+    dims += [min(n_in, n_out) for _, _, n_in, n_out, _ in expert_wrappers(arch, t)]  # MoE ParamWrappers
+    return min(dims)
 
 
 def _search(arch, tc: TrainConfig, gpu, field: str, hi: int, margin: float, reason: str) -> Limit:

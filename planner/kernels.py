@@ -41,7 +41,8 @@ GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by
 # FLOPs like sdpa, one call per QK^T product; the (S, KV) softmax, mask and casts stay bandwidth-bound ops
 ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn", "flash_attn_varlen"})
-NO_KERNEL = frozenset({"batch", "dora_return"})  # bookkeeping ops of the memory model: no kernel runs
+# bookkeeping ops of the memory model and views (gpt-oss's rotary halves, its sliced sink column): no kernel runs
+NO_KERNEL = frozenset({"batch", "dora_return", "python_local", "chunk", "slice"})
 
 
 @dataclass(frozen=True)
@@ -121,18 +122,34 @@ class _Walk:
             if g.tensors[x].rg:
                 self.gemm(per_expert, K, N, dt[x], "input_grad", e)
                 self.kernels[1] += times
-            if n.param_grad != (0, 0):
-                self.gemm(per_expert, N, K, dt[x], "weight_grad", e)
+            if n.param_grad != (0, 0) or any(g.tensors[t].rg and g.tensors[t].size[0] == 0 for t in n.inputs):
+                self.gemm(per_expert, N, K, dt[x], "weight_grad", e)  # trained, or a LoRA-folded copy (planner.moe)
                 self.kernels[1] += times
+
+    def _fold(self, dims: tuple, times: int, run_bwd: bool) -> None:
+        """peft's `baddbmm(W, B, A)` over a LoRA-wrapped expert stack (planner/moe_graph.py `_lora_fold`): E GEMMs
+        of out x in x r, and in backward the factors' gradients (out x r x in and r x in x out); batch-independent
+        (phase "fixed": M is not multiplied by the micro-batch)."""
+        E, n_out, n_in, r = dims
+        self.gemm(n_out, n_in, r, 2, "fixed", times * E)
+        self.kernels[0] += times
+        if run_bwd:
+            self.gemm(n_out, r, n_in, 2, "fixed", times * E)
+            self.gemm(r, n_in, n_out, 2, "fixed", times * E)
+            self.kernels[1] += 2 * times
 
     def add(self, b, times: int, seq: int, backward: bool = True, phase: str = "forward") -> None:
         g, dt = b.g, b.dtype
         masked = any(n.name == "mask_bias" for n in g.nodes)
-        for n in g.nodes:
+        folds = getattr(b, "fold_gemms", {})
+        for idx, n in enumerate(g.nodes):
             if n.name in NO_KERNEL:
                 continue
             outs_rg = any(g.tensors[t].rg for t in n.outputs)
             run_bwd = backward and outs_rg
+            if idx in folds:
+                self._fold(folds[idx], times, run_bwd)
+                continue
             if n.name == "grouped_mm" and b.arch.moe is not None:
                 self._grouped(b, n, times, seq, run_bwd, phase)
                 continue

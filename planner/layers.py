@@ -91,6 +91,8 @@ class Builder:
         self.head_trained = trains_lm_head(tc)  # lm_head, or peft's trained copy of it (planner.modules_to_save)
         self.embedding_trained = trains_embedding(tc)  # the input embedding, or its trained copy
         self.recipe = tc.recipe
+        # what transformers runs for the recipe's attention on this family (gpt-oss: eager for sdpa)
+        self.attn_impl = sdp.effective_implementation(arch.model_type, tc.recipe.attn_implementation)
 
     # -- primitives ---------------------------------------------------------------------------------------------
     def new(self, width: int, dtype: int, rg: bool, kind: str = "activations", seq: int | None = None) -> int:
@@ -243,6 +245,30 @@ class Builder:
         g.op("mul_sin", [rot], [t2])
         out = self.add(t1, t2, width)
         return self.cast(out, width, q_dtype) if self.arch.rope_fp32 else out
+
+    def rope_halves(self, q: int, width: int) -> int:
+        """gpt-oss's `_apply_rotary_emb` (modeling_gpt_oss.py): `first, second = chunk(q, 2)`, then
+        `cat(first * cos - second * sin, second * cos + first * sin)` with half-width cos/sin of q's dtype: four
+        half-width products and two half-width sums, then the full-width cat; nothing of size saved (cos/sin do
+        not need a gradient). Backward: each half's gradient (two uses summed), then `split`'s backward cats them
+        into q's gradient. The halves are modelled as tensors of their own (they are views: forward over-counts
+        one width while the rotation runs)."""
+        g = self.g
+        dt, rg, hw = self.dtype[q], g.rg(q), width // 2
+        first, second = self.new(hw, dt, rg), self.new(hw, dt, rg)
+        g.op("chunk", [q], [first, second])
+        parts = []
+        for a, b, name in ((first, second, "sub"), (second, first, "add")):
+            t1, t2 = self.new(hw, dt, rg), self.new(hw, dt, rg)
+            g.op("mul_cos", [a], [t1])
+            g.op("mul_sin", [b], [t2])
+            y = self.new(hw, dt, rg)
+            # a - b: the gradient passes to `a` unchanged and is negated for `b` (a new tensor)
+            g.op(name, [t1, t2], [y], grad_alias=[t1] if name == "sub" else [t1, t2])
+            parts.append(y)
+        out = self.new(width, dt, rg)
+        g.op("cat", parts, [out])
+        return out
 
     def sdpa(self, q: int, k: int, v: int, prefix=None) -> int:
         """`F.scaled_dot_product_attention` as transformers calls it and CUDA runs it (`planner.attention`: the
@@ -430,6 +456,50 @@ class Builder:
         g.op("matmul_pv", [probs, va], [out], saved=[probs, va] if rg else [])
         return self._contiguous(out, H * d)
 
+    def eager_sinks(self, q: int, k: int, v: int, prefix=None) -> int:
+        """gpt-oss's `eager_attention_forward` (transformers 5.17 modeling_gpt_oss.py), the attention its model runs
+        (no sdpa path; planner.attention.effective_implementation): `repeat_kv` copies keys and values to every
+        head; `matmul(q, k^T)` saves both; `* scaling`; `+ attention_mask` (the float mask of the layer's type:
+        full or sliding, counted per step in planner.memory); `cat` with the per-head learned sink, one more key
+        column: (B, H, S, KV + 1); minus its row max (`max(dim=-1)` saves int64 indices, (B, H, S, 1)); softmax
+        in that dtype (bf16: no fp32 copy), saved; the sink column sliced off (a view, which `matmul(probs, v)`
+        saves with v, keeping the whole (KV + 1) storage); dropout p = 0 and `.to(v.dtype)` return their input.
+        Backward: the (S, KV) gradient of the view, then the slice's zero-padded (KV + 1) copy; softmax's
+        gradient, which the subtraction hands on (the max's share is reduced to (B, H, S, 1) first: no full copy,
+        as the trace shows); the max's scattered gradient summed into the same; `cat`'s backward narrows (views). A trained sink's gradient is H values."""
+        g, a = self.g, self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
+        k, v = self._cached_kv(k, v, prefix)
+        kv_len = self.kv_seq if prefix is not None else self.seq
+        if K != H:
+            k, v = self._repeat_kv(k, H * d, kv_len), self._repeat_kv(v, H * d, kv_len)
+        dt = self.dtype[q]
+        mat = H * self.seq * kv_len * dt  # one (S, KV) matrix per sequence
+        scores = self._matrix(dt, rg, kv_len)
+        g.op("matmul_qk", [q, k], [scores], saved=[q, k] if rg else [])
+        scaled = self._matrix(dt, rg, kv_len)
+        g.op("mul_scalar", [scores], [scaled])
+        added = self._matrix(max(dt, self.R.act), rg, kv_len)
+        g.op("add_mask", [scaled], [added], grad_alias=[scaled])
+        cdt = self.dtype[added]
+        combined = self._matrix(cdt, rg, kv_len + 1)
+        sink_grad = (0, param_bytes(H, self.R.weight)) if self.full else ZERO
+        g.op("cat_sinks", [added], [combined], param_grad=sink_grad)
+        row_max = self.new(H, cdt, rg)
+        arg = self.new(H, 8, False)
+        g.op("max", [combined], [row_max, arg], saved=[arg] if rg else [])
+        shifted = self._matrix(cdt, rg, kv_len + 1)
+        g.op("sub", [combined, row_max], [shifted], grad_alias=[combined])
+        probs = self._matrix(cdt, rg, kv_len + 1)
+        g.op("softmax", [shifted], [probs], saved=[probs] if rg else [])
+        g.op("python_local", [added], [])  # `attn_weights` (the masked scores) is rebound only after the softmax
+        view = self._matrix(cdt, rg, 0)  # probs[..., :-1]: a view (no storage); its gradient is a bwd_temp below
+        g.op("slice", [probs], [view], bwd_temp=(mat, 0) if rg else ZERO)
+        out = self.new(H * d, cdt, rg)
+        g.op("matmul_pv", [view, v], [out], saved=[probs, v] if rg else [], bwd_temp=(mat, 0) if rg else ZERO)
+        return self._contiguous(out, H * d)
+
     def flash_attention_2(self, q: int, k: int, v: int, prefix=None) -> int:
         """transformers 5.17 `flash_attention_forward` (integrations/flash_attention.py) over flash-attn 2's
         `flash_attn_func` (csrc/flash_attn/flash_api.cpp `mha_fwd` / `mha_bwd`, Dao-AILab/flash-attention 765fbd9).
@@ -532,9 +602,13 @@ class Builder:
         return y
 
     def attention(self, q: int, k: int, v: int, prefix=None) -> int:
-        """The attention of the recipe's `attn_implementation` (planner.recipe): sdpa, eager or flash_attention_2."""
+        """The attention of the recipe's `attn_implementation` (planner.recipe): sdpa, eager or flash_attention_2, as
+        transformers runs it for the family (`planner.attention.effective_implementation`: gpt-oss runs eager, with
+        its sinks)."""
+        if self.arch.attention_sinks:
+            return self.eager_sinks(q, k, v, prefix)
         impl = {"sdpa": self.sdpa, "eager": self.eager, "flash_attention_2": self.flash_attention_2}
-        return impl[self.recipe.attn_implementation](q, k, v, prefix)
+        return impl[self.attn_impl](q, k, v, prefix)
 
     def _repeat_kv(self, t: int, width: int, seq: int | None = None) -> int:
         """`repeat_kv` / `repeat_interleave` over heads: a copy with every head; nothing saved."""
@@ -575,8 +649,9 @@ class Builder:
             per_head = kind.qk_norm_over == "head"
             q = self.rmsnorm(q, a.q_dim, a.num_heads if per_head else 1)
             k = self.rmsnorm(k, a.kv_dim, a.num_kv_heads if per_head else 1)
-        q = self.rope(q, a.q_dim)
-        k = self.rope(k, a.kv_dim)
+        rope = self.rope_halves if a.rope_on_halves else self.rope
+        q = rope(q, a.q_dim)
+        k = rope(k, a.kv_dim)
         o_in = self.attention(q, k, v, prefix)
         o = self.linear(o_in, "o_proj", a.q_dim, h, lin["o_proj"].bias)
         if kind.post_attention_norm:
@@ -671,6 +746,10 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     x = b.input(h, R.act, True)
     n = b.rmsnorm(x, h)
     loss, logits = LOSSES[tc.recipe.loss](b, n)
+    if arch.moe is not None and arch.moe.aux_loss:
+        from .moe_graph import aux_loss_ops
+
+        aux_loss_ops(b)  # the router load-balancing loss (output_router_logits)
     return b, x, loss, logits
 
 
@@ -898,7 +977,7 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
     if arch.scales_embeddings:
         e = b.mul_scalar(e, h)
     e = b.method.head(b, e, arch, tc)
-    d = arch.head_dim
+    d = arch.head_dim // 2 if arch.rope_on_halves else arch.head_dim  # gpt-oss: half-width tables
     # position_ids are (1, S): the tables are shared by the batch; Gemma-3 computes one pair per layer type;
     # OLMo-2's stay fp32 (no cast, so no fp32 pair to free). Packed rows carry their own (B, S) position ids
     # (an int64 input kept by the batch), so the rotary embedding computes (B, S, d) tables: one pair per sequence.
@@ -919,7 +998,7 @@ def head_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         g.op("rotary", [], [cos, sin], fwd_temp=rows((2 if arch.rope_fp32 else 3) * param_bytes(b.seq * d, FP32)))
         g.hold(cos)
         g.hold(sin)
-    if tc.grad_ckpt and arch.masked_layers(b.seq):
+    if tc.grad_ckpt and arch.masked_layers(b.seq) and b.attn_impl == "sdpa":
         # a sliding-window mask: one bool (1, 1, S, S) tensor expanded over the batch (transformers 5.17
         # masking_utils.sdpa_mask), an input of every checkpointed layer, so the checkpoints keep it to backward;
         # packed or padded rows make it (B, 1, S, S) (the packed-sequence / padding term indexes the batch)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
-from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
+from .attention import DEFAULT_CAPABILITY, canonical_capability, effective_implementation, parse_capability
 from .layers import batch_mask, embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
 from .modules_to_save import first_input_requires_grad
@@ -332,14 +332,29 @@ def attention_mask_bytes(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int
     of the embeddings' dtype, (B, 1, S, KV). It lives while the model's forward runs (a local of the base model's
     forward, freed before the loss) and, under gradient checkpointing, until the first layer's backward (each
     checkpoint keeps its layer's arguments for the recomputation). sdpa with packed rows or a padded batch
-    (`planner.layers.batch_mask`): the bool mask `sdpa_mask` builds, with the same lifetime."""
+    (`planner.layers.batch_mask`): the bool mask `sdpa_mask` builds, with the same lifetime. gpt-oss (eager for
+    sdpa, `planner.attention.effective_implementation`) builds two, the full and the sliding-window mask
+    (`GptOssModel.forward`: `create_causal_mask` and `create_sliding_window_causal_mask`, both always)."""
     keys = kv_seq if tc.spec.virtual_tokens(tc)[1] else seq
-    if tc.recipe.attn_implementation == "sdpa" and batch_mask(tc):
+    impl = effective_implementation(arch.model_type, tc.recipe.attn_implementation)
+    if impl == "sdpa" and batch_mask(tc):
         # packed or padded rows: `sdpa_mask` materializes the bool mask, (B, 1, S, KV), one byte each
         return (seq * keys, 0)
-    if tc.recipe.attn_implementation != "eager":
+    if impl != "eager":
         return (0, 0)
-    return (seq * keys * regime(tc).act, 0)
+    masks = 2 if arch.model_type == "gpt_oss" else 1
+    return (masks * seq * keys * regime(tc).act, 0)
+
+
+def masks_alive_in_backward(arch: ModelArch, i: int, mask_bytes: int) -> int:
+    """Of the step's attention masks (`attention_mask_bytes`, under checkpointing), the bytes still alive while
+    layer i runs backward: each checkpoint keeps its layer's mask until that layer's backward is done, so a
+    mask lives while a layer of its type at or below i remains. gpt-oss's two masks (full, sliding): the full
+    mask is gone by the backward of a sliding layer 0 once layer 1 is done."""
+    if arch.model_type != "gpt_oss" or not mask_bytes:
+        return mask_bytes
+    types = {k.window is None for k in arch.layer_kinds[: i + 1]}
+    return mask_bytes * len(types) // 2
 
 
 def _backward_candidates(keys: list) -> tuple[int, ...]:
@@ -470,7 +485,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # backward through layer i: kept by layers < i, held by layers > i, gradients of layers > i and the tail
     for i in P.backward_layers:
-        acts = head_kept + total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L) + mask_late
+        acts = (head_kept + total_over(kept, 0, i) + held_tail + total_over(held, i + 1, L)
+                + masks_alive_in_backward(arch, i, mask_late))
         grads = g_tail + total_over(layer_grads, i + 1, L)
         name = "last layer" if i == L - 1 else ("first layer" if i == 0 else f"layer {i}")
         s = sim(i)

@@ -19,31 +19,50 @@ tokens/s use the active parameters per token (top_k experts); that equals the wo
 (grouped_mm does S rows in all), but balanced routing (tokens x top_k / num_experts rows per expert) is assumed
 for the matmul efficiency: a skewed routing makes some groups small and slower, not larger.
 
-Families: mixtral, qwen2_moe, qwen3_moe, gpt_oss (experts and router; its attention has learned sinks and
-transformers 5.17 gives it no sdpa path, `_supports_sdpa = False`).
+Families: mixtral, qwen2_moe, qwen3_moe, gpt_oss. gpt-oss (modeling_gpt_oss.py) is planned from bf16 weights,
+its MXFP4 experts dequantized at load as the Hugging Face recipes do (`Mxfp4Config(dequantize=True)`; `model_notes`
+says so in the output). Its attention has learned sinks and no sdpa path (`_supports_sdpa = False`): transformers'
+default falls back to eager (`planner.attention.effective_implementation`, `planner.layers.Builder.eager_sinks`:
+the sink column concatenated to the scores, a bf16 softmax, no fp32 copy), and flash_attention_2 is swapped for a
+hub FlashAttention-3 kernel that is not modelled. Its layers alternate 128-token sliding and full attention
+(`layer_types`; eager builds both masks), its RMSNorm multiplies the weight into the fp32 normalized tensor, its
+rotary embedding rotates halves with half-width tables, its experts add per-expert biases gathered per routed row
+and run the clamped `(up + 1) * gate * sigmoid(1.702 gate)` on interleaved gate/up columns
+(`moe_graph._gpt_oss_gate`), and its router has a bias and softmaxes the top-k logits in their dtype.
 Expert parallelism is not modelled: every GPU holds all experts (or its ZeRO/FSDP shard of them).
 
-peft 0.21 and the experts: the fused experts and the router are `nn.Parameter`s, so `target_modules` reaches only
-the attention projections (and Qwen2-MoE's shared expert and dense-first MLPs, which are `nn.Linear`s). peft's
-`convert_peft_config_for_transformers` (utils/transformers_weight_conversion.py) rewrites `all-linear` (and the v4
-names gate_proj/up_proj/down_proj, w1/w2/w3, gate) on mixtral- and qwen2_moe-pattern models (qwen3_moe included)
-into `target_parameters` on `gate_up_proj`, `down_proj` and `gate.weight` with doubled rank for the fused gate_up;
-those get `ParamWrapper`s (tuners/lora/layer.py), which refuse lora_dropout != 0 and build W + B A for the whole
-expert stack on every forward. That path is refused here (not modelled).
+peft 0.21 and the experts (`lora_linears`, `expert_wrappers`, what peft built on each tiny family): the fused
+experts and the router are `nn.Parameter`s, so `target_modules` reaches only `nn.Linear`s: the attention
+projections, and Qwen2-MoE's shared expert, its `shared_expert_gate` and the dense-first MLPs. peft's
+`convert_peft_config_for_transformers` (utils/transformers_weight_conversion.py) rewrites `all-linear` on Mixtral
+and Qwen3-MoE (not Qwen2-MoE, not gpt-oss) into the attention projections plus `target_parameters` `gate_up_proj`
+(rank and alpha doubled), `down_proj` and `gate.weight`; each gets a `ParamWrapper` (tuners/lora/layer.py), which
+refuses lora_dropout != 0 (a clear error here too) and, on every forward, folds its adapters into a new
+parameter-sized copy (`baddbmm(W, B, A)` for an expert stack), which grouped_mm saves with its input
+(`moe_graph._lora_fold`): per MoE layer a bf16 copy of all its experts is kept for backward (one layer at a time
+under checkpointing). Naming the experts' transformers-4 names (`gate_proj`/`up_proj`/`down_proj`, `w1`/`w3`/`w2`,
+the router `gate`) does the same for those parameters (`wrapped_parameters`). Tokens/s times the fold's own
+GEMMs (2 E a b r FLOPs per wrapped stack and micro-step, three times that with its backward, whatever the batch);
+MFU counts only the tokens' FLOPs.
 
 Checkpointed MoE layers (what the trace showed, torch 2.13): the recomputation stops at the last saved tensor
 (`graph.Timeline.recompute`), the gradient of the layer output and the (S, h) copy of the top-k sum's gradient are
 live while it runs (`memory._recompute_pending`), and peft's `enable_input_require_grads` (PeftModel with
 gradient checkpointing) makes the first layer's input need a gradient. The same three hold for dense layers but
 are applied to MoE layers only, to leave the frozen dense snapshot unchanged; the integrator may extend them.
-Residual gap: with a tiny vocabulary (the layers' transients as the peak) LoRA is off by up to 1.7 % (the last
-layer's forward under, a checkpointed recomputation over); with realistic vocabularies every traced point is
-within 0.11 % (calibrate/reference/trace-points-moe.jsonl).
+Residual gap (calibrate/reference/trace-points-moe.jsonl, 76 points, median 0.02 %): with a tiny vocabulary (the
+layers' transients as the peak) LoRA is off by up to 1.7 % (the last layer's forward under, a checkpointed
+recomputation over); Mixtral's checkpointed layers (fp32 routing weights, so fp32 (S, h) products around the
+recomputation's end) are within 1.35 % either way, all-linear included (not explained: the trace's out-of-place
+index backward on FakeTensor accounts for only 0.03 MiB of t059's 4 MiB); every other point with a realistic
+vocabulary, gpt-oss and the folded experts included, is within 0.5 %.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from .attention import family_implementation_error
 
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 
@@ -90,7 +109,8 @@ class MoE:
         shared_gate: a `Linear(h, 1)` sigmoid gate on the shared expert (Qwen2-MoE).
         gpt_oss_gate: gpt-oss's clamped `(up + 1) * gate * sigmoid(1.702 gate)` on interleaved gate/up columns
             instead of `silu(gate) * up`.
-        aux_loss: `output_router_logits`: the load-balancing loss is computed in training.
+        aux_loss: `output_router_logits`: the load-balancing loss is computed in training (the routers' logits
+            held by the outputs, their softmax saved: `moe_graph.aux_loss_ops`).
     """
 
     num_experts: int
@@ -247,6 +267,18 @@ def active_matmul_params(arch) -> int:
             + (arch.num_layers - n_sparse) * dense_mlp_params(arch))
 
 
+def model_notes(arch, tc) -> list[str]:
+    """What ftplan plans for a family when it is not the checkpoint as published. gpt-oss: the experts ship in MXFP4
+    (`quantization_config` quant_method mxfp4) and train as bf16, dequantized at load as the Hugging Face gpt-oss
+    fine-tuning recipe does (`Mxfp4Config(dequantize=True)`); its attention runs eager with the learned sinks
+    (`planner.attention.effective_implementation`)."""
+    if arch.model_type != "gpt_oss":
+        return []
+    return ["gpt-oss planned from bf16 weights: the MXFP4 experts dequantized at load (Mxfp4Config(dequantize=True), "
+            "as the Hugging Face gpt-oss recipes train); attention runs eager with its learned sinks (transformers "
+            "5.17 has no sdpa path for gpt-oss)"]
+
+
 def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str | None:
     """A note when the experts alone exceed one GPU: expert parallelism would be the answer, and ftplan does not
     model it."""
@@ -255,6 +287,109 @@ def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str 
         return None
     return (f"the experts alone take {experts / 2**30:.1f} GiB, more than one GPU ({gpu_bytes / 2**30:.0f} GiB); "
             "expert parallelism would spread them, but ftplan does not model it (only ZeRO/FSDP sharding)")
+
+
+# -- LoRA on a MoE model (peft 0.21 on transformers 5.17) ------------------------------------------------------------
+
+# Families whose `all-linear` peft 0.21 rewrites (utils/transformers_weight_conversion.py `_convert_peft_config_moe`,
+# `_MODEL_TO_CONVERSION_PATTERN`: mixtral, and qwen3_moe through the qwen2_moe pattern) into `target_parameters` on the
+# fused experts and the router: `gate_up_proj` (rank and alpha doubled: gate and up are fused), `down_proj`,
+# `gate.weight`; each becomes a `ParamWrapper`. Their dense-first layers' MLP `nn.Linear`s are then not adapted
+# (their names moved to target_parameters, which match no parameter there). Qwen2-MoE is not converted: `all-linear`
+# reaches its `nn.Linear`s (shared expert, `shared_expert_gate`, dense-first MLPs); gpt-oss is not converted either:
+# its only `nn.Linear`s are the attention projections. What peft 0.21 built on each tiny family (tests/test_moe.py).
+EXPERTS_WRAPPED = ("qwen3_moe", "mixtral")
+# peft 0.21 `_MOE_TARGET_MODULE_MAPPING`: the transformers-4 module names that `target_modules` may still use on those
+# families, and the parameter each becomes; `_MOE_FUSED_TARGETS`: names fused into one parameter, which peft refuses
+# to convert unless all are named ("Cannot convert PEFT target(s) ... without also targeting ...")
+EXPERT_TARGETS = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"},
+}
+FUSED_TARGETS = {"mixtral": ("w1", "w3"), "qwen3_moe": ("gate_proj", "up_proj")}
+# Qwen2-MoE's feed-forward `nn.Linear`s that `target_modules` names reach: the shared expert's (and the dense-first
+# layers' MLP, same names) and the shared expert's gate
+QWEN2_MOE_LINEARS = ("gate_proj", "up_proj", "down_proj", "shared_expert_gate")
+
+
+def wrapped_parameters(arch, tc) -> tuple[str, ...]:
+    """The MoE parameters peft wraps with `ParamWrapper` for LoRA `tc` (`EXPERTS_WRAPPED` families): all three
+    with `all-linear`, else those `EXPERT_TARGETS` maps the named modules to. ValueError as peft's when one of a
+    fused pair is named alone."""
+    if arch.moe is None or arch.model_type not in EXPERTS_WRAPPED or not tc.spec.uses_rank:
+        return ()
+    if tc.all_linear:
+        return ("gate_up_proj", "down_proj", "gate.weight")
+    mapping = EXPERT_TARGETS[arch.model_type]
+    named = [t for t in tc.target_modules if t in mapping]
+    fused = FUSED_TARGETS[arch.model_type]
+    present = [t for t in fused if t in named]
+    if 0 < len(present) < len(fused):
+        missing = [t for t in fused if t not in named]
+        raise MoEError(f"target_modules {', '.join(present)} without {', '.join(missing)}: peft 0.21 cannot convert "
+                       f"them, they are fused into gate_up_proj on {arch.name}; valid: name "
+                       f"{' and '.join(fused)} together")
+    return tuple(dict.fromkeys(mapping[t] for t in named))
+
+
+def lora_wraps_experts(arch, tc) -> bool:
+    """LoRA on a family whose experts or router peft wraps with `ParamWrapper` (`wrapped_parameters`)."""
+    return bool(wrapped_parameters(arch, tc))
+
+
+def lora_target_names(arch) -> tuple[str, ...]:
+    """`target_modules` names valid on a MoE model: the attention projections, Qwen2-MoE's feed-forward
+    `nn.Linear`s, and the transformers-4 expert and router names peft converts on Mixtral and Qwen3-MoE."""
+    extra = QWEN2_MOE_LINEARS if arch.model_type == "qwen2_moe" else tuple(EXPERT_TARGETS.get(arch.model_type, ()))
+    return arch.linear_names + extra
+
+
+def lora_linears(arch, tc, kind) -> tuple[tuple[str, int, int], ...]:
+    """(name, in, out) of the `nn.Linear`s LoRA adapts in a decoder layer of `kind`: the attention projections
+    named (all four with all-linear), and on Qwen2-MoE the shared expert (sparse layers) or the dense MLP (dense
+    layers) and the shared expert's gate. On Mixtral/Qwen3-MoE the expert names become parameters
+    (`wrapped_parameters`), so their dense-first MLPs are not adapted."""
+    names = set(lora_target_names(arch)) if tc.all_linear else set(tc.target_modules)
+    out = [(lin.name, lin.in_features, lin.out_features) for lin in arch.linears if lin.name in names]
+    if arch.model_type == "qwen2_moe":
+        h = arch.hidden_size
+        inner = arch.moe.shared_intermediate if kind.mlp == "moe" else arch.intermediate_size
+        mlp = [("gate_proj", h, inner), ("up_proj", h, inner), ("down_proj", inner, h)]
+        if kind.mlp == "moe":
+            mlp.append(("shared_expert_gate", h, 1))
+        out += [m for m in mlp if m[0] in names]
+    return tuple(out)
+
+
+def expert_wrappers(arch, tc) -> tuple[tuple[str, int, int, int, int], ...]:
+    """The `ParamWrapper`s of one MoE layer (`wrapped_parameters`): (parameter, experts, in, out,
+    rank). peft 0.21 tuners/lora/layer.py `ParamWrapper._get_in_out_features`/`update_layer`: a 3-D (E, a, b)
+    parameter is E experts of in = b, out = a (transformers' (E, out, in) layout), lora_A `Linear(in, r E)`,
+    lora_B `Linear(r E, out)`; the 2-D router (E, h) is one of in = h, out = E. gate_up_proj gets rank 2r."""
+    wrapped = wrapped_parameters(arch, tc)
+    if not wrapped:
+        return ()
+    m, h, r = arch.moe, arch.hidden_size, tc.rank
+    E, I = m.num_experts, m.expert_intermediate
+    every = (("gate_up_proj", E, h, 2 * I, 2 * r), ("down_proj", E, I, h, r), ("gate.weight", 1, h, E, r))
+    return tuple(w for w in every if w[0] in wrapped)
+
+
+def lora_trainable(arch, tc, dtype_bytes: int) -> list:
+    """LoRA's trainable tensors on a MoE model: per layer kind, A (r x in) and B (out x r) of each adapted
+    `nn.Linear` (`lora_linears`), and on the sparse layers the wrapped experts and router: A (r E x in), B
+    (out x r E) (`expert_wrappers`)."""
+    from .methods.base import Trainable
+
+    out = []
+    for kind, n in arch.kind_counts:
+        for _, n_in, n_out in lora_linears(arch, tc, kind):
+            out += [Trainable(tc.rank, n_in, n, dtype_bytes), Trainable(n_out, tc.rank, n, dtype_bytes)]
+    n_sparse = sparse_layer_count(arch)
+    for _, E, n_in, n_out, r in expert_wrappers(arch, tc):
+        out += [Trainable(r * E, n_in, n_sparse, dtype_bytes), Trainable(n_out, r * E, n_sparse, dtype_bytes)]
+    return out
 
 
 # -- what is modelled ------------------------------------------------------------------------------------------------
@@ -267,11 +402,9 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     when `arch` is dense). The field names the option to change."""
     if arch.moe is None:
         return None
-    if arch.model_type == "gpt_oss":
-        return ("model", f"{arch.name}: gpt-oss attention adds learned sinks and transformers 5.17 gives it no sdpa "
-                         "path (GptOssPreTrainedModel._supports_sdpa = False: eager, flash or flex only); ftplan models "
-                         "sdpa attention, so it counts gpt-oss parameters and FLOPs but does not plan its memory; "
-                         f"MoE families planned: {', '.join(t for t in MOE_MODEL_TYPES if t != 'gpt_oss')}")
+    attn_err = family_implementation_error(arch.model_type, arch.name, tc.recipe.attn_implementation)
+    if attn_err:
+        return ("attn_implementation", attn_err)
     if tc.method not in MOE_METHODS:
         return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
                           f"{', '.join(MOE_METHODS)}")
@@ -282,9 +415,6 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     if tc.precision != "bf16":
         return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled (grouped_mm runs "
                              "the experts in the weights' dtype outside autocast); valid: bf16")
-    if arch.moe.aux_loss:
-        return ("model", f"{arch.name}: output_router_logits (the load-balancing loss in training) is not modelled; "
-                         "set it to false in config.json")
     return None
 
 

@@ -128,6 +128,10 @@ def make_plan(
     device = reserved + params.cuda_context_bytes + mem.paged_bytes
     plan = Plan(model=arch, train=tc, memory=mem, peak_reserved_bytes=reserved, device_bytes=device, model_ref=model_ref,
                 params=params)
+    if arch.moe is not None:
+        from .moe import model_notes
+
+        plan.notes.extend(model_notes(arch, tc))
     if gpu is None:
         return plan
     plan.gpu = gpu

@@ -103,10 +103,14 @@ def _families(req: Request) -> list[dict]:
                 fam = dict(fam, precision="fp16")  # no bf16 tensor cores (T4, V100): fp16 autocast + GradScaler
             out.append(fam)
     if req.arch.moe is not None:
-        # a MoE model: LoRA on the attention projections (all-linear would reach the fused experts through peft's
-        # target_parameters, not modelled), and only what its graph models (planner.moe.unsupported)
-        out = [dict(fam, target_modules=req.arch.linear_names) if fam.get("target_modules") == ("all-linear",) else fam
-               for fam in out]
+        # a MoE model: all-linear where peft adapts nn.Linears only (Qwen2-MoE, gpt-oss); the attention projections
+        # where it would wrap the fused experts (Mixtral, Qwen3-MoE: target_parameters, which refuse the recipe's
+        # lora_dropout 0.05, planner.moe); and only what its graph models (planner.moe.unsupported)
+        from .moe import EXPERTS_WRAPPED
+
+        wraps = req.arch.model_type in EXPERTS_WRAPPED
+        out = [dict(fam, target_modules=req.arch.linear_names)
+               if wraps and fam.get("target_modules") == ("all-linear",) else fam for fam in out]
         out = [fam for fam in out if _moe_modelled(req, fam)]
     return out
 

@@ -62,13 +62,16 @@ def test_gpt_oss_layers_alternate_sliding_and_full():
     assert {k.mlp for k in arch.layer_kinds} == {"moe"}
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj")])
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("all-linear",)])
+@pytest.mark.parametrize("name", sorted(TINY))
 def test_lora_trainable_count_equals_peft(name, targets):
+    """peft 0.21 on transformers' model: all-linear wraps Mixtral's and Qwen3-MoE's fused experts and router
+    (target_parameters, rank 2r on gate_up_proj) but not their dense-first MLPs; Qwen2-MoE's shared expert and
+    gate; gpt-oss's attention only."""
     import peft
 
     config = TINY[name]
-    tc = TrainConfig(method="lora", rank=4, target_modules=targets)
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0)
     model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
     assert trainable_params(arch_from_config(config), tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -110,21 +113,29 @@ def test_moe_within_2_percent_of_the_trace(point):
 def test_the_moe_grid_covers_the_families_and_mechanisms():
     pts = _moe_points()
     types = {_arch_of(p).model_type for p in pts}
-    assert types == {"qwen3_moe", "qwen2_moe", "mixtral"}
+    assert types == {"qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"}
     trains = [TrainConfig.from_dict(p["train"]) for p in pts]
     assert {t.method for t in trains} == {"full", "lora"}
     assert any(t.grad_ckpt for t in trains) and any(not t.grad_ckpt for t in trains)
     assert {t.optimizer for t in trains} >= {"adamw", "adamw8bit", "sgd", "adafactor"}
     assert any(p["model"] == "qwen3-30b-a3b" for p in pts) and set(MOE_CONFIGS) <= {p["model"] for p in pts}
+    assert any(p["model"] == "gpt-oss-20b" for p in pts)
+    aux = {_arch_of(p).model_type for p in pts if _arch_of(p).moe.aux_loss}
+    assert aux == types, "the router load-balancing loss traced on every family"
+    wide = {_arch_of(p).model_type for p, t in zip(pts, trains) if t.all_linear}
+    assert wide == types and any(p["model"] == "qwen3-30b-a3b" for p, t in zip(pts, trains) if t.all_linear)
     assert any(_stress(p) for p in pts)
 
 
 @pytest.mark.parametrize("args,option", [
     (["--model", "mixtral-8x7b", "--method", "qlora"], "--quant"),
-    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--target-modules"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--lora-dropout"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "gate_proj", "--lora-dropout", "0"],
+     "--target-modules"),
+    (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "w1"], "--target-modules"),
     (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
     (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
-    (["--model", "gpt-oss-20b", "--method", "lora"], "model"),
+    (["--model", "gpt-oss-20b", "--method", "lora", "--attn", "flash_attention_2"], "--attn"),
 ])
 def test_what_is_not_modelled_is_a_usage_error(args, option):
     r = CliRunner().invoke(cli, ["estimate", *args])
@@ -146,3 +157,117 @@ def test_recommend_plans_lora_on_the_attention_of_a_moe_model():
     r = CliRunner().invoke(cli, ["recommend", "--model", "qwen3-30b-a3b", "--gpu", "h100"])
     assert r.exit_code == 0, r.output
     assert "LoRA r16 q_proj,k_proj,v_proj,o_proj" in r.output and "all-linear wins" not in r.output
+
+
+def test_gpt_oss_runs_eager_attention_as_transformers_picks_it():
+    """transformers' default (the recipe's `sdpa`) falls back to eager for gpt-oss (no sdpa path); the trainer
+    builds what the planner plans, and an explicit eager plans the same."""
+    from planner.attention import effective_implementation
+
+    config = TINY["gpt_oss"]
+    with torch.device("meta"):
+        model = recipe.build_model(config, TrainConfig(method="lora"), device="meta")
+    assert model.config._attn_implementation == "eager" == effective_implementation("gpt_oss", "sdpa")
+    assert effective_implementation("qwen3_moe", "sdpa") == "sdpa"
+    arch = arch_from_config(config)
+    tc = TrainConfig(method="lora", seq_len=256)
+    eager = tc.replace(recipe=tc.recipe.__class__(attn_implementation="eager"))
+    assert estimate_memory(arch, tc).peak_allocated_bytes == estimate_memory(arch, eager).peak_allocated_bytes
+
+
+def test_gpt_oss_output_says_bf16_weights_and_eager_attention():
+    r = CliRunner().invoke(cli, ["estimate", "--model", "gpt-oss-20b", "--gpu", "h100", "--method", "lora"])
+    assert r.exit_code == 0, r.output
+    assert "Mxfp4Config(dequantize=True)" in r.output and "eager" in r.output
+
+
+@pytest.mark.parametrize("name,targets", [
+    ("mixtral", ("w1", "w3", "w2")), ("mixtral", ("gate", "q_proj")), ("qwen3_moe", ("gate_proj", "up_proj")),
+    ("qwen3_moe", ("down_proj", "gate", "k_proj")), ("qwen3_moe-dense-first", ("gate_proj", "up_proj", "down_proj")),
+])
+def test_transformers4_expert_names_count_as_peft_converts_them(name, targets):
+    """peft 0.21 maps the transformers-4 expert and router names to target_parameters on the fused experts (and
+    leaves the dense-first MLPs of those names unadapted)."""
+    import peft
+
+    config = TINY[name]
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0)
+    model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
+    assert trainable_params(arch_from_config(config), tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,targets", [("mixtral", ("w1",)), ("qwen3_moe", ("up_proj", "down_proj"))])
+def test_half_of_a_fused_pair_is_refused_as_peft_refuses_it(name, targets):
+    import peft
+
+    from planner.methods import TargetError
+
+    config = TINY[name]
+    tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0)
+    with pytest.raises(ValueError, match="fused into gate_up_proj"):
+        peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
+    with pytest.raises(TargetError, match="fused into gate_up_proj"):
+        trainable_params(arch_from_config(config), tc)
+
+
+def test_peft_refuses_dropout_on_wrapped_experts_as_the_planner_does():
+    """ParamWrapper raises for lora_dropout != 0 (peft 0.21 tuners/lora/layer.py); the planner says so first, and
+    accepts the same with dropout 0."""
+    import peft
+
+    from planner.methods import TargetError, trainable_params
+
+    config = TINY["qwen3_moe"]
+    tc = TrainConfig(method="lora", rank=4, target_modules=("all-linear",), lora_dropout=0.05)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, "qwen3_moe"))
+    with pytest.raises(TargetError, match="lora_dropout"):
+        trainable_params(arch_from_config(config), tc)
+    assert trainable_params(arch_from_config(config), tc.replace(lora_dropout=0.0)) > 0
+    # Qwen2-MoE and gpt-oss keep nn.Linear targets only: dropout is fine there
+    assert trainable_params(arch_from_config(TINY["qwen2_moe"]), tc) > 0
+
+
+def test_wrapped_experts_keep_a_folded_copy_per_layer():
+    """LoRA all-linear on Qwen3-30B-A3B without checkpointing: each MoE layer's grouped_mm saves the bf16 fold
+    W + B A of its experts, so the saved activations exceed all the experts' bf16 bytes (planner.moe_graph)."""
+    from planner.moe import sparse_layer_count
+
+    arch = load_model("qwen3-30b-a3b")
+    tc = TrainConfig(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=512)
+    est = estimate_memory(arch, tc)
+    experts = sparse_layer_count(arch) * arch.moe.expert_params(arch.hidden_size) * 2
+    attn_only = estimate_memory(arch, tc.replace(target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    assert est.breakdown["activations"] - attn_only.breakdown["activations"] > experts
+
+
+def test_all_linear_on_a_moe_model_with_dropout_0_is_planned():
+    r = CliRunner().invoke(cli, ["estimate", "--model", "qwen3-30b-a3b", "--gpu", "h200", "--method", "lora",
+                                 "--target-modules", "all-linear", "--lora-dropout", "0", "--grad-ckpt"])
+    assert r.exit_code == 0, r.output
+
+
+def test_router_aux_loss_keeps_the_logits_of_every_moe_layer():
+    """output_router_logits: each MoE layer's router logits are held by the outputs and the load-balancing loss
+    saves a softmax of them; the estimate grows by at least one logits tensor per MoE layer."""
+    config = dict(TINY["qwen3_moe"], num_experts=64)
+    tc = TrainConfig(method="full", seq_len=2048, batch_size=2)
+    base = estimate_memory(arch_from_config(config), tc).peak_allocated_bytes
+    aux = estimate_memory(arch_from_config(dict(config, output_router_logits=True)), tc).peak_allocated_bytes
+    assert aux - base >= config["num_hidden_layers"] * 2 * 2048 * 64 * 2
+
+
+def test_the_fold_of_wrapped_experts_is_timed_once_per_micro_step():
+    """planner.kernels: each wrapped expert stack's baddbmm (E GEMMs out x in x r) and its two backward GEMMs,
+    batch-independent: 3 x 2 E out in r FLOPs per stack and MoE layer."""
+    from planner.kernels import step_ops
+    from planner.moe import sparse_layer_count
+
+    arch = arch_from_config(TINY["qwen3_moe"])
+    tc = TrainConfig(method="lora", rank=4, target_modules=("all-linear",), lora_dropout=0.0, seq_len=128)
+    fixed = sum(2 * g.tokens * g.n * g.k * g.count for g in step_ops(arch, tc).gemms if g.phase == "fixed")
+    m, h, r = arch.moe, arch.hidden_size, 4
+    per_layer = m.num_experts * (2 * m.expert_intermediate * h * 2 * r + h * m.expert_intermediate * r)
+    assert fixed == sparse_layer_count(arch) * 3 * 2 * per_layer
+    attn = tc.replace(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert not [g for g in step_ops(arch, attn).gemms if g.phase == "fixed"]

@@ -63,6 +63,10 @@ def build_model(config: dict | None, tc: TrainConfig, *, path: str | None = None
 
     dtype = torch_dtype(tc.precision)
     attn = tc.recipe.attn_implementation  # planner.recipe: what the planner and the trace assume
+    if attn == "sdpa":
+        # transformers' default (none requested): sdpa, or eager for a model class without an sdpa path (gpt-oss's
+        # attention sinks, `_supports_sdpa = False`); what planner.attention.effective_implementation predicts
+        attn = None
     if tc.base_quant.quantized:
         if path is None:
             raise ValueError(f"a {tc.quant} base needs a checkpoint path to load and quantize (save the bf16 model first)")

@@ -55,7 +55,8 @@ def check_model(arch, tc: TrainConfig, *, targets_given: bool = False, hint=opti
         try:
             lora_targets(arch, tc)
         except TargetError as e:
-            field = "rank" if str(e).startswith("rank") else "target_modules"
+            field = ("rank" if str(e).startswith("rank") else
+                     "lora_dropout" if "refuses lora_dropout" in str(e) else "target_modules")
             raise click.BadParameter(str(e), param_hint=hint(field)) from None
     check_ia3_targets(arch, tc, targets_given, hint)
     check_positions(arch, tc, hint, warn=warn)

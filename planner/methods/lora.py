@@ -35,14 +35,9 @@ def family_default_targets(arch) -> tuple:
 def lora_targets(arch, tc) -> tuple:
     """The `Linear`s of one decoder layer that LoRA adapts. `all-linear` is every linear layer of the decoder
     (peft excludes the output layer, lm_head). Unknown names raise TargetError listing the valid ones."""
+    if arch.moe is not None:
+        return _moe_targets(arch, tc)
     if tc.all_linear:
-        if arch.moe is not None:
-            raise TargetError(
-                f"target_modules all-linear on the MoE model {arch.name}: peft 0.21 maps it to `target_parameters` on "
-                "the fused 3-D experts and router (ParamWrapper, which refuses lora_dropout != 0 and adds "
-                "expert-sized weights per forward), not modelled; valid: "
-                f"{', '.join(arch.linear_names)}"
-            )
         return arch.linears
     names = set(arch.linear_names)
     missing = [t for t in tc.target_modules if t not in names]
@@ -53,6 +48,42 @@ def lora_targets(arch, tc) -> tuple:
     targets = tuple(lin for lin in arch.linears if lin.name in tc.target_modules)
     for lin in targets:
         if tc.rank > min(lin.in_features, lin.out_features):
+            raise TargetError(
+                f"rank {tc.rank} exceeds {lin.name} ({lin.in_features} x {lin.out_features}); "
+                f"valid: 1..{min(lin.in_features, lin.out_features)}"
+            )
+    return targets
+
+
+def _moe_targets(arch, tc) -> tuple:
+    """LoRA targets on a MoE model (planner.moe `lora_linears`, `expert_wrappers`): the adapted `nn.Linear`s of any
+    layer as `Linear`s (rank checks, labels), after the checks peft itself makes. `all-linear` on Mixtral/Qwen3-MoE
+    wraps the fused experts and the router with `ParamWrapper`, which raises for lora_dropout != 0 (peft 0.21
+    tuners/lora/layer.py: "does not work with lora_dropout != 0")."""
+    from ..arch import Linear
+    from ..moe import MoEError, expert_wrappers, lora_linears, lora_target_names
+
+    valid = lora_target_names(arch)
+    missing = [] if tc.all_linear else [t for t in tc.target_modules if t not in valid]
+    if missing:
+        raise TargetError(f"target_modules {', '.join(missing)} not in {arch.name}; valid: {', '.join(valid)}, "
+                          "all-linear")
+    try:
+        wrapped = expert_wrappers(arch, tc)
+    except MoEError as e:
+        raise TargetError(str(e)) from None
+    if wrapped and tc.lora_dropout:
+        named = "all-linear" if tc.all_linear else ",".join(tc.target_modules)
+        raise TargetError(f"target_modules {named} on {arch.name}: peft 0.21 wraps the fused experts or router "
+                          f"(target_parameters, ParamWrapper), which refuses lora_dropout != 0 (got {tc.lora_dropout}); "
+                          "valid: lora_dropout 0, or target_modules naming attention projections")
+    seen: dict = {}
+    for kind, _ in arch.kind_counts:
+        for name, n_in, n_out in lora_linears(arch, tc, kind):
+            seen.setdefault((name, n_in, n_out), Linear(name, n_in, n_out, False))
+    targets = tuple(seen.values())
+    for lin in targets:
+        if tc.rank > min(lin.in_features, lin.out_features) and lin.name != "shared_expert_gate":
             raise TargetError(
                 f"rank {tc.rank} exceeds {lin.name} ({lin.in_features} x {lin.out_features}); "
                 f"valid: 1..{min(lin.in_features, lin.out_features)}"
@@ -109,6 +140,11 @@ class LoRA(Method):
         Llama-2-7b, r=8 on q_proj,v_proj: 32 x 2 x 8 x (4096 + 4096) = 4,194,304 (peft's README example)."""
         L = arch.num_layers
         out = []
+        if arch.moe is not None:  # per layer kind, and the wrapped experts (planner.moe)
+            from ..moe import lora_trainable
+
+            lora_targets(arch, tc)  # peft's own refusals first
+            return lora_trainable(arch, tc, adapter_dtype(tc))
         for lin in lora_targets(arch, tc):
             dt = adapter_dtype(tc)
             out += [Trainable(tc.rank, lin.in_features, L, dt), Trainable(lin.out_features, tc.rank, L, dt)]
@@ -118,7 +154,13 @@ class LoRA(Method):
     def adapted(self, b) -> frozenset:
         names = getattr(b, "_lora_names", None)
         if names is None:
-            names = b._lora_names = frozenset(lin.name for lin in lora_targets(b.arch, b.tc))
+            if b.arch.moe is not None:  # the layer's own kind: shared expert or dense MLP (planner.moe)
+                from ..moe import lora_linears
+
+                names = frozenset(n for n, _, _ in lora_linears(b.arch, b.tc, b.kind))
+            else:
+                names = frozenset(lin.name for lin in lora_targets(b.arch, b.tc))
+            b._lora_names = names
         return names
 
     def after_linear(self, b, x: int, y: int, name: str, n_in: int, n_out: int) -> int:
@@ -156,6 +198,10 @@ class LoRA(Method):
     # -- throughput ---------------------------------------------------------------------------------------------
     def adapter_matmul_params(self, arch, tc) -> int:
         """r x (in + out) per adapted linear: LoRA's own matmuls."""
+        if arch.moe is not None:  # per layer kind (the wrapped experts fold their adapters once per step, not per token)
+            from ..moe import lora_linears
+
+            return sum(n * tc.rank * (i + o) for kind, n in arch.kind_counts for _, i, o in lora_linears(arch, tc, kind))
         return arch.num_layers * sum(tc.rank * (lin.in_features + lin.out_features) for lin in lora_targets(arch, tc))
 
     # -- running ------------------------------------------------------------------------------------------------
