@@ -40,7 +40,7 @@ GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # attention outside the fused sdpa kernels (planner.layers: sdpa's math backend, eager, flash-attn 2): timed by
 # FLOPs like sdpa, one call per QK^T product; the (S, KV) softmax, mask and casts stay bandwidth-bound ops
 ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn"})
-NO_KERNEL = frozenset({"batch", "dora_return", "lora_return"})  # bookkeeping ops of the memory model: no kernel runs
+NO_KERNEL = frozenset({"batch", "dora_return", "lora_return", "caller_ref"})  # bookkeeping ops of the memory model: no kernel runs
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,7 @@ class _Pieces:
     counts: tuple  # per replay: counts[i] = how many layers < i are that replay (i = 0..num_layers)
     backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
     attn_mask: tuple = (0, 0)  # the 4D mask the model builds once per forward (`attention_mask_bytes`)
+    first_input_saved: bool = False  # the first layer saves its input for backward (so its `kept` counts it)
 
 
 _PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -277,9 +278,12 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
         for j, c in enumerate(counts):
             c.append(c[-1] + (j == r))
     layers, nosave = [], []
+    first_input_saved = False
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
         layers.append(simulate(b.g, outputs=[y], incoming_grads=[y]))
+        if key[0]:
+            first_input_saved = bool(b.g.tensors[x].savers)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
     hb, e = head_graph(arch, tc, seq)
@@ -302,6 +306,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
         counts=tuple(tuple(c) for c in counts),
         backward_layers=_backward_candidates(of_layer),
         attn_mask=attention_mask_bytes(arch, tc, seq, kv_seq),
+        first_input_saved=first_input_saved,
     )
 
 
@@ -368,6 +373,17 @@ def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tupl
     return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
+def _first_input_kept(P: _Pieces, ck: bool, offloaded: bool, leaf_input: bool) -> bool:
+    """The first layer's input (the embeddings) is referenced by the model's forward until the decoder stack returns
+    (transformers 5.17 modeling_llama.py `LlamaModel.forward`: the local `inputs_embeds`, `hidden_states =
+    inputs_embeds`), so it is live in the last layer's forward. Whether the per-layer `kept` bytes already count it:
+    a checkpoint keeps it (in host memory when offloaded, except a leaf embedding output, which autograd's
+    AccumulateGrad keeps on the device), or, without checkpointing, the first layer saves it for backward."""
+    if ck:
+        return not offloaded or leaf_input
+    return P.first_input_saved
+
+
 def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int,
                     sm: tuple = DEFAULT_CAPABILITY) -> list[Event]:
     """Every candidate peak of the step with its composition. `static`: bytes live throughout (weights,
@@ -423,9 +439,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # forward
     last_fwd = P.forward_nosave[P.of_layer[L - 1]] if ck else sim(L - 1).forward
-    # offloaded checkpoints, trained first input: the first layer's input is still referenced by the model's forward
-    # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
-    embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
+    embeds = _at(P.layer_input, B) if L > 1 and not _first_input_kept(P, ck, offloaded, leaf_input) else 0
     events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
                         activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask, logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
