@@ -285,10 +285,21 @@ def _sdpa_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     """CUDA's sdpa on fake CPU tensors: the backend torch 2.13 selects for these tensors on the traced GPU
     (calibrate.sdpa_dispatch), then what that kernel allocates: flash / cuDNN / memory-efficient through
     `_AttentionCUDA`; math through torch's own `_scaled_dot_product_attention_math` (a composite op: its
-    decomposition allocates and saves on any device what it does on CUDA)."""
-    if torch.is_autocast_enabled("cpu"):
-        dt = torch.get_autocast_dtype("cpu")
-        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    decomposition allocates and saves on any device what it does on CUDA). Under autocast, sdpa is a
+    `lower_precision_fp` op: its inputs are cast to the autocast dtype and the op runs with the Autocast dispatch key
+    excluded (torch 2.13 aten/src/ATen/autocast_mode.h `WrapFunction_<CastPolicy::lower_precision_fp>`:
+    `ExcludeDispatchKeyGuard no_autocast`), so the math kernel's own ops (its fp32 upcast, bmm, softmax) are not
+    cast again; here autocast is turned off for the call likewise."""
+    if not torch.is_autocast_enabled("cpu"):
+        return _sdpa_cuda_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    dt = torch.get_autocast_dtype("cpu")
+    with torch.autocast("cpu", enabled=False):
+        return _sdpa_cuda_kernel(query.to(dt), key.to(dt), value.to(dt), attn_mask, dropout_p, is_causal, scale,
+                                 enable_gqa)
+
+
+def _sdpa_cuda_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """The kernel `_sdpa_cuda` dispatches to, on inputs already in their final dtype."""
     backend = sdpa_dispatch.select(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, _CAPABILITY[0])
     SDPA_BACKENDS.append(backend)
     if backend == "math":

@@ -5,7 +5,8 @@ calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/re
 `--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
 calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`,
 `--grid mts --out calibrate/reference/trace-points-mts.jsonl`, `--grid cross --out
-calibrate/reference/trace-points-cross.jsonl`).
+calibrate/reference/trace-points-cross.jsonl`, `--grid fp16 --out
+calibrate/reference/trace-points-fp16.jsonl`).
 
 Each point runs `calibrate.trace.trace_step` (the real recipe on fake tensors) for one (model, configuration)
 and writes one JSON line. The analytic model is tested against these points (tests/test_trace_reference.py),
@@ -481,7 +482,6 @@ def shape_points() -> list[tuple[str, dict]]:
     return pts
 
 
-
 def cross_points(n: int = 48, seed: int = 11) -> list[tuple[str, dict]]:
     """Issue 11's numbers ask the trace and the model to agree on a grid that crosses every recipe option with every
     method, precision and checkpointing on a GQA and a non-GQA family; the per-option grids (attn, recipe, shape,
@@ -561,6 +561,29 @@ def mts_points() -> list[tuple[str, dict]]:
     return pts
 
 
+def fp16_points() -> list[tuple[str, dict, str]]:
+    """`--precision fp16` (autocast fp16 + GradScaler; QLoRA refuses it): full FT and LoRA, with and without
+    checkpointing, on both tiny families, on a T4 (sm75: no flash kernel, sdpa runs memory-efficient) and an A100
+    (sm80: flash); plus TRL's chunked loss and eager attention on the T4
+    (calibrate/reference/trace-points-fp16.jsonl). Returns (family, train dict, gpu profile)."""
+    pts = []
+    for model in TINY_FAMILIES:
+        for gpu in ("t4-16gb", "a100-sxm-80gb"):
+            for method in ("full", "lora"):
+                for ckpt in (False, True):
+                    d = dict(method=method, precision="fp16", seq_len=512, batch_size=1 + ckpt, grad_ckpt=ckpt)
+                    if get_method(method).uses_rank:
+                        d.update(rank=16, target_modules=("all-linear",))
+                    pts.append((model, d, gpu))
+        lora = dict(method="lora", precision="fp16", rank=16, target_modules=("all-linear",), seq_len=512)
+        pts += [(model, dict(lora, batch_size=2, grad_ckpt=True, recipe={"loss": "chunked"}), "t4-16gb"),
+                (model, dict(method="full", precision="fp16", seq_len=512, batch_size=1, grad_ckpt=False,
+                             recipe={"loss": "chunked"}), "t4-16gb"),
+                (model, dict(lora, batch_size=1, grad_ckpt=False, recipe={"attn_implementation": "eager"}), "t4-16gb"),
+                (model, dict(lora, batch_size=2, grad_ckpt=True, recipe={"attn_implementation": "eager"}), "t4-16gb")]
+    return pts
+
+
 def model_arch(model: str):
     """The ModelArch of a catalog name or any small config of these grids (`family_arch`)."""
     return family_arch(model)
@@ -576,7 +599,8 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "actoffload": lambda args: actoffload_points(),
          "shape": lambda args: shape_points(),
          "mts": lambda args: mts_points(),
-         "cross": lambda args: cross_points()}
+         "cross": lambda args: cross_points(),
+         "fp16": lambda args: fp16_points()}
 
 
 def random_points(n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -639,7 +663,8 @@ def main(argv=None) -> int:
                          "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl), "
                          "shape: packing and padding (calibrate/reference/trace-points-shape.jsonl), "
                          "mts: peft modules_to_save (calibrate/reference/trace-points-mts.jsonl), "
-                         "cross: every recipe option drawn at once (calibrate/reference/trace-points-cross.jsonl)")
+                         "cross: every recipe option drawn at once (calibrate/reference/trace-points-cross.jsonl), "
+                         "fp16: fp16 autocast on sm75 and sm80 (calibrate/reference/trace-points-fp16.jsonl)")
     args = ap.parse_args(argv)
 
     import torch
@@ -663,15 +688,15 @@ def main(argv=None) -> int:
                 continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
-            if model in ATTN_FAMILIES:  # a tiny family of the attention grid, on the point's GPU
+            if len(point) > 2:  # a tiny family (attention / fp16 grids) on the point's GPU
                 from planner.arch import arch_from_config
                 from planner.attention import parse_capability
                 from planner.memory import cuda_workspace_bytes
                 from planner.profiles import load_gpu
 
                 gpu = load_gpu(point[2])
-                arch = arch_from_config(ATTN_FAMILIES[model], name=model)
-                config = dict(ATTN_FAMILIES[model])
+                config = dict(ATTN_FAMILIES.get(model) or TINY_FAMILIES[model])
+                arch = arch_from_config(config, name=model)
                 kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu), capability=parse_capability(gpu.compute_capability))
                 rec.update(config=config, gpu=gpu.name)
             else:

@@ -42,7 +42,7 @@ GEMM_OPS = frozenset({"linear", "matmul_4bit", "adapter", "linear_again"})
 # FLOPs like sdpa, one call per QK^T product; the (S, KV) softmax, mask and casts stay bandwidth-bound ops
 ATTENTION_MATMULS = frozenset({"bmm_qk", "matmul_qk", "flash_attn", "flash_attn_varlen"})
 # bookkeeping ops of the memory model and views (gpt-oss's rotary halves, its sliced sink column): no kernel runs
-NO_KERNEL = frozenset({"batch", "dora_return", "python_local", "chunk", "slice"})
+NO_KERNEL = frozenset({"batch", "dora_return", "lora_return", "caller_ref", "python_local", "chunk", "slice"})
 
 
 @dataclass(frozen=True)

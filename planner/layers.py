@@ -659,13 +659,13 @@ class Builder:
         h1 = self.add(x, o, h)
         n2 = self.rmsnorm(h1, h) if kind.pre_norms else h1
         dn = self.feed_forward(n2)
-        if kind.mlp == "moe":
-            # the model's layer loop still references the layer's input while the MoE block's transients peak
-            # (`hidden_states = decoder_layer(hidden_states, ...)`); modelled for MoE layers, whose peak is there
-            self.g.op("caller_ref", [x], [])
         if kind.post_feedforward_norm:
             dn = self.rmsnorm(dn, h)
-        return self.add(h1, dn, h)
+        out = self.add(h1, dn, h)
+        # the model's layer loop references the layer's input until the layer returns (transformers 5.17
+        # modeling_llama.py `LlamaModel.forward`: `hidden_states = decoder_layer(hidden_states, ...)`)
+        self.g.op("caller_ref", [x], [])
+        return out
 
     def feed_forward(self, n2: int) -> int:
         """The layer's MLP: gate/up/down (Phi-3: fused gate_up), or the MoE block of a `moe` kind

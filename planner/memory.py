@@ -216,6 +216,7 @@ class _Pieces:
     counts: tuple  # per replay: counts[i] = how many layers < i are that replay (i = 0..num_layers)
     backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
     attn_mask: tuple = (0, 0)  # the 4D mask the model builds once per forward (`attention_mask_bytes`)
+    first_input_saved: bool = False  # the first layer saves its input for backward (so its `kept` counts it)
 
 
 _PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -290,6 +291,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     n = min(arch.num_layers, off.stash) if off is not None and not tc.recipe.offload_checkpoints else 0
     ckpt_stash = tuple((n - 1 - i, (seq * arch.hidden_size * regime(tc).act, 0)) for i in range(n))
     layers, nosave = [], []
+    first_input_saved = False
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
         t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off)
@@ -300,6 +302,8 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
             t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies,
                          stash_in=t.end_stash_entries)
         layers.append(t)
+        if key[0]:
+            first_input_saved = bool(b.g.tensors[x].savers)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
     hb, e = head_graph(arch, tc, seq)
@@ -323,6 +327,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
         counts=tuple(tuple(c) for c in counts),
         backward_layers=_backward_candidates(of_layer),
         attn_mask=attention_mask_bytes(arch, tc, seq, kv_seq),
+        first_input_saved=first_input_saved,
     )
 
 
@@ -408,6 +413,17 @@ def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tupl
     return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
+def _first_input_kept(P: _Pieces, ck: bool, offloaded: bool, leaf_input: bool) -> bool:
+    """The first layer's input (the embeddings) is referenced by the model's forward until the decoder stack returns
+    (transformers 5.17 modeling_llama.py `LlamaModel.forward`: the local `inputs_embeds`, `hidden_states =
+    inputs_embeds`), so it is live in the last layer's forward. Whether the per-layer `kept` bytes already count it:
+    a checkpoint keeps it (in host memory when offloaded, except a leaf embedding output, which autograd's
+    AccumulateGrad keeps on the device), or, without checkpointing, the first layer saves it for backward."""
+    if ck:
+        return not offloaded or leaf_input
+    return P.first_input_saved
+
+
 def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total: int, opt_temp: int,
                     sm: tuple = DEFAULT_CAPABILITY) -> list[Event]:
     """Every candidate peak of the step with its composition. `static`: bytes live throughout (weights,
@@ -466,9 +482,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # forward
     last_fwd = P.forward_nosave[P.of_layer[L - 1]] if ck else sim(L - 1).forward
-    # offloaded checkpoints, trained first input: the first layer's input is still referenced by the model's forward
-    # (transformers' `inputs_embeds`, `hidden_states = inputs_embeds`) until the decoder stack returns
-    embeds = _at(P.layer_input, B) if offloaded and not leaf_input and L > 1 else 0
+    embeds = _at(P.layer_input, B) if L > 1 and not _first_input_kept(P, ck, offloaded, leaf_input) else 0
     # TRL's offloading of checkpointed inputs (one pack per layer): the forward stash keeps the inputs of the
     # previous min(L, 5) - 1 layers on the device while the last layer runs
     stash_inputs = (min(L, 5) - 1) * _at(P.layer_input, B) if trl else 0

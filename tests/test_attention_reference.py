@@ -38,28 +38,12 @@ def test_attention_grid_covers_kernels_implementations_and_families():
     assert {p["train"]["method"] for p in pts} >= {"full", "lora", "qlora", "prefix", "prompt"}
 
 
-def _known_gap(p) -> bool:
-    """Not understood yet: with the memory-efficient kernel (fp32 inputs, every head its own keys) inside a
-    checkpointed layer, the trace's peak in that layer's backward is ~3 MiB per sequence (about three q-sized fp32
-    tensors) above the model's. The tiny family makes it -2.6 to -3.0 %; on the 7B reference points of the same
-    recipe (trace-points.jsonl) it is under 0.8 %. Held at 3 % until it is found."""
-    notes = " ".join(p["trace"]["notes"])
-    return p["train"]["grad_ckpt"] and "efficient" in notes and p["model"] == "tiny-llama2-mha"
-
-
 @pytest.mark.parametrize("point", _points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['gpu']}")
 def test_analytic_matches_attention_trace_within_2_percent(point):
     est = _estimate(point)
     traced = point["trace"]["peak_allocated_bytes"]
     err = (est.peak_allocated_bytes - traced) / traced
-    limit = 0.03 if _known_gap(point) else 0.02
-    assert abs(err) <= limit, f"{point['train']}: analytic {err:+.2%} (model at {est.peak_event}, trace at {point['trace']['peak_phase']})"
-
-
-def test_the_known_gap_stays_small_and_rare():
-    pts = _points()
-    gaps = [p for p in pts if _known_gap(p)]
-    assert len(gaps) <= 6 and len(pts) >= 80
+    assert abs(err) <= 0.02, f"{point['train']}: analytic {err:+.2%} (model at {est.peak_event}, trace at {point['trace']['peak_phase']})"
 
 
 def test_math_kernel_is_what_makes_fp32_gqa_expensive():

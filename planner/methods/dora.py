@@ -61,7 +61,8 @@ class DoRA(LoRA):
             c = b.new(n_out, b.dtype[y], g.rg(y))
             g.op("clone", [y], [c], grad_alias=[y])
             y = c
-        d = self.dropout_input(b, x, n_in)
+        xl = self.adapter_input(b, x, n_in)
+        d = self.dropout_input(b, xl, n_in)
         # lora_weight = lora_B(lora_A(eye(in))).T: its graph is dropped when the layer returns (only its detached
         # value is used), so these live to the end of the layer's forward and are never saved for backward
         mm = BF16 if R.autocast else FP32
@@ -121,7 +122,9 @@ class DoRA(LoRA):
         dora = b.add(t2, t4, n_out)
         g.op("dora_return", held + ([wf] if wf is not None else []), [])  # the layer's locals are released
         s = b.add(y, dora, n_out)
-        return b.cast(s, n_out, b.dtype[y])
+        out = b.cast(s, n_out, b.dtype[y])
+        self.module_return(b, x, xl)
+        return out
 
     def _base_again(self, b, d: int, wf, n_in: int, n_out: int) -> int:
         """`F.linear(x, weight)` on the dropout output: fp32 (weight and input fp32), or under autocast on bf16 casts

@@ -171,17 +171,32 @@ class LoRA(Method):
         (r values per token) for lora_B. With dropout 0 the input itself is saved (its fp32 cast)."""
         if name not in self.adapted(b):
             return y
-        d = self.dropout_input(b, x, n_in)
+        xl = self.adapter_input(b, x, n_in)
+        d = self.dropout_input(b, xl, n_in)
         lora = self.lora_output(b, d, n_in, n_out)
         bs = b.mul_scalar(lora, n_out)
         s = b.add(y, bs, n_out)
-        return b.cast(s, n_out, b.dtype[y])
+        out = b.cast(s, n_out, b.dtype[y])
+        self.module_return(b, x, xl)
+        return out
 
-    def dropout_input(self, b, x: int, n_in: int) -> int:
-        """`dropout(x.to(adapter dtype))` (peft casts the input to the adapter's dtype first)."""
+    def adapter_input(self, b, x: int, n_in: int) -> int:
+        """`x = self._cast_input_dtype(x, lora_A.weight.dtype)` (peft 0.21 tuners_utils.py): `x.to(adapter dtype)`, a
+        copy unless x already has it."""
+        return b.cast(x, n_in, adapter_dtype(b.tc))
+
+    def module_return(self, b, x: int, xl: int) -> None:
+        """The LoRA module's forward returns: until then its argument `x` (referenced by the caller, e.g. LlamaMLP's
+        `self.down_proj(act * up)` temporary) and the cast copy that peft binds to its local `x` stay alive, even
+        after their last use by an op (peft 0.21 tuners/lora/layer.py `Linear.forward` (lines 1074-1106) and
+        tuners/lora/bnb.py `Linear4bit.forward`: `x = self._cast_input_dtype(x, ...)` is rebound inside the adapter
+        loop and lives through `result + lora_B(lora_A(dropout(x))) * scaling` and the final `.to(...)`)."""
+        b.g.op("lora_return", [x, xl], [])
+
+    def dropout_input(self, b, xl: int, n_in: int) -> int:
+        """`dropout(x)` of the adapter-dtype input `xl` (`adapter_input`)."""
         g = b.g
         dt = adapter_dtype(b.tc)
-        xl = b.cast(x, n_in, dt)
         if b.tc.lora_dropout <= 0:
             return xl
         d = b.new(n_in, dt, g.rg(xl))
