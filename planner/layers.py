@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
+from .mla import decoder_layer as mla_decoder_layer
 from .moe_graph import moe_block
 from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
 
@@ -484,6 +485,8 @@ class Builder:
         and post-feed-forward norms; Qwen3/Gemma-3 per-head and OLMo-2 whole-projection q/k norms, before rotary;
         a sliding window masks `sdpa`)."""
         a, kind = self.arch, self.kind
+        if a.mla is not None:  # DeepSeek-V3's latent attention (planner.mla)
+            return mla_decoder_layer(self, x)
         h = a.hidden_size
         lin = {l.name: l for l in a.linears}
         n1 = self.rmsnorm(x, h) if kind.pre_norms else x

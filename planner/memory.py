@@ -59,6 +59,8 @@ def param_tensors(arch: ModelArch) -> list[tuple[str, tuple[int, int], int]]:
                 out.append(("norm", (1, width), n))
     if arch.moe:  # experts, routers, shared experts, dense-first MLPs (planner.moe)
         out += moe_param_tensors(arch)
+    if arch.mla:  # q_a_layernorm, kv_a_layernorm (planner.mla)
+        out += [("norm", (1, w), arch.num_layers) for w in arch.mla.norm_widths]
     return out
 
 

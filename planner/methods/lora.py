@@ -28,6 +28,8 @@ def family_default_targets(arch) -> tuple:
     the table: q_proj, v_proj where the layer has them, else the fused qkv_proj)."""
     if arch.model_type in FAMILY_DEFAULT_TARGETS:
         return FAMILY_DEFAULT_TARGETS[arch.model_type]
+    if arch.mla is not None:  # DeepSeek-V3: peft has no default; every MLA projection (planner.deepseek)
+        return arch.linear_names
     return DEFAULT_TARGETS if set(DEFAULT_TARGETS) <= set(arch.linear_names) else FUSED_DEFAULT_TARGETS
 
 
