@@ -1,0 +1,106 @@
+"""DeepSeek-V3 (planner/deepseek.py, planner/mla.py) against transformers, peft and the FakeTensor trace."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibrate.trace_grid import DEEPSEEK_CONFIGS
+from planner import attention as sdp
+from planner.arch import ArchError, arch_from_config
+from planner.config import TrainConfig
+from planner.memory import estimate_memory
+from planner.methods import trainable_params
+from planner.moe import unsupported
+from trainer import recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "calibrate" / "reference" / "trace-points-deepseek.jsonl"
+
+_TINY = dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+             num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
+             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, vocab_size=128)
+TINY = {
+    "q_lora": dict(_TINY, q_lora_rank=24),
+    "no_q_lora": dict(_TINY, q_lora_rank=None, n_shared_experts=2, attention_bias=True, first_k_dense_replace=2),
+}
+
+
+def _meta_model(config: dict):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(recipe.hf_config(config))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_parameter_count_equals_transformers(name):
+    """MLA projections and their two norms, fused experts, router weight (the correction bias is a buffer),
+    shared experts, dense-first layers: sum(p.numel()) of transformers' model on the meta device."""
+    config = TINY[name]
+    assert arch_from_config(config).total_params == sum(p.numel() for p in _meta_model(config).parameters())
+
+
+def test_layers_before_first_k_dense_replace_are_dense():
+    arch = arch_from_config(TINY["no_q_lora"])
+    assert [k.mlp for k in arch.layer_kinds] == ["dense", "dense", "moe", "moe"]
+    assert arch.head_dim == 8  # config.head_dim = qk_rope_head_dim: the rotary tables' width
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_lora_trainable_count_equals_peft(name):
+    import peft
+
+    config = TINY[name]
+    arch = arch_from_config(config)
+    for targets in (arch.linear_names, ("kv_b_proj", "o_proj")):
+        tc = TrainConfig(method="lora", rank=4, target_modules=targets)
+        model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
+        assert trainable_params(arch, tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_mla_value_head_dim_rules_out_flash():
+    """q/k have qk_nope + qk_rope, v has v_head_dim: sdpa takes the memory-efficient kernel on an H100."""
+    m = arch_from_config(DEEPSEEK_CONFIGS["tiny-deepseek-v3-v512"]).mla
+    call = sdp.SdpaCall("bf16", 8, 8, m.qk_head_dim, 1024, 1024, False, True, False, value_head_dim=m.v_head_dim)
+    assert sdp.select_backend(call, (9, 0)) == "efficient"
+    assert sdp.select_backend(sdp.SdpaCall("bf16", 8, 8, 96, 1024, 1024, False, True, False), (9, 0)) == "flash"
+
+
+def _points():
+    return [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")
+def test_deepseek_against_the_trace(point):
+    """The real DeepseekV3ForCausalLM and peft on fake tensors (`python -m calibrate.trace_grid --grid deepseek`):
+    within 2 % without checkpointing (0.01 % measured). Checkpointed points are over by 1.9-4.9 % (the
+    checkpointed MoE layer's backward; known gap, bounded here at 5 %)."""
+    tc = TrainConfig.from_dict(point["train"])
+    est = estimate_memory(arch_from_config(point["config"], name=point["model"]), tc)
+    traced = point["trace"]["peak_allocated_bytes"]
+    tol = 0.05 if tc.grad_ckpt else 0.02
+    assert abs(est.peak_allocated_bytes - traced) / traced <= tol, f"{tc.describe()} at {est.peak_event}"
+    assert est.trainable_params == point["trace"]["trainable_params"]
+    assert est.total_params == point["trace"]["total_params"]
+
+
+def test_grid_covers_both_query_paths_and_checkpointing():
+    pts = _points()
+    assert {p["config"].get("q_lora_rank") is None for p in pts} == {True, False}
+    assert {p["train"]["grad_ckpt"] for p in pts} == {True, False}
+    assert {p["train"]["method"] for p in pts} == {"full", "lora"}
+
+
+def test_what_is_not_modelled_is_refused():
+    arch = arch_from_config(TINY["q_lora"])
+    tc = TrainConfig(method="lora", rank=4, target_modules=("kv_b_proj",))
+    assert unsupported(arch, tc) is None
+    bad = unsupported(arch, tc.replace(recipe=tc.recipe.__class__(**{**tc.recipe.to_dict(), "attn_implementation": "eager"})))
+    assert bad and bad[0] == "attn_implementation"
+    with pytest.raises(ArchError, match="num_key_value_heads"):
+        arch_from_config(dict(TINY["q_lora"], num_key_value_heads=2))
+    with pytest.raises(ArchError, match="n_group"):
+        arch_from_config(dict(TINY["q_lora"], n_group=3))
