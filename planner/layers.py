@@ -75,6 +75,7 @@ class Builder:
     def __init__(self, arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, checkpointed: bool = False,
                  kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY):
         self.arch, self.tc, self.seq, self.kv_seq = arch, tc, seq, kv_seq
+        self.checkpointed = checkpointed  # a checkpointed layer: recomputed saved tensors go when unpacked
         self.sm = tuple(sm)  # the GPU's compute capability: which sdpa kernel runs (planner.attention)
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
