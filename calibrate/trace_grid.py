@@ -254,7 +254,8 @@ DEEPSEEK_CONFIGS = {
 
 def deepseek_points() -> list[tuple[str, dict]]:
     """DeepSeek-V3 (issue 13): full FT and LoRA (every attention projection; the q/kv up-projections), with and
-    without checkpointing, on the two DEEPSEEK_CONFIGS (bf16: the precision MoE models are planned in)."""
+    without checkpointing, on the two DEEPSEEK_CONFIGS (bf16: the precision MoE models are planned in); eager and
+    flash_attention_2 on both."""
     pts = []
     for model, cfg in DEEPSEEK_CONFIGS.items():
         q = ("q_a_proj", "q_b_proj") if cfg.get("q_lora_rank") else ("q_proj",)
@@ -266,6 +267,12 @@ def deepseek_points() -> list[tuple[str, dict]]:
                 (model, dict(method="lora", rank=8, target_modules=(q[-1], "kv_b_proj"), lora_dropout=0.0,
                              seq_len=1024, batch_size=4, grad_ckpt=ckpt)),
             ]
+    for attn in ("eager", "flash_attention_2"):  # flash-attn 2 pads the value head dim to the query's
+        pts += [("tiny-deepseek-v3-v512", dict(method="full", precision="bf16", seq_len=1024, batch_size=2,
+                                               recipe=dict(attn_implementation=attn))),
+                ("tiny-deepseek-v3-noqlora", dict(method="lora", rank=16, target_modules=("kv_b_proj", "o_proj"),
+                                                  seq_len=1024, batch_size=2, grad_ckpt=True,
+                                                  recipe=dict(attn_implementation=attn)))]
     return pts
 
 

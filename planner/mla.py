@@ -27,7 +27,7 @@ transformers' `repeat_kv` would break otherwise), so there is no GQA. q/k have q
 flash backend needs equal head dims (`check_head_dim_size_flash`), so torch 2.13 takes the memory-efficient kernel
 (head dims multiples of 8) before math (`planner.attention` with `SdpaCall.value_head_dim`); its output is
 H x v_head_dim. flash_attention_2 pads the value to qk_head_dim (`F.pad`, a copy) and crops the output (a view);
-eager is not modelled here.
+eager as `eager_attention_forward` with H key/value heads.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def attention(b, x: int) -> int:
     # backward: k_nope's gradient joins the value's in one kv_b-wide tensor, the rotary head's is summed over heads
     ks = b.new(H * dqk, b.dtype[kvb], g.rg(kvb) or g.rg(k_rot))
     g.op("key_states", [kvb, k_rot], [ks])
-    out = _sdpa(b, qs, ks, kvb)
+    impl = {"sdpa": _sdpa, "eager": _eager, "flash_attention_2": _flash_attention_2}
+    out = impl[b.recipe.attn_implementation](b, qs, ks, kvb)
     return b.linear(out, "o_proj", H * m.v_head_dim, h, m.attention_bias)
 
 
@@ -219,6 +220,72 @@ def _sdpa(b, q: int, k: int, v: int) -> int:
         ws = (lse_tokens * H * FP32 + (s128 * H * dqk * FP32 if dt != FP32 else 0), 0)
     g.op("sdpa", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=ws)
     return out
+
+
+def _matrix(b, dtype: int, rg: bool) -> int:
+    """A (B, H, S, S) attention matrix of `dtype`."""
+    t = b.g.tensor((b.arch.num_heads * b.seq * b.seq * dtype, 0), rg=rg)
+    b.dtype[t] = dtype
+    return t
+
+
+def _eager(b, q: int, k: int, v: int) -> int:
+    """`eager_attention_forward` (modeling_deepseek_v3.py) with H key/value heads (`repeat_kv` by 1 returns its
+    input): `matmul(q, k^T)` saves both; `* scaling`; `+ attention_mask` (the float mask `eager_mask` builds, counted
+    once per step in planner.memory); `softmax(dtype=fp32)`: an fp32 copy of 16-bit scores and the fp32
+    probabilities (saved); `.to(q.dtype)` (a copy unless fp32), saved by `matmul(probs, v)` with v (the kv_b_proj
+    output it views); the (B, H, S, v_head_dim) output's `transpose(1, 2).contiguous()` copies it. Not under
+    autocast (MoE models are planned in bf16)."""
+    g, a, m, R = b.g, b.arch, b.arch.mla, b.R
+    H = a.num_heads
+    rg = g.rg(q) or g.rg(k) or g.rg(v)
+    sdt = b.dtype[q]
+    scores = _matrix(b, sdt, rg)
+    g.op("matmul_qk", [q, k], [scores], saved=[q, k] if rg else [])
+    scaled = _matrix(b, sdt, rg)
+    g.op("mul_scalar", [scores], [scaled])
+    added = _matrix(b, max(sdt, R.act), rg)
+    g.op("add_mask", [scaled], [added], grad_alias=[scaled])
+    x = added
+    if b.dtype[x] != FP32:
+        x32 = _matrix(b, FP32, rg)
+        g.op("to_copy", [x], [x32])
+        x = x32
+    probs = _matrix(b, FP32, rg)
+    g.op("softmax", [x], [probs], saved=[probs] if rg else [])
+    if sdt != FP32:
+        pc = _matrix(b, sdt, rg)
+        g.op("to_copy", [probs], [pc])
+        probs = pc
+    out = b.new(H * m.v_head_dim, b.dtype[probs], rg)
+    g.op("matmul_pv", [probs, v], [out], saved=[probs, v] if rg else [])
+    return b._contiguous(out, H * m.v_head_dim)
+
+
+def _flash_attention_2(b, q: int, k: int, v: int) -> int:
+    """transformers 5.17 `flash_attention_forward` (integrations/flash_attention.py) over flash-attn 2: the value
+    is padded to qk_head_dim (`F.pad`: a new H x qk_head_dim tensor; its backward slices the gradient), flash-attn
+    saves q, k, the padded v, its (B, S, H, qk_head_dim) output and the fp32 logsumexp; the output is cropped to
+    v_head_dim (a view), and MLA's `reshape(B, S, -1)` of that strided view copies it (H x v_head_dim). Backward
+    scratch: softmax_d (tokens padded to 128) and dq_accum (tokens padded to 128, head dim to 32; 256 above 192),
+    fp32. Equal head counts: no dk/dv expansion. bf16 only (MoE models are planned in bf16)."""
+    g, a, m = b.g, b.arch, b.arch.mla
+    H, dqk, dv = a.num_heads, m.qk_head_dim, m.v_head_dim
+    rg = g.rg(q) or g.rg(k) or g.rg(v)
+    if b.dtype[q] == FP32:
+        raise ValueError("flash_attention_2 computes in fp16/bf16; an fp32 model reaches it in fp32")
+    dt = b.dtype[q]
+    vp = b.new(H * dqk, b.dtype[v], g.rg(v))
+    g.op("pad", [v], [vp])
+    out = b.new(H * dqk, dt, rg)
+    lse = g.tensor((b.seq * H * FP32, 0), kind="activations")
+    b.dtype[lse] = FP32
+    s128, d32 = round_up(b.seq, 128), round_up(dqk, 32) if dqk <= 192 else 256
+    ws = s128 * H * FP32 + s128 * H * d32 * FP32
+    g.op("flash_attn", [q, k, vp], [out, lse], saved=[q, k, vp, out, lse] if rg else [], bwd_temp=(ws, 0))
+    cropped = b.new(H * dv, dt, rg)
+    g.op("contiguous", [out], [cropped])
+    return cropped
 
 
 __all__ = ["MLA", "MLAError", "mla_from_config", "decoder_layer", "attention", "sdpa_call"]

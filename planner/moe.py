@@ -272,9 +272,6 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
                          "path (GptOssPreTrainedModel._supports_sdpa = False: eager, flash or flex only); ftplan models "
                          "sdpa attention, so it counts gpt-oss parameters and FLOPs but does not plan its memory; "
                          f"MoE families planned: {', '.join(t for t in MOE_MODEL_TYPES if t != 'gpt_oss')}")
-    if arch.mla is not None and tc.recipe.attn_implementation != "sdpa":
-        return ("attn_implementation", f"attn_implementation {tc.recipe.attn_implementation!r} on {arch.name} (MLA "
-                                       "attention) is not modelled; valid: sdpa")
     if tc.method not in MOE_METHODS:
         return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
                           f"{', '.join(MOE_METHODS)}")

@@ -10,9 +10,11 @@ from calibrate.trace_grid import DEEPSEEK_CONFIGS
 from planner import attention as sdp
 from planner.arch import ArchError, arch_from_config
 from planner.config import TrainConfig
+from planner.cost import attention_flops_per_token, matmul_params
 from planner.memory import estimate_memory
 from planner.methods import trainable_params
 from planner.moe import unsupported
+from planner.profiles import load_model
 from trainer import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,19 +87,34 @@ def test_deepseek_against_the_trace(point):
     assert est.total_params == point["trace"]["total_params"]
 
 
-def test_grid_covers_both_query_paths_and_checkpointing():
+def test_grid_covers_both_query_paths_checkpointing_and_attention():
     pts = _points()
     assert {p["config"].get("q_lora_rank") is None for p in pts} == {True, False}
+    assert {p["config"].get("rope_interleave", True) for p in pts} == {True, False}
     assert {p["train"]["grad_ckpt"] for p in pts} == {True, False}
     assert {p["train"]["method"] for p in pts} == {"full", "lora"}
+    attn = {TrainConfig.from_dict(p["train"]).recipe.attn_implementation for p in pts}
+    assert attn == {"sdpa", "eager", "flash_attention_2"}
+
+
+def test_flops_follow_the_active_parameters():
+    """DeepSeek-V3: 671B parameters, 36.6B activated per token besides the input embedding (arXiv:2412.19437);
+    attention FLOPs use H x (qk_head_dim + v_head_dim), not 2 x H x the rotary head dim."""
+    arch = load_model("deepseek-v3")
+    assert abs(arch.total_params - 671e9) / 671e9 < 0.001
+    assert abs(matmul_params(arch) - 36.6e9) / 36.6e9 < 0.01
+    tc = TrainConfig(method="lora", rank=8, target_modules=("kv_b_proj",), seq_len=4096)
+    assert attention_flops_per_token(arch, tc) == 2.0 * 128 * (192 + 128) * 2048 * 61
 
 
 def test_what_is_not_modelled_is_refused():
     arch = arch_from_config(TINY["q_lora"])
     tc = TrainConfig(method="lora", rank=4, target_modules=("kv_b_proj",))
     assert unsupported(arch, tc) is None
-    bad = unsupported(arch, tc.replace(recipe=tc.recipe.__class__(**{**tc.recipe.to_dict(), "attn_implementation": "eager"})))
-    assert bad and bad[0] == "attn_implementation"
+    assert unsupported(arch, tc.replace(precision="mixed"))[0] == "precision"
+    assert unsupported(arch, TrainConfig(method="lora", rank=4, target_modules=("all-linear",))) is None  # refused by
+    with pytest.raises(ValueError, match="target_parameters"):  # the LoRA targets: peft maps it to the experts
+        trainable_params(arch, TrainConfig(method="lora", rank=4, target_modules=("all-linear",)))
     with pytest.raises(ArchError, match="num_key_value_heads"):
         arch_from_config(dict(TINY["q_lora"], num_key_value_heads=2))
     with pytest.raises(ArchError, match="n_group"):
