@@ -119,3 +119,17 @@ def test_what_is_not_modelled_is_refused():
         arch_from_config(dict(TINY["q_lora"], num_key_value_heads=2))
     with pytest.raises(ArchError, match="n_group"):
         arch_from_config(dict(TINY["q_lora"], n_group=3))
+
+
+def test_the_traced_sdpa_kernel_is_the_planned_one():
+    """The trace's own dispatch (calibrate/sdpa_dispatch.py on the real q, k, v) picked the kernel the planner
+    picks for MLA's call (planner.attention), at every sdpa point."""
+    for p in _points():
+        tc = TrainConfig.from_dict(p["train"])
+        if tc.recipe.attn_implementation != "sdpa":
+            continue
+        m = arch_from_config(p["config"]).mla
+        H = p["config"]["num_attention_heads"]
+        call = sdp.SdpaCall("bf16", H, H, m.qk_head_dim, tc.seq_len, tc.seq_len, False, True, False,
+                            value_head_dim=m.v_head_dim)
+        assert p["trace"]["notes"] == [f"sdpa on sm90: {sdp.select_backend(call, (9, 0))}"]
