@@ -233,8 +233,8 @@ def _eager(b, q: int, k: int, v: int) -> int:
     """`eager_attention_forward` (modeling_deepseek_v3.py) with H key/value heads (`repeat_kv` by 1 returns its
     input): `matmul(q, k^T)` saves both; `* scaling`; `+ attention_mask` (the float mask `eager_mask` builds, counted
     once per step in planner.memory); `softmax(dtype=fp32)`: an fp32 copy of 16-bit scores and the fp32
-    probabilities (saved); `.to(q.dtype)` (a copy unless fp32), saved by `matmul(probs, v)` with v (the kv_b_proj
-    output it views); the (B, H, S, v_head_dim) output's `transpose(1, 2).contiguous()` copies it. Not under
+    probabilities (saved); `.to(q.dtype)` (a copy unless fp32), saved by `matmul(probs, v)` with a contiguous copy
+    of v (matmul's reshape of the strided view); the (B, H, S, v_head_dim) output's `transpose(1, 2).contiguous()` copies it. Not under
     autocast (MoE models are planned in bf16)."""
     g, a, m, R = b.g, b.arch, b.arch.mla, b.R
     H = a.num_heads
@@ -257,8 +257,12 @@ def _eager(b, q: int, k: int, v: int) -> int:
         pc = _matrix(b, sdt, rg)
         g.op("to_copy", [probs], [pc])
         probs = pc
+    # matmul folds (B, H) into bmm's batch: the value, a strided view into kv_b_proj's output, cannot be viewed
+    # that way, so `reshape` copies it (H x v_head_dim), and the bmm saves the copy
+    vc = b.new(H * m.v_head_dim, b.dtype[v], g.rg(v))
+    g.op("reshape_copy", [v], [vc])
     out = b.new(H * m.v_head_dim, b.dtype[probs], rg)
-    g.op("matmul_pv", [probs, v], [out], saved=[probs, v] if rg else [])
+    g.op("matmul_pv", [probs, vc], [out], saved=[probs, vc] if rg else [])
     return b._contiguous(out, H * m.v_head_dim)
 
 
