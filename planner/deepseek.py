@@ -86,6 +86,13 @@ def sparse_layers(c: dict, num_layers: int) -> list[bool]:
     return [i >= k for i in range(num_layers)]
 
 
+def buffer_bytes(arch) -> int:
+    """The routers' `e_score_correction_bias` buffers: E fp32 values per MoE layer (`_keep_in_fp32_modules_strict`),
+    each its own 512-byte block."""
+    n_sparse = sum(n for k, n in arch.kind_counts if k.mlp == "moe")
+    return n_sparse * param_bytes(arch.moe.num_experts, FP32)
+
+
 def router_config(arch) -> dict:
     """n_group, topk_group, routed_scaling_factor of the arch's config (defaults applied)."""
     c = dict(FAMILY_DEFAULTS)

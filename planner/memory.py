@@ -29,6 +29,7 @@ from .graph import Point, forward_without_saving, peak_point, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, parse_capability
 from .layers import head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
+from .deepseek import buffer_bytes as deepseek_buffer_bytes
 from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
 from .moe_graph import unsummed_grad_bytes_per_token
@@ -565,7 +566,8 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
     base = base_weight_bytes(arch, tc)
     opt = optimizer_state_bytes(arch, tc)
     static = {
-        "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32),  # + rotary inv_freq buffer
+        "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32)  # + rotary inv_freq buffer
+        + (deepseek_buffer_bytes(arch) if arch.mla else 0),  # + DeepSeek's router bias buffers
         "quant_constants": base["quant_constants"],
         "trainable_weights": adapter_bytes(arch, tc),
         "optimizer_state": opt["state"] + grad_scaler_bytes(tc),
