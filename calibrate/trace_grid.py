@@ -255,7 +255,7 @@ DEEPSEEK_CONFIGS = {
 def deepseek_points() -> list[tuple[str, dict]]:
     """DeepSeek-V3 (issue 13): full FT and LoRA (every attention projection; the q/kv up-projections), with and
     without checkpointing, on the two DEEPSEEK_CONFIGS (bf16: the precision MoE models are planned in); eager and
-    flash_attention_2 on both."""
+    flash_attention_2 on both; a T4, where sdpa runs its math backend."""
     pts = []
     for model, cfg in DEEPSEEK_CONFIGS.items():
         q = ("q_a_proj", "q_b_proj") if cfg.get("q_lora_rank") else ("q_proj",)
@@ -264,9 +264,11 @@ def deepseek_points() -> list[tuple[str, dict]]:
             pts += [
                 (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
                 (model, dict(method="lora", rank=16, target_modules=every, seq_len=2048, batch_size=2, grad_ckpt=ckpt)),
-                (model, dict(method="lora", rank=8, target_modules=(q[-1], "kv_b_proj"), lora_dropout=0.0,
-                             seq_len=1024, batch_size=4, grad_ckpt=ckpt)),
             ]
+        pts.append((model, dict(method="lora", rank=8, target_modules=(q[-1], "kv_b_proj"), lora_dropout=0.0,
+                                seq_len=1024, batch_size=4, grad_ckpt=True)))
+        # a T4 (sm75): no bf16 memory-efficient kernel, sdpa's math backend
+        pts.append((model, dict(method="full", precision="bf16", seq_len=512, batch_size=2), "t4-16gb"))
     for attn in ("eager", "flash_attention_2"):  # flash-attn 2 pads the value head dim to the query's
         pts += [("tiny-deepseek-v3-v512", dict(method="full", precision="bf16", seq_len=1024, batch_size=2,
                                                recipe=dict(attn_implementation=attn))),
@@ -475,6 +477,15 @@ def main(argv=None) -> int:
                     rec["config"] = MOE_CONFIGS[model]
                 elif model in DEEPSEEK_CONFIGS:
                     rec["config"] = DEEPSEEK_CONFIGS[model]
+                    if len(point) > 2:  # another GPU than the H100: its workspace and sdpa dispatch
+                        from planner.attention import parse_capability
+                        from planner.memory import cuda_workspace_bytes
+                        from planner.profiles import load_gpu
+
+                        gpu = load_gpu(point[2])
+                        kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu),
+                                  capability=parse_capability(gpu.compute_capability))
+                        rec["gpu"] = gpu.name
             d = _fix_targets(model, d, arch)
             tc = TrainConfig(**d)
             if config is None:

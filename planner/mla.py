@@ -195,15 +195,15 @@ def _sdpa(b, q: int, k: int, v: int) -> int:
     on sm80+ in 16-bit: the value's head dim differs). Saved: q, k, v (v: the kv_b_proj output it views), the
     output (H x v_head_dim) and the fp32 logsumexp (H per token, tokens padded to 32); backward scratch: the fp32
     delta and, for 16-bit outputs, the fp32 dq accumulator (tokens padded to 128, H x qk_head_dim). cuDNN and
-    flash (not reached with unequal head dims) as in `Builder.sdpa`. The math backend is not modelled."""
+    flash (not reached with unequal head dims) as in `Builder.sdpa`; the math backend (GPUs below sm80 in bf16)
+    as `_sdpa_math`."""
     g, a, m = b.g, b.arch, b.arch.mla
     H, dqk, dv = a.num_heads, m.qk_head_dim, m.v_head_dim
     rg = g.rg(q) or g.rg(k) or g.rg(v)
     call = sdpa_call(b, rg)
     backend = sdp.select_backend(call, b.sm)
     if backend == "math":
-        raise ValueError(f"{a.name}: sdpa would run its math backend for this GPU and precision (MLA's value head "
-                         f"dim {dv} differs from the query's {dqk}); not modelled for DeepSeek-V3")
+        return _sdpa_math(b, q, k, v, call, rg)
     if b.R.autocast:
         q, k = b.cast(q, H * dqk, BF16), b.cast(k, H * dqk, BF16)
         v = b.cast(v, H * dv, BF16)
@@ -220,6 +220,42 @@ def _sdpa(b, q: int, k: int, v: int) -> int:
         ws = (lse_tokens * H * FP32 + (s128 * H * dqk * FP32 if dt != FP32 else 0), 0)
     g.op("sdpa", [q, k, v], [out, lse], saved=[q, k, v, out, lse] if rg else [], bwd_temp=ws)
     return out
+
+
+def _sdpa_math(b, q: int, k: int, v: int, call, rg: bool) -> int:
+    """torch 2.13 `_scaled_dot_product_attention_math` (as `Builder._sdpa_math`) with MLA's widths: fp32 copies of
+    q, k (H x qk_head_dim) and v (H x v_head_dim, contiguous), both scaled by sqrt(scale) (saved by the QK^T
+    product), the causal bool tril turned into an fp32 additive mask (shared by the batch), the fp32 scores and
+    probabilities (saved), the output cast back and made contiguous by transformers' transpose."""
+    g, a, m = b.g, b.arch, b.arch.mla
+    H, dqk, dv = a.num_heads, m.qk_head_dim, m.v_head_dim
+    S = call.q_len
+    dt = b.dtype[q]
+    q32, k32, v32 = b.cast(q, H * dqk, FP32), b.cast(k, H * dqk, FP32), b.cast(v, H * dv, FP32)
+    qs = b.mul_scalar(q32, H * dqk)
+    ks = b.mul_scalar(k32, H * dqk)
+    mat = (H * S * S * FP32, 0)
+    scores = g.tensor(mat, rg=rg)
+    b.dtype[scores] = FP32
+    g.op("bmm_qk", [qs, ks], [scores], saved=[qs, ks] if rg else [])
+    mask = g.tensor((0, S * S * FP32))
+    b.dtype[mask] = FP32
+    g.op("attn_mask", [], [mask], fwd_temp=(0, S * S))
+    masked = g.tensor(mat, rg=rg)
+    b.dtype[masked] = FP32
+    g.op("add_mask", [scores, mask], [masked], grad_alias=[scores])
+    probs = g.tensor(mat, rg=rg)
+    b.dtype[probs] = FP32
+    g.op("softmax", [masked], [probs], saved=[probs] if rg else [])
+    if call.dropout > 0.0:
+        keep = g.tensor((H * S * S, 0))
+        dropped = g.tensor(mat, rg=rg)
+        b.dtype[keep], b.dtype[dropped] = 1, FP32
+        g.op("native_dropout", [probs], [dropped, keep], saved=[keep] if rg else [])
+        probs = dropped
+    out32 = b.new(H * dv, FP32, rg)
+    g.op("bmm_pv", [probs, v32], [out32], saved=[probs, v32] if rg else [])
+    return b._contiguous(b.cast(out32, H * dv, dt), H * dv)
 
 
 def _matrix(b, dtype: int, rg: bool) -> int:
