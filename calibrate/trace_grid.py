@@ -255,7 +255,7 @@ DEEPSEEK_CONFIGS = {
 def deepseek_points() -> list[tuple[str, dict]]:
     """DeepSeek-V3 (issue 13): full FT and LoRA (every attention projection; the q/kv up-projections), with and
     without checkpointing, on the two DEEPSEEK_CONFIGS (bf16: the precision MoE models are planned in); eager and
-    flash_attention_2 on both; a T4, where sdpa runs its math backend."""
+    flash_attention_2 on both; a T4, where sdpa runs its math backend; and the full-size catalog model."""
     pts = []
     for model, cfg in DEEPSEEK_CONFIGS.items():
         q = ("q_a_proj", "q_b_proj") if cfg.get("q_lora_rank") else ("q_proj",)
@@ -275,6 +275,9 @@ def deepseek_points() -> list[tuple[str, dict]]:
                 ("tiny-deepseek-v3-noqlora", dict(method="lora", rank=16, target_modules=("kv_b_proj", "o_proj"),
                                                   seq_len=1024, batch_size=2, grad_ckpt=True,
                                                   recipe=dict(attn_implementation=attn)))]
+    # the catalog's 671B model (its weights decide the peak; the layers' terms match too)
+    pts.append(("deepseek-v3", dict(method="lora", rank=16, target_modules=("q_b_proj", "kv_b_proj"), seq_len=1024,
+                                    batch_size=1, grad_ckpt=True)))
     return pts
 
 

@@ -71,6 +71,10 @@ def test_mla_value_head_dim_rules_out_flash():
     assert sdp.select_backend(sdp.SdpaCall("bf16", 8, 8, 96, 1024, 1024, False, True, False), (9, 0)) == "flash"
 
 
+def _arch(point):
+    return arch_from_config(point["config"], name=point["model"]) if "config" in point else load_model(point["model"])
+
+
 def _points():
     return [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
 
@@ -82,7 +86,7 @@ def test_deepseek_against_the_trace(point):
     backend) a T4."""
     tc = TrainConfig.from_dict(point["train"])
     gpu = load_gpu(point["gpu"]) if "gpu" in point else None
-    est = estimate_memory(arch_from_config(point["config"], name=point["model"]), tc, gpu=gpu)
+    est = estimate_memory(_arch(point), tc, gpu=gpu)
     traced = point["trace"]["peak_allocated_bytes"]
     assert abs(est.peak_allocated_bytes - traced) / traced <= 0.02, f"{tc.describe()} at {est.peak_event}"
     assert est.trainable_params == point["trace"]["trainable_params"]
@@ -91,8 +95,8 @@ def test_deepseek_against_the_trace(point):
 
 def test_grid_covers_both_query_paths_checkpointing_and_attention():
     pts = _points()
-    assert {p["config"].get("q_lora_rank") is None for p in pts} == {True, False}
-    assert {p["config"].get("rope_interleave", True) for p in pts} == {True, False}
+    assert {_arch(p).mla.q_lora_rank is None for p in pts} == {True, False}
+    assert {_arch(p).mla.rope_interleave for p in pts} == {True, False}
     assert {p["train"]["grad_ckpt"] for p in pts} == {True, False}
     assert {p["train"]["method"] for p in pts} == {"full", "lora"}
     attn = {TrainConfig.from_dict(p["train"]).recipe.attn_implementation for p in pts}
@@ -131,8 +135,8 @@ def test_the_traced_sdpa_kernel_is_the_planned_one():
         tc = TrainConfig.from_dict(p["train"])
         if tc.recipe.attn_implementation != "sdpa":
             continue
-        m = arch_from_config(p["config"]).mla
-        H = p["config"]["num_attention_heads"]
+        arch = _arch(p)
+        m, H = arch.mla, arch.num_heads
         sm = sdp.parse_capability(load_gpu(p["gpu"]).compute_capability) if "gpu" in p else (9, 0)
         call = sdp.SdpaCall("bf16", H, H, m.qk_head_dim, tc.seq_len, tc.seq_len, False, True, False,
                             value_head_dim=m.v_head_dim)
