@@ -7,8 +7,10 @@ What differs between layers (attention window, post-norms, q/k norms) is each la
 (`planner.layerkinds`), one per decoder layer in `ModelArch.layer_kinds`.
 
 Families: llama, mistral (Mistral-Small-3: explicit head_dim), qwen2, qwen3, gemma, gemma2, gemma3_text (and the
-text tower of the multimodal `gemma3` config), olmo2, phi3 (Phi-3, Phi-4). Sources: `configuration_<family>.py` and
-`modeling_<family>.py` in transformers 5.17.
+text tower of the multimodal `gemma3` config), olmo2, phi3 (Phi-3, Phi-4); the MoE families of `planner.moe`;
+deepseek_v3 (`planner.deepseek`, its latent attention in `planner.mla`: `linears` are the MLA projections,
+`head_dim` is `qk_rope_head_dim` as in its config). Sources: `configuration_<family>.py` and `modeling_<family>.py`
+in transformers 5.17.
 """
 
 from __future__ import annotations
