@@ -2,7 +2,8 @@
 (and `--grid dora --out calibrate/reference/trace-points-dora.jsonl`,
 `--grid families --out calibrate/reference/trace-points-families.jsonl`, `--grid moe --out
 calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/reference/trace-points-multigpu.jsonl`,
-`--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid recipe --out
+`--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid deepseek --out
+calibrate/reference/trace-points-deepseek.jsonl`, `--grid recipe --out
 calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`,
 `--grid mts --out calibrate/reference/trace-points-mts.jsonl`, `--grid cross --out
 calibrate/reference/trace-points-cross.jsonl`, `--grid fp16 --out
@@ -146,6 +147,8 @@ def family_arch(model: str):
         return arch_from_config(FAMILY_CONFIGS[model.split(":", 1)[1]], name=model)
     if model in MOE_CONFIGS:
         return arch_from_config(MOE_CONFIGS[model], name=model)
+    if model in DEEPSEEK_CONFIGS:
+        return arch_from_config(DEEPSEEK_CONFIGS[model], name=model)
     if model in TINY_FAMILIES:
         return arch_from_config(TINY_FAMILIES[model])
     if model in SMALL_VOCAB:
@@ -310,6 +313,49 @@ def expert_name_points() -> list[tuple[str, dict]]:
         ("tiny-mixtral", dict(lora, target_modules=("w1", "w3", "w2"), grad_ckpt=True)),
         ("tiny-qwen3-moe-v512", dict(lora, target_modules=("gate", "q_proj", "v_proj"), grad_ckpt=False)),
     ]
+
+
+# Small DeepSeek-V3 configs (planner/deepseek.py, planner/mla.py): MLA with and without q_lora_rank, interleaved and
+# rotate_half rotary, a dense first layer, group-limited routing, shared experts (one; two)
+_DEEPSEEK_BASE = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=512,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, intermediate_size=1024,
+                      moe_intermediate_size=256, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                      first_k_dense_replace=1, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                      v_head_dim=64, max_position_embeddings=16384)
+DEEPSEEK_CONFIGS = {
+    "tiny-deepseek-v3-v512": dict(_DEEPSEEK_BASE, q_lora_rank=192, n_shared_experts=1, vocab_size=512),
+    "tiny-deepseek-v3-noqlora": dict(_DEEPSEEK_BASE, q_lora_rank=None, n_shared_experts=2, rope_interleave=False,
+                                     vocab_size=4096),
+}
+
+
+def deepseek_points() -> list[tuple[str, dict]]:
+    """DeepSeek-V3 (issue 13): full FT and LoRA (every attention projection; the q/kv up-projections), with and
+    without checkpointing, on the two DEEPSEEK_CONFIGS (bf16: the precision MoE models are planned in); eager and
+    flash_attention_2 on both; a T4, where sdpa runs its math backend; and the full-size catalog model."""
+    pts = []
+    for model, cfg in DEEPSEEK_CONFIGS.items():
+        q = ("q_a_proj", "q_b_proj") if cfg.get("q_lora_rank") else ("q_proj",)
+        every = q + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+        for ckpt in (False, True):
+            pts += [
+                (model, dict(method="full", precision="bf16", seq_len=1024, batch_size=2, grad_ckpt=ckpt)),
+                (model, dict(method="lora", rank=16, target_modules=every, seq_len=2048, batch_size=2, grad_ckpt=ckpt)),
+            ]
+        pts.append((model, dict(method="lora", rank=8, target_modules=(q[-1], "kv_b_proj"), lora_dropout=0.0,
+                                seq_len=1024, batch_size=4, grad_ckpt=True)))
+        # a T4 (sm75): no bf16 memory-efficient kernel, sdpa's math backend
+        pts.append((model, dict(method="full", precision="bf16", seq_len=512, batch_size=2), "t4-16gb"))
+    for attn in ("eager", "flash_attention_2"):  # flash-attn 2 pads the value head dim to the query's
+        pts += [("tiny-deepseek-v3-v512", dict(method="full", precision="bf16", seq_len=1024, batch_size=2,
+                                               recipe=dict(attn_implementation=attn))),
+                ("tiny-deepseek-v3-noqlora", dict(method="lora", rank=16, target_modules=("kv_b_proj", "o_proj"),
+                                                  seq_len=1024, batch_size=2, grad_ckpt=True,
+                                                  recipe=dict(attn_implementation=attn)))]
+    # the catalog's 671B model (its weights decide the peak; the layers' terms match too)
+    pts.append(("deepseek-v3", dict(method="lora", rank=16, target_modules=("q_b_proj", "kv_b_proj"), seq_len=1024,
+                                    batch_size=1, grad_ckpt=True)))
+    return pts
 
 
 def multigpu_points() -> list[tuple[str, dict]]:
@@ -593,6 +639,7 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "dora": lambda args: dora_points(),
          "families": lambda args: family_points(),
          "moe": lambda args: moe_points(),
+         "deepseek": lambda args: deepseek_points(),
          "multigpu": lambda args: multigpu_points(),
          "attn": lambda args: attn_points(),
          "recipe": lambda args: recipe_points(),
@@ -657,6 +704,7 @@ def main(argv=None) -> int:
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
                          "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
+                         "deepseek: DeepSeek-V3 (calibrate/reference/trace-points-deepseek.jsonl), "
                          "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
                          "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
                          "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
@@ -688,7 +736,7 @@ def main(argv=None) -> int:
                 continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
-            if len(point) > 2:  # a tiny family (attention / fp16 grids) on the point's GPU
+            if len(point) > 2 and model not in DEEPSEEK_CONFIGS:  # a tiny family (attention / fp16 grids) on the point's GPU
                 from planner.arch import arch_from_config
                 from planner.attention import parse_capability
                 from planner.memory import cuda_workspace_bytes
@@ -709,6 +757,17 @@ def main(argv=None) -> int:
                     rec["config"] = MOE_CONFIGS[model]
                 elif model in SMALL_VOCAB:
                     rec["config"] = SMALL_VOCAB[model]
+                elif model in DEEPSEEK_CONFIGS:
+                    rec["config"] = DEEPSEEK_CONFIGS[model]
+                    if len(point) > 2:  # another GPU than the H100: its workspace and sdpa dispatch
+                        from planner.attention import parse_capability
+                        from planner.memory import cuda_workspace_bytes
+                        from planner.profiles import load_gpu
+
+                        gpu = load_gpu(point[2])
+                        kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu),
+                                  capability=parse_capability(gpu.compute_capability))
+                        rec["gpu"] = gpu.name
             d = _fix_targets(model, d, arch)
             tc = TrainConfig(**d)
             if config is None:

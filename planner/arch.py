@@ -7,8 +7,10 @@ What differs between layers (attention window, post-norms, q/k norms) is each la
 (`planner.layerkinds`), one per decoder layer in `ModelArch.layer_kinds`.
 
 Families: llama, mistral (Mistral-Small-3: explicit head_dim), qwen2, qwen3, gemma, gemma2, gemma3_text (and the
-text tower of the multimodal `gemma3` config), olmo2, phi3 (Phi-3, Phi-4). Sources: `configuration_<family>.py` and
-`modeling_<family>.py` in transformers 5.17.
+text tower of the multimodal `gemma3` config), olmo2, phi3 (Phi-3, Phi-4); the MoE families of `planner.moe`;
+deepseek_v3 (`planner.deepseek`, its latent attention in `planner.mla`: `linears` are the MLA projections,
+`head_dim` is `qk_rope_head_dim` as in its config). Sources: `configuration_<family>.py` and `modeling_<family>.py`
+in transformers 5.17.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from dataclasses import replace as _dc_replace
 from pathlib import Path
 
 from .frozen import fields_hash
+from . import deepseek as _deepseek
+from . import mla as _mla
 from . import moe as _moe
 from .layerkinds import LayerKind, LayerKindError, layer_kinds_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo2",
-                         "phi3") + _moe.MOE_MODEL_TYPES
+                         "phi3") + _moe.MOE_MODEL_TYPES + (_deepseek.MODEL_TYPE,)
 
 # transformers' config defaults for keys a config.json may omit, per family (configuration_<family>.py).
 _FAMILY_DEFAULTS = {
@@ -60,6 +64,7 @@ _FAMILY_DEFAULTS = {
                   hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   max_position_embeddings=2048),
 }
+_FAMILY_DEFAULTS[_deepseek.MODEL_TYPE] = _deepseek.FAMILY_DEFAULTS  # configuration_deepseek_v3.py (planner.deepseek)
 # Keys of Gemma3TextConfig that the multimodal `gemma3` config.json may leave out of its `text_config`: transformers
 # builds the nested config as `Gemma3TextConfig(**text_config)` (configuration_gemma3.py Gemma3Config.__post_init__),
 # so an absent key takes the class default (the published gemma-3-4b/12b/27b configs omit the vocabulary and the
@@ -119,6 +124,7 @@ class ModelArch:
     moe: _moe.MoE | None = None  # the sparse block of a MoE family (planner.moe); `linears` are then attention only
     config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     note: str = ""  # what ftplan plans when it is not the whole checkpoint (a multimodal model's text tower)
+    mla: _mla.MLA | None = None  # DeepSeek's latent attention (planner.mla); `linears` are then its projections
 
     # -- families ---------------------------------------------------------------------------------
     @property
@@ -229,7 +235,8 @@ class ModelArch:
     @property
     def layer_norm_params(self) -> int:
         """Norm parameters of the decoder layer with the most (all layers alike in the supported families)."""
-        return max(k.norm_params(self.hidden_size, self.head_dim, self.q_dim, self.kv_dim) for k, _ in self.kind_counts)
+        return (max(k.norm_params(self.hidden_size, self.head_dim, self.q_dim, self.kv_dim) for k, _ in self.kind_counts)
+                + (self.mla.norm_params if self.mla else 0))  # MLA: q_a_layernorm, kv_a_layernorm
 
     @property
     def layer_params(self) -> int:
@@ -247,6 +254,7 @@ class ModelArch:
             + sum(n * k.norm_params(self.hidden_size, self.head_dim, self.q_dim, self.kv_dim) for k, n in self.kind_counts)
             + self.hidden_size  # final norm
             + (_moe.mlp_params(self) if self.moe else 0)  # MoE: experts, routers, dense-first MLPs
+            + (self.num_layers * self.mla.norm_params if self.mla else 0)  # MLA: q_a_layernorm, kv_a_layernorm
         )
 
     @property
@@ -409,6 +417,9 @@ def arch_from_config(config: dict, *, name: str = "", hf_id: str | None = None, 
     act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
 
     q, kv = n_heads * head_dim, n_kv * head_dim
+    if model_type == _deepseek.MODEL_TYPE:
+        return _deepseek.build_arch(c, config, name=name, hf_id=hf_id, aliases=aliases, source=source, h=h,
+                                    n_layers=n_layers, n_heads=n_heads, inter=inter, vocab=vocab, tie=tie, act=act)
     if model_type in _moe.MOE_MODEL_TYPES:
         return _moe_arch(model_type, c, config, name, hf_id, aliases, source, h, n_layers, n_heads, n_kv, head_dim,
                          inter, vocab, tie, act)

@@ -69,7 +69,12 @@ def attention_flops_per_token(arch: ModelArch, tc: TrainConfig) -> float:
     extra_seq, extra_kv = tc.spec.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
     keys = seq / 2 + extra_kv
-    return 4.0 * arch.q_dim * keys * arch.num_layers
+    return 2.0 * _qk_v_width(arch) * keys * arch.num_layers
+
+
+def _qk_v_width(arch: ModelArch) -> int:
+    """Elements per token and key of QK^T plus AV: 2 x q_dim; MLA H x (qk_head_dim + v_head_dim) (planner.mla)."""
+    return arch.mla.attention_matmul_width(arch.num_heads) if arch.mla else 2 * arch.q_dim
 
 
 def adapter_matmul_params(arch: ModelArch, tc: TrainConfig) -> int:
@@ -339,7 +344,7 @@ def attention_seconds(arch: ModelArch, tc: TrainConfig, batch: int, kernel: str,
     extra_seq, extra_kv = tc.spec.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
     keys = (seq / 2 if causal else seq) + extra_kv
-    flops = 4.0 * arch.q_dim * keys * seq * batch
+    flops = 2.0 * _qk_v_width(arch) * keys * seq * batch
     eff = params.attention_efficiency(gpu)
     peak16, tensor_cores = tensor_peak(gpu, tc)
     if kernel == "flash" and tensor_cores:

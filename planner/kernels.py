@@ -182,7 +182,9 @@ class _Walk:
                 x = _first_activation(g, n.inputs)
                 fp32 = x is not None and dt.get(x) == 4
                 if n.name == "sdpa":
-                    kernel, causal = ("efficient_fp32" if fp32 else "efficient" if masked else "flash"), not masked
+                    # MLA's value head dim differs from q/k's: the memory-efficient kernel (planner.mla)
+                    eff = masked or b.arch.mla is not None
+                    kernel, causal = ("efficient_fp32" if fp32 else "efficient" if eff else "flash"), not masked
                 elif n.name in ("flash_attn", "flash_attn_varlen"):  # flash-attn 2 skips the causally masked half
                     # (varlen over packed rows: timed as one causal sequence per row, an upper bound: the
                     # examples' blocks are smaller)

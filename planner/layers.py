@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .graph import ZERO, Graph
 from .layerkinds import LayerKind
 from .methods import get_method
+from .mla import decoder_layer as mla_decoder_layer
 from .modules_to_save import trains_embedding, trains_lm_head
 from .moe_graph import moe_block
 from .units import BF16, FP32, param_bytes, round_up  # noqa: F401  (param_bytes: re-exported)
@@ -75,6 +76,7 @@ class Builder:
     def __init__(self, arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, checkpointed: bool = False,
                  kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY):
         self.arch, self.tc, self.seq, self.kv_seq = arch, tc, seq, kv_seq
+        self.checkpointed = checkpointed  # a checkpointed layer: recomputed saved tensors go when unpacked
         self.sm = tuple(sm)  # the GPU's compute capability: which sdpa kernel runs (planner.attention)
         self.kind = kind or arch.layer_kinds[0]
         self.masked = self.kind.masked(kv_seq)  # this layer attends through a materialized (sliding-window) mask
@@ -630,6 +632,8 @@ class Builder:
         and post-feed-forward norms; Qwen3/Gemma-3 per-head and OLMo-2 whole-projection q/k norms, before rotary;
         a sliding window masks `sdpa`)."""
         a, kind = self.arch, self.kind
+        if a.mla is not None:  # DeepSeek-V3's latent attention (planner.mla)
+            return mla_decoder_layer(self, x)
         h = a.hidden_size
         lin = {l.name: l for l in a.linears}
         n1 = self.rmsnorm(x, h) if kind.pre_norms else x

@@ -29,6 +29,7 @@ from .graph import Offload, Point, forward_without_saving, peak_point, pinned_by
 from .attention import DEFAULT_CAPABILITY, canonical_capability, effective_implementation, parse_capability
 from .layers import batch_mask, embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
 from .methods import total_params, trainable_params
+from .deepseek import buffer_bytes as deepseek_buffer_bytes
 from .modules_to_save import first_input_requires_grad
 from .moe import check_supported as check_moe_supported
 from .moe import param_tensors as moe_param_tensors
@@ -60,6 +61,8 @@ def param_tensors(arch: ModelArch) -> list[tuple[str, tuple[int, int], int]]:
                 out.append(("norm", (1, width), n))
     if arch.moe:  # experts, routers, shared experts, dense-first MLPs (planner.moe)
         out += moe_param_tensors(arch)
+    if arch.mla:  # q_a_layernorm, kv_a_layernorm (planner.mla)
+        out += [("norm", (1, w), arch.num_layers) for w in arch.mla.norm_widths]
     return out
 
 
@@ -653,7 +656,8 @@ def _static_terms(arch: ModelArch, tc: TrainConfig, workspace: int):
     base = base_weight_bytes(arch, tc)
     opt = optimizer_state_bytes(arch, tc)
     static = {
-        "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32),  # + rotary inv_freq buffer
+        "weights": base["weights"] + param_bytes(arch.head_dim // 2, FP32)  # + rotary inv_freq buffer
+        + (deepseek_buffer_bytes(arch) if arch.mla else 0),  # + DeepSeek's router bias buffers
         "quant_constants": base["quant_constants"],
         "trainable_weights": adapter_bytes(arch, tc),
         "optimizer_state": opt["state"] + grad_scaler_bytes(tc),

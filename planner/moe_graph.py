@@ -19,6 +19,9 @@ I64, I32 = 8, 4
 def moe_block(b, x: int) -> int:
     """The sparse block of `b.arch.moe` on the normed hidden states `x`; returns the block's output."""
     a = b.arch
+    if a.model_type == "deepseek_v3":  # its own router and order (planner.deepseek)
+        from .deepseek import moe_block as deepseek_moe_block
+        return deepseek_moe_block(b, x)
     m, h = a.moe, a.hidden_size
     shared = _shared_expert(b, x) if m.shared_intermediate else None
     scores, gate_in = _router(b, x)
@@ -157,8 +160,13 @@ def _experts_grouped_mm(b, x: int, scores: int) -> int:
     # summed over h (transient)
     wdt_out = max(b.dtype[dnm], b.dtype[sw])
     w = b.new(k * h, wdt_out, g.rg(dnm) or g.rg(sw))
+    # fp32 routing weights (Mixtral, DeepSeek-V3): a 16-bit dnm's gradient is the product in fp32, then cast, and
+    # the weights' product is live too at the cast (the traces: tiny-mixtral-v512 full FT -1.19 % -> 0.00 %). In a
+    # checkpointed layer the recomputed dnm is released once unpacked, before the cast: one dnm less there
+    widened = g.rg(dnm) and b.dtype[dnm] != wdt_out
+    early = widened and g.rg(sw) and b.checkpointed
     g.op("mul_routing", [dnm, sw], [w], saved=([sw] if g.rg(dnm) else []) + ([dnm] if g.rg(sw) else []),
-         bwd_temp=(b.seq * k * h * wdt_out, 0) if g.rg(sw) else (0, 0))
+         bwd_temp=(b.seq * k * h * (wdt_out * (g.rg(sw) + widened) - (b.dtype[dnm] if early else 0)), 0))
     inv = b.new(k, I64, False)
     g.op("inv_perm", [perm], [inv], fwd_temp=(0, 0))
     ar = b.new(k, I64, False)
@@ -217,7 +225,8 @@ def unsummed_grad_bytes_per_token(arch, R) -> int:
     """Bytes per token of the gradient of the experts' (S, h) output before the sum over top_k: in the routing
     weights' dtype when wider (Mixtral keeps fp32 scores), else the weights' dtype."""
     m = arch.moe
-    scores = FP32 if (m.softmax_first and arch.model_type == "mixtral") else (BF16 if R.lin == BF16 else FP32)
+    scores = (FP32 if (m.softmax_first and arch.model_type in ("mixtral", "deepseek_v3"))  # DeepSeek: fp32 router
+              else (BF16 if R.lin == BF16 else FP32))
     return m.top_k * arch.hidden_size * max(R.weight, scores)
 
 

@@ -29,12 +29,22 @@ def family_default_targets(arch) -> tuple:
     the table: q_proj, v_proj where the layer has them, else the fused qkv_proj)."""
     if arch.model_type in FAMILY_DEFAULT_TARGETS:
         return FAMILY_DEFAULT_TARGETS[arch.model_type]
+    if arch.mla is not None:  # DeepSeek-V3: peft has no default; every MLA projection (planner.deepseek)
+        return arch.linear_names
     return DEFAULT_TARGETS if set(DEFAULT_TARGETS) <= set(arch.linear_names) else FUSED_DEFAULT_TARGETS
 
 
 def lora_targets(arch, tc) -> tuple:
     """The `Linear`s of one decoder layer that LoRA adapts. `all-linear` is every linear layer of the decoder
     (peft excludes the output layer, lm_head). Unknown names raise TargetError listing the valid ones."""
+    if tc.all_linear and arch.mla is not None:
+        # DeepSeek-V3's experts (planner.deepseek) are not in planner.moe's wrapper table; peft 0.21 wraps them too
+        raise TargetError(
+            f"target_modules all-linear on the MoE model {arch.name}: peft 0.21 maps it to `target_parameters` on "
+            "the fused 3-D experts and router (ParamWrapper, which refuses lora_dropout != 0 and adds "
+            "expert-sized weights per forward), not modelled for DeepSeek-V3; valid: "
+            f"{', '.join(arch.linear_names)}"
+        )
     if arch.moe is not None:
         return _moe_targets(arch, tc)
     if tc.all_linear:
