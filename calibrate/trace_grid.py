@@ -248,7 +248,28 @@ def multigpu_points() -> list[tuple[str, dict]]:
                                     grad_ckpt=ckpt)))
     pts += [("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=8, grad_ckpt=True)),
             ("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=64, grad_ckpt=False))]
-    return pts
+    return pts + multigpu_offload_qlora_points()
+
+
+def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
+    """FSDP2 with CPU offload (device memory and host RAM) and QLoRA over a bf16-stored 4-bit base (issue 12
+    item 2), on 2 and 8 GPUs: two tied catalog models and an untied small family (`family:mistral`). Appended
+    after the first grid's 18 points (`--append` traces only these)."""
+    fsdp = dict(strategy="fsdp", seq_len=512, batch_size=1, precision="bf16")
+    lora = dict(method="lora", rank=16, target_modules=("all-linear",))
+    qlora = dict(lora, quant="nf4")
+    return [
+        ("llama-3.2-1b", dict(fsdp, method="full", num_gpus=2, grad_ckpt=True, cpu_offload=True)),
+        ("llama-3.2-1b", dict(fsdp, method="full", num_gpus=8, grad_ckpt=False, cpu_offload=True)),
+        ("llama-3.2-1b", dict(fsdp, **lora, num_gpus=8, grad_ckpt=True, cpu_offload=True)),
+        ("qwen2.5-0.5b", dict(fsdp, method="full", num_gpus=2, grad_ckpt=False, cpu_offload=True)),
+        ("qwen2.5-0.5b", dict(fsdp, **lora, num_gpus=2, grad_ckpt=False, cpu_offload=True)),
+        ("family:mistral", dict(fsdp, **lora, num_gpus=8, grad_ckpt=False, cpu_offload=True)),
+        ("llama-3.2-1b", dict(fsdp, **qlora, num_gpus=2, grad_ckpt=True)),
+        ("llama-3.2-1b", dict(fsdp, **qlora, num_gpus=8, grad_ckpt=True, cpu_offload=True)),
+        ("qwen2.5-0.5b", dict(fsdp, **qlora, num_gpus=8, grad_ckpt=False)),
+        ("family:mistral", dict(fsdp, **qlora, num_gpus=2, grad_ckpt=False)),
+    ]
 
 
 # attention grid: two tiny families where the attention matrices dominate (small vocabulary, 1K tokens)
@@ -387,6 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=150, help="random points on top of the structured ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the points already in --out (byte for byte) and trace only the grid's points after them")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
@@ -407,8 +430,13 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     t0 = time.time()
-    with out.open("w") as f:
+    first = 0
+    if args.append and out.exists():
+        first = sum(1 for line in out.read_text().splitlines() if line.strip())
+    with out.open("a" if args.append else "w") as f:
         for i, point in enumerate(points):
+            if i < first:
+                continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
             if model in ATTN_FAMILIES:  # a tiny family of the attention grid, on the point's GPU
@@ -446,7 +474,7 @@ def main(argv=None) -> int:
             f.flush()
             el = time.time() - t0
             print(f"[{i + 1}/{len(points)}] {model} {tc.describe()}: {r.peak_allocated_bytes / 2**30:.2f} GiB "
-                  f"at {r.peak_phase} ({r.seconds:.1f}s, eta {el / (i + 1) * (len(points) - i - 1):.0f}s)", file=sys.stderr, flush=True)
+                  f"at {r.peak_phase} ({r.seconds:.1f}s, eta {el / (i + 1 - first) * (len(points) - i - 1):.0f}s)", file=sys.stderr, flush=True)
     return 0
 
 
