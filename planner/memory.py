@@ -224,12 +224,12 @@ _piece_configs: dict = {}
 def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
     exception, `gathered_recipe`."""
-    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (gathered_recipe(tc),)
+    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (gathered_recipe(tc), gathered_precision(tc))
     out = _piece_configs.get(k)
     if out is None:
         out = tc.replace(batch_size=1, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
-        if k[-1] != out.recipe:
-            out = out.replace(recipe=k[-1])
+        if k[-2:] != (out.recipe, out.precision):
+            out = out.replace(recipe=k[-2], precision=k[-1])
         _piece_configs[k] = out
     return out
 
@@ -237,8 +237,8 @@ def _piece_key(tc: TrainConfig) -> TrainConfig:
 def _gathers_bf16(tc: TrainConfig) -> bool:
     """FSDP2 over several GPUs gathers every parameter in its `MixedPrecisionPolicy.param_dtype`
     (torch/distributed/fsdp/_fully_shard/_fsdp_param.py: the all-gather output is cast to param_dtype), bf16 under
-    bf16 weights or a 4-bit base (`planner.strategies.fsdp2.mixed_precision_policy`)."""
-    if tc.num_gpus > 1 and tc.strategy == "fsdp" and tc.precision == "bf16":
+    bf16 weights, bf16 autocast or a 4-bit base (`planner.strategies.fsdp2.mixed_precision_policy`)."""
+    if tc.num_gpus > 1 and tc.strategy == "fsdp" and tc.precision in ("bf16", "mixed"):
         from .strategies.fsdp2 import mixed_precision_policy
 
         return mixed_precision_policy(tc)["param_dtype"] == "bfloat16"
@@ -252,6 +252,14 @@ def gathered_adapter_dtype(tc: TrainConfig) -> str:
     if tc.spec.bf16_adapters and _gathers_bf16(tc):
         return "bf16"
     return tc.recipe.adapter_dtype
+
+
+def gathered_precision(tc: TrainConfig) -> str:
+    """The precision the layers compute in: `tc.precision`, except that under FSDP2's bf16 gathers (`_gathers_bf16`)
+    `mixed` computes on bf16 weights: the embedding's output, so the residual stream, is bf16, and autocast makes no
+    bf16 copies of weights that already are (`bf16`'s pieces; the fp32 shards, gradients and state keep their bytes:
+    the static terms read `tc`). Checked against the multi-GPU trace's mixed points."""
+    return "bf16" if tc.precision == "mixed" and _gathers_bf16(tc) else tc.precision
 
 
 def gathered_recipe(tc: TrainConfig):
