@@ -252,8 +252,8 @@ def multigpu_points() -> list[tuple[str, dict]]:
 
 
 def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
-    """FSDP2 with CPU offload (device memory and host RAM) and QLoRA over a bf16-stored 4-bit base (issue 12
-    item 2), on 2 and 8 GPUs: two tied catalog models and an untied small family (`family:mistral`). Appended
+    """FSDP2 with CPU offload (device memory and host RAM), QLoRA over a bf16-stored 4-bit base (issue 12 item 2)
+    and bf16 autocast, on 2 and 8 GPUs: two tied catalog models and an untied small family (`family:mistral`). Appended
     after the first grid's 18 points (`--append` traces only these)."""
     fsdp = dict(strategy="fsdp", seq_len=512, batch_size=1, precision="bf16")
     lora = dict(method="lora", rank=16, target_modules=("all-linear",))
@@ -269,6 +269,9 @@ def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
         ("llama-3.2-1b", dict(fsdp, **qlora, num_gpus=8, grad_ckpt=True, cpu_offload=True)),
         ("qwen2.5-0.5b", dict(fsdp, **qlora, num_gpus=8, grad_ckpt=False)),
         ("family:mistral", dict(fsdp, **qlora, num_gpus=2, grad_ckpt=False)),
+        # bf16 autocast over fp32 shards: FSDP2 gathers bf16, so the layers compute as in bf16
+        ("qwen2.5-0.5b", dict(fsdp, method="full", precision="mixed", num_gpus=8, grad_ckpt=True)),
+        ("llama-3.2-1b", dict(fsdp, **lora, precision="mixed", num_gpus=2, grad_ckpt=False, cpu_offload=True)),
     ]
 
 

@@ -87,6 +87,8 @@ def test_multigpu_points_cover_the_grid():
     assert {p["train"]["num_gpus"] for p in quantized} == {2, 8}
     assert any(tc.cpu_offload for tc in configs if tc.base_quant.quantized)
     assert any("config" in p for p in quantized) and any("config" not in p for p in quantized)
+    # bf16 autocast over fp32 shards (`planner.memory.gathered_precision`), with and without offload
+    assert {tc.cpu_offload for tc in configs if tc.precision == "mixed"} == {False, True}
 
 
 def _arch(point):
@@ -102,7 +104,8 @@ def _arch(point):
                          f"{'-offload' if p['train'].get('cpu_offload') else ''}")
 def test_fsdp2_formulas_match_the_multigpu_trace(point):
     """Within 2 % per GPU, full fine-tuning, LoRA (whose fp32 adapters FSDP2 gathers in bf16:
-    `planner.memory.gathered_adapter_dtype`) and QLoRA (the layers compute in bf16: `gathered_recipe`); under CPU
+    `planner.memory.gathered_adapter_dtype`), QLoRA (the layers compute in bf16: `gathered_recipe`) and bf16
+    autocast over fp32 shards (`gathered_precision`); under CPU
     offload the device memory and the host RAM (`planner.strategies.fsdp2.offloaded_host_bytes`) both."""
     from planner.memory import estimate_memory
 
