@@ -426,7 +426,16 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     shard = strategy_of(tc).ways(GRADIENTS, tc.num_gpus)
     # ... or, under FSDP2's CPU offload, copy each shard to the host at once: none kept on the device
     on_device = 0 if strategy.offloads_gradients(tc) else 1
-    g_tail = -(-_at(P.tail.param_grads, B) // shard) * on_device
+    # FSDP2 leaves each sharded gradient in its parameter's own dtype (foreach_reduce casts the reduce output to
+    # orig_dtype), whatever dtype the pieces computed it in (`gathered_recipe`, `gathered_precision`): scaled back
+    grad_num, grad_den = gradient_bytes(arch, tc), gradient_bytes(arch, _piece_key(tc))
+
+    def grad_shard(nbytes: int) -> int:
+        if grad_den and grad_num != grad_den:
+            nbytes = nbytes * grad_num // grad_den
+        return -(-nbytes // shard) * on_device
+
+    g_tail = grad_shard(_at(P.tail.param_grads, B))
     # per replay: what such a layer keeps while later layers run forward, what it keeps after its backward (KV
     # caches, held by the outputs), and the parameter gradients it leaves
     # offloaded checkpoints (`offload_checkpoints`): the input each checkpoint keeps is in host memory instead
@@ -439,7 +448,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
     held = [_at(s.held, B) for s in P.layers]
-    layer_grads = [-(-_at(s.param_grads, B) // shard) * on_device for s in P.layers]
+    layer_grads = [grad_shard(_at(s.param_grads, B)) for s in P.layers]
     held_tail = _at(P.tail.held, B)
     held_layers = total_over(held, 0, L)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)

@@ -148,9 +148,12 @@ class FSDP2(Strategy):
                                     its fp32 RS input and output
         optimizer:                  0
 
+        The RS output is counted at the reduce moments only when it is not the gradient shard the timeline keeps:
+        parameters of fp32 (mixed, fp32) keep it as their gradient (no cast to the parameter's dtype).
         CPU offload (`offloads_gradients`): the gradient shards are on the host, so the timeline counts none on the
-        device; a unit's reduce still makes its shard on the device (the fp32 RS output cast to the parameter's
-        dtype, `foreach_reduce`) before the copy to the host, counted at tail_reduce and embedding_reduce; the
+        device; a unit's reduce still makes its shard on the device (the fp32 RS output, cast to the parameter's
+        dtype when it differs, `foreach_reduce`) before the copy to the host, counted at tail_reduce and
+        embedding_reduce; the
         tied tail's unsharded gradient is counted whole. Gathering copies each host shard to the device first
         (`FSDPParam.all_gather_inputs`), a transient 1/N of a unit not counted: it is freed before the unit
         computes."""
@@ -162,7 +165,18 @@ class FSDP2(Strategy):
         rs_layer = u["layer_trainable"] * REDUCE_BYTES
         # tied: the tail's gradient stays unsharded through backward; the timeline counts 1/N of it already
         offload = self.offloads_gradients(tc)
-        own_shard = (lambda t: -(-t * g // tc.num_gpus)) if offload else (lambda t: 0)
+        # a unit's reduce: the fp32 RS output is cast to the parameters' own dtype w (`foreach_reduce`); when w is
+        # fp32 (mixed, fp32) it is the sharded gradient itself, which the timeline counts unless offloaded
+        from ..layers import regime
+
+        w = regime(tc).weight if tc.spec.trains_base else 4
+
+        def rs_output(t: int) -> int:
+            return -(-t * REDUCE_BYTES // tc.num_gpus) if (offload or w != REDUCE_BYTES) else 0
+
+        def own_shard(t: int) -> int:  # the cast shard, on the device until its copy to the host
+            return -(-t * w // tc.num_gpus) if (offload and w != REDUCE_BYTES) else 0
+
         # (under offload the timeline counts none of it: the whole)
         counted = 0 if offload else -(-u["tail_trainable"] * g // tc.num_gpus)
         tail_grad = u["tail_trainable"] * g - counted if tied else 0
@@ -177,7 +191,7 @@ class FSDP2(Strategy):
             if tied or not u["tail_trainable"]:
                 return 0
             t = u["tail_trainable"]
-            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus) + layer_g + own_shard(t)
+            return t * g + t * REDUCE_BYTES + rs_output(t) + layer_g + own_shard(t)
         if moment == "layer_backward":
             prefetched = layer_g if layer else u["embed"] * g
             if layer < arch.num_layers - 1:
@@ -189,7 +203,7 @@ class FSDP2(Strategy):
             return (tied_tail if tied else u["embed"] * g) + rs_layer
         if moment == "embedding_reduce":  # its parameters freed first (reshard before reduce)
             t = u["tail_trainable"] if tied else u["embed_trainable"]
-            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus) + own_shard(t)
+            return t * g + t * REDUCE_BYTES + rs_output(t) + own_shard(t)
         return 0
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
