@@ -97,19 +97,22 @@ class LiveBytes(TorchDispatchMode):
         self.default_tag = "activations"
         self.excluded: dict[int, int] = {}  # storages outside max_memory_allocated (paged): id -> bytes
         self.paused = False  # while True, new storages are CUDA managed memory (not the caching allocator's)
-        self.on_host = False  # while True, new storages are pinned host memory
-        self.host_live: dict[int, tuple[int, object]] = {}
+        self.on_host = False  # while True, new storages are host memory
+        self.host_pinned = True  # ... pinned (else pageable)
+        self.host_live: dict[int, tuple[int, object, bool]] = {}
         self.host_current = 0
         self.host_peak = 0
 
     @contextlib.contextmanager
-    def host_memory(self):
-        """Storages created inside are pinned host memory (offloaded tensors), counted apart from the device's."""
-        self.on_host = True
+    def host_memory(self, pinned: bool = True):
+        """Storages created inside are host memory (offloaded tensors), counted apart from the device's: pinned
+        (rounded as the pinned allocator rounds) or pageable (CPU-offloaded optimizer state: exact bytes)."""
+        saved = self.on_host, self.host_pinned
+        self.on_host, self.host_pinned = True, pinned
         try:
             yield
         finally:
-            self.on_host = False
+            self.on_host, self.host_pinned = saved
 
     def is_host(self, t) -> bool:
         try:
@@ -117,19 +120,23 @@ class LiveBytes(TorchDispatchMode):
         except (RuntimeError, NotImplementedError):
             return False
 
-    def _track_host(self, st) -> None:
+    def _track_host(self, st, pinned: bool | None = None) -> None:
         key = id(st)
         if key in self.host_live:
             return
+        pinned = self.host_pinned if pinned is None else pinned
         nbytes = st.nbytes()
-        n = 0 if nbytes == 0 else 1 << (nbytes - 1).bit_length()  # CachingHostAllocator: PowerOf2Ceil(size)
+        if pinned:
+            n = 0 if nbytes == 0 else 1 << (nbytes - 1).bit_length()  # CachingHostAllocator: PowerOf2Ceil(size)
+        else:
+            n = nbytes
 
         def release(_ref, key=key):
             entry = self.host_live.pop(key, None)
             if entry is not None:
                 self.host_current -= entry[0]
 
-        self.host_live[key] = (n, weakref.ref(st, release))
+        self.host_live[key] = (n, weakref.ref(st, release), pinned)
         self.host_current += n
         self.host_peak = max(self.host_peak, self.host_current)
 
@@ -911,14 +918,16 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
 # -- building the model on meta, then fake ---------------------------------------------------------------------
 
 
-def _quantize_on_meta(model) -> None:
-    """Replace linear layers by bitsandbytes Linear4bit exactly as transformers' bnb quantizer selects them."""
+def _quantize_on_meta(model, **storage) -> None:
+    """Replace linear layers by bitsandbytes Linear4bit exactly as transformers' bnb quantizer selects them;
+    `storage`: the recipe's `bnb_4bit_quant_storage` (`trainer.recipe.quant_storage_kwargs`), if any."""
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import _assign_is_quantized, get_keys_to_not_convert
 
     qc = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+        **storage,
     )
     replace_with_bnb_linear(model, modules_to_not_convert=get_keys_to_not_convert(model), quantization_config=qc)
     model.is_loaded_in_4bit = True
@@ -1018,6 +1027,7 @@ class TraceResult:
     cuda_workspace_bytes: int = 0
     notes: list = field(default_factory=list)
     host_pinned_bytes: int = 0  # peak pinned host memory (offloaded tensors)
+    host_bytes: int | None = None  # peak host memory, pinned and pageable (FSDP2 CPU offload); None: not traced
 
     def to_dict(self) -> dict:
         return {
@@ -1030,6 +1040,7 @@ class TraceResult:
             "total_params": self.total_params,
             "cuda_workspace_bytes": self.cuda_workspace_bytes,
             "host_pinned_bytes": self.host_pinned_bytes,
+            **({"host_bytes": self.host_bytes} if self.host_bytes is not None else {}),
             "seconds": round(self.seconds, 3),
             "steps": self.steps,
             "notes": list(self.notes),

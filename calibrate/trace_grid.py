@@ -371,7 +371,33 @@ def multigpu_points() -> list[tuple[str, dict]]:
                                     grad_ckpt=ckpt)))
     pts += [("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=8, grad_ckpt=True)),
             ("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=64, grad_ckpt=False))]
-    return pts
+    return pts + multigpu_offload_qlora_points()
+
+
+def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
+    """FSDP2 with CPU offload (device memory and host RAM), QLoRA over a bf16-stored 4-bit base (issue 12 item 2)
+    and bf16 autocast, on 2 and 8 GPUs: two tied catalog models and an untied small family (`family:mistral`). Appended
+    after the first grid's 18 points (`--append` traces only these)."""
+    fsdp = dict(strategy="fsdp", seq_len=512, batch_size=1, precision="bf16")
+    lora = dict(method="lora", rank=16, target_modules=("all-linear",))
+    qlora = dict(lora, quant="nf4")
+    return [
+        ("llama-3.2-1b", dict(fsdp, method="full", num_gpus=2, grad_ckpt=True, cpu_offload=True)),
+        ("llama-3.2-1b", dict(fsdp, method="full", num_gpus=8, grad_ckpt=False, cpu_offload=True)),
+        ("llama-3.2-1b", dict(fsdp, **lora, num_gpus=8, grad_ckpt=True, cpu_offload=True)),
+        ("qwen2.5-0.5b", dict(fsdp, method="full", num_gpus=2, grad_ckpt=False, cpu_offload=True)),
+        ("qwen2.5-0.5b", dict(fsdp, **lora, num_gpus=2, grad_ckpt=False, cpu_offload=True)),
+        ("family:mistral", dict(fsdp, **lora, num_gpus=8, grad_ckpt=False, cpu_offload=True)),
+        ("llama-3.2-1b", dict(fsdp, **qlora, num_gpus=2, grad_ckpt=True)),
+        ("llama-3.2-1b", dict(fsdp, **qlora, num_gpus=8, grad_ckpt=True, cpu_offload=True)),
+        ("qwen2.5-0.5b", dict(fsdp, **qlora, num_gpus=8, grad_ckpt=False)),
+        ("family:mistral", dict(fsdp, **qlora, num_gpus=2, grad_ckpt=False)),
+        # bf16 autocast over fp32 shards: FSDP2 gathers bf16, so the layers compute as in bf16
+        ("qwen2.5-0.5b", dict(fsdp, method="full", precision="mixed", num_gpus=8, grad_ckpt=True)),
+        ("llama-3.2-1b", dict(fsdp, **lora, precision="mixed", num_gpus=2, grad_ckpt=False, cpu_offload=True)),
+        # fp32 gradient shards (kept as the fp32 reduce-scatter output) through the backward: the optimizer peaks
+        ("qwen2.5-0.5b", dict(fsdp, method="full", precision="mixed", num_gpus=2, grad_ckpt=True)),
+    ]
 
 
 # attention grid: two tiny families where the attention matrices dominate (small vocabulary, 1K tokens)
@@ -697,9 +723,8 @@ def main(argv=None) -> int:
     ap.add_argument("--random", type=int, default=150, help="random points on top of the structured ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="stop after this many points (0 = all)")
-    ap.add_argument("--start", type=int, default=0,
-                    help="trace only the points from this index on and append them to --out (the earlier ones stay "
-                         "as they were traced; ids continue from it)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the points already in --out (byte for byte) and trace only the grid's points after them")
     ap.add_argument("--grid", choices=tuple(GRIDS), default="reference",
                     help="reference: the main grid; dora: DoRA/rsLoRA points (calibrate/reference/trace-points-dora.jsonl); "
                          "families: issue 13's dense families (calibrate/reference/trace-points-families.jsonl), "
@@ -722,17 +747,16 @@ def main(argv=None) -> int:
     points = GRIDS[args.grid](args)
     if args.limit:
         points = points[: args.limit]
-    if args.start:
-        have = sum(1 for line in Path(args.out).read_text().splitlines() if line.strip())
-        if have != args.start:
-            ap.error(f"--start {args.start}: {args.out} holds {have} points; append only right after them")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
     t0 = time.time()
-    with out.open("a" if args.start else "w") as f:
+    first = 0
+    if args.append and out.exists():
+        first = sum(1 for line in out.read_text().splitlines() if line.strip())
+    with out.open("a" if args.append else "w") as f:
         for i, point in enumerate(points):
-            if i < args.start:
+            if i < first:
                 continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
@@ -784,7 +808,7 @@ def main(argv=None) -> int:
             f.flush()
             el = time.time() - t0
             print(f"[{i + 1}/{len(points)}] {model} {tc.describe()}: {r.peak_allocated_bytes / 2**30:.2f} GiB "
-                  f"at {r.peak_phase} ({r.seconds:.1f}s, eta {el / (i + 1) * (len(points) - i - 1):.0f}s)", file=sys.stderr, flush=True)
+                  f"at {r.peak_phase} ({r.seconds:.1f}s, eta {el / (i + 1 - first) * (len(points) - i - 1):.0f}s)", file=sys.stderr, flush=True)
     return 0
 
 

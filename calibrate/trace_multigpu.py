@@ -19,6 +19,21 @@ Two things the tracker must not count, as they are not rank 0's memory:
 
 The same sharding and counting run on real tensors over gloo in `tests/test_trace_multigpu.py` (two processes, a
 tiny model): the fake trace must see the same bytes, which is what makes it a check on the analytic model.
+
+CPU offload (`cpu_offload_behaviour`): the fake tensors stand for device memory, so what FSDP2 puts on the host is
+told apart by storage: the shards `pin_memory()` makes and the gradients `foreach_reduce` sends to the CPU are
+host storages of the tracker (pinned: rounded to a power of two), the optimizer step's allocations pageable host
+memory, and each gather's host-to-device copy a new device tensor. `host_bytes` is the host peak of the steps. Not
+checked over gloo: pinning needs an accelerator.
+
+A 4-bit base (QLoRA) is built as `ftplan run` loads it across GPUs, stored as bf16 (`_pack_4bit_on_meta`), and
+sharded by the same `fsdp2_prepare_model`: real bitsandbytes `Params4bit` parameters go through `fully_shard`
+(on the meta device, then `to_empty`). One step of bitsandbytes' cannot run on fake tensors: at each forward
+`Linear4bit.forward` re-wraps the gathered weight in a `Params4bit` to give it back its quant state
+(nn/modules.py `fix_4bit_weight_quant_state_from_module`), and `Tensor._make_subclass` refuses a FakeTensor ("the
+raw Tensor object is already associated to a python object of type FakeTensor"); the re-wrap aliases the gathered
+storage (no bytes), and the trace's `Linear4bit` stand-in (`calibrate.trace._linear4bit_forward`) does not read the
+weight, so the bytes are those of the CUDA run.
 """
 
 from __future__ import annotations
@@ -123,6 +138,140 @@ def own_propagation_mode(tracker: ShardedLiveBytes):
         sp.detect_fake_mode = saved_detect
 
 
+class _PinnedHostCUDA(torch.utils._python_dispatch.TorchDispatchMode):
+    """`Tensor.pin_memory()` and `is_pinned()` as on a CUDA machine, for fake CPU tensors (whose `_pin_memory`
+    needs an accelerator): pinning copies into a new pinned host buffer (aten/src/ATen/native/Memory.cpp
+    `_pin_memory`: `empty` on the pinned allocator, then `copy_`), counted in `tracker`'s host memory, rounded as
+    the pinned allocator rounds; a storage is pinned when the tracker holds it as pinned host memory."""
+
+    def __init__(self, tracker: LiveBytes):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._pin_memory.default:
+            out = torch.ops.aten.clone.default(args[0])
+            self.tracker._track_host(out.untyped_storage(), pinned=True)
+            return out
+        if func is torch.ops.aten.is_pinned.default:
+            entry = self.tracker.host_live.get(id(args[0].untyped_storage()))
+            return entry is not None and entry[2]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def cpu_offload_behaviour(tracker: ShardedLiveBytes):
+    """FSDP2 with `CPUOffloadPolicy(pin_memory=True)` (what accelerate 1.15 makes of `fsdp_offload_params`) as on a
+    CUDA machine, where the fake trace's "cpu" tensors stand for device memory (torch 2.13,
+    torch/distributed/fsdp/_fully_shard/):
+
+    - each sharded parameter is copied to pinned host memory (`_fsdp_param.py` `_init_sharded_param` and
+      `reset_sharded_param`: `.cpu().pin_memory()`): `_PinnedHostCUDA` makes it a host storage;
+    - gathering a unit copies each host shard to the device first (`FSDPParam.all_gather_inputs`:
+      `self._sharded_param_data.to(self.device, non_blocking=True)`, then the cast to param_dtype); on the fake
+      device `.to` would return the tensor itself, so the stand-in allocates the device copy;
+    - after the reduce-scatter each sharded gradient goes to the host (`_fsdp_collectives.py` `foreach_reduce`:
+      `new_sharded_grad.to(torch.device("cpu"), non_blocking=True)`: a pinned host tensor when nothing accumulates
+      into it, as `_to_copy` pins a non-blocking device-to-host copy) and the device shard is dropped; the stand-in
+      wraps `foreach_reduce` and moves each new gradient to pinned host memory after it;
+    - the optimizer step (clip included) runs on those host tensors: `run_steps` counts its state and scratch as
+      pageable host memory."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param as fp
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as fpg
+
+    original_inputs = fp.FSDPParam.all_gather_inputs
+    original_reduce = fpg.foreach_reduce
+
+    def all_gather_inputs(self):
+        if (self.offload_to_cpu and self.sharded_state == fp.ShardedState.SHARDED
+                and not hasattr(self._sharded_local_tensor, "fsdp_pre_all_gather")):
+            device_copy = self._sharded_param_data.clone()  # the host-to-device copy
+            return [fp._to_dtype_if_needed(device_copy, self.param_dtype)]
+        return original_inputs.fget(self)
+
+    def foreach_reduce(fsdp_params, *args, **kwargs):
+        out = original_reduce(fsdp_params, *args, **kwargs)
+        for fsdp_param in fsdp_params:
+            grad = fsdp_param.sharded_param.grad
+            if not fsdp_param.offload_to_cpu or grad is None:
+                continue
+            local = grad._local_tensor
+            if id(local.untyped_storage()) in tracker.host_live:
+                continue  # accumulated into the host gradient in place
+            with tracker.host_memory(pinned=True):
+                host = local.clone()
+            fsdp_param.sharded_param.grad = fsdp_param.to_sharded_dtensor(host)
+        return out
+
+    fp.FSDPParam.all_gather_inputs = property(all_gather_inputs)
+    fpg.foreach_reduce = foreach_reduce
+    try:
+        with _PinnedHostCUDA(tracker):
+            yield
+    finally:
+        fp.FSDPParam.all_gather_inputs = original_inputs
+        fpg.foreach_reduce = original_reduce
+
+
+def _pack_4bit_on_meta(model) -> None:
+    """Each bitsandbytes Linear4bit weight as quantizing with `bnb_4bit_quant_storage=torch.bfloat16` leaves it: a
+    frozen `Params4bit` of ((numel + 1) // 4, 1) bf16 elements, 4 NF4 values per element (bitsandbytes 0.50
+    backends/cuda/ops.py `_quantize_4bit_impl`: `(n + 1) // (quant_storage.itemsize * 2)`), so it is a floating
+    tensor FSDP2 shards and gathers like any other (accelerate 1.15 `fsdp2_prepare_model` leaves only non-floating
+    Params4bit out of `fully_shard`)."""
+    import bitsandbytes as bnb
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            if mod.quant_storage != torch.bfloat16:
+                raise ValueError(f"a 4-bit base across GPUs is stored as bf16 (trainer.recipe.quant_storage_kwargs); "
+                                 f"got {mod.quant_storage}")
+            n = mod.out_features * mod.in_features
+            mod._ftplan_4bit = (mod.out_features, mod.in_features, -(-n // 64))  # NF4 blocksize 64
+            packed = torch.empty(((n + 1) // 4, 1), dtype=torch.bfloat16, device="meta")
+            mod.weight = bnb.nn.Params4bit(packed, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                           quant_storage=torch.bfloat16, module=mod, bnb_quantized=True)
+
+
+def _quant_states(model, fake_mode) -> list:
+    """The double-quantized constants of every 4-bit layer (absmax uint8 per 64 weights, its fp32 absmax per 256,
+    the 256-entry code, the offset, the NF4 code), as fake tensors on the device. bitsandbytes keeps them in a
+    `QuantState` attribute of the weight and of the module (`Linear4bit.quant_state`), not a parameter or buffer:
+    `fully_shard` never sees them, so every rank holds all of them."""
+    import bitsandbytes as bnb
+
+    out = []
+    with fake_mode:
+        for mod in model.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                n_blocks = mod._ftplan_4bit[2]
+                mod._ftplan_quant = [torch.empty((n_blocks,), dtype=torch.uint8),
+                                     torch.empty((-(-n_blocks // 256),), dtype=torch.float32),
+                                     torch.empty((256,), dtype=torch.float32), torch.empty((), dtype=torch.float32),
+                                     torch.empty((16,), dtype=torch.float32)]
+                out += mod._ftplan_quant
+    return out
+
+
+def build_model(config: dict, tc: TrainConfig):
+    """The recipe's model and method on the meta device, before sharding. A 4-bit base is built as `ftplan run`
+    loads it across GPUs: transformers' bnb replacement with the recipe's quant storage (bf16), the packed
+    weights (`_pack_4bit_on_meta`), then k-bit preparation and LoRA (`recipe.apply_method`)."""
+    with torch.device("meta"):
+        if tc.base_quant.quantized:
+            from transformers import AutoModelForCausalLM
+
+            from .trace import _quantize_on_meta
+
+            model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16,
+                                                     attn_implementation=tc.recipe.attn_implementation)
+            _quantize_on_meta(model, **recipe.quant_storage_kwargs(tc))
+            _pack_4bit_on_meta(model)
+        else:
+            model = recipe.build_model(config, tc, device="meta")
+        return recipe.apply_method(model, tc)
+
+
 def run_steps(model, tc: TrainConfig, tracker: ShardedLiveBytes, vocab: int, steps: int, *, device="cpu",
               generator=None):
     """The run's own step (`trainer.step.TrainStep`) on a sharded model, with the tracker's phases and tags; the
@@ -134,7 +283,11 @@ def run_steps(model, tc: TrainConfig, tracker: ShardedLiveBytes, vocab: int, ste
         tracker.track(b, "weights")
     for p in params:
         tracker.retag(p._local_tensor if hasattr(p, "_local_tensor") else p, "trainable")
-    opt = recipe.make_optimizer(params, tc, foreach=True if tc.optimizer in ("adamw", "sgd") else None)
+    # CPU offload: the parameters, gradients and so the optimizer step are on the host, where torch's default
+    # (foreach=None) takes the per-tensor loops (torch/optim/optimizer.py `_default_to_fused_or_foreach`: foreach
+    # only on CUDA-like devices); on the device, foreach as CUDA's default
+    foreach = None if tc.cpu_offload else True
+    opt = recipe.make_optimizer(params, tc, foreach=foreach if tc.optimizer in ("adamw", "sgd") else None)
     step_no = 0
 
     def phase(name: str) -> None:
@@ -144,8 +297,10 @@ def run_steps(model, tc: TrainConfig, tracker: ShardedLiveBytes, vocab: int, ste
                     g = p.grad
                     tracker.retag(getattr(g, "_local_tensor", g), "gradients")
         tracker.phase, tracker.default_tag = f"{name}{step_no}", PHASE_TAGS[name]
+        # CPU offload: the clip and the optimizer step allocate pageable host memory
+        tracker.on_host, tracker.host_pinned = tc.cpu_offload and name == "optimizer", False
 
-    train_step = TrainStep(model, opt, params, tc, device, max_grad_norm=1.0, foreach=True, keep_grad_norm=False,
+    train_step = TrainStep(model, opt, params, tc, device, max_grad_norm=1.0, foreach=foreach, keep_grad_norm=False,
                            phase=phase)
     for step_no in range(steps):
         batch = recipe.synthetic_batch(vocab, tc, device=device, generator=generator)
@@ -170,9 +325,8 @@ def fake_process_group(world_size: int):
 
 
 def traceable(tc: TrainConfig) -> bool:
-    """strategy fsdp on 2 or more GPUs, without CPU offload or a 4-bit base"""
-    return (tc.num_gpus >= 2 and tc.strategy in TRACED_STRATEGIES and not tc.cpu_offload
-            and not tc.base_quant.quantized)
+    """strategy fsdp on 2 or more GPUs"""
+    return tc.num_gpus >= 2 and tc.strategy in TRACED_STRATEGIES
 
 
 def trace_sharded_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_workspace_bytes: int = 0) -> TraceResult:
@@ -181,20 +335,24 @@ def trace_sharded_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_wo
 
     if not traceable(tc):
         raise ValueError(f"the sharded trace follows {traceable.__doc__.strip()}; got {tc.strategy} on "
-                         f"{tc.num_gpus} GPU(s)" + (", 4-bit base" if tc.base_quant.quantized else "")
-                         + (", CPU offload" if tc.cpu_offload else ""))
+                         f"{tc.num_gpus} GPU(s)")
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = ShardedLiveBytes()
     with fake_process_group(tc.num_gpus), cuda_behaviour(tc=tc):
-        with torch.device("meta"):
-            model = recipe.build_model(config, tc, device="meta")
-            model = recipe.apply_method(model, tc)
+        model = build_model(config, tc)
         n_total = _count_params(model)
         model = shard(model, tc, config.get("model_type"))
-        with fake_mode:
+        offload = (lambda: cpu_offload_behaviour(tracker)) if tc.cpu_offload else contextlib.nullcontext
+        with fake_mode, offload():
             model.to_empty(device="cpu")
-        with fake_mode, own_propagation_mode(tracker), storage_resizes(tracker), tracker:
+        # the host peak of the steps: `to_empty` re-pins a tied parameter once per module that holds it, a load
+        # path of the fake trace only (the run shards a model already on the CPU, pinning each shard once)
+        tracker.host_peak = tracker.host_current
+        quant = _quant_states(model, fake_mode) if tc.base_quant.quantized else []
+        with fake_mode, offload(), own_propagation_mode(tracker), storage_resizes(tracker), tracker:
+            for t in quant:
+                tracker.track(t, "quant_constants")
             params = run_steps(model, tc, tracker, int(config["vocab_size"]), steps)
         n_trainable = sum(p.numel() for p in params)
     peak_by_tag = {k: v for k, v in tracker.peak_by_tag.items() if v}
@@ -205,7 +363,10 @@ def trace_sharded_step(config: dict, tc: TrainConfig, *, steps: int = 2, cuda_wo
         peak_by_tag=peak_by_tag, phase_peaks=tracker.phase_peaks, paged_bytes=0, trainable_params=n_trainable,
         total_params=n_total, seconds=time.perf_counter() - t0, steps=steps,
         cuda_workspace_bytes=cuda_workspace_bytes,
-        notes=[f"FSDP2 rank 0 of {tc.num_gpus} on a fake process group (accelerate's fsdp2_prepare_model)"],
+        notes=[f"FSDP2 rank 0 of {tc.num_gpus} on a fake process group (accelerate's fsdp2_prepare_model)"]
+        + (["CPU offload: sharded parameters and gradients in pinned host memory, the optimizer step on the host"]
+           if tc.cpu_offload else []),
+        host_bytes=tracker.host_peak if tc.cpu_offload else None,
     )
 
 

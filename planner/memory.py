@@ -229,33 +229,59 @@ _piece_configs: dict = {}
 
 def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
-    exception, `gathered_adapter_dtype`."""
-    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (tc.batch_size if tc.recipe.activation_offload else 1,
-                                                         gathered_adapter_dtype(tc))
+    exception, `gathered_recipe`; and TRL's activation offloading, which decides by a saved tensor's bytes, so its
+    replay is per batch size."""
+    batch = tc.batch_size if tc.recipe.activation_offload else 1
+    k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (batch, gathered_recipe(tc), gathered_precision(tc))
     out = _piece_configs.get(k)
     if out is None:
-        # TRL's activation offloading decides by a saved tensor's bytes: its replay is per batch size
-        batch = tc.batch_size if tc.recipe.activation_offload else 1
         out = tc.replace(batch_size=batch, grad_accum=1, optimizer="adamw", num_gpus=1, strategy="ddp", cpu_offload=False)
-        if k[-1] != out.recipe.adapter_dtype:
-            out = out.replace(recipe=dataclasses.replace(out.recipe, adapter_dtype=k[-1]))
+        if k[-2:] != (out.recipe, out.precision):
+            out = out.replace(recipe=k[-2], precision=k[-1])
         _piece_configs[k] = out
     return out
 
 
-def gathered_adapter_dtype(tc: TrainConfig) -> str:
-    """The dtype the layers compute the adapters in: `Recipe.adapter_dtype`, except that FSDP2 over several GPUs
-    gathers every parameter in its `MixedPrecisionPolicy.param_dtype` (torch/distributed/fsdp/_fully_shard/
-    _fsdp_param.py: the all-gather output is cast to param_dtype), bf16 under bf16 weights
-    (`planner.strategies.fsdp2.mixed_precision_policy`): peft's fp32 LoRA matrices then run in bf16, exactly as
-    `adapter_dtype="bf16"` models them (the input is no longer copied to fp32 and saved)."""
-    if (tc.num_gpus > 1 and tc.strategy == "fsdp" and tc.precision == "bf16" and tc.spec.bf16_adapters
-            and not tc.base_quant.quantized):
+def _gathers_bf16(tc: TrainConfig) -> bool:
+    """FSDP2 over several GPUs gathers every parameter in its `MixedPrecisionPolicy.param_dtype`
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py: the all-gather output is cast to param_dtype), bf16 under
+    bf16 weights, bf16 autocast or a 4-bit base (`planner.strategies.fsdp2.mixed_precision_policy`)."""
+    if tc.num_gpus > 1 and tc.strategy == "fsdp" and tc.precision in ("bf16", "mixed"):
         from .strategies.fsdp2 import mixed_precision_policy
 
-        if mixed_precision_policy(tc)["param_dtype"] == "bfloat16":
-            return "bf16"
+        return mixed_precision_policy(tc)["param_dtype"] == "bfloat16"
+    return False
+
+
+def gathered_adapter_dtype(tc: TrainConfig) -> str:
+    """The dtype the layers compute the adapters in: `Recipe.adapter_dtype`, except under FSDP2's bf16 gathers
+    (`_gathers_bf16`): peft's fp32 LoRA matrices then run in bf16, exactly as `adapter_dtype="bf16"` models them
+    (the input is no longer copied to fp32 and saved)."""
+    if tc.spec.bf16_adapters and _gathers_bf16(tc):
+        return "bf16"
     return tc.recipe.adapter_dtype
+
+
+def gathered_precision(tc: TrainConfig) -> str:
+    """The precision the layers compute in: `tc.precision`, except that under FSDP2's bf16 gathers (`_gathers_bf16`)
+    `mixed` computes on bf16 weights: the embedding's output, so the residual stream, is bf16, and autocast makes no
+    bf16 copies of weights that already are (`bf16`'s pieces; the fp32 shards, gradients and state keep their bytes:
+    the static terms read `tc`). Checked against the multi-GPU trace's mixed points."""
+    return "bf16" if tc.precision == "mixed" and _gathers_bf16(tc) else tc.precision
+
+
+def gathered_recipe(tc: TrainConfig):
+    """The recipe the layers compute with: `tc.recipe` with `gathered_adapter_dtype`; and over a 4-bit base under
+    FSDP2's bf16 gathers, the embeddings, norms and lm_head that k-bit preparation made fp32 are gathered (so
+    compute) in bf16, the residual stream with them: the layers run as without the preparation
+    (`kbit_preparation=False`, the "qlora-bf16" regime of `planner.layers.regime`), while the shards keep their
+    fp32 bytes (the static terms read `tc` itself). Checked against the multi-GPU trace's QLoRA points."""
+    r = tc.recipe
+    adapter = gathered_adapter_dtype(tc)
+    kbit = r.kbit_preparation and not (tc.base_quant.quantized and _gathers_bf16(tc))
+    if adapter == r.adapter_dtype and kbit == r.kbit_preparation:
+        return r
+    return dataclasses.replace(r, adapter_dtype=adapter, kbit_preparation=kbit)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -456,7 +482,18 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
 
     # strategies that shard gradients (ZeRO-2/3, FSDP) reduce-scatter each layer's as backward produces it: 1/N kept
     shard = strategy_of(tc).ways(GRADIENTS, tc.num_gpus)
-    g_tail = -(-_at(P.tail.param_grads, B) // shard)
+    # ... or, under FSDP2's CPU offload, copy each shard to the host at once: none kept on the device
+    on_device = 0 if strategy.offloads_gradients(tc) else 1
+    # FSDP2 leaves each sharded gradient in its parameter's own dtype (foreach_reduce casts the reduce output to
+    # orig_dtype), whatever dtype the pieces computed it in (`gathered_recipe`, `gathered_precision`): scaled back
+    grad_num, grad_den = gradient_bytes(arch, tc), gradient_bytes(arch, _piece_key(tc))
+
+    def grad_shard(nbytes: int) -> int:
+        if grad_den and grad_num != grad_den:
+            nbytes = nbytes * grad_num // grad_den
+        return -(-nbytes // shard) * on_device
+
+    g_tail = grad_shard(_at(P.tail.param_grads, B))
     # per replay: what such a layer keeps while later layers run forward, what it keeps after its backward (KV
     # caches, held by the outputs), and the parameter gradients it leaves
     # offloaded checkpoints (`offload_checkpoints`): the input each checkpoint keeps is in host memory instead
@@ -472,7 +509,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     kept = [(_at(P.layer_input, B) if (not offloaded or (leaf_input and key[0])) else 0) if ck else _at(s.kept, B)
             for key, s in zip(P.replays, P.layers)]
     held = [_at(s.held, B) for s in P.layers]
-    layer_grads = [-(-_at(s.param_grads, B) // shard) for s in P.layers]
+    layer_grads = [grad_shard(_at(s.param_grads, B)) for s in P.layers]
     held_tail = _at(P.tail.held, B)
     held_layers = total_over(held, 0, L)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)

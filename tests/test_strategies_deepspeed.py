@@ -112,3 +112,36 @@ def test_ds_config_writes_the_buckets_the_planner_counts():
             assert z["stage3_max_live_parameters"] == 10 ** 9
         else:
             assert z["allgather_bucket_size"] == 4096 ** 2
+
+
+def test_zero3_qlora_partitions_the_bf16_stored_4bit_weights_and_keeps_the_constants_whole():
+    """ZeRO-3 over a 4-bit base (`planner.strategies.zero.zero3_qlora`): DeepSpeed partitions the packed weights
+    (stored as bf16, as `ftplan run` loads them) like any parameter, but not bitsandbytes' quantization constants
+    (a QuantState attribute): those are whole on every GPU. The estimate says so, and the trace refuses it."""
+    import pytest
+
+    from planner.config import TrainConfig
+    from planner.memory import estimate_memory
+    from planner.profiles import load_model
+    from planner.strategies.zero import ZERO3_QLORA_NOTE
+
+    arch = load_model("llama-3.2-1b")
+    tc = TrainConfig(method="lora", quant="nf4", rank=16, target_modules=("all-linear",), seq_len=512,
+                     num_gpus=2, strategy="zero3")
+    two = estimate_memory(arch, tc)
+    eight = estimate_memory(arch, tc.replace(num_gpus=8))
+    one = estimate_memory(arch, tc.replace(num_gpus=1, strategy="ddp"))
+    assert two.breakdown["quant_constants"] == eight.breakdown["quant_constants"] == one.breakdown["quant_constants"]
+    assert ZERO3_QLORA_NOTE in two.notes and ZERO3_QLORA_NOTE not in one.notes
+    zero2 = estimate_memory(arch, tc.replace(strategy="zero2"))
+    assert ZERO3_QLORA_NOTE not in zero2.notes
+    assert zero2.breakdown["weights"] > 1.9 * two.breakdown["weights"]  # ZeRO-2 keeps every weight, ZeRO-3 half
+
+    pytest.importorskip("torch")
+    pytest.importorskip("accelerate")
+    from calibrate.trace_multigpu import trace_sharded_step
+
+    config = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+    with pytest.raises(ValueError, match="fsdp"):
+        trace_sharded_step(config, tc)

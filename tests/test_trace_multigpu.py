@@ -75,26 +75,102 @@ def _multigpu_points():
 
 def test_multigpu_points_cover_the_grid():
     pts = _multigpu_points()
+    configs = [TrainConfig.from_dict(p["train"]) for p in pts]
     assert {p["train"]["num_gpus"] for p in pts} >= {2, 8, 64}
-    assert {p["train"]["method"] for p in pts} == {"full", "lora"}
+    assert {tc.method for tc in configs} >= {"full", "lora"}
     assert {p["train"]["grad_ckpt"] for p in pts} == {False, True}
     assert {p["train"]["strategy"] for p in pts} == {"fsdp"}
+    # issue 12 item 2: CPU offload (with its host RAM) and a 4-bit base, tied and untied
+    offloaded = [p for p, tc in zip(pts, configs) if tc.cpu_offload]
+    assert {p["train"]["num_gpus"] for p in offloaded} == {2, 8} and all(p["trace"]["host_bytes"] for p in offloaded)
+    quantized = [p for p, tc in zip(pts, configs) if tc.base_quant.quantized]
+    assert {p["train"]["num_gpus"] for p in quantized} == {2, 8}
+    assert any(tc.cpu_offload for tc in configs if tc.base_quant.quantized)
+    assert any("config" in p for p in quantized) and any("config" not in p for p in quantized)
+    # bf16 autocast over fp32 shards (`planner.memory.gathered_precision`), with and without offload
+    assert {tc.cpu_offload for tc in configs if tc.precision == "mixed"} == {False, True}
+
+
+def _arch(point):
+    from planner.arch import arch_from_config
+    from planner.profiles import load_model
+
+    return arch_from_config(point["config"], name=point["model"]) if "config" in point else load_model(point["model"])
 
 
 @pytest.mark.parametrize("point", _multigpu_points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}"
-                         f"-n{p['train']['num_gpus']}{'-ckpt' if p['train']['grad_ckpt'] else ''}")
+                         f"{'-' + p['train']['quant'] if p['train'].get('quant', 'none') != 'none' else ''}"
+                         f"-n{p['train']['num_gpus']}{'-ckpt' if p['train']['grad_ckpt'] else ''}"
+                         f"{'-offload' if p['train'].get('cpu_offload') else ''}")
 def test_fsdp2_formulas_match_the_multigpu_trace(point):
-    """Within 2 % per GPU, full fine-tuning and LoRA (whose fp32 adapters FSDP2 gathers in bf16:
-    `planner.memory.gathered_adapter_dtype`)."""
+    """Within 2 % per GPU, full fine-tuning, LoRA (whose fp32 adapters FSDP2 gathers in bf16:
+    `planner.memory.gathered_adapter_dtype`), QLoRA (the layers compute in bf16: `gathered_recipe`) and bf16
+    autocast over fp32 shards (`gathered_precision`); under CPU
+    offload the device memory and the host RAM (`planner.strategies.fsdp2.offloaded_host_bytes`) both."""
     from planner.memory import estimate_memory
-    from planner.profiles import load_model
 
     tc = TrainConfig.from_dict(point["train"])
-    est = estimate_memory(load_model(point["model"]), tc)
+    est = estimate_memory(_arch(point), tc)
     traced = point["trace"]["peak_allocated_bytes"]
     err = (est.peak_allocated_bytes - traced) / traced
     msg = f"{point['model']} {tc.describe()}: analytic {err:+.2%} (at {est.peak_event}; trace at {point['trace']['peak_phase']})"
     assert abs(err) <= 0.02, msg
+    if tc.cpu_offload:
+        host = point["trace"]["host_bytes"]
+        assert abs(est.host_bytes - host) / host <= 0.02, f"{point['model']} {tc.describe()}: host {est.host_bytes} vs {host}"
+    else:
+        assert est.host_bytes == 0 and "host_bytes" not in point["trace"]
+
+
+TINY_TIED = dict(TINY_UNTIED, hidden_size=256, intermediate_size=512, vocab_size=4096, tie_word_embeddings=True)
+
+
+def test_cpu_offload_moves_shards_gradients_and_the_step_to_the_host():
+    """FSDP2's CPUOffloadPolicy traced: on the device no parameter shard, gradient or optimizer state is left (only
+    the rotary buffer of the weights) and no optimizer phase allocates; the host holds the pinned shards and
+    gradients and the pageable state, as `offloaded_host_bytes` counts them."""
+    from calibrate.trace_multigpu import trace_sharded_step
+    from planner.arch import arch_from_config
+    from planner.memory import estimate_memory
+
+    tc = TrainConfig(method="lora", rank=16, target_modules=("all-linear",), precision="bf16", seq_len=128,
+                     batch_size=2, num_gpus=8, strategy="fsdp")
+    on_device = trace_sharded_step(TINY_TIED, tc).to_dict()
+    offloaded = trace_sharded_step(TINY_TIED, tc.replace(cpu_offload=True)).to_dict()
+    assert not {"trainable", "gradients", "optimizer_state"} & set(offloaded["peak_by_tag"])
+    assert offloaded["peak_by_tag"]["weights"] <= 1024
+    assert not any(k.startswith("optimizer") for k in offloaded["phase_peaks"])
+    assert offloaded["peak_allocated_bytes"] < on_device["peak_allocated_bytes"]
+    assert "host_bytes" not in on_device
+    est = estimate_memory(arch_from_config(TINY_TIED, name="tiny"), tc.replace(cpu_offload=True))
+    assert est.host_bytes == pytest.approx(offloaded["host_bytes"], rel=0.02)
+
+
+def test_qlora_packed_weights_shard_and_quant_constants_stay_whole():
+    """QLoRA over FSDP2: the bf16-stored packed 4-bit weights are sharded N ways like any parameter, while
+    bitsandbytes' quantization constants (a QuantState attribute, not a parameter) are whole on every rank: the
+    same bytes at N = 2 as on one device."""
+    from calibrate.trace import trace_step
+    from calibrate.trace_multigpu import trace_sharded_step
+
+    tc = TrainConfig(method="lora", quant="nf4", rank=16, target_modules=("all-linear",), seq_len=128, batch_size=2)
+    one = trace_step(TINY_TIED, tc).to_dict()["peak_by_tag"]
+    two = trace_sharded_step(TINY_TIED, tc.replace(num_gpus=2, strategy="fsdp")).to_dict()["peak_by_tag"]
+    assert two["quant_constants"] == one["quant_constants"]
+    assert two["weights"] < 0.6 * one["weights"]
+
+
+def test_qlora_across_gpus_stores_4bit_in_bf16_as_run_configures():
+    """`ftplan run` loads a 4-bit base for FSDP and ZeRO-3 with bnb_4bit_quant_storage=bf16 (what the planner's
+    packed-bf16 gathers and the trace assume); ZeRO-2 and one GPU keep bitsandbytes' uint8 default."""
+    from trainer.recipe import quant_storage_kwargs
+
+    qlora = TrainConfig(method="lora", quant="nf4", seq_len=128)
+    for strategy in ("fsdp", "zero3"):
+        assert quant_storage_kwargs(qlora.replace(num_gpus=2, strategy=strategy)) == {
+            "bnb_4bit_quant_storage": torch.bfloat16}
+    assert quant_storage_kwargs(qlora.replace(num_gpus=2, strategy="zero2")) == {}
+    assert quant_storage_kwargs(qlora) == {}
 
 
 def test_estimate_trace_on_several_gpus_traces_fsdp_and_says_what_it_did_not(tmp_path):
@@ -113,3 +189,7 @@ def test_estimate_trace_on_several_gpus_traces_fsdp_and_says_what_it_did_not(tmp
     r = CliRunner().invoke(cli, args + ["--num-gpus", "2", "--strategy", "zero2"])
     assert r.exit_code == 0, r.output
     assert any("is not traced" in n for n in json.loads(r.stdout)["trace"]["notes"])
+    # CPU offload: the host RAM the trace saw, next to the analytic one
+    r = CliRunner().invoke(cli, args[:-1] + ["--num-gpus", "2", "--strategy", "fsdp", "--cpu-offload"])
+    assert r.exit_code == 0, r.output
+    assert "trace host" in r.output and "CPU offload: sharded parameters" in r.output

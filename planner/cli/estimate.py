@@ -121,7 +121,7 @@ def estimate(model_ref, config_path, gpu_ref, dataset_tokens, epochs, data_path,
                                         DEFAULT_MARGIN)))
     if traced is not None:
         click.echo("")
-        click.echo(_trace_summary(traced, d["peak_allocated_bytes"]))
+        click.echo(_trace_summary(traced, d["peak_allocated_bytes"], d.get("host_bytes", 0)))
 
 
 def _time_from_data(plan, hours: float) -> None:
@@ -192,7 +192,7 @@ def _trace(arch, tc, gpu) -> dict:
     return trace_step(config, tc, cuda_workspace_bytes=workspace, capability=sm).to_dict()
 
 
-def _trace_summary(t: dict, analytic: int) -> str:
+def _trace_summary(t: dict, analytic: int, analytic_host: int = 0) -> str:
     from ..units import fmt_gib
 
     diff = (analytic - t["peak_allocated_bytes"]) / t["peak_allocated_bytes"] * 100
@@ -200,6 +200,10 @@ def _trace_summary(t: dict, analytic: int) -> str:
         f"trace           {fmt_gib(t['peak_allocated_bytes']):>11}   the real step on fake tensors, at {t['peak_phase']} "
         f"({t['seconds']:.1f} s); analytic differs by {diff:+.2f}%",
     ]
+    if t.get("host_bytes"):  # FSDP2 CPU offload: the host RAM the trace saw
+        host_diff = (analytic_host - t["host_bytes"]) / t["host_bytes"] * 100
+        lines.append(f"trace host      {fmt_gib(t['host_bytes']):>11}   per GPU, in CPU memory; analytic differs by "
+                     f"{host_diff:+.2f}%")
     parts = ", ".join(f"{k.replace('_', ' ')} {fmt_gib(v)}" for k, v in t["peak_by_tag"].items())
     lines.append(f"                at the traced peak: {parts}")
     for n in t.get("notes", []):

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 OPTIMIZER_STATE = "optimizer_state"
 GRADIENTS = "gradients"
 WEIGHTS = "weights"
-# Static terms that are sharded with the weights: the base weights, QLoRA's quantization constants, the adapters.
-WEIGHT_TERMS = ("weights", "quant_constants", "trainable_weights")
+# Static terms that are sharded with the weights: the base weights (QLoRA's packed 4-bit ones included), the adapters.
+# QLoRA's quantization constants are not: bitsandbytes keeps them in a `QuantState` attribute of the weight and of
+# its `Linear4bit` (bitsandbytes 0.50 nn/modules.py `fix_4bit_weight_quant_state_from_module`), not a parameter or
+# buffer, so neither FSDP2's `fully_shard` nor DeepSpeed ZeRO-3's parameter partitioning sees them: every device
+# holds all of them (the multi-GPU trace's QLoRA points).
+WEIGHT_TERMS = ("weights", "trainable_weights")
 
 OFFLOAD_NOTES = {
     OPTIMIZER_STATE: "CPU offload: optimizer state and step on the host",
@@ -87,6 +91,10 @@ class Strategy:
     def ways(self, term: str, num_gpus: int) -> int:
         """How many ways `term` (OPTIMIZER_STATE, GRADIENTS, WEIGHTS) is split across devices: num_gpus or 1."""
         return num_gpus if term in self.shards else 1
+
+    def offloads_gradients(self, tc) -> bool:
+        """The sharded gradients go to the host as backward makes them (none held on the device)."""
+        return False
 
     def offloads_optimizer(self, tc) -> bool:
         """The optimizer state and step live on the host (the device's optimizer step is free)."""

@@ -64,15 +64,71 @@ def fsdp_units(arch, tc) -> MappingProxyType:
                                  tail_trainable=0, embed_trainable=0))
 
 
+def chunk_numel(rows: int, cols: int, num_gpus: int) -> int:
+    """Elements of rank 0's shard of a (rows, cols) parameter (1-D: rows = 1, sharded along its cols): FSDP2 splits
+    dim 0 with `torch.chunk` (torch 2.13 _fsdp_param.py `_init_sharded_param`: `_chunk_with_empty`) and pads every
+    rank to chunk 0's size, ceil(dim0 / N) rows."""
+    if rows == 1:
+        return -(-cols // num_gpus)
+    return -(-rows // num_gpus) * cols
+
+
+def offloaded_host_bytes(arch, tc) -> int:
+    """Host memory per rank under FSDP2 CPU offload (`CPUOffloadPolicy(pin_memory=True)`, what accelerate 1.15
+    makes of `fsdp_offload_params`), torch 2.13 torch/distributed/fsdp/_fully_shard/:
+
+    - every parameter's padded shard (frozen ones included; a 4-bit weight as its bf16-stored packed column,
+      ((numel + 1) // 4, 1)) in its own pinned buffer (_fsdp_param.py
+      `_init_sharded_param` / `reset_sharded_param`: `.cpu().pin_memory()`), and every trainable parameter's
+      gradient shard in another (_fsdp_collectives.py `foreach_reduce`: `.to("cpu", non_blocking=True)`, which
+      pins its output: aten/src/ATen/native/TensorConversions.cpp `_to_copy`); the pinned allocator takes the next
+      power of two of each (`planner.memory.pinned_block_bytes`): Σ pow2(shard) over parameters + gradients;
+    - the optimizer's state (pageable, exact): AdamW's exp_avg and exp_avg_sq in the parameter's dtype (2 x shard)
+      and a 4-byte step per tensor; other optimizers their sharded device formula;
+    - the step on the host runs torch's per-tensor loop (foreach is CUDA-only: optimizer.py
+      `_default_to_fused_or_foreach`): AdamW's `denom = (exp_avg_sq.sqrt() / c).add_(eps)` holds two temporaries
+      of one shard (adam.py `_single_tensor_adam`), the largest one at the peak (the previous tensor's `denom`,
+      still referenced until reassigned, is left out: under 0.2 % of the host bytes on the grid).
+    Held to calibrate/trace_multigpu.py's `cpu_offload_behaviour` on the multi-GPU grid."""
+    from ..layers import regime
+    from ..memory import optimizer_state_bytes, param_tensors, pinned_block_bytes, trainable_tensors
+
+    n = tc.num_gpus
+    R = regime(tc)
+    trainable = [(t.rows, t.cols, t.count, t.dtype_bytes) for t in trainable_tensors(arch, tc)]
+    frozen = []
+    if not tc.spec.trains_base:
+        for group, (r, c), k in param_tensors(arch):
+            if R.quantized and group == "linear":  # packed: ((r c + 1) // 4, 1) bf16 (`_pack_4bit` in the trace)
+                frozen.append(((r * c + 1) // 4, 1, k, 2))
+            else:
+                frozen.append((r, c, k, R.weight))
+    host = 0
+    for rows, cols, count, b in frozen + trainable:
+        host += count * pinned_block_bytes(chunk_numel(rows, cols, n) * b)
+    for rows, cols, count, b in trainable:
+        host += count * pinned_block_bytes(chunk_numel(rows, cols, n) * b)
+    if tc.optimizer == "adamw":
+        host += sum(count * (2 * chunk_numel(rows, cols, n) * b + 4) for rows, cols, count, b in trainable)
+        host += 2 * max(chunk_numel(rows, cols, n) * b for rows, cols, _c, b in trainable)
+    else:
+        host += -(-optimizer_state_bytes(arch, tc)["state"] // n)
+    return host
+
+
 class FSDP2(Strategy):
+    def offloads_gradients(self, tc) -> bool:
+        """CPU offload: each gradient shard goes to the host in its unit's reduce (`offloaded_host_bytes`)."""
+        return bool(tc.cpu_offload) and tc.num_gpus > 1
+
     def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
-        """With CPU offload (accelerate's `fsdp_offload_params` -> `CPUOffloadPolicy`) the sharded parameters,
-        their gradients (copied to the host after each reduce-scatter: `_fsdp_collectives.foreach_reduce`) and the
-        optimizer state and step live on the host: host bytes per device = weights + gradients + state shards."""
+        """With CPU offload the sharded parameters, their gradients and the optimizer state and step live on the
+        host; host bytes per device: `offloaded_host_bytes`."""
         static, grads, opt_temp, offload, notes = super().shard_static(arch, tc, static, grads, opt_temp)
-        if tc.cpu_offload and self.multi_gpu and tc.num_gpus > 1:
-            offload += grads
+        if self.offloads_gradients(tc):
+            offload = offloaded_host_bytes(arch, tc)
             grads = 0
+            static = dict(static, trainable_weights=0)  # the adapters are FSDP parameters too: on the host
         return static, grads, opt_temp, offload, notes
 
     def buffer_bytes(self, arch, tc, grads: int) -> int:
@@ -96,7 +152,17 @@ class FSDP2(Strategy):
                                     unsharded gradient)
         embedding_reduce:           the post-backward of the unit holding the embedding: its unsharded gradient,
                                     its fp32 RS input and output
-        optimizer:                  0"""
+        optimizer:                  0
+
+        The RS output is counted at the reduce moments only when it is not the gradient shard the timeline keeps:
+        parameters of fp32 (mixed, fp32) keep it as their gradient (no cast to the parameter's dtype).
+        CPU offload (`offloads_gradients`): the gradient shards are on the host, so the timeline counts none on the
+        device; a unit's reduce still makes its shard on the device (the fp32 RS output, cast to the parameter's
+        dtype when it differs, `foreach_reduce`) before the copy to the host, counted at tail_reduce and
+        embedding_reduce; the
+        tied tail's unsharded gradient is counted whole. Gathering copies each host shard to the device first
+        (`FSDPParam.all_gather_inputs`), a transient 1/N of a unit not counted: it is freed before the unit
+        computes."""
         u = fsdp_units(arch, tc)
         g = compute_bytes(tc)
         tied = arch.tie_word_embeddings
@@ -104,7 +170,22 @@ class FSDP2(Strategy):
         layer_g = u["layer"] * g
         rs_layer = u["layer_trainable"] * REDUCE_BYTES
         # tied: the tail's gradient stays unsharded through backward; the timeline counts 1/N of it already
-        tail_grad = u["tail_trainable"] * g - -(-u["tail_trainable"] * g // tc.num_gpus) if tied else 0
+        offload = self.offloads_gradients(tc)
+        # a unit's reduce: the fp32 RS output is cast to the parameters' own dtype w (`foreach_reduce`); when w is
+        # fp32 (mixed, fp32) it is the sharded gradient itself, which the timeline counts unless offloaded
+        from ..layers import regime
+
+        w = regime(tc).weight if tc.spec.trains_base else 4
+
+        def rs_output(t: int) -> int:
+            return -(-t * REDUCE_BYTES // tc.num_gpus) if (offload or w != REDUCE_BYTES) else 0
+
+        def own_shard(t: int) -> int:  # the cast shard, on the device until its copy to the host
+            return -(-t * w // tc.num_gpus) if (offload and w != REDUCE_BYTES) else 0
+
+        # (under offload the timeline counts none of it: the whole)
+        counted = 0 if offload else -(-u["tail_trainable"] * g // tc.num_gpus)
+        tail_grad = u["tail_trainable"] * g - counted if tied else 0
         tied_tail = tail_g + tail_grad if tied else 0
         if moment == "forward":
             return 2 * layer_g + (tail_g if tied else 0)
@@ -116,7 +197,7 @@ class FSDP2(Strategy):
             if tied or not u["tail_trainable"]:
                 return 0
             t = u["tail_trainable"]
-            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus) + layer_g
+            return t * g + t * REDUCE_BYTES + rs_output(t) + layer_g + own_shard(t)
         if moment == "layer_backward":
             prefetched = layer_g if layer else u["embed"] * g
             if layer < arch.num_layers - 1:
@@ -128,7 +209,7 @@ class FSDP2(Strategy):
             return (tied_tail if tied else u["embed"] * g) + rs_layer
         if moment == "embedding_reduce":  # its parameters freed first (reshard before reduce)
             t = u["tail_trainable"] if tied else u["embed_trainable"]
-            return t * g + t * REDUCE_BYTES + -(-t * REDUCE_BYTES // tc.num_gpus)
+            return t * g + t * REDUCE_BYTES + rs_output(t) + own_shard(t)
         return 0
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:

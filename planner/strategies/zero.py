@@ -85,6 +85,27 @@ def bf16_model_states(arch, tc, static: dict, grads: int, opt_temp: int, stage3:
     return static, 2 * P, 4 * P + foreach + _clip_bytes(arch, tc)
 
 
+ZERO3_QLORA_NOTE = ("ZeRO-3 QLoRA: the 4-bit weights, stored as bf16 (bnb_4bit_quant_storage), partitioned like any "
+                    "parameter and gathered per layer; quantization constants whole on every GPU; not traced")
+
+
+def zero3_qlora(tc) -> bool:
+    """ZeRO-3 over a 4-bit base, as DeepSpeed 0.19.8 runs it (what the peft guide "DeepSpeed ZeRO-3 with QLoRA" and
+    accelerate's DeepSpeed docs set up): transformers 5.17 skips `deepspeed.zero.Init` for a quantized model
+    (modeling_utils.py: `is_deepspeed_zero3_enabled() and not is_quantized`), so each rank loads the whole 4-bit
+    model, and the engine converts its parameters afterwards (runtime/zero/parameter_offload.py
+    `_convert_to_zero_parameters` -> `zero.Init(module=...)`), partitioning every parameter, the packed weights
+    included: they must be a floating dtype for ZeRO-3's flat bf16 partitions, hence `bnb_4bit_quant_storage=bf16`
+    (`trainer.recipe.quant_storage_kwargs`); DeepSpeed keeps the parameter object, so `Params4bit.quant_state`
+    survives the gather. The quantization constants live in that `QuantState`, not in a parameter, so they are not
+    partitioned (`planner.strategies.base.WEIGHT_TERMS`). bf16 mode casts every floating parameter to bf16
+    (engine.py `_configure_distributed_model` -> `_cast_module_mixed_precision`): the fp32 norms, embeddings and
+    head of k-bit preparation and the adapters run in bf16 (`bf16_model_states` counts the adapters in bf16 and
+    leaves the small fp32 rest as k-bit preparation made it; the layers' activations are still counted as the fp32
+    recipe's, an over-estimate). Not traced (the trace follows FSDP2 only)."""
+    return tc.num_gpus > 1 and tc.strategy == "zero3" and tc.base_quant.quantized
+
+
 def shard_deepspeed(strategy, arch, tc, static: dict, grads: int, opt_temp: int):
     """`Strategy.shard_static` on DeepSpeed's bf16 model states; with CPU offload (ZeRO-Offload,
     stage_1_and_2.py `cpu_offload`, stage3.py `offload_optimizer`) the fp32 master weights, the optimizer state and
@@ -100,6 +121,8 @@ def shard_deepspeed(strategy, arch, tc, static: dict, grads: int, opt_temp: int)
             offload += grads
         if GRADIENTS in strategy.shards:
             grads = 0
+    if zero3_qlora(tc):
+        notes = list(notes) + [ZERO3_QLORA_NOTE]
     return static, grads, opt_temp, offload, notes
 
 
