@@ -496,14 +496,17 @@ def actoffload_points() -> list[tuple[str, dict]]:
         for loss in ("plain",) if small else ("plain", "chunked"):
             mixed = [("full", "mixed"), ("lora", "mixed")] if loss == "chunked" and model == "tiny-llama-gqa" else []
             for i, (method, precision) in enumerate(combos + mixed):
+                name, quant = ALIASES.get(method, (method, "none"))
+                quantized, adapters = quant != "none", get_method(name).uses_rank
                 for ckpt in (False, True):
-                    if (precision == "mixed" and ckpt) or (small and (method == "lora") == ckpt and method != "qlora"):
+                    if (precision == "mixed" and ckpt) or (small and (adapters and not quantized) == ckpt
+                                                           and not quantized):
                         continue
                     d = dict(method=method, seq_len=2048 if small else 512, batch_size=1 + (i + ckpt) % 2,
                              grad_ckpt=ckpt, recipe={"activation_offload": True, "loss": loss})
-                    if method != "qlora":
+                    if not quantized:
                         d["precision"] = precision
-                    if method != "full":
+                    if adapters:
                         d.update(rank=16, target_modules=("all-linear",))
                     pts.append((model, d))
     for model in TINY_FAMILIES:  # with transformers' offloaded checkpointing too (TRL's offloading + offload=True)
@@ -574,11 +577,12 @@ def cross_points(n: int = 48, seed: int = 11) -> list[tuple[str, dict]]:
                       loss=rng.choice(["plain", "chunked", "liger", "cce"]),
                       activation_offload=rng.random() < 0.3, offload_checkpoints=ckpt and rng.random() < 0.3)
         d = dict(extra, method=method, seq_len=rng.choice([256, 512]), batch_size=rng.choice([1, 2]), grad_ckpt=ckpt)
-        if method == "qlora":
+        name, quant = ALIASES.get(method, (method, "none"))
+        if quant != "none":
             recipe["kbit_preparation"] = rng.random() < 0.5
         else:
             d["precision"] = rng.choice(["bf16", "bf16", "mixed", "fp16", "fp32"])
-        if method in ("lora", "qlora"):
+        if get_method(name).bf16_adapters:  # LoRA, QLoRA: the adapter dtype and modules_to_save draws
             recipe["adapter_dtype"] = rng.choice(["fp32", "fp32", "bf16"])
             recipe["modules_to_save"] = rng.choice([(), (), ("lm_head",), ("embed_tokens",)])
         if recipe["attn_implementation"] == "flash_attention_2" and shape.get("packing"):
