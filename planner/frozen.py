@@ -14,3 +14,14 @@ def fields_hash(obj) -> int:
     """`hash` of the tuple of the fields that take part in hashing, as `dataclass(frozen=True)` defines it: a field
     with `hash=None` hashes when it compares (`dataclasses._hash_fn` over `f.hash is None and f.compare or f.hash`)."""
     return hash(tuple(getattr(obj, f.name) for f in fields(obj) if (f.compare if f.hash is None else f.hash)))
+
+
+def memo(obj, name: str, compute):
+    """`compute(obj)`, kept on the (immutable) object under `name` (outside its fields, so equality, hashing and
+    `asdict` ignore it): for derived values one plan asks for several times (`planner.memory.batch_free`,
+    `_piece_key`)."""
+    out = obj.__dict__.get(name)
+    if out is None:
+        out = compute(obj)
+        object.__setattr__(obj, name, out)
+    return out

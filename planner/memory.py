@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from .arch import ModelArch
 from .config import TrainConfig
+from .frozen import memo
 from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, effective_implementation, parse_capability
 from .layers import batch_mask, embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
@@ -231,6 +232,10 @@ def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
     exception, `gathered_recipe`; and TRL's activation offloading, which decides by a saved tensor's bytes, so its
     replay is per batch size."""
+    return memo(tc, "_piece_key", _new_piece_key)
+
+
+def _new_piece_key(tc: TrainConfig) -> TrainConfig:
     batch = tc.batch_size if tc.recipe.activation_offload else 1
     k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (batch, gathered_recipe(tc), gathered_precision(tc))
     out = _piece_configs.get(k)
@@ -675,13 +680,14 @@ def batch_free(tc: TrainConfig) -> TrainConfig:
     terms, trainable tensors, optimizer state; `planner.cost`'s per-configuration bytes), memoized."""
     if tc.batch_size == 1 and tc.grad_accum == 1:
         return tc
-    out = tc.__dict__.get("_batch_free")  # one plan asks several times: kept on the (immutable) config
+    return memo(tc, "_batch_free", _new_batch_free)  # one plan asks several times
+
+
+def _new_batch_free(tc: TrainConfig) -> TrainConfig:
+    key = (tuple(getattr(tc, f) for f in _PIECE_FIELDS), tc.optimizer, tc.num_gpus, tc.strategy, tc.cpu_offload)
+    out = _static_configs.get(key)
     if out is None:
-        key = (tuple(getattr(tc, f) for f in _PIECE_FIELDS), tc.optimizer, tc.num_gpus, tc.strategy, tc.cpu_offload)
-        out = _static_configs.get(key)
-        if out is None:
-            out = _static_configs[key] = tc.replace(batch_size=1, grad_accum=1)
-        object.__setattr__(tc, "_batch_free", out)
+        out = _static_configs[key] = tc.replace(batch_size=1, grad_accum=1)
     return out
 
 
