@@ -769,6 +769,9 @@ def lm_head_logits(b: Builder, n: int) -> int:
     else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
         logits = b._linear_plain(n, h, V, False, trained=b.head_trained)
     g.unhooked(since)  # TRL's activation offloading leaves the lm_head's saved tensors alone (NoOpManager)
+    # the lm_head module's output: FSDP2's tail unit [final norm, lm_head] registers its pre-backward hook on it
+    # (`planner.strategies.fsdp2`, moment "head_backward")
+    b.lm_head_output = logits
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
         t2 = b.new(V, b.dtype[t1], True)

@@ -345,7 +345,8 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     return _Pieces(
         head=simulate(hb.g, outputs=[e], incoming_grads=[e], offload=off),
         tail=simulate(tb.g, outputs=[], incoming_grads=[loss], offload=off, release_stash=False,
-                      stash_in=ckpt_stash if tc.grad_ckpt else (layers[of_layer[-1]].end_stash_entries if off else ())),
+                      stash_in=ckpt_stash if tc.grad_ckpt else (layers[of_layer[-1]].end_stash_entries if off else ()),
+                      hook_at=getattr(tb, "lm_head_output", None)),
         prefix=prefix,
         replays=tuple(index),
         layers=tuple(layers),
@@ -531,8 +532,18 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
                         logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
                         activations=head_kept + kept_all + mask_late, logits=previous))
-    events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
-                        activations=head_kept + kept_all + mask_late))
+    # the tail unit's pre-backward fires on the lm_head output's gradient, after the loss's own backward: when the
+    # strategy gathers more from then on (FSDP2's prefetched last layer, untied), two events
+    split = (tc.num_gpus > 1 and P.tail.backward_post
+             and strategy.step_buffers(arch, tc, "head_backward") != strategy.step_buffers(arch, tc, "loss_backward"))
+    if split:
+        events.append(event("loss backward", peak_point(P.tail.backward_pre, B), "loss_backward",
+                            activations=head_kept + kept_all + mask_late))
+        events.append(event("lm_head backward", peak_point(P.tail.backward_post, B), "head_backward",
+                            activations=head_kept + kept_all + mask_late))
+    else:
+        events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
+                            activations=head_kept + kept_all + mask_late))
     if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "tail_reduce"):  # the tail unit's gradient reduction
         events.append(event("lm_head reduce-scatter", None, "tail_reduce", activations=head_kept + kept_all + mask_late,
                             logits=held_tail, gradients=g_tail))
