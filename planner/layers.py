@@ -313,6 +313,9 @@ class Builder:
             q = self.cast(q, H * d, BF16)
             cast_width = H * d if mqa_view else kv_width
             k, v = self.cast(k, cast_width, BF16, self.kv_seq), self.cast(v, cast_width, BF16, self.kv_seq)
+        elif self.dtype[k] != dt:  # an fp32 prefix cache over bf16 gathers (`prefix_dtype`): the run's autocast casts
+            cast_width = H * d if mqa_view else kv_width
+            k, v = self.cast(k, cast_width, dt, self.kv_seq), self.cast(v, cast_width, dt, self.kv_seq)
         backend = sdp.select_backend(call, self.sm)
         if backend == "math":
             return self._sdpa_math(q, k, v, call, rg)
@@ -721,11 +724,13 @@ def batch_mask(tc: TrainConfig) -> bool:
 
 
 def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
-                kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY):
+                kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY, prefix_dtype: int = 0):
     """One decoder layer of `kind` (default: layer 0's) as a Graph. Returns (builder, input id, output id). With
     checkpointing the input is kept by the checkpoint (held), and the saved tensors are what the recomputation
-    re-creates."""
+    re-creates. `prefix_dtype`: the dtype peft casts prefix tuning's keys/values to when it is not the regime's
+    weight dtype (`planner.memory.prefix_cast_dtype`; 0: the regime's)."""
     b = Builder(arch, tc, seq, kv_seq, checkpointed, kind, sm)
+    b.prefix_dtype = prefix_dtype
     R = b.R
     x = b.input(arch.hidden_size, R.act, input_rg)
     if checkpointed and not tc.recipe.offload_checkpoints:

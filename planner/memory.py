@@ -284,10 +284,22 @@ def gathered_recipe(tc: TrainConfig):
     return dataclasses.replace(r, adapter_dtype=adapter, kbit_preparation=kbit)
 
 
+def prefix_cast_dtype(tc: TrainConfig) -> int:
+    """Bytes per element of prefix tuning's keys/values when the pieces' regime does not give them (else 0). peft
+    0.21 casts them to `base_model.dtype` (peft_model.py `get_prompt`: `past_key_values.to(self.base_model_torch_dtype)`),
+    transformers' dtype of the first floating parameter: under FSDP2 the shard's, fp32 under `mixed`, while the
+    layers compute on bf16 gathers (`gathered_precision`): the cache `cat(prefix, k)` is then fp32. Checked against
+    the multi-GPU trace's prefix point."""
+    if tc.spec.name != "prefix":
+        return 0
+    own = regime(tc).weight
+    return own if own != regime(_piece_key(tc)).weight else 0
+
+
 @functools.lru_cache(maxsize=4096)
-def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) -> _Pieces:
+def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY, prefix_dtype: int = 0) -> _Pieces:
     """Replay each piece once per (model, configuration without batch/optimizer/GPUs, the GPU's attention
-    dispatch: `sm` is a canonical compute capability, planner.attention)."""
+    dispatch: `sm` is a canonical compute capability, planner.attention; `prefix_cast_dtype`)."""
     method = tc.spec
     extra_seq, extra_kv = method.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
@@ -322,12 +334,14 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     layers, nosave = [], []
     first_input_saved = False
     for key, kind in zip(index, kinds):
-        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
+        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm,
+                              prefix_dtype)
         t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off)
         if layer_off is not None:
             # the previous layer's forward stash (drained by this layer's first packs) and the next layer's last
             # copies, still in the backward stash when this one's backward starts: a layer of the same kind's
-            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
+            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm,
+                                  prefix_dtype)
             t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies,
                          stash_in=t.end_stash_entries)
         layers.append(t)
@@ -458,7 +472,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
                     sm: tuple = DEFAULT_CAPABILITY) -> list[Event]:
     """Every candidate peak of the step with its composition. `static`: bytes live throughout (weights,
     optimizer state from the second step on, workspaces) by term; `sm`: the GPU's compute capability."""
-    P = _pieces(arch, _piece_key(tc), canonical_capability(sm))
+    P = _pieces(arch, _piece_key(tc), canonical_capability(sm), prefix_cast_dtype(tc))
     B = tc.batch_size
     L = arch.num_layers
     ck = tc.grad_ckpt
@@ -615,7 +629,7 @@ def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig, copied: bool
     way), without the allocator's rounding."""
     if not tc.recipe.activation_offload:
         return 0
-    P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY))
+    P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY), prefix_cast_dtype(tc))
     L = arch.num_layers
     of = (lambda t: t.host_copied) if copied else (lambda t: t.host)
     host = of(P.head) + of(P.tail) + (of(P.prefix) if P.prefix else 0)
