@@ -286,10 +286,10 @@ def gathered_recipe(tc: TrainConfig):
 
 def prefix_cast_dtype(tc: TrainConfig) -> int:
     """Bytes per element of prefix tuning's keys/values when the pieces' regime does not give them (else 0). peft
-    0.21 casts them to `base_model.dtype` (peft_model.py `get_prompt`: `past_key_values.to(self.base_model_torch_dtype)`),
-    transformers' dtype of the first floating parameter: under FSDP2 the shard's, fp32 under `mixed`, while the
-    layers compute on bf16 gathers (`gathered_precision`): the cache `cat(prefix, k)` is then fp32. Checked against
-    the multi-GPU trace's prefix point."""
+    0.21 casts them to `base_model.dtype` (peft_model.py `get_prompt`:
+    `past_key_values.to(self.base_model_torch_dtype)`), transformers' dtype of the first floating parameter:
+    under FSDP2 the shard's, fp32 under `mixed`, while the layers compute on bf16 gathers (`gathered_precision`):
+    the cache `cat(prefix, k)` is then fp32. Checked against the multi-GPU trace's prefix point."""
     if tc.spec.name != "prefix":
         return 0
     own = regime(tc).weight

@@ -87,8 +87,14 @@ def test_multigpu_points_cover_the_grid():
     assert {p["train"]["num_gpus"] for p in quantized} == {2, 8}
     assert any(tc.cpu_offload for tc in configs if tc.base_quant.quantized)
     assert any("config" in p for p in quantized) and any("config" not in p for p in quantized)
-    # bf16 autocast over fp32 shards (`planner.memory.gathered_precision`), with and without offload
+    # bf16 autocast over fp32 shards (`planner.memory.gathered_precision`), with and without offload, and the
+    # methods whose layers then compute in bf16 (IA3's vectors, prompt and prefix tuning)
     assert {tc.cpu_offload for tc in configs if tc.precision == "mixed"} == {False, True}
+    assert {tc.method for tc in configs if tc.precision == "mixed"} >= {"full", "lora", "ia3", "prompt", "prefix"}
+    # untied models, whose last layer the tail unit prefetches after the loss's backward ("head_backward")
+    untied = [tc for p, tc in zip(pts, configs) if not _arch(p).tie_word_embeddings]
+    cases = {(tc.method, tc.grad_ckpt, tc.cpu_offload) for tc in untied}
+    assert cases >= {("full", True, True), ("full", False, False), ("lora", True, False)}
 
 
 def _arch(point):
