@@ -406,7 +406,8 @@ def multigpu_untied_peft_points() -> list[tuple[str, dict]]:
     "head_backward"): full fine-tuning checkpointed and offloaded at N = 2 (the loss's peak once counted the
     prefetched layer: +5.2 %), full at N = 8, LoRA checkpointed; and the methods whose layers compute in bf16 under
     FSDP2's bf16 gathers over bf16 autocast (`planner.memory.gathered_precision`): IA3 (tied; its vectors gathered in
-    bf16, `planner.methods.ia3.vector_dtype`), prompt tuning (checkpointed) and prefix tuning (untied)."""
+    bf16, `planner.methods.ia3.vector_dtype`), prompt tuning (checkpointed) and prefix tuning (untied); and TRL's
+    chunked loss on an untied model (`planner.strategies.fsdp2.prefetches_at_logits`)."""
     fsdp = dict(strategy="fsdp", seq_len=512, batch_size=1)
     lora = dict(method="lora", rank=16, target_modules=("all-linear",))
     return [
@@ -417,6 +418,9 @@ def multigpu_untied_peft_points() -> list[tuple[str, dict]]:
         ("llama-3.2-1b", dict(fsdp, method="prompt", precision="mixed", num_gpus=2, grad_ckpt=True)),
         # peft casts the prefix to the fp32 shards' dtype (`planner.memory.prefix_cast_dtype`)
         ("family:mistral", dict(fsdp, method="prefix", precision="mixed", num_gpus=8, grad_ckpt=False)),
+        # a loss that never calls the lm_head module: the tail completes on the root output, the prefetch comes first
+        ("family:mistral", dict(fsdp, method="full", precision="bf16", num_gpus=2, grad_ckpt=False,
+                                recipe=dict(loss="chunked"))),
     ]
 
 

@@ -220,3 +220,25 @@ def test_ia3_bf16_vectors_match_the_trace():
         peaks[dtype] = estimate_memory(arch, tc).peak_allocated_bytes
         assert peaks[dtype] == pytest.approx(traced, rel=0.005), dtype
     assert peaks["bf16"] < peaks["fp32"]
+
+
+def test_untied_fsdp2_prefetches_the_last_layer_after_the_loss_backward():
+    """The tail unit's pre-backward hook sits on the lm_head output (torch 2.13 `_register_pre_backward_hook`), so
+    the last layer is gathered from the lm_head's backward on ("lm_head backward"), not during the loss's own
+    backward; tied models prefetch nothing there (one event); a loss that never calls the lm_head module
+    (chunked) completes the tail on the root output, so its prefetch comes first (one event, layer included)."""
+    from planner.arch import arch_from_config
+    from planner.memory import estimate_memory
+    from planner.recipe import Recipe
+    from planner.strategies.fsdp2 import FSDP, fsdp_units
+
+    config = dict(TINY_UNTIED, hidden_size=256, intermediate_size=768, vocab_size=8192)
+    untied, tied = (arch_from_config(dict(config, tie_word_embeddings=t), name="tiny") for t in (False, True))
+    tc = TrainConfig(method="full", precision="bf16", seq_len=512, batch_size=1, num_gpus=2, strategy="fsdp")
+    layer = fsdp_units(untied, tc)["layer"] * 2
+    assert FSDP.step_buffers(untied, tc, "head_backward") - FSDP.step_buffers(untied, tc, "loss_backward") == layer
+    assert "lm_head backward" in estimate_memory(untied, tc).events
+    assert "lm_head backward" not in estimate_memory(tied, tc).events
+    chunked = tc.replace(recipe=Recipe(loss="chunked"))
+    assert FSDP.step_buffers(untied, chunked, "loss_backward") == FSDP.step_buffers(untied, chunked, "head_backward")
+    assert "lm_head backward" not in estimate_memory(untied, chunked).events
