@@ -290,7 +290,7 @@ def prefix_cast_dtype(tc: TrainConfig) -> int:
     `past_key_values.to(self.base_model_torch_dtype)`), transformers' dtype of the first floating parameter:
     under FSDP2 the shard's, fp32 under `mixed`, while the layers compute on bf16 gathers (`gathered_precision`):
     the cache `cat(prefix, k)` is then fp32. Checked against the multi-GPU trace's prefix point."""
-    if tc.spec.name != "prefix":
+    if not tc.spec.virtual_tokens(tc)[1]:  # no prefix keys/values (prefix tuning's only)
         return 0
     own = regime(tc).weight
     return own if own != regime(_piece_key(tc)).weight else 0
