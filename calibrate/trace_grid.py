@@ -371,7 +371,7 @@ def multigpu_points() -> list[tuple[str, dict]]:
                                     grad_ckpt=ckpt)))
     pts += [("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=8, grad_ckpt=True)),
             ("llama-2-7b", dict(fsdp, method="full", precision="bf16", num_gpus=64, grad_ckpt=False))]
-    return pts + multigpu_offload_qlora_points()
+    return pts + multigpu_offload_qlora_points() + multigpu_untied_peft_points()
 
 
 def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
@@ -397,6 +397,30 @@ def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
         ("llama-3.2-1b", dict(fsdp, **lora, precision="mixed", num_gpus=2, grad_ckpt=False, cpu_offload=True)),
         # fp32 gradient shards (kept as the fp32 reduce-scatter output) through the backward: the optimizer peaks
         ("qwen2.5-0.5b", dict(fsdp, method="full", precision="mixed", num_gpus=2, grad_ckpt=True)),
+    ]
+
+
+def multigpu_untied_peft_points() -> list[tuple[str, dict]]:
+    """Appended after the 31 points above. Untied models, where the tail unit's pre-backward prefetches the last
+    decoder layer only once the logits' gradient exists, after the loss's own backward (`planner.strategies.fsdp2`
+    "head_backward"): full fine-tuning checkpointed and offloaded at N = 2 (the loss's peak once counted the
+    prefetched layer: +5.2 %), full at N = 8, LoRA checkpointed; and the methods whose layers compute in bf16 under
+    FSDP2's bf16 gathers over bf16 autocast (`planner.memory.gathered_precision`): IA3 (tied; its vectors gathered in
+    bf16, `planner.methods.ia3.vector_dtype`), prompt tuning (checkpointed) and prefix tuning (untied); and TRL's
+    chunked loss on an untied model (`planner.strategies.fsdp2.prefetches_at_logits`)."""
+    fsdp = dict(strategy="fsdp", seq_len=512, batch_size=1)
+    lora = dict(method="lora", rank=16, target_modules=("all-linear",))
+    return [
+        ("family:mistral", dict(fsdp, method="full", precision="bf16", num_gpus=2, grad_ckpt=True, cpu_offload=True)),
+        ("family:mistral", dict(fsdp, method="full", precision="bf16", num_gpus=8, grad_ckpt=False)),
+        ("family:mistral", dict(fsdp, **lora, precision="bf16", num_gpus=2, grad_ckpt=True)),
+        ("qwen2.5-0.5b", dict(fsdp, method="ia3", precision="mixed", num_gpus=2, grad_ckpt=False)),
+        ("llama-3.2-1b", dict(fsdp, method="prompt", precision="mixed", num_gpus=2, grad_ckpt=True)),
+        # peft casts the prefix to the fp32 shards' dtype (`planner.memory.prefix_cast_dtype`)
+        ("family:mistral", dict(fsdp, method="prefix", precision="mixed", num_gpus=8, grad_ckpt=False)),
+        # a loss that never calls the lm_head module: the tail completes on the root output, the prefetch comes first
+        ("family:mistral", dict(fsdp, method="full", precision="bf16", num_gpus=2, grad_ckpt=False,
+                                recipe=dict(loss="chunked"))),
     ]
 
 

@@ -112,7 +112,7 @@ class TrainConfig:
             raise ValueError("recipe.loss 'cce' is not valid with precision 'fp32': Cut Cross-Entropy computes in "
                              "bf16 (valid precisions with cce: bf16, mixed)")
         if self.recipe.adapter_dtype == "bf16" and (not spec.bf16_adapters or self.precision != "bf16"):
-            raise ValueError(f"recipe.adapter_dtype 'bf16' is modelled for LoRA and QLoRA in precision bf16, not "
+            raise ValueError(f"recipe.adapter_dtype 'bf16' is modelled for LoRA, QLoRA and IA3 in precision bf16, not "
                              f"{self.method_name} in {self.precision} (valid here: fp32)")
         if self.recipe.packing and not spec.supports_packing:
             raise ValueError(f"recipe.packing is not valid with method {self.method!r}: peft prepends the virtual "

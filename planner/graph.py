@@ -177,6 +177,9 @@ class Timeline:
     end_copies: Size = ZERO  # activation offloading: copies still in the backward stash when the piece's backward ends
     end_stash: Size = ZERO  # activation offloading: bytes alive only through the forward stash at the forward's end
     end_stash_entries: tuple = ()  # those tensors as (age, size), oldest first (the next piece's `stash_in`)
+    # with `simulate(hook_at=t)`: the backward envelope before t's gradient exists, and from then on (() otherwise)
+    backward_pre: tuple = ()
+    backward_post: tuple = ()
 
 
 def _recompute_end(g: Graph, starts: list, n_points: int) -> int:
@@ -209,7 +212,7 @@ def forward_without_saving(g: Graph, outputs=()) -> tuple:
 
 
 def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = None, release_stash: bool = True,
-             carry_in: Size = ZERO, stash_in: tuple = ()) -> Timeline:
+             carry_in: Size = ZERO, stash_in: tuple = (), hook_at: int | None = None) -> Timeline:
     """Replay forward then backward of `g`.
 
     External tensors (the piece's inputs) are live at the start and owned by the caller; they count in the
@@ -220,7 +223,9 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
     forward is emptied by the next piece's packs (a decoder layer, the embedding) rather than kept into this
     piece's backward (the loss, the last to run forward). `carry_in`: the previous piece's copies still in the
     backward stash when this piece's backward starts (freed after its first node that unpacks an offloaded
-    tensor)."""
+    tensor). `hook_at`: a tensor with a gradient hook (FSDP2's pre-backward on a unit's output); the backward points
+    are also split into those before its gradient exists and those from the backward of the node producing it on
+    (`Timeline.backward_pre`, `backward_post`)."""
     live = [0, 0]
     by_kind: dict[str, list] = {}
 
@@ -396,12 +401,17 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
         prev_copies.append((carry_in, "temporaries"))
     fwd_stash = {t for _, t in stash}
     bwd: list = []
+    # the node producing `hook_at`: its backward and every earlier node's run after the hook fired
+    hook_node = next((i for i, n in enumerate(g.nodes) if hook_at in n.outputs), None) if hook_at is not None else None
+    n_pre = None
     param_grads = [0, 0]
     for idx in range(len(g.nodes) - 1, -1, -1):
         n = g.nodes[idx]
         out_sid = next((grad_of[t] for t in n.outputs if t in grad_of), None)
         if out_sid is None:
             continue
+        if hook_node is not None and idx <= hook_node and n_pre is None:
+            n_pre = len(bwd)
         transients = []
         for t in n.inputs:
             tt = g.tensors[t]
@@ -481,6 +491,8 @@ def simulate(g: Graph, outputs=(), incoming_grads=(), offload: Offload | None = 
         forward=_envelope(fwd),
         recompute=_envelope(fwd[: _recompute_end(g, starts, len(fwd))]),
         backward=_envelope(bwd),
+        backward_pre=_envelope(bwd[:n_pre]) if n_pre is not None else (),
+        backward_post=_envelope(bwd[n_pre:]) if n_pre is not None else (),
         kept=tuple(kept),
         outputs=tuple(out_bytes),
         param_grads=tuple(param_grads),

@@ -313,6 +313,9 @@ class Builder:
             q = self.cast(q, H * d, BF16)
             cast_width = H * d if mqa_view else kv_width
             k, v = self.cast(k, cast_width, BF16, self.kv_seq), self.cast(v, cast_width, BF16, self.kv_seq)
+        elif self.dtype[k] != dt:  # an fp32 prefix cache over bf16 gathers (`prefix_dtype`): the run's autocast casts
+            cast_width = H * d if mqa_view else kv_width
+            k, v = self.cast(k, cast_width, dt, self.kv_seq), self.cast(v, cast_width, dt, self.kv_seq)
         backend = sdp.select_backend(call, self.sm)
         if backend == "math":
             return self._sdpa_math(q, k, v, call, rg)
@@ -721,11 +724,13 @@ def batch_mask(tc: TrainConfig) -> bool:
 
 
 def layer_graph(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int, input_rg: bool, checkpointed: bool,
-                kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY):
+                kind: LayerKind | None = None, sm: tuple = sdp.DEFAULT_CAPABILITY, prefix_dtype: int = 0):
     """One decoder layer of `kind` (default: layer 0's) as a Graph. Returns (builder, input id, output id). With
     checkpointing the input is kept by the checkpoint (held), and the saved tensors are what the recomputation
-    re-creates."""
+    re-creates. `prefix_dtype`: the dtype peft casts prefix tuning's keys/values to when it is not the regime's
+    weight dtype (`planner.memory.prefix_cast_dtype`; 0: the regime's)."""
     b = Builder(arch, tc, seq, kv_seq, checkpointed, kind, sm)
+    b.prefix_dtype = prefix_dtype
     R = b.R
     x = b.input(arch.hidden_size, R.act, input_rg)
     if checkpointed and not tc.recipe.offload_checkpoints:
@@ -769,6 +774,9 @@ def lm_head_logits(b: Builder, n: int) -> int:
     else:  # QLoRA: lm_head is fp32 after k-bit preparation, its input fp32
         logits = b._linear_plain(n, h, V, False, trained=b.head_trained)
     g.unhooked(since)  # TRL's activation offloading leaves the lm_head's saved tensors alone (NoOpManager)
+    # the lm_head module's output: FSDP2's tail unit [final norm, lm_head] registers its pre-backward hook on it
+    # (`planner.strategies.fsdp2`, moment "head_backward")
+    b.lm_head_output = logits
     if arch.final_logit_softcapping:
         t1 = b.mul_scalar(logits, V)
         t2 = b.new(V, b.dtype[t1], True)

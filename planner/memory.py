@@ -289,10 +289,22 @@ def gathered_recipe(tc: TrainConfig):
     return dataclasses.replace(r, adapter_dtype=adapter, kbit_preparation=kbit)
 
 
+def prefix_cast_dtype(tc: TrainConfig) -> int:
+    """Bytes per element of prefix tuning's keys/values when the pieces' regime does not give them (else 0). peft
+    0.21 casts them to `base_model.dtype` (peft_model.py `get_prompt`:
+    `past_key_values.to(self.base_model_torch_dtype)`), transformers' dtype of the first floating parameter:
+    under FSDP2 the shard's, fp32 under `mixed`, while the layers compute on bf16 gathers (`gathered_precision`):
+    the cache `cat(prefix, k)` is then fp32. Checked against the multi-GPU trace's prefix point."""
+    if not tc.spec.virtual_tokens(tc)[1]:  # no prefix keys/values (prefix tuning's only)
+        return 0
+    own = regime(tc).weight
+    return own if own != regime(_piece_key(tc)).weight else 0
+
+
 @functools.lru_cache(maxsize=4096)
-def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) -> _Pieces:
+def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY, prefix_dtype: int = 0) -> _Pieces:
     """Replay each piece once per (model, configuration without batch/optimizer/GPUs, the GPU's attention
-    dispatch: `sm` is a canonical compute capability, planner.attention)."""
+    dispatch: `sm` is a canonical compute capability, planner.attention; `prefix_cast_dtype`)."""
     method = tc.spec
     extra_seq, extra_kv = method.virtual_tokens(tc)
     seq = tc.seq_len + extra_seq
@@ -327,12 +339,14 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     layers, nosave = [], []
     first_input_saved = False
     for key, kind in zip(index, kinds):
-        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
+        b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm,
+                              prefix_dtype)
         t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off)
         if layer_off is not None:
             # the previous layer's forward stash (drained by this layer's first packs) and the next layer's last
             # copies, still in the backward stash when this one's backward starts: a layer of the same kind's
-            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
+            b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm,
+                                  prefix_dtype)
             t = simulate(b.g, outputs=[y], incoming_grads=[y], offload=layer_off, carry_in=t.end_copies,
                          stash_in=t.end_stash_entries)
         layers.append(t)
@@ -350,7 +364,8 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     return _Pieces(
         head=simulate(hb.g, outputs=[e], incoming_grads=[e], offload=off),
         tail=simulate(tb.g, outputs=[], incoming_grads=[loss], offload=off, release_stash=False,
-                      stash_in=ckpt_stash if tc.grad_ckpt else (layers[of_layer[-1]].end_stash_entries if off else ())),
+                      stash_in=ckpt_stash if tc.grad_ckpt else (layers[of_layer[-1]].end_stash_entries if off else ()),
+                      hook_at=getattr(tb, "lm_head_output", None)),
         prefix=prefix,
         replays=tuple(index),
         layers=tuple(layers),
@@ -462,7 +477,7 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
                     sm: tuple = DEFAULT_CAPABILITY) -> list[Event]:
     """Every candidate peak of the step with its composition. `static`: bytes live throughout (weights,
     optimizer state from the second step on, workspaces) by term; `sm`: the GPU's compute capability."""
-    P = _pieces(arch, _piece_key(tc), canonical_capability(sm))
+    P = _pieces(arch, _piece_key(tc), canonical_capability(sm), prefix_cast_dtype(tc))
     B = tc.batch_size
     L = arch.num_layers
     ck = tc.grad_ckpt
@@ -536,8 +551,18 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
                         logits=previous))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
                         activations=head_kept + kept_all + mask_late, logits=previous))
-    events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
-                        activations=head_kept + kept_all + mask_late))
+    # the tail unit's pre-backward fires on the lm_head output's gradient, after the loss's own backward: when the
+    # strategy gathers more from then on (FSDP2's prefetched last layer, untied), two events
+    split = (tc.num_gpus > 1 and P.tail.backward_post
+             and strategy.step_buffers(arch, tc, "head_backward") != strategy.step_buffers(arch, tc, "loss_backward"))
+    if split:
+        events.append(event("loss backward", peak_point(P.tail.backward_pre, B), "loss_backward",
+                            activations=head_kept + kept_all + mask_late))
+        events.append(event("lm_head backward", peak_point(P.tail.backward_post, B), "head_backward",
+                            activations=head_kept + kept_all + mask_late))
+    else:
+        events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
+                            activations=head_kept + kept_all + mask_late))
     if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "tail_reduce"):  # the tail unit's gradient reduction
         events.append(event("lm_head reduce-scatter", None, "tail_reduce", activations=head_kept + kept_all + mask_late,
                             logits=held_tail, gradients=g_tail))
@@ -609,7 +634,7 @@ def activation_offload_host_bytes(arch: ModelArch, tc: TrainConfig, copied: bool
     way), without the allocator's rounding."""
     if not tc.recipe.activation_offload:
         return 0
-    P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY))
+    P = _pieces(arch, _piece_key(tc), canonical_capability(DEFAULT_CAPABILITY), prefix_cast_dtype(tc))
     L = arch.num_layers
     of = (lambda t: t.host_copied) if copied else (lambda t: t.host)
     host = of(P.head) + of(P.tail) + (of(P.prefix) if P.prefix else 0)

@@ -88,9 +88,15 @@ def test_zero1_offload_moves_the_state_only():
     arch = load_model(MODEL)
     tc = TrainConfig(**FULL, num_gpus=4, strategy="zero1")
     on, off = estimate_memory(arch, tc), estimate_memory(arch, tc.replace(cpu_offload=True))
-    # the state (fp32 master + optimizer state) and the fp32 gradient partition DeepSpeed copies out to the host
+    # the state (fp32 master + optimizer state) and ZeRO-Offload's pinned host buffers (the fp32 gradient partition
+    # DeepSpeed copies out to the host, the bf16 staging partition, the temporary gradient buffer)
+    from planner.strategies.zero import zero_offload_device_bytes, zero_offload_host_bytes
+
     fp32_grads = -(-4 * tc.spec.trainable_params(arch, tc) // 4)
-    assert off.cpu_offload_bytes == on.breakdown["optimizer_state"] + fp32_grads > fp32_grads
+    host_buffers = zero_offload_host_bytes(arch, tc, False)
+    assert off.cpu_offload_bytes == on.breakdown["optimizer_state"] + host_buffers and host_buffers > fp32_grads
+    assert off.breakdown["sharding_buffers"] - on.breakdown["sharding_buffers"] == zero_offload_device_bytes(arch, tc,
+                                                                                                            False)
     assert "optimizer_state" not in off.breakdown and off.breakdown["weights"] == on.breakdown["weights"]
     assert off.notes[1:] == ["CPU offload: optimizer state and step on the host"]
 

@@ -70,22 +70,94 @@ def test_zero3_model_states_match_deepspeed(model, n):
     assert model_states(arch, tc) == pytest.approx(expect, rel=0.03)
 
 
-@pytest.mark.parametrize("n", (2, 8))
-def test_offload_moves_master_state_and_fp32_grads_to_the_host(n):
-    """ZeRO-3 with optimizer and parameter offload: the device keeps what DeepSpeed's estimator keeps (4 x the
-    largest layer, plus the buckets), and the host holds the 16P/N (master, Adam, fp32 gradients) + 2P/N bf16
-    parameters of each rank."""
+def ds_zero2_cpu_bytes(total_params: int, num_gpus: int) -> int:
+    """stage_1_and_2.py `estimate_zero2_model_states_mem_needs`, cpu_offload=True: host bytes of a node (one node
+    of N GPUs), P x max(4N, 16) x 1.5 (their buffer factor)."""
+    return int(total_params * max(4 * num_gpus, 16) * 1.5)
+
+
+def ds_zero3_cpu_bytes(total_params: int, cpu_offload_params: bool) -> int:
+    """stage3.py `estimate_zero3_model_states_mem_needs`, cpu_offload=True, zero_init: host bytes of a node,
+    18 P x 1.5 with the parameters offloaded, 16 P x 1.5 without."""
+    return int(total_params * (18 if cpu_offload_params else 16) * 1.5)
+
+
+OFFLOAD_CASES = [(m, n) for m in ("llama-3.1-8b", "llama-3.2-1b") for n in (2, 8)]
+
+
+@pytest.mark.parametrize("model,n", OFFLOAD_CASES)
+def test_zero2_offload_model_states_match_deepspeed(model, n):
+    """ZeRO-2 + offload_optimizer: the device keeps the bf16 weights (DeepSpeed's 2P) and no gradient partition;
+    the host per node, before the pinned allocator's rounding (`planner.strategies.zero.zero_offload_host_bytes`:
+    18P/N per rank + the largest parameter's staging buffer), lies between the model states DeepSpeed's estimator
+    counts (16 P) and its figure with the 1.5 margin; the rounding to powers of two adds at most as much again
+    (llama-3.2-1b at N = 2: 16.2 GB per rank for 11.1 GB of buffers, past DeepSpeed's margin)."""
+    from planner.strategies.zero import largest_trainable_numel
+
     from planner.memory import estimate_memory
 
-    arch = load_model("llama-3.1-8b")
-    tc = TrainConfig(method="full", precision="bf16", num_gpus=n, strategy="zero3", cpu_offload=True)
-    m = estimate_memory(arch, tc)
+    arch = load_model(model)
     P = arch.total_params
-    assert m.cpu_offload_bytes == pytest.approx(18 * P / n, rel=0.01)
-    assert m.breakdown.get("optimizer_state", 0) == 0 and m.breakdown.get("weights", 0) == 0
-    z2 = estimate_memory(arch, tc.replace(strategy="zero2"))
-    assert z2.cpu_offload_bytes == pytest.approx(16 * P / n, rel=0.01)
-    assert z2.breakdown["weights"] == pytest.approx(ds_zero2_gpu_bytes(P, n, True), rel=0.01)
+    tc = TrainConfig(method="full", precision="bf16", num_gpus=n, strategy="zero2", cpu_offload=True)
+    static, grads, _opt_temp, offload, _notes, _paged, _params = _static_terms(arch, tc, 0)
+    assert static["weights"] + static["optimizer_state"] + grads == pytest.approx(ds_zero2_gpu_bytes(P, n, True),
+                                                                                 rel=0.03)
+    assert static["optimizer_state"] == 0 and grads == 0
+    unrounded = 18 * -(-P // n) + 2 * largest_trainable_numel(arch, tc)
+    assert 16 * P <= n * unrounded <= ds_zero2_cpu_bytes(P, n)
+    assert unrounded <= offload < 2 * unrounded
+    m = estimate_memory(arch, tc)
+    assert "gradients" not in m.breakdown  # none on the device, in backward or at the step
+    assert m.cpu_offload_bytes == offload
+
+
+@pytest.mark.parametrize("model,n", OFFLOAD_CASES)
+def test_zero3_offload_model_states_match_deepspeed(model, n):
+    """ZeRO-3 + offload_optimizer + offload_param: the device keeps DeepSpeed's 4 x largest layer (+ the prefetch
+    bucket); the host per node before the pinned rounding (20P/N per rank: 2 bf16 parameters, 4 master, 8 Adam, 4
+    fp32 and 2 bf16 gradient partitions) lies between 18 P (the states DeepSpeed counts) and its estimate with the
+    margin; the rounding adds less than the pinned buffers' 8P/N."""
+    from planner.memory import estimate_memory
+    from planner.strategies.zero import zero3_live_bytes
+
+    arch = load_model(model)
+    P = arch.total_params
+    tc = TrainConfig(method="full", precision="bf16", num_gpus=n, strategy="zero3", cpu_offload=True)
+    static, grads, _opt_temp, offload, _notes, _paged, _params = _static_terms(arch, tc, 0)
+    live = zero3_live_bytes(arch, tc) - 2 * int(0.9 * arch.hidden_size ** 2)
+    expect = ds_zero3_gpu_bytes(P, largest_module_params(arch), n, True, True)
+    assert static["weights"] + static["optimizer_state"] + grads + live == pytest.approx(expect, rel=0.03)
+    unrounded = 20 * -(-P // n)
+    assert 18 * P <= n * unrounded <= ds_zero3_cpu_bytes(P, True)
+    assert unrounded <= offload < unrounded + 8 * -(-P // n)
+    m = estimate_memory(arch, tc)
+    assert "gradients" not in m.breakdown and m.breakdown.get("weights", 0) == 0
+    # offload moves the gradients off the device during backward too: the peak drops by more than the states
+    on_device = estimate_memory(arch, tc.replace(cpu_offload=False))
+    assert m.peak_allocated_bytes < on_device.peak_allocated_bytes - on_device.breakdown.get("optimizer_state", 0)
+
+
+def test_zero2_offload_buffers_follow_the_engine():
+    """What ZeRO-Offload allocates beyond the states, counted from DeepSpeed's own buffers (stage_1_and_2.py):
+    `temp_grad_buffer_for_gpu_offload` on the device (the largest trainable parameter, bf16), and on the host the
+    fp32 gradient partition, the bf16 staging partition and `temp_grad_buffer_for_cpu_offload`, each pinned (a
+    power of two). LoRA: P is the adapters'; the frozen bf16 weights stay whole on the device."""
+    from planner.memory import pinned_block_bytes, trainable_tensors
+    from planner.strategies.zero import zero_offload_device_bytes, zero_offload_host_bytes
+
+    arch = load_model("llama-3.1-8b")
+    tc = TrainConfig(method="lora", rank=16, target_modules=("all-linear",), precision="bf16", num_gpus=4,
+                     strategy="zero2", cpu_offload=True)
+    P = tc.spec.trainable_params(arch, tc)
+    largest = max(t.rows * t.cols for t in trainable_tensors(arch, tc))
+    p = -(-P // 4)
+    assert zero_offload_device_bytes(arch, tc, False) == 2 * largest
+    assert zero_offload_host_bytes(arch, tc, False) == (pinned_block_bytes(4 * p) - 4 * p + pinned_block_bytes(4 * p)
+                                                        + pinned_block_bytes(2 * p) + pinned_block_bytes(2 * largest))
+    off = _static_terms(arch, tc, 0)
+    on = _static_terms(arch, tc.replace(cpu_offload=False), 0)
+    assert off[0]["sharding_buffers"] - on[0]["sharding_buffers"] == 2 * largest
+    assert off[0]["weights"] == on[0]["weights"]
 
 
 def test_the_real_estimators_when_deepspeed_is_importable():
@@ -95,6 +167,12 @@ def test_the_real_estimators_when_deepspeed_is_importable():
         assert ds.estimate_zero2_model_states_mem_needs(p, n, 1, False)[1] == ds_zero2_gpu_bytes(p, n, False)
         assert s3.estimate_zero3_model_states_mem_needs(p, ll, n, 1, False, False)[1] == \
             ds_zero3_gpu_bytes(p, ll, n, False, False)
+        # with CPU offload: (cpu, gpu) as the oracles above say
+        assert ds.estimate_zero2_model_states_mem_needs(p, n, 1, True) == (ds_zero2_cpu_bytes(p, n),
+                                                                          ds_zero2_gpu_bytes(p, n, True))
+        for params in (True, False):
+            assert s3.estimate_zero3_model_states_mem_needs(p, ll, n, 1, True, params)[:2] == (
+                ds_zero3_cpu_bytes(p, params), ds_zero3_gpu_bytes(p, ll, n, True, params))
 
 
 def test_ds_config_writes_the_buckets_the_planner_counts():

@@ -87,8 +87,14 @@ def test_multigpu_points_cover_the_grid():
     assert {p["train"]["num_gpus"] for p in quantized} == {2, 8}
     assert any(tc.cpu_offload for tc in configs if tc.base_quant.quantized)
     assert any("config" in p for p in quantized) and any("config" not in p for p in quantized)
-    # bf16 autocast over fp32 shards (`planner.memory.gathered_precision`), with and without offload
+    # bf16 autocast over fp32 shards (`planner.memory.gathered_precision`), with and without offload, and the
+    # methods whose layers then compute in bf16 (IA3's vectors, prompt and prefix tuning)
     assert {tc.cpu_offload for tc in configs if tc.precision == "mixed"} == {False, True}
+    assert {tc.method for tc in configs if tc.precision == "mixed"} >= {"full", "lora", "ia3", "prompt", "prefix"}
+    # untied models, whose last layer the tail unit prefetches after the loss's backward ("head_backward")
+    untied = [tc for p, tc in zip(pts, configs) if not _arch(p).tie_word_embeddings]
+    cases = {(tc.method, tc.grad_ckpt, tc.cpu_offload) for tc in untied}
+    assert cases >= {("full", True, True), ("full", False, False), ("lora", True, False)}
 
 
 def _arch(point):
@@ -193,3 +199,46 @@ def test_estimate_trace_on_several_gpus_traces_fsdp_and_says_what_it_did_not(tmp
     r = CliRunner().invoke(cli, args[:-1] + ["--num-gpus", "2", "--strategy", "fsdp", "--cpu-offload"])
     assert r.exit_code == 0, r.output
     assert "trace host" in r.output and "CPU offload: sharded parameters" in r.output
+
+
+def test_ia3_bf16_vectors_match_the_trace():
+    """IA3 with bf16 vectors (what FSDP2's bf16 gathers hand the layers, and `Recipe.adapter_dtype` bf16): peft
+    multiplies in the vector's dtype, so no fp32 copy of the down projection's input is saved. On one device
+    against the single-device trace, and smaller than with fp32 vectors."""
+    from calibrate.trace import trace_step
+    from planner.arch import arch_from_config
+    from planner.memory import estimate_memory
+    from planner.recipe import Recipe
+
+    config = dict(TINY_UNTIED, hidden_size=256, intermediate_size=768, vocab_size=1024)
+    arch = arch_from_config(config, name="tiny")
+    workspace = 64 * 2**20  # the planner's default GPU (H100): two cuBLAS handles
+    peaks = {}
+    for dtype in ("fp32", "bf16"):
+        tc = TrainConfig(method="ia3", precision="bf16", seq_len=256, batch_size=2, recipe=Recipe(adapter_dtype=dtype))
+        traced = trace_step(config, tc, cuda_workspace_bytes=workspace).peak_allocated_bytes
+        peaks[dtype] = estimate_memory(arch, tc).peak_allocated_bytes
+        assert peaks[dtype] == pytest.approx(traced, rel=0.005), dtype
+    assert peaks["bf16"] < peaks["fp32"]
+
+
+def test_untied_fsdp2_prefetches_the_last_layer_after_the_loss_backward():
+    """The tail unit's pre-backward hook sits on the lm_head output (torch 2.13 `_register_pre_backward_hook`), so
+    the last layer is gathered from the lm_head's backward on ("lm_head backward"), not during the loss's own
+    backward; tied models prefetch nothing there (one event); a loss that never calls the lm_head module
+    (chunked) completes the tail on the root output, so its prefetch comes first (one event, layer included)."""
+    from planner.arch import arch_from_config
+    from planner.memory import estimate_memory
+    from planner.recipe import Recipe
+    from planner.strategies.fsdp2 import FSDP, fsdp_units
+
+    config = dict(TINY_UNTIED, hidden_size=256, intermediate_size=768, vocab_size=8192)
+    untied, tied = (arch_from_config(dict(config, tie_word_embeddings=t), name="tiny") for t in (False, True))
+    tc = TrainConfig(method="full", precision="bf16", seq_len=512, batch_size=1, num_gpus=2, strategy="fsdp")
+    layer = fsdp_units(untied, tc)["layer"] * 2
+    assert FSDP.step_buffers(untied, tc, "head_backward") - FSDP.step_buffers(untied, tc, "loss_backward") == layer
+    assert "lm_head backward" in estimate_memory(untied, tc).events
+    assert "lm_head backward" not in estimate_memory(tied, tc).events
+    chunked = tc.replace(recipe=Recipe(loss="chunked"))
+    assert FSDP.step_buffers(untied, chunked, "loss_backward") == FSDP.step_buffers(untied, chunked, "head_backward")
+    assert "lm_head backward" not in estimate_memory(untied, chunked).events

@@ -1,8 +1,10 @@
-"""IA3 (peft `IA3Config`): learned fp32 scaling vectors on k/v (or q/v) outputs and the MLP down projection's input."""
+"""IA3 (peft `IA3Config`): learned scaling vectors on k/v (or q/v) outputs and the MLP down projection's input, fp32
+(peft's `autocast_adapter_dtype`) or bf16 (`Recipe.adapter_dtype`; and as FSDP2's bf16 gathers hand them to the
+layers: `planner.memory.gathered_adapter_dtype`)."""
 
 from __future__ import annotations
 
-from ..units import FP32, param_bytes
+from ..units import param_bytes
 from .base import Method, Trainable
 from ..modules_to_save import peft_kwargs as saved_peft_kwargs
 
@@ -37,14 +39,16 @@ class IA3(Method):
     default_lr = 3e-2
     peft_type = "IA3"
     supports_modules_to_save = True
+    bf16_adapters = True  # `vector_dtype`: bf16 vectors multiply in bf16, with no fp32 copy of the input
 
     def trainable_tensors(self, arch, tc) -> list[Trainable]:
-        """Per layer, one fp32 vector per targeted linear: out_features for attention projections (scales the
-        output, shape (out, 1)), in_features for the feed-forward one (scales the input, shape (1, in));
+        """Per layer, one vector (`vector_dtype`) per targeted linear: out_features for attention projections
+        (scales the output, shape (out, 1)), in_features for the feed-forward one (scales the input, shape (1, in));
         peft IA3Layer.update_layer."""
         targets, ff = ia3_targets(arch)
         L = arch.num_layers
-        return [Trainable(1, lin.in_features if lin.name in ff else lin.out_features, L, FP32) for lin in targets]
+        vd = vector_dtype(tc)
+        return [Trainable(1, lin.in_features if lin.name in ff else lin.out_features, L, vd) for lin in targets]
 
     def fixed_targets_note(self, arch) -> str | None:
         if arch.model_type in IA3_TARGETS:
@@ -55,31 +59,35 @@ class IA3(Method):
         return f"IA3 uses the {arch.model_type} family's targets: {uses}"
 
     def before_linear(self, b, x: int, name: str, n_in: int) -> int:
-        """peft IA3 on the feed-forward projection: `(x.to(fp32) * ia3_l.flatten()).to(x dtype)` before the base
-        layer; saves the fp32 copy of x."""
+        """peft IA3 on the feed-forward projection (peft 0.21 tuners/ia3/layer.py `Linear.forward`):
+        `(x.to(v) * ia3_l.flatten()).to(x dtype)` before the base layer, v the vector's dtype (`vector_dtype`);
+        saves x in v: an fp32 copy under fp32 vectors, x itself when v is x's dtype."""
         targets, ff = IA3_TARGETS[b.arch.model_type]
         if name not in ff or name not in targets:
             return x
         g = b.g
         xd = b.dtype[x]
-        x32 = b.cast(x, n_in, FP32)
-        vec = b.fixed(param_bytes(n_in, FP32), rg=True, kind="weight_copies", dtype=FP32)
-        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n_in, FP32)))
-        p = b.new(n_in, FP32, True)
-        g.op("mul_ia3", [x32, vec], [p], saved=[x32] + ([vec] if g.rg(x32) else []), bwd_temp=(b.seq * n_in * FP32, 0))
+        vd = vector_dtype(b.tc)
+        xv = b.cast(x, n_in, vd)
+        vec = b.fixed(param_bytes(n_in, vd), rg=True, kind="weight_copies", dtype=vd)
+        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n_in, vd)))
+        p = b.new(n_in, vd, True)
+        g.op("mul_ia3", [xv, vec], [p], saved=[xv] + ([vec] if g.rg(xv) else []), bwd_temp=(b.seq * n_in * vd, 0))
         return b.cast(p, n_in, xd)
 
     def after_linear(self, b, x: int, y: int, name: str, n_in: int, n_out: int) -> int:
-        """peft IA3 on an attention projection: `(result * ia3_l.flatten()).to(result dtype)`; the product with
-        the fp32 vector is fp32 and saves `result` (for the vector's gradient)."""
+        """peft IA3 on an attention projection: `(result * ia3_l.flatten()).to(result dtype)`; the product is in
+        the wider of the two dtypes (fp32 with fp32 vectors) and saves `result` (for the vector's gradient)."""
         targets, ff = IA3_TARGETS[b.arch.model_type]
         if name not in targets or name in ff:
             return y
         g = b.g
-        vec = b.fixed(param_bytes(n_out, FP32), rg=True, kind="weight_copies", dtype=FP32)
-        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n_out, FP32)))
-        p = b.new(n_out, FP32, True)
-        g.op("mul_ia3", [y, vec], [p], saved=[y] + ([vec] if g.rg(y) else []), bwd_temp=(b.seq * n_out * FP32, 0))
+        vd = vector_dtype(b.tc)
+        pd = max(vd, b.dtype[y])
+        vec = b.fixed(param_bytes(n_out, vd), rg=True, kind="weight_copies", dtype=vd)
+        g.op("ia3_flatten", [], [vec], param_grad=(0, param_bytes(n_out, vd)))
+        p = b.new(n_out, pd, True)
+        g.op("mul_ia3", [y, vec], [p], saved=[y] + ([vec] if g.rg(y) else []), bwd_temp=(b.seq * n_out * pd, 0))
         return b.cast(p, n_out, b.dtype[y])
 
     def peft_config(self, tc, model_type=None):
@@ -95,3 +103,13 @@ class IA3(Method):
 
 
 METHOD = IA3()
+
+
+def vector_dtype(tc) -> int:
+    """Bytes per element of the IA3 vectors: fp32 (peft's `autocast_adapter_dtype=True` upcasts them), bf16 when the
+    recipe casts the trainable parameters (`Recipe.adapter_dtype`, trainer/recipe.py) or FSDP2 gathers them in bf16
+    (`planner.memory.gathered_adapter_dtype` sets the pieces' adapter dtype): peft multiplies in the vector's own
+    dtype (`dtype = self.ia3_l[active_adapter].dtype`)."""
+    from .lora import adapter_dtype
+
+    return adapter_dtype(tc)

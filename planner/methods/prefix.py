@@ -27,8 +27,9 @@ class Prefix(VirtualTokenMethod):
         return 0, tc.num_virtual_tokens
 
     def layer_prefix(self, b, arch, tc):
-        """This layer's prefix keys and values, cast to the base model's dtype by peft (external to the layer)."""
-        dt = b.R.weight
+        """This layer's prefix keys and values, cast to the base model's dtype by peft (external to the layer):
+        the regime's weight dtype, or the one `planner.memory.prefix_cast_dtype` gives the builder."""
+        dt = getattr(b, "prefix_dtype", 0) or b.R.weight
         pk = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
         pv = b.g.tensor((tc.num_virtual_tokens * arch.kv_dim * dt, 0), rg=True, external=True)
         b.dtype[pk] = b.dtype[pv] = dt

@@ -108,8 +108,9 @@ class Strategy:
     def step_buffers(self, arch, tc, moment: str, layer: int | None = None) -> int:
         """Per-device bytes of the strategy's buffers that live only at `moment` of the step (gathered
         parameters, reduce-scatter inputs), on top of `buffer_bytes` (live throughout). Moments, in step order:
-        "forward" (the last decoder layer's forward), "forward_loss", "loss_backward", "layer_backward" (of decoder
-        layer `layer`), "embedding_backward", "optimizer"."""
+        "forward" (the last decoder layer's forward), "forward_loss", "loss_backward", "head_backward" (the
+        lm_head's and final norm's backward, once the lm_head output's gradient exists), "layer_backward" (of
+        decoder layer `layer`), "embedding_backward", "optimizer"."""
         return 0
 
     def notes(self, num_gpus: int, cpu_offload: bool) -> list[str]:

@@ -64,6 +64,18 @@ def fsdp_units(arch, tc) -> MappingProxyType:
                                  tail_trainable=0, embed_trainable=0))
 
 
+def prefetches_at_logits(tc) -> bool:
+    """Whether the tail unit's pre-backward (and so its prefetch of the last decoder layer) waits for the lm_head
+    output's gradient. torch 2.13 registers a unit's pre-backward as a tensor hook on the outputs of its forward
+    (_fsdp_state.py `_post_forward` -> `_register_pre_backward_hook`: `t.register_hook(self._pre_backward)`); the
+    grouped tail [final norm, lm_head] completes its forward at the lm_head, so the hook sits on the logits and
+    fires when their gradient exists: after the loss's own backward (`logits.float()`, log_softmax, nll_loss),
+    before the lm_head's. The losses that take the lm_head weight themselves (chunked, liger, cce) never call the
+    lm_head module: the root's post-forward completes the tail unit on the root's output
+    (`_force_complete_incomplete_states`), whose gradient is the backward's first, so the prefetch comes first."""
+    return tc.recipe.loss == "plain"
+
+
 def chunk_numel(rows: int, cols: int, num_gpus: int) -> int:
     """Elements of rank 0's shard of a (rows, cols) parameter (1-D: rows = 1, sharded along its cols): FSDP2 splits
     dim 0 with `torch.chunk` (torch 2.13 _fsdp_param.py `_init_sharded_param`: `_chunk_with_empty`) and pads every
@@ -140,8 +152,10 @@ class FSDP2(Strategy):
 
         forward (a decoder layer):  2 x layer  (+ tail when tied: gathered at the first op)
         forward_loss:               untied 2 x tail; tied tail + the last layer's kept all-gather output
-        loss_backward:              tail + layer (prefetched); tied: tail (its unit ran its post-forward first, at
-                                    the embedding, so `_backward_prefetch` has no earlier unit to fetch)
+        loss_backward:              tail (+ layer when the prefetch comes first: `prefetches_at_logits`)
+        head_backward:              tail + layer (prefetched by the tail's pre-backward, on the logits' gradient);
+                                    tied, both: tail (its unit ran its post-forward first, at the embedding, so
+                                    `_backward_prefetch` has no earlier unit to fetch)
         tail_reduce (untied):       the tail's unsharded gradient, its fp32 RS input and output, the prefetched
                                     layer (its parameters freed first: reshard before reduce)
         layer_backward i:           layer + prefetched (layer; the embedding at i = 0 when untied)
@@ -192,6 +206,8 @@ class FSDP2(Strategy):
         if moment == "forward_loss":
             return tail_g + layer_g if tied else 2 * tail_g
         if moment == "loss_backward":  # tied: the tail unit's post-forward came first, so it prefetches nothing
+            return tail_g if (tied or prefetches_at_logits(tc)) else tail_g + layer_g
+        if moment == "head_backward":
             return tail_g if tied else tail_g + layer_g
         if moment == "tail_reduce":  # untied: the tail's post-backward, the last layer prefetched (flat)
             if tied or not u["tail_trainable"]:

@@ -107,23 +107,83 @@ def zero3_qlora(tc) -> bool:
 
 
 def shard_deepspeed(strategy, arch, tc, static: dict, grads: int, opt_temp: int):
-    """`Strategy.shard_static` on DeepSpeed's bf16 model states; with CPU offload (ZeRO-Offload,
-    stage_1_and_2.py `cpu_offload`, stage3.py `offload_optimizer`) the fp32 master weights, the optimizer state and
-    the fp32 gradient partition (4P/N: gradients are copied out of the reduce buckets into pinned host buffers) live
-    on the host, and stages 2/3 keep no gradient partition on the device. Host bytes per device: what moved."""
+    """`Strategy.shard_static` on DeepSpeed's bf16 model states; with CPU offload (ZeRO-Offload) the optimizer
+    state (fp32 master weights included) and, for ZeRO-3, the parameter partitions move to the host, the gradients
+    of stages 2/3 never stay on the device, and the host holds DeepSpeed's offload buffers: host bytes per device
+    `zero_offload_host_bytes` (+ the moved parameter partitions), device buffers `zero_offload_device_bytes`."""
     stage3 = strategy.launcher.deepspeed_stage == 3
     static, grads, opt_temp = bf16_model_states(arch, tc, static, grads, opt_temp, stage3)
     static, grads, opt_temp, offload, notes = Strategy.shard_static(strategy, arch, tc, static, grads, opt_temp)
     if tc.cpu_offload and strategy.multi_gpu:
-        P = tc.spec.trainable_params(arch, tc)
-        offload += 0 if stage3 else -(-4 * P // tc.num_gpus)  # stage 3: the fp32 gradients are `grads`
-        if stage3:
-            offload += grads
+        # `offload` holds the moved optimizer state (and ZeRO-3's weights); the gradients are DeepSpeed's buffers
+        offload += zero_offload_host_bytes(arch, tc, stage3)
         if GRADIENTS in strategy.shards:
             grads = 0
     if zero3_qlora(tc):
         notes = list(notes) + [ZERO3_QLORA_NOTE]
     return static, grads, opt_temp, offload, notes
+
+
+# -- CPU offload (ZeRO-Offload: `offload_optimizer`, and `offload_param` for stage 3, both pin_memory=True as
+# trainer/launch.py writes them), DeepSpeed 0.19.8 deepspeed/runtime/zero/ ------------------------------------------
+
+
+def offloads_zero_gradients(strategy, tc) -> bool:
+    """Stages 2/3 under CPU offload keep no gradient partition on the device: stage_1_and_2.py
+    `copy_grads_in_partition` returns before `grads_in_partition` is ever allocated and copies each reduced slice
+    to the host (`async_inplace_copy_grad_to_fp32_buffer_from_gpu`, then `clear_grad_attribute`); stage3.py
+    `partition_grads` copies each partition into `grad_partitions_flat_buffer`, allocated on `self.device`, the
+    CPU under offload_optimizer. Stage 1 reduces whole gradients at the step (kept on the device as before)."""
+    return bool(tc.cpu_offload) and tc.num_gpus > 1 and GRADIENTS in strategy.shards
+
+
+def largest_trainable_numel(arch, tc) -> int:
+    """stage_1_and_2.py `largest_param_numel`: the most elements of one trainable parameter."""
+    from ..memory import trainable_tensors
+
+    return max((t.rows * t.cols for t in trainable_tensors(arch, tc)), default=0)
+
+
+def zero_offload_device_bytes(arch, tc, stage3: bool) -> int:
+    """Device buffers ZeRO-Offload adds: stages 1/2 allocate `temp_grad_buffer_for_gpu_offload`, the largest
+    trainable parameter in the model dtype on the device (stage_1_and_2.py `__init__`, `if self.cpu_offload`;
+    used to accumulate micro-steps); stage 3 allocates none (its partitions go to the host through the reduce
+    buckets, counted by `buffer_bytes`)."""
+    if stage3:
+        return 0
+    return largest_trainable_numel(arch, tc) * reduce_grad_bytes_per_elem(tc)
+
+
+def zero_offload_host_bytes(arch, tc, stage3: bool) -> int:
+    """Host bytes per rank of ZeRO-Offload's gradient and staging buffers, beyond the optimizer state (the fp32
+    master partition and the optimizer's state, moved by `Strategy.shard_static`); p = ceil(P / N) trainable
+    elements of the rank's partition, lp the model dtype's bytes (bf16 mode: 2), one parameter group (trainer
+    builds one). Pinned buffers take the pinned allocator's power of two (`planner.memory.pinned_block_bytes`:
+    DeepSpeed's accelerator `pin_memory` is `tensor.pin_memory()` unless DS_PIN_MEMORY_BACKEND=native).
+
+    Stages 1/2 (stage_1_and_2.py): the fp32 master partition is pinned (`weights_partition` ->
+    `pin_memory`, so its rounding is added here); the fp32 gradient partition `single_partition_of_fp32_groups[i]
+    .grad` (4p, pinned, `initialize_optimizer_states`); the lp staging copy of the partition the step writes back
+    through (`param_buffer_of_bit16_for_cpu_offload_groups`, lp p, pinned); `temp_grad_buffer_for_cpu_offload`
+    (the largest trainable parameter in lp, pinned).
+    Stage 3 (stage3.py): `grad_partitions_flat_buffer` (p in `gradient_accumulation_dtype`, the model dtype unless
+    ds_config's data_types.grad_accum_dtype, which ftplan leaves unset: lp p, pinned) and each subgroup's fp32
+    gradient `subgroup_gradient_buffer` (4p, pinned, `_create_fp32_partitions`: one subgroup while p is under
+    sub_group_size, 1e9); the fp32 master (`converted.clone()`) is pageable.
+    DeepSpeedCPUAdam updates in place: no step scratch. For AdamW full fine-tuning in bf16 that is 18P/N (stage 2)
+    and 20P/N with the parameters (stage 3) per rank, + the rounding: within DeepSpeed's estimators' host figures,
+    which carry a 1.5 margin (`estimate_zero2_model_states_mem_needs`: max(4N, 16) P x 1.5 per node;
+    `estimate_zero3_...`: 18 P x 1.5 with offload_param, 16 P x 1.5 without)."""
+    from ..memory import pinned_block_bytes
+
+    n = tc.num_gpus
+    p = -(-tc.spec.trainable_params(arch, tc) // n)
+    lp = reduce_grad_bytes_per_elem(tc)
+    if stage3:
+        return pinned_block_bytes(lp * p) + pinned_block_bytes(4 * p)
+    master = 4 * p if deepspeed_bf16(tc) else 0  # counted unrounded in the moved optimizer state
+    return (pinned_block_bytes(master) - master + pinned_block_bytes(4 * p) + pinned_block_bytes(lp * p)
+            + pinned_block_bytes(largest_trainable_numel(arch, tc) * lp))
 
 
 def _clip_bytes(arch, tc) -> int:
@@ -140,10 +200,14 @@ class ZeroOptimizer(Strategy):
     def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
         return shard_deepspeed(self, arch, tc, static, grads, opt_temp)
 
+    def offloads_gradients(self, tc) -> bool:
+        return offloads_zero_gradients(self, tc)
+
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         """overlap_comm with contiguous_gradients: two reduce (ipg) buckets, filled alternately
-        (stage_1_and_2.py `ipg_buffer`)."""
-        return 2 * zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc))
+        (stage_1_and_2.py `ipg_buffer`); under CPU offload `zero_offload_device_bytes` too."""
+        offload = zero_offload_device_bytes(arch, tc, False) if tc.cpu_offload else 0
+        return 2 * zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc)) + offload
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
         """Reduce(-scatter) of the gradients and all-gather of the updated weights: DDP's volume, 2 (n-1)/n x G
@@ -168,6 +232,9 @@ class Zero3(Strategy):
 
     def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
         return shard_deepspeed(self, arch, tc, static, grads, opt_temp)
+
+    def offloads_gradients(self, tc) -> bool:
+        return offloads_zero_gradients(self, tc)
 
     def buffer_bytes(self, arch, tc, grads: int) -> int:
         """Live gathered parameters (`zero3_live_bytes`) and two reduce buckets (overlap_comm)."""
