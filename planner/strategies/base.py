@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..frozen import memo
+
 # What a strategy can shard across devices, and what CPU offload can move (keys of the static memory terms).
 OPTIMIZER_STATE = "optimizer_state"
 GRADIENTS = "gradients"
@@ -172,7 +174,22 @@ def all_reduce_bytes(nbytes: int, num_gpus: int) -> int:
 
 def compute_bytes(tc) -> int:
     """Bytes per element the decoder computes in (what a gathered weight is cast to): 2 under bf16 weights, bf16
-    autocast or QLoRA; 4 in fp32."""
+    autocast or QLoRA; 4 in fp32. Kept on the config (`planner.frozen.memo`): every event of a timeline asks."""
+    return memo(tc, "_compute_bytes", _compute_bytes)
+
+
+def weight_bytes(tc) -> int:
+    """Bytes per element of the base weights as stored (`planner.layers.regime(tc).weight`), kept on the config."""
+    return memo(tc, "_weight_bytes", _weight_bytes)
+
+
+def _weight_bytes(tc) -> int:
+    from ..layers import regime
+
+    return regime(tc).weight
+
+
+def _compute_bytes(tc) -> int:
     from ..layers import regime
 
     R = regime(tc)

@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 from types import MappingProxyType
 
-from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, compute_bytes, layer_gather_step_bytes)
+from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, compute_bytes, layer_gather_step_bytes,
+                   weight_bytes)
 from .registry import register
 
 REDUCE_BYTES = 4  # reduce_dtype fp32 (mixed_precision_policy)
@@ -187,9 +188,7 @@ class FSDP2(Strategy):
         offload = self.offloads_gradients(tc)
         # a unit's reduce: the fp32 RS output is cast to the parameters' own dtype w (`foreach_reduce`); when w is
         # fp32 (mixed, fp32) it is the sharded gradient itself, which the timeline counts unless offloaded
-        from ..layers import regime
-
-        w = regime(tc).weight if tc.spec.trains_base else 4
+        w = weight_bytes(tc) if tc.spec.trains_base else 4
 
         def rs_output(t: int) -> int:
             return -(-t * REDUCE_BYTES // tc.num_gpus) if (offload or w != REDUCE_BYTES) else 0
