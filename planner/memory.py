@@ -27,7 +27,8 @@ from .arch import ModelArch
 from .config import TrainConfig
 from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, effective_implementation, parse_capability
-from .layers import batch_mask, embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
+from .layers import (batch_mask, chunked_loss_batch, embedding_backward_scratch_bytes, head_graph, layer_graph, regime,
+                     tail_graph)
 from .methods import total_params, trainable_params
 from .deepseek import buffer_bytes as deepseek_buffer_bytes
 from .modules_to_save import first_input_requires_grad
@@ -229,9 +230,15 @@ _piece_configs: dict = {}
 
 def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
-    exception, `gathered_recipe`; and TRL's activation offloading, which decides by a saved tensor's bytes, so its
-    replay is per batch size."""
-    batch = tc.batch_size if tc.recipe.activation_offload else 1
+    exception, `gathered_recipe`; TRL's activation offloading, which decides by a saved tensor's bytes, so its
+    replay is per batch size; and TRL's chunked loss, whose piece tells a batch that fits one chunk from the others
+    (`planner.layers.chunked_loss_batch`)."""
+    if tc.recipe.activation_offload:
+        batch = tc.batch_size
+    elif tc.recipe.loss == "chunked":
+        batch = chunked_loss_batch(tc)
+    else:
+        batch = 1
     k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (batch, gathered_recipe(tc), gathered_precision(tc))
     out = _piece_configs.get(k)
     if out is None:
