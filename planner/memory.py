@@ -449,6 +449,24 @@ def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tupl
     return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
+def previous_leaf_embedding_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """The previous step's embedding output and its `.grad`, alive until this step's forward returns:
+    2 x B x S x h x act under gradient checkpointing with a frozen embedding (not trained nor a trained copy), else 0.
+
+    transformers 5.17 `PreTrainedModel.gradient_checkpointing_enable` (modeling_utils.py) calls
+    `enable_input_require_grads()`, whose forward hook on the input embeddings runs `output.requires_grad_(True)`;
+    a frozen embedding's output has no grad_fn, so it becomes a leaf that requires grad, and backward stores its
+    gradient in `.grad` (torch 2.13 `AccumulateGrad`, which holds the leaf variable itself). The training loop keeps
+    the last micro-batch's outputs until the next forward returns (trainer/step.py `TrainStep.outputs`): the loss
+    there keeps its autograd graph's nodes, so the AccumulateGrad node, the leaf and its gradient. S is the real
+    tokens (prompt tuning's virtual tokens are concatenated after the embedding)."""
+    from .modules_to_save import trains_embedding
+
+    if not tc.grad_ckpt or trains_embedding(tc):
+        return 0
+    return 2 * tc.batch_size * tc.seq_len * arch.hidden_size * regime(tc).act
+
+
 def _first_input_kept(P: _Pieces, ck: bool, offloaded: bool, leaf_input: bool) -> bool:
     """The first layer's input (the embeddings) is referenced by the model's forward until the decoder stack returns
     (transformers 5.17 modeling_llama.py `LlamaModel.forward`: the local `inputs_embeds`, `hidden_states =
@@ -521,8 +539,10 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     held_layers = total_over(held, 0, L)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)
     kept_all = total_over(kept, 0, L)
-    # the previous step's outputs (logits, KV caches) live until this step's forward returns
-    previous = held_tail + held_layers
+    # the previous step's outputs (logits, KV caches; a leaf embedding output and its gradient) live until this
+    # step's forward returns
+    leaf_embeds = previous_leaf_embedding_bytes(arch, tc)
+    previous = held_tail + held_layers + leaf_embeds
     events: list[Event] = []
     mask = _at(P.attn_mask, B)  # alive through the layers' forward; under checkpointing, through their backward
     mask_late = mask if ck else 0
@@ -578,7 +598,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
                             gradients=g_tail + total_over(layer_grads, 0, L)))
     # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
     events.append(event("optimizer step", None, "optimizer", gradients=grads_total,
-                        logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))
+                        logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp,
+                        activations=leaf_embeds))
     return events
 
 
