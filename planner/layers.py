@@ -754,6 +754,10 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         from .moe_graph import aux_loss_ops
 
         aux_loss_ops(b)  # the router load-balancing loss (output_router_logits)
+    # the normed hidden states stay referenced until the loss is computed (transformers 5.17 modeling_llama.py
+    # `LlamaForCausalLM.forward`: `hidden_states = outputs.last_hidden_state` then `self.loss_function(...)`;
+    # trainer/losses.py's `forward`: `hidden = out.last_hidden_state` passed to the chunked / fused loss)
+    b.g.op("caller_ref", [n], [])
     return b, x, loss, logits
 
 
@@ -827,12 +831,14 @@ def chunked_loss(b: Builder, n: int):
 
     Forward: `hidden[..., :-1, :]` flattened and reordered by `argsort` of the valid mask (`hidden[order]`: a copy of
     S-1 tokens, kept by the checkpointed chunks with the sorted labels and the int64 order, 16 B/token); then per chunk
-    of C = 256 tokens under non-reentrant checkpointing (nothing saved, every buffer transient):
-    `h.float() @ w.float().t()` (W32: an fp32 copy of the V x h lm_head unless it is fp32; under autocast the
-    matmul casts to bf16 instead: a bf16 copy W16 and bf16 logits), `log_softmax` (fp32: CUDA autocast's
-    fp32_set_opt_dtype), `exp(log_p) * log_p` for the entropy (two fp32 C x V):
-        peak = W32 + 4 C V 4                       (no autocast)
-        peak = W16 + C V 2 + 3 C V 4               (mixed)
+    of C = 256 tokens under non-reentrant checkpointing (nothing saved): `h.float() @ w.float().t()` (W32: an fp32 copy
+    of the V x h lm_head unless it is fp32, and H32 = C h 4 of the hidden states unless fp32; under autocast the
+    matmul casts both to bf16 instead: W16 = V h 2, C h 2, and bf16 logits; the weight's cast is of a view, `.t()`,
+    so autocast does not cache it), `log_softmax` (fp32: CUDA autocast's fp32_set_opt_dtype), `exp(log_p) * log_p`
+    for the entropy (two fp32 C x V). The copies die after the matmul; `logits` and `log_p` are locals of `_chunk`,
+    alive until it returns:
+        peak = max(W32 + H32 + C V 4, 4 C V 4)              (no autocast)
+        peak = max(W16 + C h 2 + C V 2, C V 2 + 3 C V 4)    (mixed)
     Backward, chunk by chunk: the chunk's forward is recomputed (the same buffers; the mm also keeps h.float() when
     the lm_head is trained), then, with a trained lm_head, its gradient: `grad_logits @ h` in fp32 (V x h) beside
     the weight copy and grad_logits (no autocast: W32 + C V 4 + V h 4), or the bf16 grad and its fp32 cast (mixed:
@@ -851,13 +857,17 @@ def chunked_loss(b: Builder, n: int):
     cv4, cv2 = C * V * FP32, C * V * BF16
     if R.autocast:
         wcopy = param_bytes(V * h, BF16)
-        fwd = wcopy + cv2 + 3 * cv4
+        fwd = max(wcopy + C * h * BF16 + cv2, cv2 + 3 * cv4)
+        # recomputed, the matmul saves the weight's cast for backward: alive with the rest
+        recompute = wcopy + cv2 + 3 * cv4
         grad_phase = param_bytes(V * h, BF16) + param_bytes(V * h, FP32)
     else:
         wcopy = param_bytes(V * h, FP32) if wdt != FP32 else 0
-        fwd = wcopy + 4 * cv4
+        hcopy = C * h * FP32 if b.dtype[n] != FP32 else 0
+        fwd = max(wcopy + hcopy + cv4, 4 * cv4)
+        # recomputed, the matmul saves W32 (and H32 when the lm_head is trained) for backward
+        recompute = wcopy + 4 * cv4 + (hcopy if trained else 0)
         grad_phase = wcopy + cv4 + param_bytes(V * h, FP32)
-    recompute = fwd + (C * h * FP32 if trained and not R.autocast and b.dtype[n] != FP32 else 0)
     grad = param_bytes(V * h, wdt) if trained else 0
     bwd = max(recompute - (grad if single else 0), grad_phase) if trained else recompute
     tokens = b.seq - 1
