@@ -221,6 +221,7 @@ class _Pieces:
     backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
     attn_mask: tuple = (0, 0)  # the 4D mask the model builds once per forward (`attention_mask_bytes`)
     first_input_saved: bool = False  # the first layer saves its input for backward (so its `kept` counts it)
+    cached_casts: tuple = ()  # per replay: autocast's cached bf16 casts of trained weights (`autocast_cached_cast_bytes`)
 
 
 _PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -326,7 +327,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
     # the forward stash
     n = min(arch.num_layers, off.stash) if off is not None and not tc.recipe.offload_checkpoints else 0
     ckpt_stash = tuple((n - 1 - i, (seq * arch.hidden_size * regime(tc).act, 0)) for i in range(n))
-    layers, nosave = [], []
+    layers, nosave, cached = [], [], []
     first_input_saved = False
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm)
@@ -342,6 +343,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
             first_input_saved = bool(b.g.tensors[x].savers)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
+        cached.append(autocast_cached_cast_bytes(b))
     hb, e = head_graph(arch, tc, seq)
     tb, x, loss, logits = tail_graph(arch, tc, seq)
     prefix = None
@@ -364,7 +366,33 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY) ->
         backward_layers=_backward_candidates(of_layer),
         attn_mask=attention_mask_bytes(arch, tc, seq, kv_seq),
         first_input_saved=first_input_saved,
+        cached_casts=tuple(cached),
     )
+
+
+def fp32_weights_under_autocast(tc: TrainConfig) -> bool:
+    """Whether the trained weights are fp32 leaves when the layers run under autocast: not under DeepSpeed's bf16
+    mode, which casts the whole model to bf16 (`planner.strategies.zero.deepspeed_bf16`), nor under FSDP2's bf16
+    gathers (their pieces compute in bf16: `gathered_precision`)."""
+    from .strategies.zero import deepspeed_bf16
+
+    return not (tc.num_gpus > 1 and tc.strategy.startswith("zero") and deepspeed_bf16(tc))
+
+
+def autocast_cached_cast_bytes(b) -> int:
+    """Bytes of the bf16 (fp16) casts that autocast caches for one layer's forward: under autocast, the cast of an
+    fp32 leaf tensor that requires grad (a trained weight: full FT's linears, peft's fp32 LoRA matrices) is kept in
+    autocast's cache until the autocast context exits (torch 2.13 `aten/src/ATen/autocast_mode.h` `cached_cast`:
+    `arg.requires_grad() && arg.is_leaf() && !arg.is_view()`; the cache is cleared on leaving the outermost
+    autocast, `torch.autocast.__exit__`), which trainer/recipe.py `forward` enters around the forward only. Without
+    checkpointing the linears save these copies for backward anyway; under checkpointing, which saves nothing in
+    the first forward, the cache alone holds them, every layer's, until the forward (with the loss) returns: the
+    layer graph's trained `weight_copies` in bf16."""
+    if not b.R.autocast:
+        return 0
+    g = b.g
+    return sum(t.size[1] for i, t in enumerate(g.tensors)
+               if t.kind == "weight_copies" and t.rg and b.dtype.get(i) == BF16)
 
 
 def attention_mask_bytes(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int) -> tuple:
@@ -553,11 +581,15 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # TRL's offloading of checkpointed inputs (one pack per layer): the forward stash keeps the inputs of the
     # previous min(L, 5) - 1 layers on the device while the last layer runs
     stash_inputs = (min(L, 5) - 1) * _at(P.layer_input, B) if trl else 0
+    # checkpointed or offloaded under autocast: the earlier layers' cached casts of trained weights, then every
+    # layer's (the replays dropped them, or sent them to the host: autocast's cache holds the device copies)
+    off_layers = (ck or tc.recipe.activation_offload) and fp32_weights_under_autocast(tc)
+    cached = (lambda hi: total_over(P.cached_casts, 0, hi)) if off_layers and P.cached_casts else (lambda hi: 0)
     events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
                         activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask + stash_inputs,
-                        logits=previous))
+                        logits=previous, weight_copies=cached(L - 1)))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
-                        activations=head_kept + kept_all + mask_late, logits=previous))
+                        activations=head_kept + kept_all + mask_late, logits=previous, weight_copies=cached(L)))
     events.append(event("loss backward", peak_point(P.tail.backward, B), "loss_backward",
                         activations=head_kept + kept_all + mask_late))
     if tc.num_gpus > 1 and strategy.step_buffers(arch, tc, "tail_reduce"):  # the tail unit's gradient reduction
