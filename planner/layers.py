@@ -759,6 +759,10 @@ def tail_graph(arch: ModelArch, tc: TrainConfig, seq: int):
         from .moe_graph import aux_loss_ops
 
         aux_loss_ops(b)  # the router load-balancing loss (output_router_logits)
+    # the normed hidden states stay referenced until the loss is computed (transformers 5.17 modeling_llama.py
+    # `LlamaForCausalLM.forward`: `hidden_states = outputs.last_hidden_state` then `self.loss_function(...)`;
+    # trainer/losses.py's `forward`: `hidden = out.last_hidden_state` passed to the chunked / fused loss)
+    b.g.op("caller_ref", [n], [])
     return b, x, loss, logits
 
 
@@ -808,48 +812,79 @@ def _lm_head_weight_bytes(b: Builder) -> int:
     return b.R.weight
 
 
+def chunked_valid_per_row(tc: TrainConfig) -> int:
+    """Valid target tokens per row that TRL's chunked NLL counts (trainer/losses.py `chunked_nll`: the labels
+    shifted by one, `labels[..., 1:]`; the synthetic batch's labels are its ids, none ignored): S - 1; with prompt
+    learning's virtual tokens in the sequence, peft prefixes the labels with that many -100 (peft 0.21
+    `PeftModelForCausalLM.forward`: `prefix_labels`), so after the shift all S real tokens count."""
+    return tc.seq_len if get_method(tc.method).virtual_tokens(tc)[0] else tc.seq_len - 1
+
+
+def chunked_loss_chunks(tc: TrainConfig) -> int:
+    """Chunks TRL's chunked NLL runs (trainer/losses.py `chunked_nll`, TRL f2cd577 `_chunked_cross_entropy_loss`):
+    `n_padded = ceil(n_valid / C) * C`, one chunk per C of it, n_valid = B x `chunked_valid_per_row`."""
+    return -(-tc.batch_size * chunked_valid_per_row(tc) // TRL_CHUNK_TOKENS)
+
+
+def chunked_loss_batch(tc: TrainConfig) -> int:
+    """The one batch size that stands for `tc.batch_size` in the chunked loss's piece: the piece depends on the batch
+    only through whether there is one chunk (`chunked_loss_chunks`), and if so through its rows. Every batch with two
+    chunks or more gives the same piece as the smallest such, floor(C / valid per row) + 1."""
+    return min(tc.batch_size, TRL_CHUNK_TOKENS // max(chunked_valid_per_row(tc), 1) + 1)
+
+
 def chunked_loss(b: Builder, n: int):
     """TRL's `chunked_nll` (trl f2cd577 `trl/trainer/sft_trainer.py` `_chunked_cross_entropy_loss`, `_chunk`;
     re-implemented in trainer/losses.py). No logits are returned or kept, and the backbone runs with use_cache=False.
 
     Forward: `hidden[..., :-1, :]` flattened and reordered by `argsort` of the valid mask (`hidden[order]`: a copy of
     S-1 tokens, kept by the checkpointed chunks with the sorted labels and the int64 order, 16 B/token); then per chunk
-    of C = 256 tokens under non-reentrant checkpointing (nothing saved, every buffer transient):
-    `h.float() @ w.float().t()` (W32: an fp32 copy of the V x h lm_head unless it is fp32; under autocast the
-    matmul casts to bf16 instead: a bf16 copy W16 and bf16 logits), `log_softmax` (fp32: CUDA autocast's
-    fp32_set_opt_dtype), `exp(log_p) * log_p` for the entropy (two fp32 C x V):
-        peak = W32 + 4 C V 4                       (no autocast)
-        peak = W16 + C V 2 + 3 C V 4               (mixed)
+    of C = 256 tokens under non-reentrant checkpointing (nothing saved): `h.float() @ w.float().t()` (W32: an fp32 copy
+    of the V x h lm_head unless it is fp32, and H32 = C h 4 of the hidden states unless fp32; under autocast the
+    matmul casts both to bf16 instead: W16 = V h 2, C h 2, and bf16 logits; the weight's cast is of a view, `.t()`,
+    so autocast does not cache it), `log_softmax` (fp32: CUDA autocast's fp32_set_opt_dtype), `exp(log_p) * log_p`
+    for the entropy (two fp32 C x V). The copies die after the matmul; `logits` and `log_p` are locals of `_chunk`,
+    alive until it returns:
+        peak = max(W32 + H32 + C V 4, 4 C V 4)              (no autocast)
+        peak = max(W16 + C h 2 + C V 2, C V 2 + 3 C V 4)    (mixed)
     Backward, chunk by chunk: the chunk's forward is recomputed (the same buffers; the mm also keeps h.float() when
     the lm_head is trained), then, with a trained lm_head, its gradient: `grad_logits @ h` in fp32 (V x h) beside
     the weight copy and grad_logits (no autocast: W32 + C V 4 + V h 4), or the bf16 grad and its fp32 cast (mixed:
-    V h 2 + V h 4); the lm_head gradient itself is summed chunk by chunk into one buffer (param_grad). The
-    gradient of the packed hidden states is one buffer; un-sorting it (`index_put`) and un-slicing it are one
-    transient of S-1 tokens."""
+    V h 2 + V h 4); the lm_head gradient itself is summed chunk by chunk into one buffer (param_grad), so from the
+    second chunk's backward on it is live through the recomputation: temporaries max(recompute, gradient phase)
+    beside it. With one chunk (`chunked_loss_chunks`: B (S-1) <= C) the gradient appears only at the end of the one
+    backward (autograd's AccumulateGrad), after the recomputation, and that chunk has min(C, B (S-1)) rows (the last
+    slice `hidden[0:C]` is short): max(recompute - gradient, gradient phase) beside it. The gradient of the packed
+    hidden states is one buffer; un-sorting it (`index_put`) and un-slicing it are one transient of S-1 tokens."""
     g, R, arch = b.g, b.R, b.arch
     h, V = arch.hidden_size, arch.vocab_size
-    C = TRL_CHUNK_TOKENS
+    single = chunked_loss_chunks(b.tc) == 1
+    C = min(TRL_CHUNK_TOKENS, b.tc.batch_size * (b.seq - 1)) if single else TRL_CHUNK_TOKENS
     wdt = _lm_head_weight_bytes(b)
     trained = b.head_trained
     cv4, cv2 = C * V * FP32, C * V * BF16
     if R.autocast:
         wcopy = param_bytes(V * h, BF16)
-        fwd = wcopy + cv2 + 3 * cv4
+        fwd = max(wcopy + C * h * BF16 + cv2, cv2 + 3 * cv4)
+        # recomputed, the matmul saves the weight's cast for backward: alive with the rest
+        recompute = wcopy + cv2 + 3 * cv4
         grad_phase = param_bytes(V * h, BF16) + param_bytes(V * h, FP32)
     else:
         wcopy = param_bytes(V * h, FP32) if wdt != FP32 else 0
-        fwd = wcopy + 4 * cv4
+        hcopy = C * h * FP32 if b.dtype[n] != FP32 else 0
+        fwd = max(wcopy + hcopy + cv4, 4 * cv4)
+        # recomputed, the matmul saves W32 (and H32 when the lm_head is trained) for backward
+        recompute = wcopy + 4 * cv4 + (hcopy if trained else 0)
         grad_phase = wcopy + cv4 + param_bytes(V * h, FP32)
-    recompute = fwd + (C * h * FP32 if trained and not R.autocast and b.dtype[n] != FP32 else 0)
-    bwd = max(recompute, grad_phase) if trained else recompute
+    grad = param_bytes(V * h, wdt) if trained else 0
+    bwd = max(recompute - (grad if single else 0), grad_phase) if trained else recompute
     tokens = b.seq - 1
     packed = b.new(h, b.dtype[n], True, seq=tokens)
     order = b.new(2, 8, False, seq=tokens)  # int64 order + sorted int64 labels, 8 B each per token
     g.op("pack_valid", [n], [packed, order], bwd_temp=(tokens * h * b.dtype[n], 0))
     loss = b.fixed(512, True, "activations", FP32)
-    pgrad = (0, param_bytes(V * h, wdt)) if trained else ZERO
     g.op("chunked_nll", [packed, order], [loss], saved=[packed, order], fwd_temp=(0, fwd), bwd_temp=(0, bwd),
-         param_grad=pgrad)
+         param_grad=(0, grad))
     return loss, None
 
 

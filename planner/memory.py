@@ -28,7 +28,8 @@ from .config import TrainConfig
 from .frozen import memo
 from .graph import Offload, Point, forward_without_saving, peak_point, pinned_bytes, simulate
 from .attention import DEFAULT_CAPABILITY, canonical_capability, effective_implementation, parse_capability
-from .layers import batch_mask, embedding_backward_scratch_bytes, head_graph, layer_graph, regime, tail_graph
+from .layers import (batch_mask, chunked_loss_batch, embedding_backward_scratch_bytes, head_graph, layer_graph, regime,
+                     tail_graph)
 from .methods import total_params, trainable_params
 from .deepseek import buffer_bytes as deepseek_buffer_bytes
 from .modules_to_save import first_input_requires_grad
@@ -221,6 +222,7 @@ class _Pieces:
     backward_layers: tuple  # the layers whose backward can be the peak (see `_backward_candidates`)
     attn_mask: tuple = (0, 0)  # the 4D mask the model builds once per forward (`attention_mask_bytes`)
     first_input_saved: bool = False  # the first layer saves its input for backward (so its `kept` counts it)
+    cached_casts: tuple = ()  # per replay: autocast's cached bf16 casts of trained weights (`autocast_cached_cast_bytes`)
 
 
 _PIECE_FIELDS = ("method", "quant", "recipe", "precision", "rank", "lora_alpha", "lora_dropout", "target_modules", "num_virtual_tokens",
@@ -230,13 +232,19 @@ _piece_configs: dict = {}
 
 def _piece_key(tc: TrainConfig) -> TrainConfig:
     """The configuration without what the pieces do not depend on (batch, optimizer, GPUs), memoized; with one
-    exception, `gathered_recipe`; and TRL's activation offloading, which decides by a saved tensor's bytes, so its
-    replay is per batch size."""
+    exception, `gathered_recipe`; TRL's activation offloading, which decides by a saved tensor's bytes, so its
+    replay is per batch size; and TRL's chunked loss, whose piece tells a batch that fits one chunk from the others
+    (`planner.layers.chunked_loss_batch`)."""
     return memo(tc, "_piece_key", _new_piece_key)
 
 
 def _new_piece_key(tc: TrainConfig) -> TrainConfig:
-    batch = tc.batch_size if tc.recipe.activation_offload else 1
+    if tc.recipe.activation_offload:
+        batch = tc.batch_size
+    elif tc.recipe.loss == "chunked":
+        batch = chunked_loss_batch(tc)
+    else:
+        batch = 1
     k = tuple(getattr(tc, f) for f in _PIECE_FIELDS) + (batch, gathered_recipe(tc), gathered_precision(tc))
     out = _piece_configs.get(k)
     if out is None:
@@ -336,7 +344,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY, pr
     # the forward stash
     n = min(arch.num_layers, off.stash) if off is not None and not tc.recipe.offload_checkpoints else 0
     ckpt_stash = tuple((n - 1 - i, (seq * arch.hidden_size * regime(tc).act, 0)) for i in range(n))
-    layers, nosave = [], []
+    layers, nosave, cached = [], [], []
     first_input_saved = False
     for key, kind in zip(index, kinds):
         b, x, y = layer_graph(arch, tc, seq, kv_seq, first_rg if key[0] else True, tc.grad_ckpt, kind, sm,
@@ -354,6 +362,7 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY, pr
             first_input_saved = bool(b.g.tensors[x].savers)
         if tc.grad_ckpt:
             nosave.append(forward_without_saving(b.g, outputs=[y]))
+        cached.append(autocast_cached_cast_bytes(b))
     hb, e = head_graph(arch, tc, seq)
     tb, x, loss, logits = tail_graph(arch, tc, seq)
     prefix = None
@@ -377,7 +386,33 @@ def _pieces(arch: ModelArch, tc: TrainConfig, sm: tuple = DEFAULT_CAPABILITY, pr
         backward_layers=_backward_candidates(of_layer),
         attn_mask=attention_mask_bytes(arch, tc, seq, kv_seq),
         first_input_saved=first_input_saved,
+        cached_casts=tuple(cached),
     )
+
+
+def fp32_weights_under_autocast(tc: TrainConfig) -> bool:
+    """Whether the trained weights are fp32 leaves when the layers run under autocast: not under DeepSpeed's bf16
+    mode, which casts the whole model to bf16 (`planner.strategies.zero.deepspeed_bf16`), nor under FSDP2's bf16
+    gathers (their pieces compute in bf16: `gathered_precision`)."""
+    from .strategies.zero import deepspeed_bf16
+
+    return not (tc.num_gpus > 1 and tc.strategy.startswith("zero") and deepspeed_bf16(tc))
+
+
+def autocast_cached_cast_bytes(b) -> int:
+    """Bytes of the bf16 (fp16) casts that autocast caches for one layer's forward: under autocast, the cast of an
+    fp32 leaf tensor that requires grad (a trained weight: full FT's linears, peft's fp32 LoRA matrices) is kept in
+    autocast's cache until the autocast context exits (torch 2.13 `aten/src/ATen/autocast_mode.h` `cached_cast`:
+    `arg.requires_grad() && arg.is_leaf() && !arg.is_view()`; the cache is cleared on leaving the outermost
+    autocast, `torch.autocast.__exit__`), which trainer/recipe.py `forward` enters around the forward only. Without
+    checkpointing the linears save these copies for backward anyway; under checkpointing, which saves nothing in
+    the first forward, the cache alone holds them, every layer's, until the forward (with the loss) returns: the
+    layer graph's trained `weight_copies` in bf16."""
+    if not b.R.autocast:
+        return 0
+    g = b.g
+    return sum(t.size[1] for i, t in enumerate(g.tensors)
+               if t.kind == "weight_copies" and t.rg and b.dtype.get(i) == BF16)
 
 
 def attention_mask_bytes(arch: ModelArch, tc: TrainConfig, seq: int, kv_seq: int) -> tuple:
@@ -462,6 +497,24 @@ def _recompute_pending(arch: ModelArch, tc: TrainConfig, kind, seq: int) -> tupl
     return (seq * arch.hidden_size * regime(tc).act + seq * unsummed, 0)
 
 
+def previous_leaf_embedding_bytes(arch: ModelArch, tc: TrainConfig) -> int:
+    """The previous step's embedding output and its `.grad`, alive until this step's forward returns:
+    2 x B x S x h x act under gradient checkpointing with a frozen embedding (not trained nor a trained copy), else 0.
+
+    transformers 5.17 `PreTrainedModel.gradient_checkpointing_enable` (modeling_utils.py) calls
+    `enable_input_require_grads()`, whose forward hook on the input embeddings runs `output.requires_grad_(True)`;
+    a frozen embedding's output has no grad_fn, so it becomes a leaf that requires grad, and backward stores its
+    gradient in `.grad` (torch 2.13 `AccumulateGrad`, which holds the leaf variable itself). The training loop keeps
+    the last micro-batch's outputs until the next forward returns (trainer/step.py `TrainStep.outputs`): the loss
+    there keeps its autograd graph's nodes, so the AccumulateGrad node, the leaf and its gradient. S is the real
+    tokens (prompt tuning's virtual tokens are concatenated after the embedding)."""
+    from .modules_to_save import trains_embedding
+
+    if not tc.grad_ckpt or trains_embedding(tc):
+        return 0
+    return 2 * tc.batch_size * tc.seq_len * arch.hidden_size * regime(tc).act
+
+
 def _first_input_kept(P: _Pieces, ck: bool, offloaded: bool, leaf_input: bool) -> bool:
     """The first layer's input (the embeddings) is referenced by the model's forward until the decoder stack returns
     (transformers 5.17 modeling_llama.py `LlamaModel.forward`: the local `inputs_embeds`, `hidden_states =
@@ -534,8 +587,10 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     held_layers = total_over(held, 0, L)
     head_kept = _at(P.head.kept, B) + (_at(P.prefix.kept, B) if P.prefix else 0)
     kept_all = total_over(kept, 0, L)
-    # the previous step's outputs (logits, KV caches) live until this step's forward returns
-    previous = held_tail + held_layers
+    # the previous step's outputs (logits, KV caches; a leaf embedding output and its gradient) live until this
+    # step's forward returns
+    leaf_embeds = previous_leaf_embedding_bytes(arch, tc)
+    previous = held_tail + held_layers + leaf_embeds
     events: list[Event] = []
     mask = _at(P.attn_mask, B)  # alive through the layers' forward; under checkpointing, through their backward
     mask_late = mask if ck else 0
@@ -546,11 +601,15 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # TRL's offloading of checkpointed inputs (one pack per layer): the forward stash keeps the inputs of the
     # previous min(L, 5) - 1 layers on the device while the last layer runs
     stash_inputs = (min(L, 5) - 1) * _at(P.layer_input, B) if trl else 0
+    # checkpointed or offloaded under autocast: the earlier layers' cached casts of trained weights, then every
+    # layer's (the replays dropped them, or sent them to the host: autocast's cache holds the device copies)
+    off_layers = (ck or tc.recipe.activation_offload) and fp32_weights_under_autocast(tc)
+    cached = (lambda hi: total_over(P.cached_casts, 0, hi)) if off_layers and P.cached_casts else (lambda hi: 0)
     events.append(event("forward (last layer)", peak_point(last_fwd, B), "forward",
                         activations=head_kept + kept_all - kept[P.of_layer[L - 1]] + embeds + mask + stash_inputs,
-                        logits=previous))
+                        logits=previous, weight_copies=cached(L - 1)))
     events.append(event("forward (loss)", peak_point(P.tail.forward, B), "forward_loss",
-                        activations=head_kept + kept_all + mask_late, logits=previous))
+                        activations=head_kept + kept_all + mask_late, logits=previous, weight_copies=cached(L)))
     # the tail unit's pre-backward fires on the lm_head output's gradient, after the loss's own backward: when the
     # strategy gathers more from then on (FSDP2's prefetched last layer, untied), two events
     split = (tc.num_gpus > 1 and P.tail.backward_post
@@ -601,7 +660,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
                             gradients=g_tail + total_over(layer_grads, 0, L)))
     # optimizer step: gradients complete; the logits and caches still referenced by the loop's `outputs`
     events.append(event("optimizer step", None, "optimizer", gradients=grads_total,
-                        logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp))
+                        logits=held_tail + held_layers + _at(P.head.held, B), optimizer_temporaries=opt_temp,
+                        activations=leaf_embeds))
     return events
 
 
