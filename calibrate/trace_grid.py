@@ -689,6 +689,29 @@ def model_arch(model: str):
     return family_arch(model)
 
 
+REFERENCE = Path(__file__).resolve().parent / "reference"
+
+
+def read_points(name: str) -> list[dict]:
+    """The traced points of `calibrate/reference/<name>`, one JSON object a line."""
+    return [json.loads(line) for line in (REFERENCE / name).read_text().splitlines() if line.strip()]
+
+
+def planned_error(p: dict):
+    """(TrainConfig, the analytic `MemoryEstimate`, its peak's relative error against the traced peak) of a traced
+    point: built from the config and on the GPU the point records when it records them (attention, fp16 and
+    DeepSeek grids, families), else from the grid's named model (`model_arch`) on the H100 the grids trace for."""
+    from planner.arch import arch_from_config
+    from planner.memory import estimate_memory
+    from planner.profiles import load_gpu
+
+    tc = TrainConfig.from_dict(p["train"])
+    arch = arch_from_config(p["config"], name=p["model"]) if "config" in p else model_arch(p["model"])
+    est = estimate_memory(arch, tc, load_gpu(p["gpu"]) if "gpu" in p else None)
+    traced = p["trace"]["peak_allocated_bytes"]
+    return tc, est, (est.peak_allocated_bytes - traced) / traced
+
+
 GRIDS = {"reference": lambda args: structured_points() + random_points(args.random, args.seed),
          "dora": lambda args: dora_points(),
          "families": lambda args: family_points(),

@@ -136,27 +136,14 @@ GRIDS = [
 
 
 def trace_grid_table() -> list[str]:
-    """One row per trace grid: the analytic peak against the traced one (per GPU), as each grid's test reads it: the
-    point's own config and GPU when it records them, else the grid's named model (`calibrate.trace_grid.model_arch`)."""
-    from calibrate.trace_grid import model_arch
-    from planner.arch import arch_from_config
-    from planner.config import TrainConfig
-    from planner.memory import estimate_memory
-    from planner.profiles import load_gpu
+    """One row per trace grid: the analytic peak against the traced one (per GPU), as the grids' tests read it
+    (`calibrate.trace_grid.planned_error`)."""
+    from calibrate.trace_grid import planned_error, read_points
 
     lines = ["Every other trace grid, each held by its test (`tests/`) within 2% per point:", "",
              "| grid | what it crosses | points | median error | max error | above 2% |", "|---|---|---:|---:|---:|---:|"]
     for name, what in GRIDS:
-        errs = []
-        for line in (ROOT / "calibrate/reference" / name).read_text().splitlines():
-            if not line.strip():
-                continue
-            p = json.loads(line)
-            arch = arch_from_config(p["config"], name=p["model"]) if "config" in p else model_arch(p["model"])
-            gpu = load_gpu(p["gpu"]) if "gpu" in p else None
-            est = estimate_memory(arch, TrainConfig.from_dict(p["train"]), gpu).peak_allocated_bytes
-            traced = p["trace"]["peak_allocated_bytes"]
-            errs.append(abs(est - traced) / traced)
+        errs = [abs(planned_error(p)[2]) for p in read_points(name)]
         lines.append(f"| `{name}` | {what} | {len(errs)} | {100 * statistics.median(errs):.3f}% | "
                      f"{100 * max(errs):.2f}% | {sum(e > 0.02 for e in errs)} |")
     return lines

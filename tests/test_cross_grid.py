@@ -5,29 +5,21 @@ dtype, modules_to_save) with every method, precision and checkpointing on a GQA 
 analytic model: every point within 2 %, no exception."""
 
 import dataclasses
-import json
 import statistics
-from pathlib import Path
 
 import pytest
 
-from calibrate.trace_grid import CUDA_WORKSPACE_H100, TINY_FAMILIES, cross_points, model_arch
+from calibrate.trace_grid import CUDA_WORKSPACE_H100, TINY_FAMILIES, cross_points, model_arch, planned_error, read_points
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
 from planner.recipe import MODELLED
 
-POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-cross.jsonl"
-
 
 def _points():
-    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-cross.jsonl")
 
 
-def _error(p):
-    tc = TrainConfig.from_dict(p["train"])
-    est = estimate_memory(model_arch(p["model"]), tc)
-    traced = p["trace"]["peak_allocated_bytes"]
-    return tc, est, (est.peak_allocated_bytes - traced) / traced
+_error = planned_error  # (config, estimate, relative error of the analytic peak)
 
 
 def test_the_stored_grid_is_the_one_cross_points_draws():

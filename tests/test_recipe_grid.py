@@ -2,28 +2,19 @@
 non-GQA Qwen2 tiny family, traced (`python -m calibrate.trace_grid --grid recipe --out
 calibrate/reference/trace-points-recipe.jsonl`), against the analytic model."""
 
-import json
 import statistics
-from pathlib import Path
 
 import pytest
 
-from calibrate.trace_grid import TINY_FAMILIES, model_arch
+from calibrate.trace_grid import TINY_FAMILIES, planned_error, read_points
 from planner.config import TrainConfig
-from planner.memory import estimate_memory
-
-POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-recipe.jsonl"
 
 
 def _points():
-    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-recipe.jsonl")
 
 
-def _error(p):
-    tc = TrainConfig.from_dict(p["train"])
-    est = estimate_memory(model_arch(p["model"]), tc)
-    traced = p["trace"]["peak_allocated_bytes"]
-    return tc, est, (est.peak_allocated_bytes - traced) / traced
+_error = planned_error  # (config, estimate, relative error of the analytic peak)
 
 
 def test_the_grid_crosses_every_loss_precision_method_and_checkpointing_on_two_families():

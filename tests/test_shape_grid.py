@@ -3,29 +3,21 @@ flash_attention_2, with full / LoRA / QLoRA, precisions and checkpointing on a G
 (`python -m calibrate.trace_grid --grid shape --out calibrate/reference/trace-points-shape.jsonl`: transformers' own
 mask code on the batch's real position ids and attention mask), against the analytic model."""
 
-import json
 import statistics
-from pathlib import Path
 
 import pytest
 
-from calibrate.trace_grid import TINY_FAMILIES, model_arch
+from calibrate.trace_grid import TINY_FAMILIES, model_arch, planned_error, read_points
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
 from planner.recipe import Recipe
 
-POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-shape.jsonl"
-
 
 def _points():
-    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-shape.jsonl")
 
 
-def _error(p):
-    tc = TrainConfig.from_dict(p["train"])
-    est = estimate_memory(model_arch(p["model"]), tc)
-    traced = p["trace"]["peak_allocated_bytes"]
-    return tc, est, (est.peak_allocated_bytes - traced) / traced
+_error = planned_error  # (config, estimate, relative error of the analytic peak)
 
 
 def test_the_grid_crosses_both_shapes_every_attention_method_and_checkpointing_on_two_families():
