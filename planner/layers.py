@@ -390,6 +390,19 @@ class Builder:
         # (B, H, S, D): transformers' `transpose(1, 2).contiguous()` copies it (the fused kernels write (B, S, H, D))
         return self._contiguous(self.cast(out32, H * d, dt), H * d)
 
+    def _eager_kv(self, q: int, k: int, v: int, prefix) -> tuple:
+        """What eager attention (with or without sinks) multiplies: (requires grad, keys, values, keys per sequence)
+        after the KV cache or prefix (`_cached_kv`) and `repeat_kv` to every head (transformers' `eager_attention_forward`
+        repeats grouped keys and values first)."""
+        a = self.arch
+        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
+        rg = self.g.rg(q) or self.g.rg(k) or self.g.rg(v) or prefix is not None
+        k, v = self._cached_kv(k, v, prefix)
+        kv_len = self.kv_seq if prefix is not None else self.seq
+        if K != H:
+            k, v = self._repeat_kv(k, H * d, kv_len), self._repeat_kv(v, H * d, kv_len)
+        return rg, k, v, kv_len
+
     def _cached_kv(self, k: int, v: int, prefix) -> tuple[int, int]:
         """Keys and values after the cache update. Prefix tuning: `cat(prefix, k)` (peft casts the prefix to the
         base model's dtype), kept by the cache; otherwise transformers' DynamicCache (use_cache=True unless
@@ -422,12 +435,8 @@ class Builder:
         fp32 mask promotes the sum to fp32. The output `transpose(1, 2).contiguous()` is a copy."""
         g, a = self.g, self.arch
         R = self.R
-        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
-        rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
-        k, v = self._cached_kv(k, v, prefix)
-        kv_len = self.kv_seq if prefix is not None else self.seq
-        if K != H:
-            k, v = self._repeat_kv(k, H * d, kv_len), self._repeat_kv(v, H * d, kv_len)
+        H, d = a.num_heads, a.head_dim
+        rg, k, v, kv_len = self._eager_kv(q, k, v, prefix)
         qdt = self.dtype[q]
         qa, ka = q, k
         if R.autocast:
@@ -473,12 +482,8 @@ class Builder:
         gradient, which the subtraction hands on (the max's share is reduced to (B, H, S, 1) first: no full copy,
         as the trace shows); the max's scattered gradient summed into the same; `cat`'s backward narrows (views). A trained sink's gradient is H values."""
         g, a = self.g, self.arch
-        H, K, d = a.num_heads, a.num_kv_heads, a.head_dim
-        rg = g.rg(q) or g.rg(k) or g.rg(v) or prefix is not None
-        k, v = self._cached_kv(k, v, prefix)
-        kv_len = self.kv_seq if prefix is not None else self.seq
-        if K != H:
-            k, v = self._repeat_kv(k, H * d, kv_len), self._repeat_kv(v, H * d, kv_len)
+        H, d = a.num_heads, a.head_dim
+        rg, k, v, kv_len = self._eager_kv(q, k, v, prefix)
         dt = self.dtype[q]
         mat = H * self.seq * kv_len * dt  # one (S, KV) matrix per sequence
         scores = self._matrix(dt, rg, kv_len)
