@@ -27,9 +27,12 @@ Where DeepSpeed 0.19.8's CPU accelerator (deepspeed/accelerator/cpu_accelerator.
   buckets are allocated identically: `ipg_buckets[...].buffer`, `__ipg_bucket_flat_buffer`), only the
   release of a few transient flat copies may come later on CUDA. Not modelled (no substitution).
 - `pin_memory` is a no-op on the CPU accelerator; pinned buffers are only created for CPU offload, not traced here.
-- `available_memory()`: DeepSpeed's stage 1/2 flattens on the accelerator when it has room (stage_1_and_2.py
-  `flatten_on_accelerator`); on CPU `is_available()` is False and it flattens "on the CPU", which is the same
-  device here: only the construction ("load") differs.
+- flattening: stage 1/2 flattens each group on the accelerator when it has room for the flat buffer
+  (stage_1_and_2.py `flatten_on_accelerator`: `is_available()` and `available_memory()`, both answered by the CPU
+  accelerator from host RAM), the path a GPU with room takes; it keeps shape records on the meta device
+  (`round_robin_bit16_meta`), which hold no memory and are not counted.
+- the CUDA sdpa stand-in allocates its outputs without computing them; here they are zeroed in place
+  (`finite_attention`), or DeepSpeed's overflow checks would skip every step on garbage values.
 - sdpa, dropout and the other kernels: `calibrate.trace.cuda_behaviour` substitutes CUDA's, as for every trace.
 - the cuBLAS workspace is added as a constant (`cuda_workspace_bytes`), as `calibrate.trace_multigpu` does.
 """
@@ -111,6 +114,23 @@ def finite_attention():
         yield
     finally:
         _AttentionCUDA.forward, _AttentionCUDA.backward = staticmethod(forward), staticmethod(backward)
+
+
+MAX_TRACED_PARAMS = 100_000_000  # real tensors in two processes: ~1.6 GB of host memory each at this size
+
+
+def refusal(tc: TrainConfig, total_params: int) -> str | None:
+    """Why `ftplan estimate --trace` cannot trace `tc` with the real engine, or None when it can."""
+    if not traceable(tc):
+        return f"the DeepSpeed trace follows {traceable.__doc__.strip()}"
+    if total_params > MAX_TRACED_PARAMS:
+        return (f"the DeepSpeed trace runs real tensors, models up to {MAX_TRACED_PARAMS / 1e6:.0f}M parameters; "
+                f"this one has {total_params / 1e6:.0f}M")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return "the DeepSpeed trace needs deepspeed: pip install 'ftplan[deepspeed]'"
+    return None
 
 
 def _free_port() -> int:

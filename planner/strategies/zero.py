@@ -267,7 +267,8 @@ ZERO2 = register(ZeroOptimizer(
 ))
 ZERO3 = register(Zero3(
     name="zero3", label="ZeRO-3",
-    summary="weights, gradients and optimizer state sharded {n} ways; one layer gathered at a time",
+    summary="weights, gradients and optimizer state sharded {n} ways; each layer gathered for its forward stays "
+            "gathered until its backward (stage3_max_reuse_distance)",
     shards=frozenset({OPTIMIZER_STATE, GRADIENTS, WEIGHTS}),
     gathers="each decoder layer's weights before its forward and its backward, the next one prefetched",
     offloads=(OPTIMIZER_STATE, WEIGHTS),
