@@ -242,12 +242,16 @@ class Zero3(Strategy):
         return tc.num_gpus > 1 and not tc.cpu_offload
 
     def buffer_bytes(self, arch, tc, grads: int) -> int:
-        """Live gathered parameters (`zero3_live_bytes`), the gradient partition (`zero3_gradient_partition`) and
-        one reduce bucket: stage 3 allocates a single ipg
-        buffer per dtype even with overlap_comm (stage3.py `_setup_for_real_optimizer`: `bucket.buffer =
+        """The gradient partition (`zero3_gradient_partition`) and one reduce bucket: stage 3 allocates a single
+        ipg buffer per dtype even with overlap_comm (stage3.py `_setup_for_real_optimizer`: `bucket.buffer =
         torch.empty(self.reduce_bucket_size, ...)`; stage 1/2 double it)."""
-        return (zero3_live_bytes(arch, tc) + zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc))
-                + zero3_gradient_partition(arch, tc, grads))
+        return zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc)) + zero3_gradient_partition(arch, tc, grads)
+
+    def step_buffers(self, arch, tc, moment: str, layer: int | None = None) -> int:
+        """The gathered parameters (`zero3_live_bytes`) through forward and backward; none at the optimizer step
+        (the last backward has released them: the module order does not reach into the next step). Counted whole
+        at every backward moment, an upper bound once backward has released the later layers."""
+        return 0 if moment == "optimizer" else zero3_live_bytes(arch, tc)
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
         return layer_gather_step_bytes(arch, tc, grads)
