@@ -35,6 +35,15 @@ Where DeepSpeed 0.19.8's CPU accelerator (deepspeed/accelerator/cpu_accelerator.
   (`finite_attention`), or DeepSpeed's overflow checks would skip every step on garbage values.
 - sdpa, dropout and the other kernels: `calibrate.trace.cuda_behaviour` substitutes CUDA's, as for every trace.
 - the cuBLAS workspace is added as a constant (`cuda_workspace_bytes`), as `calibrate.trace_multigpu` does.
+
+What the engine showed (calibrate/reference/trace-points-zero.jsonl, held by tests/test_trace_zero.py), each now a
+term of `planner.strategies.zero`: from the second step ZeRO-3 keeps every layer gathered from its forward to its
+backward (`zero3_kept_params`: stage3_max_reuse_distance), a frozen untied embedding excepted; its gradient
+partition is bf16 and allocated up front (`zero3_gradient_partition`), the fp32 copy made at the step; it has one
+reduce bucket (stage 1/2: two); and the bf16 mode casts peft's adapters to bf16, so LoRA computes in bf16
+(`planner.memory._deepspeed_casts_bf16`). Known residual: ZeRO-3 LoRA on an untied model without checkpointing
+holds 2 MiB more activations in the layers than ZeRO-2 (RMSNorm / MLP outputs, 2.9 % of that peak without the
+workspace, -1.4 % with it), not explained.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ gradients (whole for stage 1, the 1/N partition for stages 2/3), fp32 master wei
 the optimizer's fp32 state (AdamW: 8 B/param), both partitioned 1/N, and the fp32 gradient partition the optimizer
 step builds (`single_grad_partition`). For full fine-tuning with AdamW that is DeepSpeed's own estimate,
 `estimate_zero2_model_states_mem_needs` (2P + 18P/N) and `estimate_zero3_model_states_mem_needs`
-(4 x largest layer + 18P/N) without offload; tests/test_strategies_deepspeed.py holds the formulas to them.
+(4 x largest layer + 18P/N) without offload; tests/test_strategies_deepspeed.py holds the formulas to them. The
+per-GPU peaks are held to the real engine (calibrate/trace_zero.py: ZeRO-2/3 on 2 CPU processes, rank 0's
+storages counted) by tests/test_trace_zero.py, which showed where the engine departs from the estimators
+(`zero3_kept_params`, `zero3_gradient_partition`).
 """
 
 from __future__ import annotations
