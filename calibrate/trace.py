@@ -50,7 +50,8 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
 
 What the trace cannot follow: CUDA library workspaces (cuBLAS: 32 MiB per handle on Hopper, added as a constant),
 fused or custom kernels' internal scratch, caching-allocator fragmentation (reserved memory). Multi-GPU FSDP2 is
-traced by `calibrate.trace_multigpu` (one rank on a fake process group); other strategies are not traced.
+traced by `calibrate.trace_multigpu` (one rank on a fake process group), DeepSpeed ZeRO-2/3 on 2 GPUs by
+`calibrate.trace_zero` (the real engine, two CPU processes); other strategies are not traced.
 """
 
 from __future__ import annotations

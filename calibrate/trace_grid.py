@@ -5,7 +5,7 @@ calibrate/reference/trace-points-moe.jsonl`, `--grid multigpu --out calibrate/re
 `--grid attn --out calibrate/reference/trace-points-attn.jsonl`, `--grid deepseek --out
 calibrate/reference/trace-points-deepseek.jsonl`, `--grid recipe --out
 calibrate/reference/trace-points-recipe.jsonl`, `--grid shape --out calibrate/reference/trace-points-shape.jsonl`,
-`--grid mts --out calibrate/reference/trace-points-mts.jsonl`, `--grid cross --out
+`--grid zero --out calibrate/reference/trace-points-zero.jsonl`, `--grid mts --out calibrate/reference/trace-points-mts.jsonl`, `--grid cross --out
 calibrate/reference/trace-points-cross.jsonl`, `--grid fp16 --out
 calibrate/reference/trace-points-fp16.jsonl`).
 
@@ -374,6 +374,32 @@ def multigpu_points() -> list[tuple[str, dict]]:
     return pts + multigpu_offload_qlora_points() + multigpu_untied_peft_points()
 
 
+ZERO_CONFIGS = {  # small enough for two real CPU processes (calibrate/trace_zero.py), big enough that the model
+    # states and gathered parameters are most of the peak
+    "tiny-zero-llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=256,
+                            intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=8192, max_position_embeddings=1024, tie_word_embeddings=False),
+    "tiny-zero-qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=256,
+                            intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=8192, max_position_embeddings=1024, tie_word_embeddings=True),
+}
+
+
+def zero_points() -> list[tuple[str, dict]]:
+    """DeepSpeed ZeRO-2 and ZeRO-3 in bf16 mode on 2 GPUs (calibrate/trace_zero.py: the real engine, two CPU
+    processes over gloo): full fine-tuning and LoRA, without checkpointing on an untied model, with it on a tied one."""
+    pts = []
+    for strategy in ("zero2", "zero3"):
+        for method in ("full", "lora"):
+            for ckpt, model in ((False, "tiny-zero-llama"), (True, "tiny-zero-qwen2")):
+                d = dict(method=method, precision="bf16", seq_len=256, batch_size=1, num_gpus=2, strategy=strategy,
+                         grad_ckpt=ckpt)
+                if method == "lora":
+                    d.update(rank=16, target_modules=("all-linear",))
+                pts.append((model, d))
+    return pts
+
+
 def multigpu_offload_qlora_points() -> list[tuple[str, dict]]:
     """FSDP2 with CPU offload (device memory and host RAM), QLoRA over a bf16-stored 4-bit base (issue 12 item 2)
     and bf16 autocast, on 2 and 8 GPUs: two tied catalog models and an untied small family (`family:mistral`). Appended
@@ -718,6 +744,7 @@ GRIDS = {"reference": lambda args: structured_points() + random_points(args.rand
          "moe": lambda args: moe_points(),
          "deepseek": lambda args: deepseek_points(),
          "multigpu": lambda args: multigpu_points(),
+         "zero": lambda args: zero_points(),
          "attn": lambda args: attn_points(),
          "recipe": lambda args: recipe_points(),
          "actoffload": lambda args: actoffload_points(),
@@ -782,6 +809,7 @@ def main(argv=None) -> int:
                          "moe: MoE families (calibrate/reference/trace-points-moe.jsonl), "
                          "deepseek: DeepSeek-V3 (calibrate/reference/trace-points-deepseek.jsonl), "
                          "multigpu: FSDP2 points (calibrate/reference/trace-points-multigpu.jsonl), "
+                         "zero: DeepSpeed ZeRO-2/3, real 2-process runs (calibrate/reference/trace-points-zero.jsonl), "
                          "attn: attention implementations and kernels (calibrate/reference/trace-points-attn.jsonl), "
                          "recipe: losses x precisions x methods (calibrate/reference/trace-points-recipe.jsonl), "
                          "actoffload: activation offloading (calibrate/reference/trace-points-actoffload.jsonl), "
@@ -811,7 +839,14 @@ def main(argv=None) -> int:
                 continue
             model, d = point[:2]
             rec = {"id": f"t{i:03d}", "model": model}
-            if len(point) > 2 and model not in DEEPSEEK_CONFIGS:  # a tiny family (attention / fp16 grids) on the point's GPU
+            if model in ZERO_CONFIGS:
+                from planner.arch import arch_from_config
+
+                config = dict(ZERO_CONFIGS[model])
+                arch = arch_from_config(config, name=model)
+                kw = dict(cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+                rec["config"] = config
+            elif len(point) > 2 and model not in DEEPSEEK_CONFIGS:  # a tiny family (attention / fp16 grids) on the point's GPU
                 from planner.arch import arch_from_config
                 from planner.attention import parse_capability
                 from planner.memory import cuda_workspace_bytes
@@ -848,13 +883,19 @@ def main(argv=None) -> int:
             if config is None:
                 config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
                 config.pop("rope_scaling", None)
-            if tc.num_gpus > 1:
+            if tc.num_gpus > 1 and tc.strategy in ("zero2", "zero3"):
+                from .trace_zero import trace_zero_step
+
+                r = trace_zero_step(config, tc, **kw)
+            elif tc.num_gpus > 1:
                 from .trace_multigpu import trace_sharded_step
 
                 r = trace_sharded_step(config, tc, **kw)
             else:
                 r = trace_step(config, tc, **kw)
             rec.update({"train": tc.to_dict(), "trace": r.to_dict(), "versions": versions})
+            if hasattr(r, "phase_by_tag"):  # the ZeRO trace: each phase's peak by tag
+                rec["trace"]["phase_by_tag"] = r.phase_by_tag
             f.write(json.dumps(rec) + "\n")
             f.flush()
             el = time.time() - t0

@@ -266,11 +266,23 @@ def _gathers_bf16(tc: TrainConfig) -> bool:
     return False
 
 
+def _deepspeed_casts_bf16(tc: TrainConfig) -> bool:
+    """DeepSpeed's bf16 mode across GPUs (ZeRO-1/2/3, `planner.strategies.zero.deepspeed_bf16`) casts every
+    floating parameter to bf16, peft's fp32 adapters included (deepspeed 0.19.8 runtime/engine.py
+    `_cast_module_mixed_precision`: `p.data = p.data.to(param_dtype)`). Checked against the real engine
+    (calibrate/trace_zero.py, LoRA points)."""
+    if tc.num_gpus < 2 or tc.strategy not in ("zero1", "zero2", "zero3"):
+        return False
+    from .strategies.zero import deepspeed_bf16
+
+    return deepspeed_bf16(tc)
+
+
 def gathered_adapter_dtype(tc: TrainConfig) -> str:
     """The dtype the layers compute the adapters in: `Recipe.adapter_dtype`, except under FSDP2's bf16 gathers
-    (`_gathers_bf16`): peft's fp32 LoRA matrices then run in bf16, exactly as `adapter_dtype="bf16"` models them
-    (the input is no longer copied to fp32 and saved)."""
-    if tc.spec.bf16_adapters and _gathers_bf16(tc):
+    (`_gathers_bf16`) or DeepSpeed's bf16 cast (`_deepspeed_casts_bf16`): peft's fp32 LoRA matrices then run in
+    bf16, exactly as `adapter_dtype="bf16"` models them (the input is no longer copied to fp32 and saved)."""
+    if tc.spec.bf16_adapters and (_gathers_bf16(tc) or _deepspeed_casts_bf16(tc)):
         return "bf16"
     return tc.recipe.adapter_dtype
 
@@ -556,7 +568,8 @@ def timeline_events(arch: ModelArch, tc: TrainConfig, static: dict, grads_total:
     # strategies that shard gradients (ZeRO-2/3, FSDP) reduce-scatter each layer's as backward produces it: 1/N kept
     shard = strategy_of(tc).ways(GRADIENTS, tc.num_gpus)
     # ... or, under FSDP2's CPU offload, copy each shard to the host at once: none kept on the device
-    on_device = 0 if strategy.offloads_gradients(tc) else 1
+    # (or, ZeRO-3, write them into its gradient partition, a buffer of its own: `preallocates_gradients`)
+    on_device = 0 if strategy.offloads_gradients(tc) or strategy.preallocates_gradients(tc) else 1
     # FSDP2 leaves each sharded gradient in its parameter's own dtype (foreach_reduce casts the reduce output to
     # orig_dtype), whatever dtype the pieces computed it in (`gathered_recipe`, `gathered_precision`): scaled back
     grad_num, grad_den = gradient_bytes(arch, tc), gradient_bytes(arch, _piece_key(tc))

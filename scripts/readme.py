@@ -132,6 +132,7 @@ GRIDS = [
     ("trace-points-moe.jsonl", "MoE: Mixtral, Qwen2/3-MoE, gpt-oss; LoRA on experts; router aux loss"),
     ("trace-points-deepseek.jsonl", "DeepSeek-V3: MLA attention, group-limited routing, shared experts"),
     ("trace-points-multigpu.jsonl", "FSDP2 on a fake process group, per GPU: full, LoRA, QLoRA, CPU offload; N = 2 to 64"),
+    ("trace-points-zero.jsonl", "DeepSpeed ZeRO-2/3 (bf16 mode), the real engine on 2 CPU processes, rank 0: full, LoRA"),
 ]
 
 

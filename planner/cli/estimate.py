@@ -184,10 +184,15 @@ def _trace(arch, tc, gpu) -> dict:
             from calibrate.trace_multigpu import trace_sharded_step
 
             return trace_sharded_step(config, tc, cuda_workspace_bytes=workspace).to_dict()
+        from calibrate import trace_zero
+
+        zero_why = trace_zero.refusal(tc, arch.total_params)
+        if zero_why is None:  # rank 0 of the real DeepSpeed engine, two CPU processes
+            return trace_zero.trace_zero_step(config, tc, cuda_workspace_bytes=workspace).to_dict()
         one = tc.replace(num_gpus=1, strategy="ddp", cpu_offload=False)
         d = trace_step(config, one, cuda_workspace_bytes=workspace, capability=sm).to_dict()
-        d["notes"].append(f"{tc.strategy} on {tc.num_gpus} GPUs is not traced ({traceable.__doc__.strip()}); "
-                          "this is one GPU holding everything")
+        d["notes"].append(f"{tc.strategy} on {tc.num_gpus} GPUs is not traced ({traceable.__doc__.strip()}; "
+                          f"{zero_why}); this is one GPU holding everything")
         return d
     return trace_step(config, tc, cuda_workspace_bytes=workspace, capability=sm).to_dict()
 
@@ -196,8 +201,10 @@ def _trace_summary(t: dict, analytic: int, analytic_host: int = 0) -> str:
     from ..units import fmt_gib
 
     diff = (analytic - t["peak_allocated_bytes"]) / t["peak_allocated_bytes"] * 100
+    real = any(n.startswith("DeepSpeed ZeRO") for n in t.get("notes", ()))  # calibrate.trace_zero: real processes
+    how = "the real DeepSpeed engine, 2 CPU processes" if real else "the real step on fake tensors"
     lines = [
-        f"trace           {fmt_gib(t['peak_allocated_bytes']):>11}   the real step on fake tensors, at {t['peak_phase']} "
+        f"trace           {fmt_gib(t['peak_allocated_bytes']):>11}   {how}, at {t['peak_phase']} "
         f"({t['seconds']:.1f} s); analytic differs by {diff:+.2f}%",
     ]
     if t.get("host_bytes"):  # FSDP2 CPU offload: the host RAM the trace saw

@@ -98,6 +98,11 @@ class Strategy:
         """The sharded gradients go to the host as backward makes them (none held on the device)."""
         return False
 
+    def preallocates_gradients(self, tc) -> bool:
+        """The gradient shards are written into a buffer counted in `buffer_bytes` from the start (ZeRO-3), so
+        backward adds none."""
+        return False
+
     def offloads_optimizer(self, tc) -> bool:
         """The optimizer state and step live on the host (the device's optimizer step is free)."""
         return tc.cpu_offload and OPTIMIZER_STATE in self.offloads

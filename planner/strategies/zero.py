@@ -9,7 +9,10 @@ gradients (whole for stage 1, the 1/N partition for stages 2/3), fp32 master wei
 the optimizer's fp32 state (AdamW: 8 B/param), both partitioned 1/N, and the fp32 gradient partition the optimizer
 step builds (`single_grad_partition`). For full fine-tuning with AdamW that is DeepSpeed's own estimate,
 `estimate_zero2_model_states_mem_needs` (2P + 18P/N) and `estimate_zero3_model_states_mem_needs`
-(4 x largest layer + 18P/N) without offload; tests/test_strategies_deepspeed.py holds the formulas to them.
+(4 x largest layer + 18P/N) without offload; tests/test_strategies_deepspeed.py holds the formulas to them. The
+per-GPU peaks are held to the real engine (calibrate/trace_zero.py: ZeRO-2/3 on 2 CPU processes, rank 0's
+storages counted) by tests/test_trace_zero.py, which showed where the engine departs from the estimators
+(`zero3_kept_params`, `zero3_gradient_partition`).
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ def bf16_model_states(arch, tc, static: dict, grads: int, opt_temp: int, stage3:
     (module docstring), before partitioning. P = trainable parameters:
     weights and adapters in bf16; gradients 2P; optimizer state 4P fp32 master + the optimizer's state in fp32
     (AdamW 8P; 8-bit optimizers keep their own layout); optimizer-step scratch: the fp32 gradient partition 4P plus
-    the optimizer's own scratch in fp32 (AdamW foreach: 4P). Stage 3 reduces the gradients into an fp32 partition
-    (gradients 4P, no separate fp32 copy at the step): DeepSpeed's 18P/N for stage 3 against 2P + 18P/N for
-    stage 2 (2 bf16 weights + 4 fp32 gradients + 4 master + 8 Adam per parameter and device share)."""
+    the optimizer's own scratch in fp32 (AdamW foreach: 4P). Stage 3 likewise on the device (traced,
+    calibrate/trace_zero.py): its gradient partition `grad_partitions_flat_buffer` is in
+    `gradient_accumulation_dtype`, the model's bf16 unless ds_config sets data_types.grad_accum_dtype
+    (engine.py `get_data_types`), and the step makes the fp32 copy (stage3.py `_prepare_fp32_grad_for_sub_group`);
+    DeepSpeed's estimator counts 18P/N for stage 3 (2 bf16 weights + 4 fp32 gradients + 4 master + 8 Adam), the
+    engine holds 2 + 2 + 4 + 8 and 4 more during the step. With CPU offload stage 3 reduces into an fp32 host
+    partition (gradients 4P, no separate copy at the step)."""
     from ..layers import regime
 
     if not deepspeed_bf16(tc):
@@ -80,8 +87,9 @@ def bf16_model_states(arch, tc, static: dict, grads: int, opt_temp: int, stage3:
     state = P * state_per_param if state_per_param is not None else static["optimizer_state"]
     static["optimizer_state"] = 4 * P + state
     foreach = 4 * P if tc.optimizer == "adamw" else 0
-    if stage3:  # stage3.py: gradients reduce-scattered straight into an fp32 partition (`grad_partitions_flat_buffer`)
+    if stage3 and tc.cpu_offload:  # stage3.py: gradients reduce-scattered into the host partition in fp32
         return static, 4 * P, foreach + _clip_bytes(arch, tc)
+    # stage 2 (and stage 3 on the device: `zero3_gradient_partition`): bf16 gradients, an fp32 copy at the step
     return static, 2 * P, 4 * P + foreach + _clip_bytes(arch, tc)
 
 
@@ -215,30 +223,105 @@ class ZeroOptimizer(Strategy):
         return all_reduce_bytes(grads, tc.num_gpus)
 
 
+MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance: DeepSpeed's default (ftplan leaves it unset)
+
+
+def zero3_kept_params(arch, tc) -> int:
+    """Parameters ZeRO-3 keeps gathered from their forward to their backward, from the second step on: DeepSpeed
+    0.19.8 deepspeed/runtime/zero/partitioned_param_coordinator.py `__params_to_release`: once the first step has
+    recorded the module order (`is_complete_trace`), a module's parameters are not released after its forward if
+    they are used again within `stage3_max_reuse_distance` parameters of the recorded order (1e9 by default, which
+    `ftplan run`'s ds_config keeps). A decoder unit in forward position k is next used by its own backward after
+    the units behind it run forward and backward: kept when 2 x (parameters behind it) < 1e9, so every unit of a
+    model under 0.5e9 parameters, the last ~0.5e9 parameters of a bigger one. A tied embedding is next used by the
+    lm_head, after the layers' forward; an untied one only when its backward runs (`_embedding_backward_runs`).
+    Counted per unit: the embedding, each decoder layer (the layers' mean), the
+    final norm and an untied lm_head, all parameters (frozen ones and adapters too: ZeRO-3 partitions every
+    parameter); persistent parameters (fewer than stage3_param_persistence_threshold elements, the norms) are
+    small and counted with their layer."""
+    P = arch.total_params + (tc.spec.trainable_params(arch, tc) if not tc.spec.trains_base else 0)
+    head = arch.lm_head_params
+    layers_total = P - arch.embedding_params - head
+    per_layer = layers_total / arch.num_layers
+    kept = head  # an untied lm_head is used again first thing in backward
+    behind = head  # parameters after the current unit in forward order
+    for _ in range(arch.num_layers):
+        if 2 * behind < MAX_REUSE_DISTANCE:
+            kept += per_layer
+        behind += per_layer
+    if arch.tie_word_embeddings:  # the lm_head uses it next, after the layers' forward
+        if behind - head < MAX_REUSE_DISTANCE:
+            kept += arch.embedding_params
+    elif _embedding_backward_runs(tc) and 2 * behind < MAX_REUSE_DISTANCE:
+        kept += arch.embedding_params
+    return int(kept)
+
+
+def _embedding_backward_runs(tc) -> bool:
+    """Whether an untied input embedding is used again in backward, so ZeRO-3 keeps it (`zero3_kept_params`):
+    DeepSpeed fetches a module's parameters for backward from a hook on its outputs (runtime/zero/
+    parameter_offload.py `_pre_backward_module_hook`), which runs only when a gradient reaches that output: the
+    embedding trains, or its output requires a gradient (`enable_input_require_grads`, which checkpointing calls
+    for peft; prompt methods). A frozen embedding under LoRA without checkpointing is not in the backward order,
+    so it is released after its forward (traced: calibrate/reference/trace-points-zero.jsonl)."""
+    from ..modules_to_save import first_input_requires_grad
+
+    return tc.spec.trains_base or tc.grad_ckpt or first_input_requires_grad(tc)
+
+
 def zero3_live_bytes(arch, tc) -> int:
-    """ZeRO-3's gathered parameters and their gradients: DeepSpeed's estimator counts 4 B x the largest layer's
-    parameters (`estimate_zero3_model_states_mem_needs`: the bf16 layer gathered and its bf16 gradient), plus the
-    prefetch bucket (stage3_prefetch_bucket_size bf16 elements) gathered ahead. stage3_max_live_parameters (1e9) caps
-    what stays gathered; with per-layer release it is not reached by one layer."""
+    """ZeRO-3's gathered parameters at the end of the forward: what `zero3_kept_params` keeps, in the weights' dtype
+    (bf16 in DeepSpeed's bf16 mode), or at least the largest unit being computed with the prefetch bucket
+    (stage3_prefetch_bucket_size elements) gathered ahead of it when little is kept. Measured on the real engine
+    (calibrate/trace_zero.py): the whole tiny model stays gathered from the second step's forward to its backward.
+    DeepSpeed's own estimator counts 4 B x the largest layer instead (`estimate_zero3_model_states_mem_needs`),
+    the first step's behaviour."""
     from ..layers import param_bytes
 
+    nbytes = 2 if deepspeed_bf16(tc) else 4
     largest = max(arch.layer_params, arch.embedding_params)
     prefetch = zero_buckets(arch.hidden_size)["stage3_prefetch_bucket_size"]
-    return 4 * largest + param_bytes(prefetch, 2)
+    return max(param_bytes(zero3_kept_params(arch, tc), nbytes), param_bytes(largest + prefetch, nbytes))
+
+
+def zero3_gradient_partition(arch, tc, grads: int) -> int:
+    """Stage 3's gradient partition on the device: one flat buffer of this rank's share of every parameter's
+    gradient, allocated with the model states (stage3.py `_setup_for_real_optimizer`: `grad_partitions_flat_buffer =
+    torch.zeros(sum(p.partition_numel()), dtype=gradient_accumulation_dtype)`) and written by each reduce-scatter,
+    so it is live throughout, not grown by backward. `grads`: the unsharded gradient bytes. 0 under CPU offload
+    (the partition is on the host)."""
+    if tc.cpu_offload:
+        return 0
+    return -(-grads // tc.num_gpus)
 
 
 class Zero3(Strategy):
     """ZeRO-3: weights, gradients and optimizer state partitioned; each layer's weights gathered when used."""
 
     def shard_static(self, arch, tc, static: dict, grads: int, opt_temp: int):
-        return shard_deepspeed(self, arch, tc, static, grads, opt_temp)
+        static, grads, opt_temp, offload, notes = shard_deepspeed(self, arch, tc, static, grads, opt_temp)
+        if self.preallocates_gradients(tc):  # in `sharding_buffers` (`zero3_gradient_partition`) from the start
+            grads = 0
+        return static, grads, opt_temp, offload, notes
+
+    def preallocates_gradients(self, tc) -> bool:
+        """`zero3_gradient_partition`: backward fills a buffer that exists from the start."""
+        return tc.num_gpus > 1 and not tc.cpu_offload
 
     def offloads_gradients(self, tc) -> bool:
         return offloads_zero_gradients(self, tc)
 
     def buffer_bytes(self, arch, tc, grads: int) -> int:
-        """Live gathered parameters (`zero3_live_bytes`) and two reduce buckets (overlap_comm)."""
-        return zero3_live_bytes(arch, tc) + 2 * zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc))
+        """The gradient partition (`zero3_gradient_partition`) and one reduce bucket: stage 3 allocates a single
+        ipg buffer per dtype even with overlap_comm (stage3.py `_setup_for_real_optimizer`: `bucket.buffer =
+        torch.empty(self.reduce_bucket_size, ...)`; stage 1/2 double it)."""
+        return zero_reduce_bucket_bytes(arch, reduce_grad_bytes_per_elem(tc)) + zero3_gradient_partition(arch, tc, grads)
+
+    def step_buffers(self, arch, tc, moment: str, layer: int | None = None) -> int:
+        """The gathered parameters (`zero3_live_bytes`) through forward and backward; none at the optimizer step
+        (the last backward has released them: the module order does not reach into the next step). Counted whole
+        at every backward moment, an upper bound once backward has released the later layers."""
+        return 0 if moment == "optimizer" else zero3_live_bytes(arch, tc)
 
     def comm_bytes_per_step(self, arch, tc, grads: int) -> int:
         return layer_gather_step_bytes(arch, tc, grads)
@@ -258,7 +341,8 @@ ZERO2 = register(ZeroOptimizer(
 ))
 ZERO3 = register(Zero3(
     name="zero3", label="ZeRO-3",
-    summary="weights, gradients and optimizer state sharded {n} ways; one layer gathered at a time",
+    summary="weights, gradients and optimizer state sharded {n} ways; each layer gathered for its forward stays "
+            "gathered until its backward (stage3_max_reuse_distance)",
     shards=frozenset({OPTIMIZER_STATE, GRADIENTS, WEIGHTS}),
     gathers="each decoder layer's weights before its forward and its backward, the next one prefetched",
     offloads=(OPTIMIZER_STATE, WEIGHTS),
