@@ -45,6 +45,19 @@ the router `gate`) does the same for those parameters (`wrapped_parameters`). To
 GEMMs (2 E a b r FLOPs per wrapped stack and micro-step, three times that with its backward, whatever the batch);
 MFU counts only the tokens' FLOPs.
 
+QLoRA (what bitsandbytes 0.50, transformers 5.17 and peft 0.21 did to each tiny family, built for real on the CPU):
+the bnb quantizer (integrations/bitsandbytes.py `replace_with_bnb_linear`) replaces only `nn.Linear`s by
+`Linear4bit`: the attention projections, and Qwen2-MoE's shared expert and `shared_expert_gate` and the dense-first
+layers' MLPs. The fused 3-D experts and the router are `nn.Parameter`s of non-Linear modules: they stay in the load
+dtype (bf16), and peft's `prepare_model_for_kbit_training` (utils/other.py) casts every non-`Params4bit` bf16
+parameter to fp32, the experts and routers included, so the experts take twice their bf16 bytes (`model_notes`
+says so). The residual stream is then fp32 (fp32 embeddings and norms), the router's logits fp32, and
+`grouped_mm` runs the experts in fp32 (transformers casts its input to the weights' dtype; torch 2.13's CUDA
+`_grouped_mm` takes fp32 operands through `_grouped_mm_fallback`, one `mm` per expert): the ops of
+`moe_graph` in the "qlora" regime's dtypes. all-linear on Mixtral/Qwen3-MoE wraps the fp32 experts as under bf16
+(the fold W + B A in fp32). Without k-bit preparation (`--no-kbit-prep`, TRL's path) everything not quantized
+stays bf16 and the MoE block runs as in bf16 LoRA. Traced: calibrate/reference/trace-points-moe.jsonl t076 on.
+
 Checkpointed MoE layers (what the trace showed, torch 2.13): the recomputation stops at the last saved tensor
 (`graph.Timeline.recompute`), the gradient of the layer output and the (S, h) copy of the top-k sum's gradient are
 live while it runs (`memory._recompute_pending`), and peft's `enable_input_require_grads` (PeftModel with
@@ -271,18 +284,53 @@ def model_notes(arch, tc) -> list[str]:
     """What ftplan plans for a family when it is not the checkpoint as published. gpt-oss: the experts ship in MXFP4
     (`quantization_config` quant_method mxfp4) and train as bf16, dequantized at load as the Hugging Face gpt-oss
     fine-tuning recipe does (`Mxfp4Config(dequantize=True)`); its attention runs eager with the learned sinks
-    (`planner.attention.effective_implementation`)."""
-    if arch.model_type != "gpt_oss":
-        return []
-    return ["gpt-oss planned from bf16 weights: the MXFP4 experts dequantized at load (Mxfp4Config(dequantize=True), "
-            "as the Hugging Face gpt-oss recipes train); attention runs eager with its learned sinks (transformers "
-            "5.17 has no sdpa path for gpt-oss)"]
+    (`planner.attention.effective_implementation`). A 4-bit base: `qlora_note`."""
+    notes = []
+    if arch.model_type == "gpt_oss":
+        notes.append("gpt-oss planned from bf16 weights: the MXFP4 experts dequantized at load "
+                     "(Mxfp4Config(dequantize=True), as the Hugging Face gpt-oss recipes train); attention runs eager "
+                     "with its learned sinks (transformers 5.17 has no sdpa path for gpt-oss)")
+    note = qlora_note(arch, tc)
+    if note:
+        notes.append(note)
+    return notes
+
+
+def experts_bytes(arch, bytes_per_param: int) -> int:
+    """All routed experts of the model (every MoE layer's fused stacks and their biases) at `bytes_per_param`."""
+    return sparse_layer_count(arch) * arch.moe.expert_params(arch.hidden_size) * bytes_per_param
+
+
+def qlora_note(arch, tc) -> str | None:
+    """A 4-bit base on a MoE model: bitsandbytes quantizes only `nn.Linear`s, so the fused experts stay unquantized,
+    and k-bit preparation casts them to fp32 (module docstring, "QLoRA")."""
+    if arch.moe is None or not tc.base_quant.quantized:
+        return None
+    gib = experts_bytes(arch, 2) / 2**30
+    if tc.recipe.kbit_preparation:
+        note = (f"QLoRA on a MoE model: bitsandbytes quantizes only nn.Linear layers, so the fused experts "
+                f"({gib:.1f} GiB in bf16) stay unquantized, and k-bit preparation casts them to fp32 "
+                f"({2 * gib:.1f} GiB) and runs them in fp32; --no-kbit-prep keeps them bf16")
+    else:
+        note = (f"QLoRA on a MoE model: bitsandbytes quantizes only nn.Linear layers, so the fused experts stay bf16 "
+                f"({gib:.1f} GiB)")
+    shipped = PUBLISHED_QUANT.get(arch.model_type)
+    if shipped:
+        # transformers 5.17 quantizers/auto.py `merge_quantization_configs`: a BitsAndBytesConfig over a checkpoint
+        # whose config.json carries another quantization_config raises ValueError
+        note += (f"; the published checkpoint ships {shipped} weights, over which transformers refuses a "
+                 "BitsAndBytesConfig: this plans a bf16 copy (dequantized and saved first)")
+    return note
+
+
+# the families whose published checkpoints carry a quantization_config (the catalog profiles leave it out)
+PUBLISHED_QUANT = {"gpt_oss": "MXFP4", "deepseek_v3": "FP8"}
 
 
 def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str | None:
     """A note when the experts alone exceed one GPU: expert parallelism would be the answer, and ftplan does not
     model it."""
-    experts = sparse_layer_count(arch) * arch.moe.expert_params(arch.hidden_size) * weight_bytes_per_param
+    experts = experts_bytes(arch, weight_bytes_per_param)
     if experts <= gpu_bytes:
         return None
     return (f"the experts alone take {experts / 2**30:.1f} GiB, more than one GPU ({gpu_bytes / 2**30:.0f} GiB); "
@@ -408,10 +456,6 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     if tc.method not in MOE_METHODS:
         return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
                           f"{', '.join(MOE_METHODS)}")
-    if tc.base_quant.quantized:
-        return ("quant", f"a {tc.quant} base on the MoE model {arch.name} is not modelled (bitsandbytes quantizes only "
-                         "nn.Linear: the fused 3-D experts stay unquantized and k-bit preparation casts them to fp32); "
-                         "valid: none")
     if tc.precision != "bf16":
         return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled (grouped_mm runs "
                              "the experts in the weights' dtype outside autocast); valid: bf16")

@@ -98,7 +98,7 @@ def test_grid_covers_both_query_paths_checkpointing_and_attention():
     assert {_arch(p).mla.q_lora_rank is None for p in pts} == {True, False}
     assert {_arch(p).mla.rope_interleave for p in pts} == {True, False}
     assert {p["train"]["grad_ckpt"] for p in pts} == {True, False}
-    assert {p["train"]["method"] for p in pts} == {"full", "lora"}
+    assert {p["train"]["method"] for p in pts} == {"full", "lora", "qlora"}
     attn = {TrainConfig.from_dict(p["train"]).recipe.attn_implementation for p in pts}
     assert attn == {"sdpa", "eager", "flash_attention_2"}
 
@@ -138,9 +138,12 @@ def test_the_traced_sdpa_kernel_is_the_planned_one():
         arch = _arch(p)
         m, H = arch.mla, arch.num_heads
         sm = sdp.parse_capability(load_gpu(p["gpu"]).compute_capability) if "gpu" in p else (9, 0)
-        call = sdp.SdpaCall("bf16", H, H, m.qk_head_dim, tc.seq_len, tc.seq_len, False, True, False,
+        # QLoRA with k-bit preparation: an fp32 residual stream, fp32 q, k, v
+        dtype = "fp32" if tc.base_quant.quantized and tc.recipe.kbit_preparation else "bf16"
+        call = sdp.SdpaCall(dtype, H, H, m.qk_head_dim, tc.seq_len, tc.seq_len, False, True, False,
                             value_head_dim=m.v_head_dim)
         backend = sdp.select_backend(call, sm)
-        assert p["trace"]["notes"] == [f"sdpa on sm{sm[0]}{sm[1]}: {backend}"]
+        notes = [n for n in p["trace"]["notes"] if n.startswith("sdpa on")]
+        assert notes == [f"sdpa on sm{sm[0]}{sm[1]}: {backend}"]
         seen.add(backend)
     assert seen == {"efficient", "math"}
