@@ -443,6 +443,13 @@ def lora_trainable(arch, tc, dtype_bytes: int) -> list:
 # -- what is modelled ------------------------------------------------------------------------------------------------
 
 MOE_METHODS = ("full", "lora")  # methods whose MoE graph is traced and tested
+# precisions traced per family (None: the others). `mixed` (fp32 master weights, bf16 autocast): torch 2.13 has no
+# autocast kernel for `aten::_grouped_mm` (nor transformers' fallback op), and transformers casts the experts' input
+# to the weights' dtype, so the experts run in fp32 (the CUDA fallback path: `calibrate.trace._grouped_mm_meta_cuda`)
+# while the attention and router linears run in bf16; gpt-oss's eager attention with sinks under autocast is not
+# traced (its fp32 scores' bf16 copy for `matmul(probs, v)` and its backward). fp16: the GPUs it is for (sm < 80)
+# run transformers' `grouped_mm_fallback` op (integrations/moe.py `_can_use_grouped_mm`), not modelled.
+MOE_PRECISIONS = {None: ("bf16", "mixed", "fp32"), "gpt_oss": ("bf16", "fp32")}
 
 
 def unsupported(arch, tc) -> tuple[str, str] | None:
@@ -456,9 +463,13 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     if tc.method not in MOE_METHODS:
         return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
                           f"{', '.join(MOE_METHODS)}")
-    if tc.precision != "bf16":
-        return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled (grouped_mm runs "
-                             "the experts in the weights' dtype outside autocast); valid: bf16")
+    valid = MOE_PRECISIONS.get(arch.model_type, MOE_PRECISIONS[None])
+    if tc.precision not in valid:
+        why = ("gpt-oss's eager attention with sinks under autocast is not traced" if arch.model_type == "gpt_oss"
+               and tc.precision == "mixed" else "the GPUs fp16 trains on (sm < 80) run transformers' grouped_mm "
+               "fallback op, not modelled")
+        return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled ({why}); "
+                             f"valid: {', '.join(valid)}")
     return None
 
 

@@ -129,6 +129,8 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
     assert {m for m, _ in qlora} == types, "QLoRA traced on every family"
     assert {t.recipe.kbit_preparation for _, t in qlora} == {True, False}
     assert any(t.all_linear and m in ("mixtral", "qwen3_moe") for m, t in qlora), "fp32 experts wrapped"
+    assert {t.precision for t in trains} == {"bf16", "mixed", "fp32"}
+    assert any(t.precision == "mixed" and t.all_linear and t.grad_ckpt for t in trains)
 
 
 @pytest.mark.parametrize("args,option", [
@@ -136,7 +138,8 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "gate_proj", "--lora-dropout", "0"],
      "--target-modules"),
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "w1"], "--target-modules"),
-    (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
+    (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "fp16"], "--precision"),
+    (["--model", "gpt-oss-20b", "--method", "lora", "--precision", "mixed"], "--precision"),
     (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
     (["--model", "gpt-oss-20b", "--method", "lora", "--attn", "flash_attention_2"], "--attn"),
 ])
@@ -317,3 +320,19 @@ def test_qlora_on_a_moe_model_says_the_experts_are_fp32():
     r = CliRunner().invoke(cli, ["estimate", "--model", "qwen3-30b-a3b", "--gpu", "h200", "--method", "qlora"])
     assert r.exit_code == 0, r.output
     assert "fp32" in r.output and "--no-kbit-prep" in r.output
+
+
+def test_mixed_runs_the_experts_in_fp32_outside_autocast():
+    """torch 2.13 registers no autocast kernel for `aten::_grouped_mm` (the experts' op), so under `mixed` the
+    fp32 experts compute in fp32: the experts' saved activations are twice bf16's, and the throughput model times
+    their GEMMs as fp32 ones."""
+    assert "Autocast" not in torch._C._dispatch_dump("aten::_grouped_mm")
+    assert "AutocastCUDA" in torch._C._dispatch_dump("aten::mm")
+    from planner.kernels import step_ops
+
+    arch = arch_from_config(dict(TINY["qwen3_moe"], moe_intermediate_size=40))  # 2I = 80: no other GEMM's width
+    tc = TrainConfig(method="full", precision="mixed", seq_len=256)
+    grouped = {g.dtype for g in step_ops(arch, tc).gemms if g.n == 2 * arch.moe.expert_intermediate}
+    assert grouped == {4}
+    assert {g.dtype for g in step_ops(arch, tc.replace(precision="bf16")).gemms
+            if g.n == 2 * arch.moe.expert_intermediate} == {2}
