@@ -393,7 +393,17 @@ def deepseek_points() -> list[tuple[str, dict]]:
     # the catalog's 671B model (its weights decide the peak; the layers' terms match too)
     pts.append(("deepseek-v3", dict(method="lora", rank=16, target_modules=("q_b_proj", "kv_b_proj"), seq_len=1024,
                                     batch_size=1, grad_ckpt=True)))
-    return pts + deepseek_qlora_points()
+    return pts + deepseek_qlora_points() + deepseek_all_linear_points()
+
+
+def deepseek_all_linear_points() -> list[tuple[str, dict]]:
+    """LoRA all-linear (t021 on): peft 0.21 wraps the fused experts and the router (`ParamWrapper`, lora_dropout
+    0, as on Qwen3-MoE), with and without checkpointing, on both configs; and the router alone (`gate`)."""
+    wide = dict(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=1024, batch_size=2)
+    return [("tiny-deepseek-v3-v512", dict(wide, grad_ckpt=False)),
+            ("tiny-deepseek-v3-v512", dict(wide, grad_ckpt=True)),
+            ("tiny-deepseek-v3-noqlora", dict(wide, grad_ckpt=True)),
+            ("tiny-deepseek-v3-noqlora", dict(wide, target_modules=("gate", "kv_b_proj"), grad_ckpt=False))]
 
 
 def deepseek_qlora_points() -> list[tuple[str, dict]]:

@@ -340,13 +340,13 @@ def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str 
 # -- LoRA on a MoE model (peft 0.21 on transformers 5.17) ------------------------------------------------------------
 
 # Families whose `all-linear` peft 0.21 rewrites (utils/transformers_weight_conversion.py `_convert_peft_config_moe`,
-# `_MODEL_TO_CONVERSION_PATTERN`: mixtral, and qwen3_moe through the qwen2_moe pattern) into `target_parameters` on the
-# fused experts and the router: `gate_up_proj` (rank and alpha doubled: gate and up are fused), `down_proj`,
+# `_MODEL_TO_CONVERSION_PATTERN`: mixtral, and qwen3_moe and deepseek_v3 through the qwen2_moe pattern) into
+# `target_parameters` on the fused experts and the router: `gate_up_proj` (rank and alpha doubled: gate and up are fused), `down_proj`,
 # `gate.weight`; each becomes a `ParamWrapper`. Their dense-first layers' MLP `nn.Linear`s are then not adapted
 # (their names moved to target_parameters, which match no parameter there). Qwen2-MoE is not converted: `all-linear`
 # reaches its `nn.Linear`s (shared expert, `shared_expert_gate`, dense-first MLPs); gpt-oss is not converted either:
 # its only `nn.Linear`s are the attention projections. What peft 0.21 built on each tiny family (tests/test_moe.py).
-EXPERTS_WRAPPED = ("qwen3_moe", "mixtral")
+EXPERTS_WRAPPED = ("qwen3_moe", "mixtral", "deepseek_v3")
 # peft 0.21 `_MOE_TARGET_MODULE_MAPPING`: the transformers-4 module names that `target_modules` may still use on those
 # families, and the parameter each becomes; `_MOE_FUSED_TARGETS`: names fused into one parameter, which peft refuses
 # to convert unless all are named ("Cannot convert PEFT target(s) ... without also targeting ...")
@@ -355,7 +355,12 @@ EXPERT_TARGETS = {
     "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }
-FUSED_TARGETS = {"mixtral": ("w1", "w3"), "qwen3_moe": ("gate_proj", "up_proj")}
+# DeepSeek-V3 converts through the qwen2_moe pattern too (transformers conversion_mapping.py
+# `_MODEL_TO_CONVERSION_PATTERN["deepseek_v3"]`): the same names, its shared experts' and dense-first MLPs'
+# `nn.Linear`s of those names then unadapted (what peft 0.21 built on tests/test_deepseek.py TINY)
+EXPERT_TARGETS["deepseek_v3"] = EXPERT_TARGETS["qwen3_moe"]
+FUSED_TARGETS = {"mixtral": ("w1", "w3"), "qwen3_moe": ("gate_proj", "up_proj"),
+                 "deepseek_v3": ("gate_proj", "up_proj")}
 # Qwen2-MoE's feed-forward `nn.Linear`s that `target_modules` names reach: the shared expert's (and the dense-first
 # layers' MLP, same names) and the shared expert's gate
 QWEN2_MOE_LINEARS = ("gate_proj", "up_proj", "down_proj", "shared_expert_gate")
