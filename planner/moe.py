@@ -68,7 +68,10 @@ layers' transients as the peak) LoRA is off by up to 1.7 % (the last layer's for
 recomputation over); Mixtral's checkpointed layers (fp32 routing weights, so fp32 (S, h) products around the
 recomputation's end) are within 1.35 % either way, all-linear included (not explained: the trace's out-of-place
 index backward on FakeTensor accounts for only 0.03 MiB of t059's 4 MiB); every other point with a realistic
-vocabulary, gpt-oss and the folded experts included, is within 0.5 %.
+vocabulary, gpt-oss and the folded experts included, is within 0.5 %. QLoRA (t076-t084) is within 0.55 %; mixed
+and fp32 (t085-t090) within 0.3 % except Mixtral's checkpointed all-linear on the tiny vocabulary, +1.08 % (the
+Mixtral gap above). DeepSeek-V3 under mixed (calibrate/reference/trace-points-deepseek.jsonl t019, t020): +0.76 %
+and +0.57 %; its router is planned with fp32 logits (`x.type(float32)`), which autocast turns into a bf16 F.linear.
 """
 
 from __future__ import annotations
