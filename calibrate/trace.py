@@ -43,6 +43,10 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   their `.to(device)` in backward allocates the device copy (`_host_copies`); each storage gets a distinct address
   (`_storage_address`: TRL keys storages by `data_ptr()`, 0 on fake tensors); streams are torch.cpu's stand-ins,
   while TRL's stashes (what keeps in-flight tensors alive) run as written.
+- MoE experts' `torch._grouped_mm` (transformers' `grouped_mm` experts) on fp32 or fp16 operands (experts cast to
+  fp32 by k-bit preparation, or fp32 master weights under `mixed`: the op has no autocast kernel): CUDA runs them
+  through `_grouped_mm_fallback` (an output in mat_a's dtype, one `mm_out` per group into it), while torch's meta
+  kernel accepts bf16 only (`_grouped_mm_meta_cuda`).
 - embedding backward (full fine-tuning, peft's trained embedding copy): above 3072 ids CUDA sorts them and sums
   partial segments in fp32 beside the gradient (`_embedding_backward_scratch_cuda`); the meta kernel does not.
 - bitsandbytes 8-bit optimizers: their state buffers (uint8 x 2 + fp32 absmax per 256; fp32 below 4096 elements);
@@ -843,6 +847,28 @@ def _bincount_bounded(input, weights=None, minlength=0):
     return _BINCOUNT(input, weights, minlength)
 
 
+def _grouped_mm_meta_cuda(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """`aten::_grouped_mm` as torch 2.13's CUDA kernel shapes its output (aten/src/ATen/native/cuda/GroupedBlas.cpp
+    `_grouped_mm_cuda`, GroupedMMUtils.h): bf16 x bf16 takes the CUTLASS fast path (torch's own meta kernel, kept
+    for it), fp32 and fp16 operands `_grouped_mm_fallback`, a loop of `mm_out` per group into one output of mat_a's
+    dtype (`_resolve_grouped_mm_out_dtype`: out_dtype must equal it), allocating nothing else. torch's meta kernel
+    checks for bf16 only, so an fp32 expert stack (k-bit preparation, fp32 master weights) would not trace."""
+    if mat_a.dtype == torch.bfloat16 and mat_b.dtype == torch.bfloat16:
+        return _GROUPED_MM_META(mat_a, mat_b, offs, bias, out_dtype)
+    from torch._meta_registrations import _create_grouped_mm_output_tensor
+
+    ok = (torch.float32, torch.bfloat16, torch.float16)
+    torch._check(mat_a.dtype in ok and mat_b.dtype in ok,
+                 lambda: f"Expected mat_a and mat_b to be Float32, BFloat16 or Float16, got {mat_a.dtype}, {mat_b.dtype}")
+    torch._check(out_dtype is None or out_dtype == mat_a.dtype,
+                 lambda: "Grouped gemm output dtype must match `mat_a` dtype")
+    torch._check(bias is None, lambda: "Bias not supported yet")
+    return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, mat_a.dtype)
+
+
+_GROUPED_MM_META = None
+
+
 @contextlib.contextmanager
 def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     """Swap in the CUDA allocation behaviour (see module docstring) for the duration of a trace on a GPU of
@@ -883,6 +909,12 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     mfu.prepare_fa_kwargs_from_position_ids = _fa_kwargs_from_position_ids
     losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = _all_valid, _liger_cuda, _cce_cuda
     autocast_lib = _cuda_autocast_policy()
+    global _GROUPED_MM_META
+    from torch._meta_registrations import meta_grouped_mm
+
+    _GROUPED_MM_META = meta_grouped_mm
+    grouped_mm_lib = torch.library.Library("aten", "IMPL")
+    grouped_mm_lib.impl("_grouped_mm", _grouped_mm_meta_cuda, "Meta")
     scaler_step = torch.amp.GradScaler._maybe_opt_step
     torch.amp.GradScaler._maybe_opt_step = _step_without_overflow
     linear4bit = None
@@ -910,6 +942,7 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
         losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
         offload.context = saved_offload
         autocast_lib._destroy()
+        grouped_mm_lib._destroy()
         torch.amp.GradScaler._maybe_opt_step = scaler_step
         peft_dora.dequantize_module_weight = _PEFT_DEQUANTIZE
         if linear4bit is not None:
@@ -997,8 +1030,11 @@ def build_traced_model(config: dict, tc: TrainConfig, fake_mode, tracker: LiveBy
         if tc.base_quant.quantized:
             from transformers import AutoModelForCausalLM
 
+            # sdpa: transformers' default, as `recipe.build_model` asks for it (None), which falls back to eager
+            # for a model class without an sdpa path (gpt-oss)
+            qattn = build_tc.recipe.attn_implementation
             model = AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16,
-                                                     attn_implementation=build_tc.recipe.attn_implementation)
+                                                     attn_implementation=None if qattn == "sdpa" else qattn)
             _quantize_on_meta(model)
         else:
             model = recipe.build_model(config, build_tc, device="meta")

@@ -255,7 +255,8 @@ def moe_points() -> list[tuple[str, dict]]:
         ("qwen3-30b-a3b", dict(method="lora", rank=16, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
         ("mixtral-8x7b", dict(method="lora", rank=16, target_modules=qkvo, seq_len=1024, batch_size=1, grad_ckpt=True)),
     ]
-    return pts + gpt_oss_points() + moe_all_linear_points() + aux_loss_points() + expert_name_points()
+    return (pts + gpt_oss_points() + moe_all_linear_points() + aux_loss_points() + expert_name_points()
+            + moe_qlora_points() + moe_precision_points())
 
 
 def gpt_oss_points() -> list[tuple[str, dict]]:
@@ -315,6 +316,43 @@ def expert_name_points() -> list[tuple[str, dict]]:
     ]
 
 
+def moe_qlora_points() -> list[tuple[str, dict]]:
+    """QLoRA on MoE models (t076 on): attention projections 4-bit, the fused experts and routers unquantized and
+    cast to fp32 by k-bit preparation (grouped_mm in fp32), Qwen2-MoE's shared expert and the dense-first MLPs
+    4-bit; all-linear wrapping the fp32 experts; without k-bit preparation (TRL: bf16 experts); Qwen3-30B-A3B."""
+    qv = ("q_proj", "v_proj")
+    q = dict(method="qlora", rank=16, seq_len=1024, batch_size=2)
+    wide = dict(q, target_modules=("all-linear",), lora_dropout=0.0)
+    no_kbit = dict(recipe=dict(kbit_preparation=False))
+    return [
+        ("tiny-mixtral", dict(q, target_modules=qv, grad_ckpt=False)),
+        ("tiny-mixtral", dict(q, target_modules=qv, grad_ckpt=True)),
+        ("tiny-qwen3-moe", dict(wide, grad_ckpt=True)),
+        ("tiny-qwen2-moe-v512", dict(wide, grad_ckpt=False)),
+        ("tiny-gpt-oss-v512", dict(q, target_modules=qv, grad_ckpt=True)),
+        ("tiny-qwen3-moe-dense0", dict(wide, grad_ckpt=False)),
+        ("tiny-mixtral", dict(q, target_modules=qv, grad_ckpt=True, **no_kbit)),
+        ("tiny-gpt-oss", dict(wide, grad_ckpt=False, **no_kbit)),
+        ("qwen3-30b-a3b", dict(q, target_modules=qv, seq_len=2048, batch_size=1, grad_ckpt=True)),
+    ]
+
+
+def moe_precision_points() -> list[tuple[str, dict]]:
+    """`mixed` and `fp32` (t085 on): fp32 experts run by grouped_mm outside autocast (no autocast kernel), bf16
+    attention and router linears under autocast; full FT and LoRA all-linear (the fp32 fold) with and without
+    checkpointing; gpt-oss in fp32 (its eager sinks attention under autocast is not modelled)."""
+    wide = dict(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=1024, batch_size=2)
+    full = dict(method="full", seq_len=1024, batch_size=2)
+    return [
+        ("tiny-mixtral", dict(full, precision="mixed", grad_ckpt=False)),
+        ("tiny-qwen3-moe", dict(full, precision="mixed", grad_ckpt=True)),
+        ("tiny-qwen2-moe-v512", dict(wide, precision="mixed", grad_ckpt=False)),
+        ("tiny-mixtral-v512", dict(wide, precision="mixed", grad_ckpt=True)),
+        ("tiny-qwen3-moe", dict(full, precision="fp32", grad_ckpt=False)),
+        ("tiny-gpt-oss-v512", dict(wide, target_modules=("q_proj", "v_proj"), precision="fp32", grad_ckpt=True)),
+    ]
+
+
 # Small DeepSeek-V3 configs (planner/deepseek.py, planner/mla.py): MLA with and without q_lora_rank, interleaved and
 # rotate_half rotary, a dense first layer, group-limited routing, shared experts (one; two)
 _DEEPSEEK_BASE = dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=512,
@@ -355,7 +393,32 @@ def deepseek_points() -> list[tuple[str, dict]]:
     # the catalog's 671B model (its weights decide the peak; the layers' terms match too)
     pts.append(("deepseek-v3", dict(method="lora", rank=16, target_modules=("q_b_proj", "kv_b_proj"), seq_len=1024,
                                     batch_size=1, grad_ckpt=True)))
-    return pts
+    return pts + deepseek_qlora_points() + deepseek_all_linear_points()
+
+
+def deepseek_all_linear_points() -> list[tuple[str, dict]]:
+    """LoRA all-linear (t021 on): peft 0.21 wraps the fused experts and the router (`ParamWrapper`, lora_dropout
+    0, as on Qwen3-MoE), with and without checkpointing, on both configs; and the router alone (`gate`)."""
+    wide = dict(method="lora", rank=16, target_modules=("all-linear",), lora_dropout=0.0, seq_len=1024, batch_size=2)
+    return [("tiny-deepseek-v3-v512", dict(wide, grad_ckpt=False)),
+            ("tiny-deepseek-v3-v512", dict(wide, grad_ckpt=True)),
+            ("tiny-deepseek-v3-noqlora", dict(wide, grad_ckpt=True)),
+            ("tiny-deepseek-v3-noqlora", dict(wide, target_modules=("gate", "kv_b_proj"), grad_ckpt=False))]
+
+
+def deepseek_qlora_points() -> list[tuple[str, dict]]:
+    """QLoRA (t017 on) and mixed (t019 on): the MLA projections, shared experts and dense-first MLPs 4-bit, the fused experts and the
+    router fp32 after k-bit preparation (planner/moe.py "QLoRA")."""
+    q = dict(method="qlora", rank=16, seq_len=1024, batch_size=2)
+    every = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    return [("tiny-deepseek-v3-v512", dict(q, target_modules=every, grad_ckpt=False)),
+            ("tiny-deepseek-v3-noqlora", dict(q, target_modules=("kv_b_proj", "o_proj"), grad_ckpt=True)),
+            # mixed (t019 on): fp32 experts outside autocast, the router's F.linear under it (bf16 logits)
+            ("tiny-deepseek-v3-v512", dict(method="full", precision="mixed", seq_len=1024, batch_size=2,
+                                           grad_ckpt=False)),
+            ("tiny-deepseek-v3-noqlora", dict(q, method="lora", precision="mixed", target_modules=("kv_b_proj",
+                                                                                                  "o_proj"),
+                                              grad_ckpt=True))]
 
 
 def multigpu_points() -> list[tuple[str, dict]]:
@@ -394,7 +457,7 @@ def zero_points() -> list[tuple[str, dict]]:
             for ckpt, model in ((False, "tiny-zero-llama"), (True, "tiny-zero-qwen2")):
                 d = dict(method=method, precision="bf16", seq_len=256, batch_size=1, num_gpus=2, strategy=strategy,
                          grad_ckpt=ckpt)
-                if method == "lora":
+                if get_method(method).uses_rank:
                     d.update(rank=16, target_modules=("all-linear",))
                 pts.append((model, d))
     return pts

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from .graph import ZERO
 from .mla import MLAError, mla_from_config
-from .moe import MoE, MoEError
+from .moe import MoE, MoEError, expert_wrappers
 from .units import BOOL, FP32, param_bytes
 
 MODEL_TYPE = "deepseek_v3"
@@ -169,7 +169,20 @@ def router(b, x: int) -> int:
     trained = b.full
     x32 = b.cast(x, h, FP32)
     pgrad = (0, param_bytes(E * h, R.weight)) if trained else ZERO
-    if R.weight != FP32:
+    wrapped = {w[0]: w for w in expert_wrappers(a, b.tc)}
+    if "gate.weight" in wrapped:
+        from .moe_graph import _lora_fold
+
+        # LoRA on the router (all-linear, or `gate` named): peft's ParamWrapper makes `self.weight` the fold
+        # W + (B A scaling) (`moe_graph._lora_fold`), which `.type(float32)` copies; both operands need a gradient,
+        # so the linear saves both
+        _, _, n_in, n_out, r = wrapped["gate.weight"]
+        w32 = fold = _lora_fold(b, n_in * n_out, r * (n_in + n_out), factors=False)
+        if R.weight != FP32:
+            w32 = b.fixed(param_bytes(E * h, FP32), rg=True, kind="activations", dtype=FP32)
+            g.op("to_copy", [fold], [w32])
+        ins, lin_pgrad, saved = [x32, w32], ZERO, [x32, w32]
+    elif R.weight != FP32:
         w32 = b.fixed(param_bytes(E * h, FP32), rg=trained, kind="weight_copies", dtype=FP32)
         g.op("weight_cast", [], [w32], param_grad=pgrad)
         ins, lin_pgrad = [x32, w32], ZERO

@@ -129,13 +129,14 @@ class _Walk:
     def _fold(self, dims: tuple, times: int, run_bwd: bool) -> None:
         """peft's `baddbmm(W, B, A)` over a LoRA-wrapped expert stack (planner/moe_graph.py `_lora_fold`): E GEMMs
         of out x in x r, and in backward the factors' gradients (out x r x in and r x in x out); batch-independent
-        (phase "fixed": M is not multiplied by the micro-batch)."""
-        E, n_out, n_in, r = dims
-        self.gemm(n_out, n_in, r, 2, "fixed", times * E)
+        (phase "fixed": M is not multiplied by the micro-batch), in the expert weights' dtype (`dt` bytes: fp32 after
+        k-bit preparation)."""
+        E, n_out, n_in, r, dt = dims
+        self.gemm(n_out, n_in, r, dt, "fixed", times * E)
         self.kernels[0] += times
         if run_bwd:
-            self.gemm(n_out, r, n_in, 2, "fixed", times * E)
-            self.gemm(r, n_in, n_out, 2, "fixed", times * E)
+            self.gemm(n_out, r, n_in, dt, "fixed", times * E)
+            self.gemm(r, n_in, n_out, dt, "fixed", times * E)
             self.kernels[1] += 2 * times
 
     def add(self, b, times: int, seq: int, backward: bool = True, phase: str = "forward") -> None:

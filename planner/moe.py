@@ -45,6 +45,19 @@ the router `gate`) does the same for those parameters (`wrapped_parameters`). To
 GEMMs (2 E a b r FLOPs per wrapped stack and micro-step, three times that with its backward, whatever the batch);
 MFU counts only the tokens' FLOPs.
 
+QLoRA (what bitsandbytes 0.50, transformers 5.17 and peft 0.21 did to each tiny family, built for real on the CPU):
+the bnb quantizer (integrations/bitsandbytes.py `replace_with_bnb_linear`) replaces only `nn.Linear`s by
+`Linear4bit`: the attention projections, and Qwen2-MoE's shared expert and `shared_expert_gate` and the dense-first
+layers' MLPs. The fused 3-D experts and the router are `nn.Parameter`s of non-Linear modules: they stay in the load
+dtype (bf16), and peft's `prepare_model_for_kbit_training` (utils/other.py) casts every non-`Params4bit` bf16
+parameter to fp32, the experts and routers included, so the experts take twice their bf16 bytes (`model_notes`
+says so). The residual stream is then fp32 (fp32 embeddings and norms), the router's logits fp32, and
+`grouped_mm` runs the experts in fp32 (transformers casts its input to the weights' dtype; torch 2.13's CUDA
+`_grouped_mm` takes fp32 operands through `_grouped_mm_fallback`, one `mm` per expert): the ops of
+`moe_graph` in the "qlora" regime's dtypes. all-linear on Mixtral/Qwen3-MoE wraps the fp32 experts as under bf16
+(the fold W + B A in fp32). Without k-bit preparation (`--no-kbit-prep`, TRL's path) everything not quantized
+stays bf16 and the MoE block runs as in bf16 LoRA. Traced: calibrate/reference/trace-points-moe.jsonl t076 on.
+
 Checkpointed MoE layers (what the trace showed, torch 2.13): the recomputation stops at the last saved tensor
 (`graph.Timeline.recompute`), the gradient of the layer output and the (S, h) copy of the top-k sum's gradient are
 live while it runs (`memory._recompute_pending`), and peft's `enable_input_require_grads` (PeftModel with
@@ -55,7 +68,10 @@ layers' transients as the peak) LoRA is off by up to 1.7 % (the last layer's for
 recomputation over); Mixtral's checkpointed layers (fp32 routing weights, so fp32 (S, h) products around the
 recomputation's end) are within 1.35 % either way, all-linear included (not explained: the trace's out-of-place
 index backward on FakeTensor accounts for only 0.03 MiB of t059's 4 MiB); every other point with a realistic
-vocabulary, gpt-oss and the folded experts included, is within 0.5 %.
+vocabulary, gpt-oss and the folded experts included, is within 0.5 %. QLoRA (t076-t084) is within 0.55 %; mixed
+and fp32 (t085-t090) within 0.3 % except Mixtral's checkpointed all-linear on the tiny vocabulary, +1.08 % (the
+Mixtral gap above). DeepSeek-V3 under mixed (calibrate/reference/trace-points-deepseek.jsonl t019, t020): +0.76 %
+and +0.57 %; its router is planned with fp32 logits (`x.type(float32)`), which autocast turns into a bf16 F.linear.
 """
 
 from __future__ import annotations
@@ -271,18 +287,53 @@ def model_notes(arch, tc) -> list[str]:
     """What ftplan plans for a family when it is not the checkpoint as published. gpt-oss: the experts ship in MXFP4
     (`quantization_config` quant_method mxfp4) and train as bf16, dequantized at load as the Hugging Face gpt-oss
     fine-tuning recipe does (`Mxfp4Config(dequantize=True)`); its attention runs eager with the learned sinks
-    (`planner.attention.effective_implementation`)."""
-    if arch.model_type != "gpt_oss":
-        return []
-    return ["gpt-oss planned from bf16 weights: the MXFP4 experts dequantized at load (Mxfp4Config(dequantize=True), "
-            "as the Hugging Face gpt-oss recipes train); attention runs eager with its learned sinks (transformers "
-            "5.17 has no sdpa path for gpt-oss)"]
+    (`planner.attention.effective_implementation`). A 4-bit base: `qlora_note`."""
+    notes = []
+    if arch.model_type == "gpt_oss":
+        notes.append("gpt-oss planned from bf16 weights: the MXFP4 experts dequantized at load "
+                     "(Mxfp4Config(dequantize=True), as the Hugging Face gpt-oss recipes train); attention runs eager "
+                     "with its learned sinks (transformers 5.17 has no sdpa path for gpt-oss)")
+    note = qlora_note(arch, tc)
+    if note:
+        notes.append(note)
+    return notes
+
+
+def experts_bytes(arch, bytes_per_param: int) -> int:
+    """All routed experts of the model (every MoE layer's fused stacks and their biases) at `bytes_per_param`."""
+    return sparse_layer_count(arch) * arch.moe.expert_params(arch.hidden_size) * bytes_per_param
+
+
+def qlora_note(arch, tc) -> str | None:
+    """A 4-bit base on a MoE model: bitsandbytes quantizes only `nn.Linear`s, so the fused experts stay unquantized,
+    and k-bit preparation casts them to fp32 (module docstring, "QLoRA")."""
+    if arch.moe is None or not tc.base_quant.quantized:
+        return None
+    gib = experts_bytes(arch, 2) / 2**30
+    if tc.recipe.kbit_preparation:
+        note = (f"QLoRA on a MoE model: bitsandbytes quantizes only nn.Linear layers, so the fused experts "
+                f"({gib:.1f} GiB in bf16) stay unquantized, and k-bit preparation casts them to fp32 "
+                f"({2 * gib:.1f} GiB) and runs them in fp32; --no-kbit-prep keeps them bf16")
+    else:
+        note = (f"QLoRA on a MoE model: bitsandbytes quantizes only nn.Linear layers, so the fused experts stay bf16 "
+                f"({gib:.1f} GiB)")
+    shipped = PUBLISHED_QUANT.get(arch.model_type)
+    if shipped:
+        # transformers 5.17 quantizers/auto.py `merge_quantization_configs`: a BitsAndBytesConfig over a checkpoint
+        # whose config.json carries another quantization_config raises ValueError
+        note += (f"; the published checkpoint ships {shipped} weights, over which transformers refuses a "
+                 "BitsAndBytesConfig: this plans a bf16 copy (dequantized and saved first)")
+    return note
+
+
+# the families whose published checkpoints carry a quantization_config (the catalog profiles leave it out)
+PUBLISHED_QUANT = {"gpt_oss": "MXFP4", "deepseek_v3": "FP8"}
 
 
 def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str | None:
     """A note when the experts alone exceed one GPU: expert parallelism would be the answer, and ftplan does not
     model it."""
-    experts = sparse_layer_count(arch) * arch.moe.expert_params(arch.hidden_size) * weight_bytes_per_param
+    experts = experts_bytes(arch, weight_bytes_per_param)
     if experts <= gpu_bytes:
         return None
     return (f"the experts alone take {experts / 2**30:.1f} GiB, more than one GPU ({gpu_bytes / 2**30:.0f} GiB); "
@@ -292,13 +343,13 @@ def expert_bytes_note(arch, weight_bytes_per_param: int, gpu_bytes: int) -> str 
 # -- LoRA on a MoE model (peft 0.21 on transformers 5.17) ------------------------------------------------------------
 
 # Families whose `all-linear` peft 0.21 rewrites (utils/transformers_weight_conversion.py `_convert_peft_config_moe`,
-# `_MODEL_TO_CONVERSION_PATTERN`: mixtral, and qwen3_moe through the qwen2_moe pattern) into `target_parameters` on the
-# fused experts and the router: `gate_up_proj` (rank and alpha doubled: gate and up are fused), `down_proj`,
+# `_MODEL_TO_CONVERSION_PATTERN`: mixtral, and qwen3_moe and deepseek_v3 through the qwen2_moe pattern) into
+# `target_parameters` on the fused experts and the router: `gate_up_proj` (rank and alpha doubled: gate and up are fused), `down_proj`,
 # `gate.weight`; each becomes a `ParamWrapper`. Their dense-first layers' MLP `nn.Linear`s are then not adapted
 # (their names moved to target_parameters, which match no parameter there). Qwen2-MoE is not converted: `all-linear`
 # reaches its `nn.Linear`s (shared expert, `shared_expert_gate`, dense-first MLPs); gpt-oss is not converted either:
 # its only `nn.Linear`s are the attention projections. What peft 0.21 built on each tiny family (tests/test_moe.py).
-EXPERTS_WRAPPED = ("qwen3_moe", "mixtral")
+EXPERTS_WRAPPED = ("qwen3_moe", "mixtral", "deepseek_v3")
 # peft 0.21 `_MOE_TARGET_MODULE_MAPPING`: the transformers-4 module names that `target_modules` may still use on those
 # families, and the parameter each becomes; `_MOE_FUSED_TARGETS`: names fused into one parameter, which peft refuses
 # to convert unless all are named ("Cannot convert PEFT target(s) ... without also targeting ...")
@@ -307,7 +358,12 @@ EXPERT_TARGETS = {
     "qwen3_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }
-FUSED_TARGETS = {"mixtral": ("w1", "w3"), "qwen3_moe": ("gate_proj", "up_proj")}
+# DeepSeek-V3 converts through the qwen2_moe pattern too (transformers conversion_mapping.py
+# `_MODEL_TO_CONVERSION_PATTERN["deepseek_v3"]`): the same names, its shared experts' and dense-first MLPs'
+# `nn.Linear`s of those names then unadapted (what peft 0.21 built on tests/test_deepseek.py TINY)
+EXPERT_TARGETS["deepseek_v3"] = EXPERT_TARGETS["qwen3_moe"]
+FUSED_TARGETS = {"mixtral": ("w1", "w3"), "qwen3_moe": ("gate_proj", "up_proj"),
+                 "deepseek_v3": ("gate_proj", "up_proj")}
 # Qwen2-MoE's feed-forward `nn.Linear`s that `target_modules` names reach: the shared expert's (and the dense-first
 # layers' MLP, same names) and the shared expert's gate
 QWEN2_MOE_LINEARS = ("gate_proj", "up_proj", "down_proj", "shared_expert_gate")
@@ -395,6 +451,13 @@ def lora_trainable(arch, tc, dtype_bytes: int) -> list:
 # -- what is modelled ------------------------------------------------------------------------------------------------
 
 MOE_METHODS = ("full", "lora")  # methods whose MoE graph is traced and tested
+# precisions traced per family (None: the others). `mixed` (fp32 master weights, bf16 autocast): torch 2.13 has no
+# autocast kernel for `aten::_grouped_mm` (nor transformers' fallback op), and transformers casts the experts' input
+# to the weights' dtype, so the experts run in fp32 (the CUDA fallback path: `calibrate.trace._grouped_mm_meta_cuda`)
+# while the attention and router linears run in bf16; gpt-oss's eager attention with sinks under autocast is not
+# traced (its fp32 scores' bf16 copy for `matmul(probs, v)` and its backward). fp16: the GPUs it is for (sm < 80)
+# run transformers' `grouped_mm_fallback` op (integrations/moe.py `_can_use_grouped_mm`), not modelled.
+MOE_PRECISIONS = {None: ("bf16", "mixed", "fp32"), "gpt_oss": ("bf16", "fp32")}
 
 
 def unsupported(arch, tc) -> tuple[str, str] | None:
@@ -408,13 +471,13 @@ def unsupported(arch, tc) -> tuple[str, str] | None:
     if tc.method not in MOE_METHODS:
         return ("method", f"method {tc.method!r} on the MoE model {arch.name} is not modelled; valid: "
                           f"{', '.join(MOE_METHODS)}")
-    if tc.base_quant.quantized:
-        return ("quant", f"a {tc.quant} base on the MoE model {arch.name} is not modelled (bitsandbytes quantizes only "
-                         "nn.Linear: the fused 3-D experts stay unquantized and k-bit preparation casts them to fp32); "
-                         "valid: none")
-    if tc.precision != "bf16":
-        return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled (grouped_mm runs "
-                             "the experts in the weights' dtype outside autocast); valid: bf16")
+    valid = MOE_PRECISIONS.get(arch.model_type, MOE_PRECISIONS[None])
+    if tc.precision not in valid:
+        why = ("gpt-oss's eager attention with sinks under autocast is not traced" if arch.model_type == "gpt_oss"
+               and tc.precision == "mixed" else "the GPUs fp16 trains on (sm < 80) run transformers' grouped_mm "
+               "fallback op, not modelled")
+        return ("precision", f"precision {tc.precision!r} on the MoE model {arch.name} is not modelled ({why}); "
+                             f"valid: {', '.join(valid)}")
     return None
 
 

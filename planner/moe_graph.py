@@ -257,8 +257,9 @@ def _lora_fold(b, numel: int, adapter_numel: int, factors: bool, dims: tuple = (
     router: `_LoraParameterProxy`, `W + delta` with delta = (B A scaling).to(bf16) (transient). Backward: the
     bf16 gradients of the factors, cast to the fp32 adapters' gradients (param_grad). Returns W' (fixed bytes,
     requires grad). `numel`: W's elements; `adapter_numel`: lora_A's and lora_B's together; `dims`: (E, out, in,
-    r) of an expert stack, kept on the builder (`fold_gemms`, by node index) for the kernel walk (planner.kernels:
-    E GEMMs of out x in x r per forward, two more in backward, none scaling with the batch)."""
+    r) of an expert stack, kept with W's dtype on the builder (`fold_gemms`, by node index) for the kernel walk
+    (planner.kernels: E GEMMs of out x in x r per forward, two more in backward, none scaling with the batch; fp32
+    after k-bit preparation)."""
     from .methods.lora import adapter_dtype
 
     g, wdt = b.g, b.R.weight
@@ -267,7 +268,7 @@ def _lora_fold(b, numel: int, adapter_numel: int, factors: bool, dims: tuple = (
     if factors:
         lr = b.fixed(_block(adapter_numel * wdt), False, "activations", wdt)
         g.op("lora_factors", [], [lr])
-        b.__dict__.setdefault("fold_gemms", {})[len(g.nodes)] = dims
+        b.__dict__.setdefault("fold_gemms", {})[len(g.nodes)] = dims + (wdt,)
         g.op("lora_fold", [lr], [fold], saved=[lr], param_grad=(0, _block(adapter_numel * adt)),
              bwd_temp=(0, _block(adapter_numel * wdt)))
     else:

@@ -143,7 +143,10 @@ def make_plan(
     if arch.moe is not None:
         from .moe import expert_bytes_note
 
-        note = expert_bytes_note(arch, 2, gpu.memory_bytes)  # bf16 experts
+        from .layers import regime
+
+        # the experts' dtype: bf16, fp32 master weights (mixed, fp32), fp32 after k-bit preparation (planner.moe)
+        note = expert_bytes_note(arch, regime(tc).weight, gpu.memory_bytes)
         if note:
             plan.notes.append(note)
     plan.speed = throughput(arch, tc, gpu, params)

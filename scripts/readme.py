@@ -129,8 +129,8 @@ GRIDS = [
     ("trace-points-actoffload.jsonl", "TRL's activation offloading, with and without (offloaded) checkpointing"),
     ("trace-points-mts.jsonl", "peft modules_to_save: trained embed_tokens / lm_head copies, tied and untied"),
     ("trace-points-cross.jsonl", "every recipe option drawn at once (48 random configurations)"),
-    ("trace-points-moe.jsonl", "MoE: Mixtral, Qwen2/3-MoE, gpt-oss; LoRA on experts; router aux loss"),
-    ("trace-points-deepseek.jsonl", "DeepSeek-V3: MLA attention, group-limited routing, shared experts"),
+    ("trace-points-moe.jsonl", "MoE: Mixtral, Qwen2/3-MoE, gpt-oss; LoRA on experts; router aux loss; QLoRA; mixed, fp32"),
+    ("trace-points-deepseek.jsonl", "DeepSeek-V3: MLA attention, group-limited routing, shared experts; QLoRA; mixed; all-linear"),
     ("trace-points-multigpu.jsonl", "FSDP2 on a fake process group, per GPU: full, LoRA, QLoRA, CPU offload; N = 2 to 64"),
     ("trace-points-zero.jsonl", "DeepSpeed ZeRO-2/3 (bf16 mode), the real engine on 2 CPU processes, rank 0: full, LoRA"),
 ]

@@ -57,8 +57,12 @@ def test_lora_trainable_count_equals_peft(name):
 
     config = TINY[name]
     arch = arch_from_config(config)
-    for targets in (arch.linear_names, ("kv_b_proj", "o_proj")):
-        tc = TrainConfig(method="lora", rank=4, target_modules=targets)
+    # all-linear and the transformers-4 expert names: peft 0.21 wraps the fused experts and the router
+    # (target_parameters, rank 2r on gate_up_proj) and leaves the shared experts and dense-first MLPs unadapted
+    wrapped = (("all-linear",), ("gate_proj", "up_proj", "down_proj"), ("gate", "kv_b_proj"), ("down_proj",))
+    for targets in (arch.linear_names, ("kv_b_proj", "o_proj")) + wrapped:
+        tc = TrainConfig(method="lora", rank=4, target_modules=targets, lora_dropout=0.0 if targets in wrapped
+                         else 0.05)
         model = peft.get_peft_model(_meta_model(config), recipe.peft_config(tc, config["model_type"]))
         assert trainable_params(arch, tc) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -98,9 +102,12 @@ def test_grid_covers_both_query_paths_checkpointing_and_attention():
     assert {_arch(p).mla.q_lora_rank is None for p in pts} == {True, False}
     assert {_arch(p).mla.rope_interleave for p in pts} == {True, False}
     assert {p["train"]["grad_ckpt"] for p in pts} == {True, False}
-    assert {p["train"]["method"] for p in pts} == {"full", "lora"}
+    assert {p["train"]["method"] for p in pts} == {"full", "lora", "qlora"}
     attn = {TrainConfig.from_dict(p["train"]).recipe.attn_implementation for p in pts}
     assert attn == {"sdpa", "eager", "flash_attention_2"}
+    trains = [TrainConfig.from_dict(p["train"]) for p in pts]
+    assert {t.precision for t in trains} == {"bf16", "mixed"}
+    assert {t.grad_ckpt for t in trains if t.all_linear} == {True, False}, "wrapped experts, checkpointed or not"
 
 
 def test_flops_follow_the_active_parameters():
@@ -117,10 +124,13 @@ def test_what_is_not_modelled_is_refused():
     arch = arch_from_config(TINY["q_lora"])
     tc = TrainConfig(method="lora", rank=4, target_modules=("kv_b_proj",))
     assert unsupported(arch, tc) is None
-    assert unsupported(arch, tc.replace(precision="mixed"))[0] == "precision"
-    assert unsupported(arch, TrainConfig(method="lora", rank=4, target_modules=("all-linear",))) is None  # refused by
-    with pytest.raises(ValueError, match="target_parameters"):  # the LoRA targets: peft maps it to the experts
+    assert unsupported(arch, tc.replace(precision="mixed")) is None  # traced (t019, t020)
+    assert unsupported(arch, tc.replace(precision="fp16"))[0] == "precision"
+    # all-linear wraps the experts (ParamWrapper), which refuses lora_dropout != 0, as peft does
+    with pytest.raises(ValueError, match="lora_dropout"):
         trainable_params(arch, TrainConfig(method="lora", rank=4, target_modules=("all-linear",)))
+    with pytest.raises(ValueError, match="fused into gate_up_proj"):
+        trainable_params(arch, TrainConfig(method="lora", rank=4, target_modules=("up_proj",), lora_dropout=0.0))
     with pytest.raises(ArchError, match="num_key_value_heads"):
         arch_from_config(dict(TINY["q_lora"], num_key_value_heads=2))
     with pytest.raises(ArchError, match="n_group"):
@@ -138,9 +148,12 @@ def test_the_traced_sdpa_kernel_is_the_planned_one():
         arch = _arch(p)
         m, H = arch.mla, arch.num_heads
         sm = sdp.parse_capability(load_gpu(p["gpu"]).compute_capability) if "gpu" in p else (9, 0)
-        call = sdp.SdpaCall("bf16", H, H, m.qk_head_dim, tc.seq_len, tc.seq_len, False, True, False,
+        # QLoRA with k-bit preparation: an fp32 residual stream, fp32 q, k, v
+        dtype = "fp32" if tc.base_quant.quantized and tc.recipe.kbit_preparation else "bf16"
+        call = sdp.SdpaCall(dtype, H, H, m.qk_head_dim, tc.seq_len, tc.seq_len, False, True, False,
                             value_head_dim=m.v_head_dim)
         backend = sdp.select_backend(call, sm)
-        assert p["trace"]["notes"] == [f"sdpa on sm{sm[0]}{sm[1]}: {backend}"]
+        notes = [n for n in p["trace"]["notes"] if n.startswith("sdpa on")]
+        assert notes == [f"sdpa on sm{sm[0]}{sm[1]}: {backend}"]
         seen.add(backend)
     assert seen == {"efficient", "math"}

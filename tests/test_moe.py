@@ -125,15 +125,21 @@ def test_the_moe_grid_covers_the_families_and_mechanisms():
     wide = {_arch_of(p).model_type for p, t in zip(pts, trains) if t.all_linear}
     assert wide == types and any(p["model"] == "qwen3-30b-a3b" for p, t in zip(pts, trains) if t.all_linear)
     assert any(_stress(p) for p in pts)
+    qlora = [(_arch_of(p).model_type, t) for p, t in zip(pts, trains) if t.base_quant.quantized]
+    assert {m for m, _ in qlora} == types, "QLoRA traced on every family"
+    assert {t.recipe.kbit_preparation for _, t in qlora} == {True, False}
+    assert any(t.all_linear and m in ("mixtral", "qwen3_moe") for m, t in qlora), "fp32 experts wrapped"
+    assert {t.precision for t in trains} == {"bf16", "mixed", "fp32"}
+    assert any(t.precision == "mixed" and t.all_linear and t.grad_ckpt for t in trains)
 
 
 @pytest.mark.parametrize("args,option", [
-    (["--model", "mixtral-8x7b", "--method", "qlora"], "--quant"),
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "all-linear"], "--lora-dropout"),
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "gate_proj", "--lora-dropout", "0"],
      "--target-modules"),
     (["--model", "qwen3-30b-a3b", "--method", "lora", "--target-modules", "w1"], "--target-modules"),
-    (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "mixed"], "--precision"),
+    (["--model", "qwen3-30b-a3b", "--method", "full", "--precision", "fp16"], "--precision"),
+    (["--model", "gpt-oss-20b", "--method", "lora", "--precision", "mixed"], "--precision"),
     (["--model", "qwen3-30b-a3b", "--method", "prefix"], "--method"),
     (["--model", "gpt-oss-20b", "--method", "lora", "--attn", "flash_attention_2"], "--attn"),
 ])
@@ -271,3 +277,62 @@ def test_the_fold_of_wrapped_experts_is_timed_once_per_micro_step():
     assert fixed == sparse_layer_count(arch) * 3 * 2 * per_layer
     attn = tc.replace(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     assert not [g for g in step_ops(arch, attn).gemms if g.phase == "fixed"]
+
+
+def test_qlora_quantizes_only_the_linears_and_kbit_preparation_makes_the_experts_fp32(tmp_path):
+    """The real stack on the CPU (bitsandbytes 0.50 quantizing while loading, peft's k-bit preparation): only
+    `nn.Linear`s become Linear4bit (attention, Qwen2-MoE's shared expert and its gate, the dense-first MLP), every
+    other parameter (the fused experts, the routers) ends fp32, as `planner.memory.param_tensors` groups them."""
+    pytest.importorskip("bitsandbytes")
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from planner.memory import param_tensors
+
+    config = dict(TINY["qwen2_moe"], mlp_only_layers=[0])
+    AutoModelForCausalLM.from_config(recipe.hf_config(config), dtype=torch.bfloat16).save_pretrained(tmp_path)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": "cpu"})
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    quantized = [p for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    rest = [p for p in model.parameters() if type(p).__name__ != "Params4bit"]
+    assert {p.dtype for p in rest} == {torch.float32}
+    groups = param_tensors(arch_from_config(config))
+    linear = sum(r * c * n for g, (r, c), n in groups if g == "linear")
+    assert sum(m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "Linear4bit") == linear
+    assert len(quantized) == sum(n for g, _, n in groups if g == "linear")
+    assert sum(p.numel() for p in rest) == sum(r * c * n for g, (r, c), n in groups if g != "linear")
+
+
+def test_qlora_on_a_moe_model_says_the_experts_are_fp32():
+    """k-bit preparation doubles the experts' bytes (fp32): the estimate's weights exceed the bf16 experts', the
+    output says so, and --no-kbit-prep keeps them bf16."""
+    from planner.moe import experts_bytes
+
+    arch = load_model("qwen3-30b-a3b")
+    tc = TrainConfig(method="qlora", seq_len=512, grad_ckpt=True)
+    est = estimate_memory(arch, tc)
+    assert est.breakdown["weights"] >= experts_bytes(arch, 4)
+    no_prep = tc.replace(recipe=tc.recipe.__class__(kbit_preparation=False))
+    assert estimate_memory(arch, no_prep).breakdown["weights"] < experts_bytes(arch, 4)
+    r = CliRunner().invoke(cli, ["estimate", "--model", "qwen3-30b-a3b", "--gpu", "h200", "--method", "qlora"])
+    assert r.exit_code == 0, r.output
+    assert "fp32" in r.output and "--no-kbit-prep" in r.output
+
+
+def test_mixed_runs_the_experts_in_fp32_outside_autocast():
+    """torch 2.13 registers no autocast kernel for `aten::_grouped_mm` (the experts' op), so under `mixed` the
+    fp32 experts compute in fp32: the experts' saved activations are twice bf16's, and the throughput model times
+    their GEMMs as fp32 ones."""
+    assert "Autocast" not in torch._C._dispatch_dump("aten::_grouped_mm")
+    assert "AutocastCUDA" in torch._C._dispatch_dump("aten::mm")
+    from planner.kernels import step_ops
+
+    arch = arch_from_config(dict(TINY["qwen3_moe"], moe_intermediate_size=40))  # 2I = 80: no other GEMM's width
+    tc = TrainConfig(method="full", precision="mixed", seq_len=256)
+    grouped = {g.dtype for g in step_ops(arch, tc).gemms if g.n == 2 * arch.moe.expert_intermediate}
+    assert grouped == {4}
+    assert {g.dtype for g in step_ops(arch, tc.replace(precision="bf16")).gemms
+            if g.n == 2 * arch.moe.expert_intermediate} == {2}

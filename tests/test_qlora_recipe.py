@@ -109,7 +109,7 @@ def test_the_trainer_casts_the_adapters_to_bf16():
 
 
 @pytest.mark.parametrize("extra", [["--method", "full"], ["--method", "lora", "--precision", "mixed"],
-                                   ["--method", "ia3"]])
+                                   ["--method", "prefix"]])
 def test_bf16_adapters_elsewhere_are_refused_naming_the_option(extra):
     r = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.2-1b", "--adapter-dtype", "bf16", *extra])
     assert r.exit_code == 2 and "--adapter-dtype" in r.output and "valid here: fp32" in r.output, r.output

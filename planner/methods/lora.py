@@ -37,14 +37,6 @@ def family_default_targets(arch) -> tuple:
 def lora_targets(arch, tc) -> tuple:
     """The `Linear`s of one decoder layer that LoRA adapts. `all-linear` is every linear layer of the decoder
     (peft excludes the output layer, lm_head). Unknown names raise TargetError listing the valid ones."""
-    if tc.all_linear and arch.mla is not None:
-        # DeepSeek-V3's experts (planner.deepseek) are not in planner.moe's wrapper table; peft 0.21 wraps them too
-        raise TargetError(
-            f"target_modules all-linear on the MoE model {arch.name}: peft 0.21 maps it to `target_parameters` on "
-            "the fused 3-D experts and router (ParamWrapper, which refuses lora_dropout != 0 and adds "
-            "expert-sized weights per forward), not modelled for DeepSeek-V3; valid: "
-            f"{', '.join(arch.linear_names)}"
-        )
     if arch.moe is not None:
         return _moe_targets(arch, tc)
     if tc.all_linear:
