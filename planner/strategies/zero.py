@@ -17,6 +17,8 @@ storages counted) by tests/test_trace_zero.py, which showed where the engine dep
 
 from __future__ import annotations
 
+import functools
+
 from .base import (GRADIENTS, OPTIMIZER_STATE, WEIGHTS, Launcher, Strategy, all_reduce_bytes, layer_gather_step_bytes)
 from .registry import register
 
@@ -226,6 +228,7 @@ class ZeroOptimizer(Strategy):
 MAX_REUSE_DISTANCE = 1_000_000_000  # stage3_max_reuse_distance: DeepSpeed's default (ftplan leaves it unset)
 
 
+@functools.lru_cache(maxsize=4096)
 def zero3_kept_params(arch, tc) -> int:
     """Parameters ZeRO-3 keeps gathered from their forward to their backward, from the second step on: DeepSpeed
     0.19.8 deepspeed/runtime/zero/partitioned_param_coordinator.py `__params_to_release`: once the first step has
@@ -269,6 +272,7 @@ def _embedding_backward_runs(tc) -> bool:
     return tc.spec.trains_base or tc.grad_ckpt or first_input_requires_grad(tc)
 
 
+@functools.lru_cache(maxsize=4096)
 def zero3_live_bytes(arch, tc) -> int:
     """ZeRO-3's gathered parameters at the end of the forward: what `zero3_kept_params` keeps, in the weights' dtype
     (bf16 in DeepSpeed's bf16 mode), or at least the largest unit being computed with the prefetch bucket
