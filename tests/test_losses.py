@@ -35,8 +35,8 @@ def _train(loss, precision, method="full"):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_chunked_nll_is_the_plain_loss_in_chunks(precision):
-    """TRL's chunked NLL (fp32 logits per 256 valid tokens, checkpointed) gives transformers' loss and gradients,
-    without returning logits."""
+    """TRL 1.16's fused LM head (its own code, on CPU the path scoring every position) gives transformers' loss and
+    gradients, without returning logits."""
     torch = pytest.importorskip("torch")
     plain, g_plain = _train("plain", precision)
     chunked, g_chunked = _train("chunked", precision)
@@ -61,13 +61,14 @@ CASES = [
     (dict(method="full", precision="bf16"), 2),
     (dict(method="full", precision="mixed"), 1),
     (dict(method="qlora"), 2),
+    (dict(method="lora", precision="mixed"), 12),  # 6132 valid tokens: two token tiles of TRL's kernel
 ]
 
 
 @pytest.mark.parametrize("kw, batch", CASES, ids=lambda v: str(v))
 def test_chunked_trace_agrees_with_the_analytic_model(kw, batch):
-    """The trace runs trainer/losses.py's chunked NLL on fake tensors (CUDA's autocast policy for log_softmax and
-    exp); the analytic model's chunk buffers (fp32 copy of the lm_head, four C x V fp32 buffers) follow it."""
+    """The trace runs TRL 1.16's fused LM head on fake tensors on its CUDA path (valid positions only, the Triton
+    kernels in place); the analytic model's tile buffers and copies follow it, across the one-tile boundary."""
     pytest.importorskip("torch")
     from calibrate.trace import trace_step
     from planner.arch import arch_from_config
