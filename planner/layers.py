@@ -837,8 +837,11 @@ def chunked_loss_batch(tc: TrainConfig) -> int:
 
 def chunked_loss(b: Builder, n: int):
     """TRL 1.16.0's fused LM head, SFTTrainer's loss (trl/trainer/utils.py `add_fused_lm_head` `_fused_forward`,
-    trl/kernels/chunked_logprob.py `ChunkedLogProbFunction`, trl/trainer/sft_trainer.py `compute_loss`; run as is
-    by trainer/losses.py). The backbone runs with use_cache=False; no logits are made or kept. N valid tokens per row
+    lines 1599-1690: the mask, `hidden_states[mask]` at 1642-1656, the scatter at 1658, the loss at 1662;
+    trl/kernels/chunked_logprob.py `ChunkedLogProbFunction.forward` 311-392 (`mm_buf` 347, saved 386) and
+    `backward` 394-465 (`mm_buf` 413, the casts at return 455); trl/trainer/sft_trainer.py `__init__` 1144
+    (`outputs=("log_probs", "entropy", "is_top1")`) and `compute_loss` 1611-1618; run as is by
+    trainer/losses.py). The backbone runs with use_cache=False; no logits are made or kept. N valid tokens per row
     (`chunked_valid_per_row`), P = S - 1 shifted positions, h hidden (dtype hd), V vocabulary, cd the compute dtype
     (autocast's, else hd), wd the lm_head weight's; the tile T = min(B N, 4096) tokens x 32768 columns.
 
