@@ -876,7 +876,11 @@ def chunked_loss(b: Builder, n: int):
     token_tiles = chunked_loss_chunks(tc)
     vocab_tiles = -(-V // TRL_CHUNK_VOCAB)
     fwd_copies = max(hcopy + wcopy, 2 * hcopy if token_tiles > 1 else 0)
-    bwd_copies = hcopy + (2 if token_tiles * vocab_tiles > 1 else 1) * wcopy
+    # two lm_head tiles' copies at once: the next tile's beside the previous one's (the last tile is V mod 32768
+    # columns: beside the first only with exactly two vocabulary tiles)
+    last_cols = V - (vocab_tiles - 1) * TRL_CHUNK_VOCAB
+    wpair = wcopy + (wcopy * last_cols // vtile if vocab_tiles == 2 else wcopy)
+    bwd_copies = hcopy + (wpair if token_tiles * vocab_tiles > 1 else wcopy)
     if token_tiles > 1:
         bwd_copies = max(bwd_copies, 2 * hcopy + wcopy)
     mask = b.new(1, 1, False, seq=P)

@@ -82,6 +82,26 @@ def test_chunked_trace_agrees_with_the_analytic_model(kw, batch):
     assert abs(a.peak_allocated_bytes - t.peak_allocated_bytes) / t.peak_allocated_bytes < 0.01, (a.peak_event, t.peak_phase)
 
 
+def test_chunked_trace_two_vocabulary_tiles():
+    """A vocabulary of two of TRL's 32768-column tiles and 20 x 511 tokens (three token tiles), the lm_head in fp32
+    under autocast: the backward holds two bf16 copies of lm_head tiles at once (the next beside the previous), the
+    smaller last one beside the first, and the analytic model says so."""
+    pytest.importorskip("torch")
+    from calibrate.trace import trace_step
+    from planner.arch import arch_from_config
+    from planner.layers import chunked_loss_chunks
+    from planner.memory import cuda_workspace_bytes
+
+    cfg = dict(TINY, hidden_size=1024, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8,
+               vocab_size=40000, max_position_embeddings=4096)
+    tc = TrainConfig(method="lora", precision="mixed", seq_len=512, batch_size=20, target_modules=("all-linear",),
+                     recipe=Recipe(loss="chunked"))
+    assert chunked_loss_chunks(tc) == 3
+    t = trace_step(cfg, tc, cuda_workspace_bytes=cuda_workspace_bytes(None))
+    a = estimate_memory(arch_from_config(cfg), tc)
+    assert abs(a.peak_allocated_bytes - t.peak_allocated_bytes) / t.peak_allocated_bytes < 0.01, (a.peak_event, t.peak_phase)
+
+
 def test_loss_option_and_bad_values():
     r = CliRunner().invoke(cli, ["estimate", "--model", "llama-3.2-1b", "--loss", "chunked", "--json"])
     assert r.exit_code == 0, r.output
