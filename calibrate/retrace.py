@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     import peft
     import torch
     import transformers
+    import trl
 
     path = Path("calibrate/reference") / OUT[args.grid]
     lines = path.read_text().splitlines()
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
             continue
         i = int(rec["id"][1:])
         versions = dict(rec.get("versions") or {}, torch=torch.__version__, transformers=transformers.__version__,
-                        peft=peft.__version__)
+                        peft=peft.__version__, trl=trl.__version__)
         new, r = trace_point(i, points[i], versions)
         train = json.loads(json.dumps(new["train"]))
         train["recipe"] = {k: train["recipe"][k] for k in rec["train"].get("recipe", {})}  # older records: fewer fields

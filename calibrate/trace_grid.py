@@ -828,7 +828,10 @@ def main(argv=None) -> int:
         points = points[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    import trl
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                "trl": trl.__version__}
     t0 = time.time()
     first = 0
     if args.append and out.exists():
