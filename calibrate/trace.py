@@ -25,8 +25,11 @@ and CPU kernels allocate differently the trace substitutes the CUDA behaviour:
   built by transformers' real mask code on the fake tensors and dispatched through `sdpa_dispatch`.
 - AdamW / SGD: `foreach=True`, CUDA's default.
 - fp16's GradScaler: the step is taken (its `found_inf.item()` check is a sync; no overflow assumed).
-- losses (trainer/losses.py): TRL's chunked NLL runs for real (the valid-token count, a sync, is the synthetic
-  batch's: all tokens), with CUDA's autocast policy for log_softmax / softmax / exp (fp32 on CUDA, bf16 on CPU);
+- losses (trainer/losses.py): TRL 1.16's fused LM head (`chunked`) runs for real, on its CUDA path: the compact
+  scoring of the valid positions only (`_use_triton` true: `hidden_states[mask]`, whose `nonzero` fake tensors
+  cannot size: every synthetic label is valid, so all of them, `_all_nonzero`), and its Triton kernels, which
+  work in place on the logits tile and the per-token statistics, in place of the eager CPU fallback's fp32
+  temporaries (`_TRL_TRITON`); CUDA's autocast policy for log_softmax / softmax / exp (fp32 on CUDA, bf16 on CPU);
   Liger's fused linear cross-entropy and Cut Cross-Entropy are Triton kernels: stand-ins allocate what their
   forward and backward allocate (`_LigerFLCECUDA`, `_CCECUDA`).
 - bitsandbytes 4-bit (QLoRA): packed NF4 weights and double-quantized constants as bitsandbytes stores them, and
@@ -689,10 +692,33 @@ class Emulated8bitOptimizer(torch.optim.Optimizer):
                     st["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
 
 
-def _all_valid(valid):
-    """`trainer.losses.count_valid` on fake tensors: the synthetic batch's labels are its input ids, never -100,
-    so every shifted label is valid (the count a GPU reads back with a sync)."""
-    return valid.numel()
+def _all_nonzero(fake_mode, func, arg):
+    """`aten.nonzero` on a fake tensor (data-dependent: fake tensors refuse it). Its one caller in a traced step is
+    TRL 1.16's fused LM head on CUDA (trl/trainer/utils.py `add_fused_lm_head`: `hidden_states[mask]`,
+    `labels[mask]`, mask = labels != -100), and every synthetic label is valid: every element is nonzero, the
+    (numel, dim) int64 result torch's own meta kernel gives under `meta_nonzero_assume_all_nonzero`."""
+    n = arg.numel()
+    return arg.new_empty_strided((n, arg.dim()), (1, n), dtype=torch.int64)
+
+
+def _trl_forward_tile(*args, **kwargs):
+    """TRL 1.16 `_forward_kernel` (trl/kernels/chunked_logprob.py), one program per token: loads the tile's row
+    block by block and stores the running max / sum-exp / target logit in the per-token fp32 buffers it is given;
+    it allocates nothing (the eager `_forward_tile` makes fp32 copies of the tile instead)."""
+
+
+def _trl_backward_tile(*args, **kwargs):
+    """TRL 1.16 `_backward_kernel`: overwrites the logits tile in place with the gradient of the projection output;
+    it allocates nothing (the eager `_backward_tile` makes fp32 copies of the tile instead)."""
+
+
+def _trl_addmm_fp32(acc, a, b):
+    """TRL 1.16 `_addmm_fp32` on CUDA: for bf16/fp16 inputs `torch.addmm(acc, a, b, out_dtype=torch.float32,
+    out=acc)` (torch >= 2.8) accumulates in place, with no fp32 copies of `a` and `b` (the CPU path's
+    `acc.addmm_(a.float(), b.float())`); fp32 inputs take the same path on both."""
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return
+    acc.addmm_(a, b)
 
 
 def _step_without_overflow(self, optimizer, optimizer_state, *args, **kwargs):
@@ -894,7 +920,17 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
                      is_packed=mfu._is_packed_sequence, fa_kwargs=mfu.prepare_fa_kwargs_from_position_ids,
                      fa_mask=mu.flash_attention_mask, unpad_data=mfu._get_unpad_data)
     mask_functions["flash_attention_2"], mfu._get_unpad_data = _flash_attention_mask, _get_unpad_data
-    saved_losses = (losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL)
+    saved_losses = (losses.LIGER_IMPL, losses.CCE_IMPL)
+    import torch._subclasses.fake_impls as fake_impls
+    import trl.kernels.chunked_logprob as trl_kernels
+    import trl.trainer.utils as trl_utils
+
+    saved_trl = (trl_utils._use_triton, trl_kernels._forward_tile, trl_kernels._backward_tile,
+                 trl_kernels._addmm_fp32, fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default])
+    trl_utils._use_triton = lambda device: True  # the compact path: Triton on CUDA
+    trl_kernels._forward_tile, trl_kernels._backward_tile = _trl_forward_tile, _trl_backward_tile
+    trl_kernels._addmm_fp32 = _trl_addmm_fp32
+    fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default] = _all_nonzero
     from trainer import offload
 
     saved_offload = offload.context
@@ -907,7 +943,7 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
     modeling.save_on_cpu = _SaveOnCPUCUDA
     mfu.lazy_import_flash_attention, mfu._is_packed_sequence = _lazy_import_flash_attention, _is_packed_sequence
     mfu.prepare_fa_kwargs_from_position_ids = _fa_kwargs_from_position_ids
-    losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = _all_valid, _liger_cuda, _cce_cuda
+    losses.LIGER_IMPL, losses.CCE_IMPL = _liger_cuda, _cce_cuda
     autocast_lib = _cuda_autocast_policy()
     global _GROUPED_MM_META
     from torch._meta_registrations import meta_grouped_mm
@@ -939,7 +975,9 @@ def cuda_behaviour(capability: tuple = (9, 0), tc: TrainConfig | None = None):
         mask_functions["flash_attention_2"], mfu._get_unpad_data = saved_fa_mask
         mfu.lazy_import_flash_attention, mfu._is_packed_sequence, mfu.prepare_fa_kwargs_from_position_ids = saved_fa
         _REAL_BATCH.clear()
-        losses.count_valid, losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
+        losses.LIGER_IMPL, losses.CCE_IMPL = saved_losses
+        (trl_utils._use_triton, trl_kernels._forward_tile, trl_kernels._backward_tile, trl_kernels._addmm_fp32,
+         fake_impls.op_implementations_dict[torch.ops.aten.nonzero.default]) = saved_trl
         offload.context = saved_offload
         autocast_lib._destroy()
         grouped_mm_lib._destroy()

@@ -856,9 +856,73 @@ def _fix_targets(model: str, d: dict, arch) -> dict:
     return d
 
 
-def main(argv=None) -> int:
+def trace_point(i: int, point: tuple, versions: dict) -> tuple:
+    """Trace grid point number `i` (`GRIDS`): its record (id t{i:03d}) and the trace result."""
     from .trace import trace_step
 
+    model, d = point[:2]
+    rec = {"id": f"t{i:03d}", "model": model}
+    if model in ZERO_CONFIGS:
+        from planner.arch import arch_from_config
+
+        config = dict(ZERO_CONFIGS[model])
+        arch = arch_from_config(config, name=model)
+        kw = dict(cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+        rec["config"] = config
+    elif len(point) > 2 and model not in DEEPSEEK_CONFIGS:  # a tiny family (attention / fp16 grids) on the point's GPU
+        from planner.arch import arch_from_config
+        from planner.attention import parse_capability
+        from planner.memory import cuda_workspace_bytes
+        from planner.profiles import load_gpu
+
+        gpu = load_gpu(point[2])
+        config = dict(ATTN_FAMILIES.get(model) or TINY_FAMILIES[model])
+        arch = arch_from_config(config, name=model)
+        kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu), capability=parse_capability(gpu.compute_capability))
+        rec.update(config=config, gpu=gpu.name)
+    else:
+        arch = family_arch(model)
+        config = None
+        kw = dict(cuda_workspace_bytes=CUDA_WORKSPACE_H100)
+        if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
+            rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]
+        elif model in MOE_CONFIGS:
+            rec["config"] = MOE_CONFIGS[model]
+        elif model in SMALL_VOCAB:
+            rec["config"] = SMALL_VOCAB[model]
+        elif model in DEEPSEEK_CONFIGS:
+            rec["config"] = DEEPSEEK_CONFIGS[model]
+            if len(point) > 2:  # another GPU than the H100: its workspace and sdpa dispatch
+                from planner.attention import parse_capability
+                from planner.memory import cuda_workspace_bytes
+                from planner.profiles import load_gpu
+
+                gpu = load_gpu(point[2])
+                kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu),
+                          capability=parse_capability(gpu.compute_capability))
+                rec["gpu"] = gpu.name
+    d = _fix_targets(model, d, arch)
+    tc = TrainConfig(**d)
+    if config is None:
+        config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
+        config.pop("rope_scaling", None)
+    if tc.num_gpus > 1 and tc.strategy in ("zero2", "zero3"):
+        from .trace_zero import trace_zero_step
+
+        r = trace_zero_step(config, tc, **kw)
+    elif tc.num_gpus > 1:
+        from .trace_multigpu import trace_sharded_step
+
+        r = trace_sharded_step(config, tc, **kw)
+    else:
+        r = trace_step(config, tc, **kw)
+    rec.update({"train": tc.to_dict(), "trace": r.to_dict(), "versions": versions})
+    if hasattr(r, "phase_by_tag"):  # the ZeRO trace: each phase's peak by tag
+        rec["trace"]["phase_by_tag"] = r.phase_by_tag
+    return rec, r
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="calibrate/reference/trace-points.jsonl")
     ap.add_argument("--random", type=int, default=150, help="random points on top of the structured ones")
@@ -891,7 +955,10 @@ def main(argv=None) -> int:
         points = points[: args.limit]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    import trl
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                "trl": trl.__version__}
     t0 = time.time()
     first = 0
     if args.append and out.exists():
@@ -900,65 +967,9 @@ def main(argv=None) -> int:
         for i, point in enumerate(points):
             if i < first:
                 continue
-            model, d = point[:2]
-            rec = {"id": f"t{i:03d}", "model": model}
-            if model in ZERO_CONFIGS:
-                from planner.arch import arch_from_config
-
-                config = dict(ZERO_CONFIGS[model])
-                arch = arch_from_config(config, name=model)
-                kw = dict(cuda_workspace_bytes=CUDA_WORKSPACE_H100)
-                rec["config"] = config
-            elif len(point) > 2 and model not in DEEPSEEK_CONFIGS:  # a tiny family (attention / fp16 grids) on the point's GPU
-                from planner.arch import arch_from_config
-                from planner.attention import parse_capability
-                from planner.memory import cuda_workspace_bytes
-                from planner.profiles import load_gpu
-
-                gpu = load_gpu(point[2])
-                config = dict(ATTN_FAMILIES.get(model) or TINY_FAMILIES[model])
-                arch = arch_from_config(config, name=model)
-                kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu), capability=parse_capability(gpu.compute_capability))
-                rec.update(config=config, gpu=gpu.name)
-            else:
-                arch = family_arch(model)
-                config = None
-                kw = dict(cuda_workspace_bytes=CUDA_WORKSPACE_H100)
-                if model.startswith("family:"):  # the config the point was traced from, so a test rebuilds its arch
-                    rec["config"] = FAMILY_CONFIGS[model.split(":", 1)[1]]
-                elif model in MOE_CONFIGS:
-                    rec["config"] = MOE_CONFIGS[model]
-                elif model in SMALL_VOCAB:
-                    rec["config"] = SMALL_VOCAB[model]
-                elif model in DEEPSEEK_CONFIGS:
-                    rec["config"] = DEEPSEEK_CONFIGS[model]
-                    if len(point) > 2:  # another GPU than the H100: its workspace and sdpa dispatch
-                        from planner.attention import parse_capability
-                        from planner.memory import cuda_workspace_bytes
-                        from planner.profiles import load_gpu
-
-                        gpu = load_gpu(point[2])
-                        kw = dict(cuda_workspace_bytes=cuda_workspace_bytes(gpu),
-                                  capability=parse_capability(gpu.compute_capability))
-                        rec["gpu"] = gpu.name
-            d = _fix_targets(model, d, arch)
-            tc = TrainConfig(**d)
-            if config is None:
-                config = dict(arch.config, max_position_embeddings=max(16384, tc.seq_len + tc.num_virtual_tokens))
-                config.pop("rope_scaling", None)
-            if tc.num_gpus > 1 and tc.strategy in ("zero2", "zero3"):
-                from .trace_zero import trace_zero_step
-
-                r = trace_zero_step(config, tc, **kw)
-            elif tc.num_gpus > 1:
-                from .trace_multigpu import trace_sharded_step
-
-                r = trace_sharded_step(config, tc, **kw)
-            else:
-                r = trace_step(config, tc, **kw)
-            rec.update({"train": tc.to_dict(), "trace": r.to_dict(), "versions": versions})
-            if hasattr(r, "phase_by_tag"):  # the ZeRO trace: each phase's peak by tag
-                rec["trace"]["phase_by_tag"] = r.phase_by_tag
+            rec, r = trace_point(i, point, versions)
+            tc = TrainConfig(**rec["train"])
+            model = rec["model"]
             f.write(json.dumps(rec) + "\n")
             f.flush()
             el = time.time() - t0

@@ -15,10 +15,15 @@ value that means nothing ftplan can name (an 8-bit base, FlashAttention 3, a Dee
 
 Sources read (key names, and the defaults applied where a file is silent):
 
-- TRL at f2cd57710ae345ea6428ae95363267fcf38a3dc8 (huggingface/trl): `trl/scripts/sft.py` (`trl sft --config` parses
+- TRL 1.16.0 (the train extra's pin; the loss keys read there, installed): `trl/trainer/sft_config.py` `loss_type`
+  "nll" by default, "chunked_nll" a deprecated alias of "nll" (`__post_init__`), "dft" the other choice;
+  `trl/trainer/sft_trainer.py` (`__init__`: `add_fused_lm_head(..., outputs=("log_probs", "entropy", "is_top1"))`
+  for every loss type, `use_liger_kernel` applies only Liger's layer kernels, `fused_linear_cross_entropy` forced
+  False; `compute_loss`: the fused head's per-token log-probs, so "nll" is ftplan's `chunked`).
+- TRL at f2cd57710ae345ea6428ae95363267fcf38a3dc8 (huggingface/trl), the other keys: `trl/scripts/sft.py` (`trl sft --config` parses
   `ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig` from one YAML), `trl/trainer/sft_config.py`
-  (`max_length` 1024, `packing` False with `packing_strategy` "bfd", `padding_free` False, `loss_type` None meaning
-  "chunked_nll", or "nll" with `use_liger_kernel`, `activation_offloading` False), `trl/trainer/base_config.py`
+  (`max_length` 1024, `packing` False with `packing_strategy` "bfd", `padding_free` False, `activation_offloading`
+  False), `trl/trainer/base_config.py`
   (`gradient_checkpointing` True, `bf16` True unless `fp16`), `trl/trainer/model_config.py` (`dtype` "float32",
   `attn_implementation` None, `use_peft` False, `lora_r` 16, `lora_alpha` 32, `lora_dropout` 0.05,
   `lora_target_modules` None, `load_in_4bit` False, `bnb_4bit_quant_type` "nf4"), `trl/trainer/sft_trainer.py`
@@ -486,20 +491,15 @@ def _map_trl(r: _Reader):
         r.default("attn_implementation", "sdpa", "ModelConfig attn_implementation None: transformers' default")
     else:
         r.set("attn_implementation", r.choice("attn_implementation", attn, ATTENTION), "attn_implementation")
-    liger = r.bool("use_liger_kernel", False)
+    if r.bool("use_liger_kernel", False):
+        raise ConfigFileError("use_liger_kernel: true (TRL 1.16 keeps its fused LM head and applies only Liger's layer "
+                              "kernels, which ftplan does not model; valid: false)", "use_liger_kernel")
     loss_type = r.raw("loss_type")
     if loss_type is None:
-        if liger:
-            r.default("loss", "liger", "loss_type unset with use_liger_kernel: nll, with Liger's fused linear "
-                                       "cross-entropy patched in")
-        else:
-            r.default("loss", "chunked", "SFTConfig loss_type unset means chunked_nll")
+        r.default("loss", "chunked", "SFTConfig loss_type 'nll': TRL 1.16's fused LM head (chunked)")
     else:
-        loss = r.choice("loss_type", loss_type, {"nll": "plain", "chunked_nll": "chunked"})
-        if liger and loss == "chunked":
-            raise ConfigFileError("loss_type: chunked_nll with use_liger_kernel: true (TRL refuses it; valid: nll "
-                                  "with use_liger_kernel)", "loss_type")
-        r.set("loss", "liger" if liger else loss, "loss_type" + (", use_liger_kernel" if liger else ""))
+        r.set("loss", r.choice("loss_type", loss_type, {"nll": "chunked", "chunked_nll": "chunked"},
+                               "is not one ftplan models (dft weights each token by its probability)"), "loss_type")
     seq = r.raw("max_length", 1024)
     if not r.has("max_length"):
         r.default("seq_len", 1024, "SFTConfig max_length")

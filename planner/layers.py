@@ -809,7 +809,9 @@ def plain_loss(b: Builder, n: int):
     return loss, logits
 
 
-TRL_CHUNK_TOKENS = 256  # trl/trainer/sft_trainer.py `_CHUNKED_LM_HEAD_CHUNK_SIZE` (TRL f2cd577)
+TRL_CHUNK_TOKENS = 4096  # trl 1.16.0 trl/kernels/chunked_logprob.py `TOKEN_CHUNK_SIZE`: tokens per projection tile
+TRL_CHUNK_VOCAB = 32768  # trl 1.16.0 trl/trainer/utils.py `_CHUNKED_LOGPROB_CHUNK_SIZE`: vocabulary columns per tile
+TRL_STATS = 7  # `ChunkedLogProbFunction.forward`'s fp32 per-token statistics (running_max ... target_logit)
 
 
 def _lm_head_weight_bytes(b: Builder) -> int:
@@ -818,78 +820,97 @@ def _lm_head_weight_bytes(b: Builder) -> int:
 
 
 def chunked_valid_per_row(tc: TrainConfig) -> int:
-    """Valid target tokens per row that TRL's chunked NLL counts (trainer/losses.py `chunked_nll`: the labels
-    shifted by one, `labels[..., 1:]`; the synthetic batch's labels are its ids, none ignored): S - 1; with prompt
-    learning's virtual tokens in the sequence, peft prefixes the labels with that many -100 (peft 0.21
-    `PeftModelForCausalLM.forward`: `prefix_labels`), so after the shift all S real tokens count."""
+    """Valid target tokens per row that TRL's fused LM head scores (trl 1.16.0 trl/trainer/utils.py
+    `add_fused_lm_head`: `labels[:, 1:]`, mask = labels != -100; the synthetic batch's labels are its ids, none
+    ignored): S - 1; with prompt learning's virtual tokens in the sequence, peft prefixes the labels with that many
+    -100 (peft 0.21 `PeftModelForCausalLM.forward`: `prefix_labels`), so after the shift all S real tokens count."""
     return tc.seq_len if get_method(tc.method).virtual_tokens(tc)[0] else tc.seq_len - 1
 
 
 def chunked_loss_chunks(tc: TrainConfig) -> int:
-    """Chunks TRL's chunked NLL runs (trainer/losses.py `chunked_nll`, TRL f2cd577 `_chunked_cross_entropy_loss`):
-    `n_padded = ceil(n_valid / C) * C`, one chunk per C of it, n_valid = B x `chunked_valid_per_row`."""
+    """Token tiles of TRL's `ChunkedLogProbFunction` (trl 1.16.0 trl/kernels/chunked_logprob.py: `for token_start in
+    range(0, N, TOKEN_CHUNK_SIZE)`), N = B x `chunked_valid_per_row` valid tokens (CUDA scores only those)."""
     return -(-tc.batch_size * chunked_valid_per_row(tc) // TRL_CHUNK_TOKENS)
 
 
 def chunked_loss_batch(tc: TrainConfig) -> int:
     """The one batch size that stands for `tc.batch_size` in the chunked loss's piece: the piece depends on the batch
-    only through whether there is one chunk (`chunked_loss_chunks`), and if so through its rows. Every batch with two
-    chunks or more gives the same piece as the smallest such, floor(C / valid per row) + 1."""
+    linearly except through the tile buffers, min(N, 4096) tokens (`chunked_loss_chunks`): every batch with two
+    token tiles or more gives the same buffers as the smallest such, floor(4096 / valid per row) + 1."""
     return min(tc.batch_size, TRL_CHUNK_TOKENS // max(chunked_valid_per_row(tc), 1) + 1)
 
 
 def chunked_loss(b: Builder, n: int):
-    """TRL's `chunked_nll` (trl f2cd577 `trl/trainer/sft_trainer.py` `_chunked_cross_entropy_loss`, `_chunk`;
-    re-implemented in trainer/losses.py). No logits are returned or kept, and the backbone runs with use_cache=False.
+    """TRL 1.16.0's fused LM head, SFTTrainer's loss (trl/trainer/utils.py `add_fused_lm_head` `_fused_forward`,
+    lines 1599-1690: the mask, `hidden_states[mask]` at 1642-1656, the scatter at 1658, the loss at 1662;
+    trl/kernels/chunked_logprob.py `ChunkedLogProbFunction.forward` 311-392 (`mm_buf` 347, saved 386) and
+    `backward` 394-465 (`mm_buf` 413, the casts at return 455); trl/trainer/sft_trainer.py `__init__` 1144
+    (`outputs=("log_probs", "entropy", "is_top1")`) and `compute_loss` 1611-1618; run as is by
+    trainer/losses.py). The backbone runs with use_cache=False; no logits are made or kept. N valid tokens per row
+    (`chunked_valid_per_row`), P = S - 1 shifted positions, h hidden (dtype hd), V vocabulary, cd the compute dtype
+    (autocast's, else hd), wd the lm_head weight's; the tile T = min(B N, 4096) tokens x 32768 columns.
 
-    Forward: `hidden[..., :-1, :]` flattened and reordered by `argsort` of the valid mask (`hidden[order]`: a copy of
-    S-1 tokens, kept by the checkpointed chunks with the sorted labels and the int64 order, 16 B/token); then per chunk
-    of C = 256 tokens under non-reentrant checkpointing (nothing saved): `h.float() @ w.float().t()` (W32: an fp32 copy
-    of the V x h lm_head unless it is fp32, and H32 = C h 4 of the hidden states unless fp32; under autocast the
-    matmul casts both to bf16 instead: W16 = V h 2, C h 2, and bf16 logits; the weight's cast is of a view, `.t()`,
-    so autocast does not cache it), `log_softmax` (fp32: CUDA autocast's fp32_set_opt_dtype), `exp(log_p) * log_p`
-    for the entropy (two fp32 C x V). The copies die after the matmul; `logits` and `log_p` are locals of `_chunk`,
-    alive until it returns:
-        peak = max(W32 + H32 + C V 4, 4 C V 4)              (no autocast)
-        peak = max(W16 + C h 2 + C V 2, C V 2 + 3 C V 4)    (mixed)
-    Backward, chunk by chunk: the chunk's forward is recomputed (the same buffers; the mm also keeps h.float() when
-    the lm_head is trained), then, with a trained lm_head, its gradient: `grad_logits @ h` in fp32 (V x h) beside
-    the weight copy and grad_logits (no autocast: W32 + C V 4 + V h 4), or the bf16 grad and its fp32 cast (mixed:
-    V h 2 + V h 4); the lm_head gradient itself is summed chunk by chunk into one buffer (param_grad), so from the
-    second chunk's backward on it is live through the recomputation: temporaries max(recompute, gradient phase)
-    beside it. With one chunk (`chunked_loss_chunks`: B (S-1) <= C) the gradient appears only at the end of the one
-    backward (autograd's AccumulateGrad), after the recomputation, and that chunk has min(C, B (S-1)) rows (the last
-    slice `hidden[0:C]` is short): max(recompute - gradient, gradient phase) beside it. The gradient of the packed
-    hidden states is one buffer; un-sorting it (`index_put`) and un-slicing it are one transient of S-1 tokens."""
-    g, R, arch = b.g, b.R, b.arch
+    Forward, on CUDA (Triton: `compact`): mask = labels != -100 (bool, P; kept by the scatters' and the index's
+    backward); `hidden_states[mask]` (a copy, N h hd, saved) and `labels[mask]` (int64 N, saved), each through a
+    `nonzero` (int64 N x 2, transient). `ChunkedLogProbFunction.forward`: 7 fp32 per-token statistics, the tile
+    buffer `mm_buf` T x 32768 cd, per token tile `hidden.to(cd)` (T h cd unless hd is cd), per vocabulary tile
+    `weight[s:e].to(cd)` (a transient, unless wd is cd), then log_z (saved), log-probs, entropy (saved) and is_top1
+    (bool), with one fp32 N temporary at a time; the Triton kernels work in place. The per-token outputs are
+    scattered back to (B, P) (`new_zeros(mask.shape).masked_scatter`: the zeros and the result), the fused loss
+    and SFTTrainer's `-log_probs` each one fp32 P transient while the three (B, P) outputs are referenced.
+    Backward: `masked_select` of the log-probs' gradient (fp32 N), then `ChunkedLogProbFunction.backward`: fp32
+    zeros for the hidden gradient (N h 4) and, with a trained lm_head, for its gradient (V h 4), `mm_buf` again and
+    the same cd copies, each fp32 accumulator cast to its input's dtype at return (a copy unless fp32; with
+    `torch.addmm(..., out_dtype=torch.float32, out=acc)` on CUDA the GEMMs add nothing); the index's backward:
+    zeros (B, P, h) with the rows put back, then the slice's into (B, S, h)."""
+    g, R, arch, tc = b.g, b.R, b.arch, b.tc
     h, V = arch.hidden_size, arch.vocab_size
-    single = chunked_loss_chunks(b.tc) == 1
-    C = min(TRL_CHUNK_TOKENS, b.tc.batch_size * (b.seq - 1)) if single else TRL_CHUNK_TOKENS
+    hd = b.dtype[n]
+    cd = R.lin if R.autocast else hd
     wdt = _lm_head_weight_bytes(b)
     trained = b.head_trained
-    cv4, cv2 = C * V * FP32, C * V * BF16
-    if R.autocast:
-        wcopy = param_bytes(V * h, BF16)
-        fwd = max(wcopy + C * h * BF16 + cv2, cv2 + 3 * cv4)
-        # recomputed, the matmul saves the weight's cast for backward: alive with the rest
-        recompute = wcopy + cv2 + 3 * cv4
-        grad_phase = param_bytes(V * h, BF16) + param_bytes(V * h, FP32)
-    else:
-        wcopy = param_bytes(V * h, FP32) if wdt != FP32 else 0
-        hcopy = C * h * FP32 if b.dtype[n] != FP32 else 0
-        fwd = max(wcopy + hcopy + cv4, 4 * cv4)
-        # recomputed, the matmul saves W32 (and H32 when the lm_head is trained) for backward
-        recompute = wcopy + 4 * cv4 + (hcopy if trained else 0)
-        grad_phase = wcopy + cv4 + param_bytes(V * h, FP32)
-    grad = param_bytes(V * h, wdt) if trained else 0
-    bwd = max(recompute - (grad if single else 0), grad_phase) if trained else recompute
-    tokens = b.seq - 1
-    packed = b.new(h, b.dtype[n], True, seq=tokens)
-    order = b.new(2, 8, False, seq=tokens)  # int64 order + sorted int64 labels, 8 B each per token
-    g.op("pack_valid", [n], [packed, order], bwd_temp=(tokens * h * b.dtype[n], 0))
+    N, P = chunked_valid_per_row(tc), b.seq - 1
+    tile = min(tc.batch_size * N, TRL_CHUNK_TOKENS)
+    vtile = min(V, TRL_CHUNK_VOCAB)
+    mm_buf = tile * TRL_CHUNK_VOCAB * cd
+    hcopy = tile * h * cd if hd != cd else 0
+    wcopy = vtile * h * cd if wdt != cd else 0
+    # the copies are locals reassigned per tile (`hidden_chunk` per token tile; `w_chunk` per tile in backward, a
+    # temporary in forward's `torch.mm`): the new one is made while the old is alive. The next token tile's copy is
+    # counted as a full one (exact from two full tiles on).
+    token_tiles = chunked_loss_chunks(tc)
+    vocab_tiles = -(-V // TRL_CHUNK_VOCAB)
+    fwd_copies = max(hcopy + wcopy, 2 * hcopy if token_tiles > 1 else 0)
+    # two lm_head tiles' copies at once: the next tile's beside the previous one's (the last tile is V mod 32768
+    # columns: beside the first only with exactly two vocabulary tiles)
+    last_cols = V - (vocab_tiles - 1) * TRL_CHUNK_VOCAB
+    wpair = wcopy + (wcopy * last_cols // vtile if vocab_tiles == 2 else wcopy)
+    bwd_copies = hcopy + (wpair if token_tiles * vocab_tiles > 1 else wcopy)
+    if token_tiles > 1:
+        bwd_copies = max(bwd_copies, 2 * hcopy + wcopy)
+    mask = b.new(1, 1, False, seq=P)
+    g.op("label_mask", [], [mask])
+    packed = b.new(h, hd, True, seq=N)
+    targets = b.new(1, 8, False, seq=N)
+    g.op("index_valid", [n, mask], [packed, targets], saved=[mask], fwd_temp=(N * 16, 0),
+         bwd_temp=(P * h * hd + N * 16, 0))
+    g.op("logprob_tiles", [packed, targets], [], fwd_temp=(TRL_STATS * N * FP32, mm_buf + fwd_copies))
+    logp = b.new(1, FP32, True, seq=N)
+    ent = b.new(1, FP32, False, seq=N)  # only logged: no gradient reaches it
+    log_z = b.new(1, FP32, False, seq=N)
+    top = b.new(1, 1, False, seq=N)
+    grad_tmp = (N * h * FP32 if hd != FP32 else 0, mm_buf + bwd_copies
+                + (param_bytes(V * h, FP32) if trained and wdt != FP32 else 0))
+    g.op("chunked_logprob", [packed, targets], [logp, ent, log_z, top], saved=[packed, targets, log_z, ent],
+         fwd_temp=((TRL_STATS + 1) * N * FP32 - N, mm_buf + hcopy), bwd_temp=grad_tmp,
+         param_grad=(0, param_bytes(V * h, wdt) if trained else 0))
+    lp_full = b.new(1, FP32, True, seq=P)
+    ent_full = b.new(1, FP32, False, seq=P)
+    top_full = b.new(1, 1, False, seq=P)
+    g.op("scatter_valid", [logp, ent, top, mask], [lp_full, ent_full, top_full], saved=[mask],
+         fwd_temp=(3 * P, 0), bwd_temp=(N * 16, 0))
     loss = b.fixed(512, True, "activations", FP32)
-    g.op("chunked_nll", [packed, order], [loss], saved=[packed, order], fwd_temp=(0, fwd), bwd_temp=(0, bwd),
-         param_grad=(0, grad))
+    g.op("nll_sum", [lp_full, ent_full, top_full], [loss], fwd_temp=(P * FP32, 0))
     return loss, None
 
 

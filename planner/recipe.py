@@ -56,8 +56,8 @@ class Recipe:
     attn_implementation: transformers' `attn_implementation`: sdpa (the kernel torch selects, planner.attention) or
         eager (transformers' matmul-softmax-matmul, planner.layers `Builder.eager`) or flash_attention_2 (flash-attn
         2, sm80 and newer; bf16 or mixed precision, or a quantized base).
-    loss: plain `ForCausalLMLoss`; chunked (TRL's `chunked_nll`), liger (Liger's fused linear cross-entropy), cce
-        (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
+    loss: plain `ForCausalLMLoss`; chunked (TRL 1.16's fused LM head, SFTTrainer's nll), liger (Liger's fused linear
+        cross-entropy), cce (Cut Cross-Entropy as Axolotl loads it): trainer/losses.py, `planner.layers.LOSSES`.
     packing: padding-free rows: each row concatenates examples, `position_ids` restart at 0 at each one and no
         attention mask is passed (`ftplan run --packing`, TRL padding_free / packing bfd, Axolotl sample_packing,
         LLaMA-Factory neat_packing). transformers 5.17 builds from the position ids a block-diagonal bool mask for

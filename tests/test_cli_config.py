@@ -16,7 +16,7 @@ from planner.recipe import Recipe
 
 from test_configfile import AXOLOTL, LLAMAFACTORY, TRL
 
-# TRL, with values this build models whatever the recipe options merged (nll loss, sdpa, full-length rows)
+# TRL, with values this build models whatever the recipe options merged (nll: TRL 1.16's fused LM head, sdpa, full-length rows)
 TRL_NLL = """\
 model_name_or_path: meta-llama/Llama-3.1-8B
 use_peft: true
@@ -35,7 +35,7 @@ my_own_key: 7
 # the flags that say the same
 TRL_NLL_FLAGS = ["--model", "llama-3.1-8b", "--method", "lora", "--rank", "32", "--lora-alpha", "16",
                  "--target-modules", "all-linear", "--lora-dropout", "0.05", "--seq-len", "2048", "--batch-size", "2",
-                 "--grad-accum", "4", "--grad-ckpt", "--precision", "bf16", "--padding", "longest"]
+                 "--grad-accum", "4", "--grad-ckpt", "--precision", "bf16", "--padding", "longest", "--loss", "chunked"]
 
 
 def invoke(*args):

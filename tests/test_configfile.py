@@ -116,7 +116,7 @@ def test_trl_sft_config(tmp_path):
     assert "quant" not in o and "kbit_preparation" not in o  # a 16-bit base: nothing to prepare
     # TRL's own defaults where the file is silent (sft_config.py, base_config.py, model_config.py)
     assert o["grad_ckpt"] is True and "grad_ckpt" in m.defaults
-    assert o["loss"] == "chunked" and "chunked_nll" in m.defaults["loss"]
+    assert o["loss"] == "chunked" and "fused LM head" in m.defaults["loss"]  # TRL 1.16: loss_type "nll"
     assert o["precision"] == "mixed" and "float32" in m.defaults["precision"]  # fp32 weights, bf16 autocast
     assert o["attn_implementation"] == "sdpa" and o["optimizer"] == "adamw"
     assert o["lora_dropout"] == 0.05
@@ -129,7 +129,6 @@ def test_trl_sft_config(tmp_path):
 def test_trl_liger_and_offload_switches(tmp_path):
     m = _load(tmp_path, """\
         model_name_or_path: Qwen/Qwen2.5-0.5B
-        use_liger_kernel: true
         activation_offloading: true
         gradient_checkpointing_kwargs: {use_reentrant: false, offload: true}
         dtype: bfloat16
@@ -139,7 +138,7 @@ def test_trl_liger_and_offload_switches(tmp_path):
         packing_strategy: wrapped
         """)
     o = m.options
-    assert o["loss"] == "liger" and "use_liger_kernel" in m.defaults["loss"]  # loss_type unset -> nll, Liger's FLCE
+    assert o["loss"] == "chunked"
     assert o["activation_offload"] is True and o["offload_checkpoints"] is True
     assert o["precision"] == "bf16" and o["quant"] == "nf4"
     assert o["kbit_preparation"] is False  # SFTTrainer does not call prepare_model_for_kbit_training
@@ -226,6 +225,7 @@ def test_deepspeed_json_and_fsdp(tmp_path):
 @pytest.mark.parametrize("text,key", [
     ("model_name_or_path: x/y\nload_in_8bit: true\nuse_peft: true\n", "load_in_8bit"),
     ("model_name_or_path: x/y\nloss_type: dft\n", "loss_type"),
+    ("model_name_or_path: x/y\nuse_liger_kernel: true\n", "use_liger_kernel"),  # TRL 1.16: Liger's layer kernels only
     ("model_name_or_path: x/y\nattn_implementation: flash_attention_3\n", "attn_implementation"),
     ("model_name_or_path: x/y\noptim: lomo\n", "optim"),
     ("model_name_or_path: x/y\ngradient_checkpointing_kwargs: {every_n_layers: 2}\n", "gradient_checkpointing_kwargs"),

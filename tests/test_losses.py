@@ -35,8 +35,8 @@ def _train(loss, precision, method="full"):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_chunked_nll_is_the_plain_loss_in_chunks(precision):
-    """TRL's chunked NLL (fp32 logits per 256 valid tokens, checkpointed) gives transformers' loss and gradients,
-    without returning logits."""
+    """TRL 1.16's fused LM head (its own code, on CPU the path scoring every position) gives transformers' loss and
+    gradients, without returning logits."""
     torch = pytest.importorskip("torch")
     plain, g_plain = _train("plain", precision)
     chunked, g_chunked = _train("chunked", precision)
@@ -61,13 +61,14 @@ CASES = [
     (dict(method="full", precision="bf16"), 2),
     (dict(method="full", precision="mixed"), 1),
     (dict(method="qlora"), 2),
+    (dict(method="lora", precision="mixed"), 12),  # 6132 valid tokens: two token tiles of TRL's kernel
 ]
 
 
 @pytest.mark.parametrize("kw, batch", CASES, ids=lambda v: str(v))
 def test_chunked_trace_agrees_with_the_analytic_model(kw, batch):
-    """The trace runs trainer/losses.py's chunked NLL on fake tensors (CUDA's autocast policy for log_softmax and
-    exp); the analytic model's chunk buffers (fp32 copy of the lm_head, four C x V fp32 buffers) follow it."""
+    """The trace runs TRL 1.16's fused LM head on fake tensors on its CUDA path (valid positions only, the Triton
+    kernels in place); the analytic model's tile buffers and copies follow it, across the one-tile boundary."""
     pytest.importorskip("torch")
     from calibrate.trace import trace_step
     from planner.arch import arch_from_config
@@ -76,6 +77,26 @@ def test_chunked_trace_agrees_with_the_analytic_model(kw, batch):
     cfg = dict(TINY, hidden_size=1024, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8,
                vocab_size=16000, max_position_embeddings=4096)
     tc = TrainConfig(seq_len=512, batch_size=batch, target_modules=("all-linear",), recipe=Recipe(loss="chunked"), **kw)
+    t = trace_step(cfg, tc, cuda_workspace_bytes=cuda_workspace_bytes(None))
+    a = estimate_memory(arch_from_config(cfg), tc)
+    assert abs(a.peak_allocated_bytes - t.peak_allocated_bytes) / t.peak_allocated_bytes < 0.01, (a.peak_event, t.peak_phase)
+
+
+def test_chunked_trace_two_vocabulary_tiles():
+    """A vocabulary of two of TRL's 32768-column tiles and 20 x 511 tokens (three token tiles), the lm_head in fp32
+    under autocast: the backward holds two bf16 copies of lm_head tiles at once (the next beside the previous), the
+    smaller last one beside the first, and the analytic model says so."""
+    pytest.importorskip("torch")
+    from calibrate.trace import trace_step
+    from planner.arch import arch_from_config
+    from planner.layers import chunked_loss_chunks
+    from planner.memory import cuda_workspace_bytes
+
+    cfg = dict(TINY, hidden_size=1024, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=8,
+               vocab_size=40000, max_position_embeddings=4096)
+    tc = TrainConfig(method="lora", precision="mixed", seq_len=512, batch_size=20, target_modules=("all-linear",),
+                     recipe=Recipe(loss="chunked"))
+    assert chunked_loss_chunks(tc) == 3
     t = trace_step(cfg, tc, cuda_workspace_bytes=cuda_workspace_bytes(None))
     a = estimate_memory(arch_from_config(cfg), tc)
     assert abs(a.peak_allocated_bytes - t.peak_allocated_bytes) / t.peak_allocated_bytes < 0.01, (a.peak_event, t.peak_phase)

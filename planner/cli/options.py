@@ -99,8 +99,8 @@ def train_options(f):
                      default="sdpa", show_default=True,
                      help="transformers attn_implementation: sdpa (the kernel torch picks for the GPU) or eager."),
         click.option("--loss", type=click.Choice(RECIPE_CHOICES["loss"]), default="plain", show_default=True,
-                     help="plain (transformers), chunked (TRL's chunked_nll), liger (Liger fused linear CE), "
-                          "cce (Cut Cross-Entropy, as Axolotl loads it)."),
+                     help="plain (transformers), chunked (TRL 1.16's fused LM head: SFTTrainer's nll), "
+                          "liger (Liger fused linear CE), cce (Cut Cross-Entropy, as Axolotl loads it)."),
         click.option("--kbit-prep/--no-kbit-prep", "kbit_preparation", default=True, show_default=True,
                      help="QLoRA: peft's prepare_model_for_kbit_training (fp32 embeddings, norms, lm_head; as Axolotl); "
                           "--no-kbit-prep keeps them bf16, as TRL and LLaMA-Factory do."),
