@@ -376,19 +376,27 @@ class Builder:
             self.dtype[masked] = FP32
             g.op("add_mask", [scores, m], [masked], grad_alias=[scores])
             scores = masked
+        return self._math_softmax_pv(scores, v32, mat, rg, call.dropout, H * S * KV, H * d, dt)
+
+    def _math_softmax_pv(self, scores: int, v32: int, mat: tuple, rg: bool, dropout: float, elems: int, width: int,
+                         dt: int) -> int:
+        """The end of sdpa's math backend from the (masked) fp32 scores (`_sdpa_math`; MLA's too): `_safe_softmax`
+        saves its fp32 output (`mat`: its size); dropout (CUDA `native_dropout`: a bool mask of `elems` and the
+        dropped matrix); `attn @ v` saves the probabilities and the fp32 v; the output (`width` per token) cast back
+        to `dt`, and transformers' `transpose(1, 2).contiguous()` copies it (the fused kernels write (B, S, H, D))."""
+        g = self.g
         probs = g.tensor(mat, rg=rg)
         self.dtype[probs] = FP32
         g.op("softmax", [scores], [probs], saved=[probs] if rg else [])
-        if call.dropout > 0.0:
-            keep = g.tensor((H * S * KV, 0))
+        if dropout > 0.0:
+            keep = g.tensor((elems, 0))
             dropped = g.tensor(mat, rg=rg)
             self.dtype[keep], self.dtype[dropped] = 1, FP32
             g.op("native_dropout", [probs], [dropped, keep], saved=[keep] if rg else [])
             probs = dropped
-        out32 = self.new(H * d, FP32, rg)
+        out32 = self.new(width, FP32, rg)
         g.op("bmm_pv", [probs, v32], [out32], saved=[probs, v32] if rg else [])
-        # (B, H, S, D): transformers' `transpose(1, 2).contiguous()` copies it (the fused kernels write (B, S, H, D))
-        return self._contiguous(self.cast(out32, H * d, dt), H * d)
+        return self._contiguous(self.cast(out32, width, dt), width)
 
     def _eager_kv(self, q: int, k: int, v: int, prefix) -> tuple:
         """What eager attention (with or without sinks) multiplies: (requires grad, keys, values, keys per sequence)

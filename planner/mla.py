@@ -244,18 +244,7 @@ def _sdpa_math(b, q: int, k: int, v: int, call, rg: bool) -> int:
     masked = g.tensor(mat, rg=rg)
     b.dtype[masked] = FP32
     g.op("add_mask", [scores, mask], [masked], grad_alias=[scores])
-    probs = g.tensor(mat, rg=rg)
-    b.dtype[probs] = FP32
-    g.op("softmax", [masked], [probs], saved=[probs] if rg else [])
-    if call.dropout > 0.0:
-        keep = g.tensor((H * S * S, 0))
-        dropped = g.tensor(mat, rg=rg)
-        b.dtype[keep], b.dtype[dropped] = 1, FP32
-        g.op("native_dropout", [probs], [dropped, keep], saved=[keep] if rg else [])
-        probs = dropped
-    out32 = b.new(H * dv, FP32, rg)
-    g.op("bmm_pv", [probs, v32], [out32], saved=[probs, v32] if rg else [])
-    return b._contiguous(b.cast(out32, H * dv, dt), H * dv)
+    return b._math_softmax_pv(masked, v32, mat, rg, call.dropout, H * S * S, H * dv, dt)
 
 
 def _matrix(b, dtype: int, rg: bool) -> int:
