@@ -10,16 +10,14 @@ import pytest
 
 import statistics
 
-from calibrate.trace_grid import SMALL_VOCAB, TINY_FAMILIES, model_arch
+from calibrate.trace_grid import SMALL_VOCAB, TINY_FAMILIES, model_arch, read_points
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
 from planner.recipe import Recipe
 
-POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-actoffload.jsonl"
-
 
 def _points():
-    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-actoffload.jsonl")
 
 
 def test_the_grid_crosses_methods_checkpointing_and_two_families():

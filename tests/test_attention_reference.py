@@ -4,20 +4,18 @@ non-GQA family, on sm90, sm89 and sm75. Regenerate with `python -m calibrate.tra
 calibrate/reference/trace-points-attn.jsonl`."""
 
 import json
-from pathlib import Path
 
 import pytest
 
+from calibrate.trace_grid import read_points
 from planner.arch import arch_from_config
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
 from planner.profiles import load_gpu
 
-REFERENCE = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-attn.jsonl"
-
 
 def _points():
-    return [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-attn.jsonl")
 
 
 def _estimate(p):

@@ -1,12 +1,11 @@
 """DeepSeek-V3 (planner/deepseek.py, planner/mla.py) against transformers, peft and the FakeTensor trace."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from calibrate.trace_grid import DEEPSEEK_CONFIGS
+from calibrate.trace_grid import DEEPSEEK_CONFIGS, read_points
 from planner import attention as sdp
 from planner.arch import ArchError, arch_from_config
 from planner.config import TrainConfig
@@ -18,7 +17,6 @@ from planner.profiles import load_gpu, load_model
 from trainer import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "calibrate" / "reference" / "trace-points-deepseek.jsonl"
 
 _TINY = dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
@@ -80,7 +78,7 @@ def _arch(point):
 
 
 def _points():
-    return [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-deepseek.jsonl")
 
 
 @pytest.mark.parametrize("point", _points(), ids=lambda p: f"{p['id']}-{p['model']}-{p['train']['method']}")

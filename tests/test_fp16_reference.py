@@ -4,22 +4,18 @@ a GQA and a non-GQA tiny family, on a T4 (sm75: no flash kernel) and an A100 (sm
 eager attention. Regenerate with `python -m calibrate.trace_grid --grid fp16 --out
 calibrate/reference/trace-points-fp16.jsonl`."""
 
-import json
-from pathlib import Path
 
 import pytest
 
-from calibrate.trace_grid import TINY_FAMILIES
+from calibrate.trace_grid import TINY_FAMILIES, read_points
 from planner.arch import arch_from_config
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
 from planner.profiles import load_gpu
 
-REFERENCE = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-fp16.jsonl"
-
 
 def _points():
-    return [json.loads(line) for line in REFERENCE.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-fp16.jsonl")
 
 
 def _error(p):

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from calibrate.trace_grid import MTS_FAMILIES, model_arch
+from calibrate.trace_grid import MTS_FAMILIES, model_arch, read_points
 from planner.cli import cli
 from planner.config import TrainConfig
 from planner.memory import estimate_memory
@@ -21,11 +20,9 @@ from planner.recipe import Recipe
 
 from conftest import EXAMPLES_DIR, write_tiny_plan
 
-POINTS = Path(__file__).resolve().parents[1] / "calibrate" / "reference" / "trace-points-mts.jsonl"
-
 
 def _points():
-    return [json.loads(line) for line in POINTS.read_text().splitlines() if line.strip()]
+    return read_points("trace-points-mts.jsonl")
 
 
 def test_the_grid_crosses_methods_modules_ties_and_checkpointing():
