@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from planner.fileio import write_text
+
 from .trace_grid import GRIDS, trace_point
 
 OUT = {"recipe": "trace-points-recipe.jsonl", "cross": "trace-points-cross.jsonl", "fp16": "trace-points-fp16.jsonl",
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
         print(f"{rec['id']} {rec['model']}: {old} -> {r.peak_allocated_bytes} "
               f"({(r.peak_allocated_bytes / old - 1) * 100:+.2f}%)", file=sys.stderr, flush=True)
         lines[n] = json.dumps(new)
-        path.write_text("\n".join(lines) + "\n")
+        write_text(path, "\n".join(lines) + "\n")  # after each point: an interrupted run keeps what it traced
     return 0
 
 
